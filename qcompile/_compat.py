@@ -1,0 +1,59 @@
+"""Differences between the torch versions qcompile supports (2.11 through 2.13), in one place."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+try:  # the base class Inductor expects for custom passes (it asks them for a cache key)
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # pragma: no cover - older torch
+    class CustomGraphPass:  # type: ignore[no-redef]
+        def uuid(self):
+            return None
+
+
+def register_torch_log(name: str = "qcompile") -> None:
+    """Let ``TORCH_LOGS="qcompile"`` / ``"+qcompile"`` control the ``qcompile`` logger."""
+    try:
+        from torch._logging._internal import log_registry, register_log
+        if name not in log_registry.log_alias_to_log_qnames:
+            register_log(name, [name])
+    except Exception:  # logging control is a convenience, never a failure
+        logging.getLogger(name).debug("could not register with torch._logging")
+
+
+def static_input_marker(t: torch.Tensor) -> bool:
+    """Whether Dynamo marked this graph input as a parameter or buffer (a constant)."""
+    return getattr(t, "_dynamo_static_input_type", None) is not None or isinstance(
+        t, torch.nn.Parameter)
+
+
+def flatten_subclass(t):
+    """The plain tensors AOTAutograd sees for ``t`` (tensor subclasses are desugared)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    if isinstance(t, torch.Tensor) and is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        out = []
+        for a in attrs:
+            out.extend(flatten_subclass(getattr(t, a)))
+        return out
+    return [t]
+
+
+def mode_options(mode: str | None) -> dict:
+    """Inductor config for a torch.compile ``mode`` string."""
+    if mode in (None, "default"):
+        return {}
+    from torch._inductor import list_mode_options
+    return dict(list_mode_options(mode))
+
+
+def no_dispatch_modes():
+    """Leave any active FakeTensorMode (Inductor runs graph passes under one) so that
+    constant weights can be evaluated on real data."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    return _disable_current_modes()

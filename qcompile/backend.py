@@ -1,0 +1,130 @@
+"""The ``torch.compile`` backend: Inductor with the qcompile pass in front of freezing.
+
+``torch.compile(model, backend="qcompile", mode=..., options=...)`` lands in
+``qcompile_backend``. It maps the graph inputs that Dynamo marked as parameters or
+buffers to their real tensors, installs the rewrite as Inductor's
+``joint_custom_pre_pass`` (which, in inference, runs on the ATen graph before freezing and
+before Inductor's own quantization fusions) and hands over to ``compile_fx``.
+
+Options (``options={...}``): ``"freezing"`` (default True) turns Inductor's freezing on or
+off; every other key is an Inductor config entry. ``mode`` is torch.compile's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import _compat
+from .lowering.report import MatchRecord, Report
+from .lowering.rewrite import rewrite_graph
+
+log = logging.getLogger("qcompile")
+
+_OWN_OPTIONS = ("freezing",)
+_last: list[Report] = []          # reports of the most recent compile calls
+_collectors: list[Report] = []    # active explain()/collect() contexts
+
+
+class QcompilePass(_compat.CustomGraphPass):
+    """The rewrite bound to one compile: knows the real values of its constant inputs."""
+
+    def __init__(self, flat_inputs: Sequence, report: Report):
+        self.flat_inputs = list(flat_inputs)
+        self.report = report
+
+    def uuid(self):
+        # The rewrite depends on parameter values, which no cache key covers: never cache.
+        return None
+
+    def __call__(self, graph: fx.Graph) -> None:
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if any(n.name.startswith("tangents") for n in placeholders):
+            self.report.add(MatchRecord(
+                node="<graph>", op="-", matched=False,
+                reason="training graph (gradients required): qcompile rewrites inference "
+                       "graphs; run under torch.no_grad() or torch.inference_mode()"))
+            return
+        constants = self._constants(placeholders)
+        with _compat.no_dispatch_modes():
+            rewrite_graph(graph, constants, self.report)
+
+    def _constants(self, placeholders: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+        if len(placeholders) != len(self.flat_inputs):
+            log.warning("qcompile: %d graph inputs but %d example inputs; treating none as "
+                        "constant", len(placeholders), len(self.flat_inputs))
+            return {}
+        out = {}
+        for node, (value, is_const) in zip(placeholders, self.flat_inputs):
+            val = node.meta.get("val")
+            if not is_const or not isinstance(value, torch.Tensor) or \
+                    not isinstance(val, torch.Tensor):
+                continue
+            if val.dtype != value.dtype or val.dim() != value.dim():
+                continue
+            out[node] = value
+        return out
+
+
+def _flat_inputs(example_inputs: Sequence) -> list[tuple[object, bool]]:
+    flat = []
+    for t in example_inputs:
+        const = isinstance(t, torch.Tensor) and _compat.static_input_marker(t)
+        for inner in _compat.flatten_subclass(t):
+            flat.append((inner, const))
+    return flat
+
+
+def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str | None = None,
+                     options: dict | None = None):
+    """Compile a Dynamo graph with Inductor, quantized matmuls rewritten to qcompile ops."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from . import kernels  # noqa: F401  (registers the ops)
+
+    options = dict(options or {})
+    freezing = options.pop("freezing", True)
+    if not isinstance(freezing, bool):
+        raise TypeError(f"options['freezing'] must be a bool, got {type(freezing).__name__}")
+    report = Report()
+    _last.append(report)
+    del _last[:-64]
+    patches = _compat.mode_options(mode)
+    patches.update(options)
+    patches["freezing"] = freezing
+    patches["joint_custom_pre_pass"] = QcompilePass(_flat_inputs(example_inputs), report)
+    with torch._inductor.config.patch(patches):
+        compiled = compile_fx(gm, example_inputs)
+    for c in _collectors:
+        c.extend(report)
+    return compiled
+
+
+def last_report() -> Report:
+    """The match report of the most recent ``backend="qcompile"`` compile (all its graphs)."""
+    out = Report()
+    if _last:
+        out.extend(_last[-1])
+    return out
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[Report]:
+    """Collect the match reports of every qcompile compile inside the ``with`` block."""
+    report = Report()
+    _collectors.append(report)
+    try:
+        yield report
+    finally:
+        _collectors.remove(report)
+
+
+def register() -> None:
+    """Register the backend under the name "qcompile" (the entry point does this too)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    if "qcompile" not in _BACKENDS or _BACKENDS.get("qcompile") is None:
+        register_backend(qcompile_backend, name="qcompile")

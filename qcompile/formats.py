@@ -1,0 +1,345 @@
+"""Quantization formats: reference quantized linear modules and the quantizers that make them.
+
+Each module's forward is plain PyTorch that reads like the math, the way the library it
+imitates writes it (gpt-fast, AWQ, GPTQ, SmoothQuant). They run anywhere, define the
+numbers qcompile must reproduce, and are what the graph pass finds again after
+torch.compile has traced them. This module knows nothing of FX graphs or kernels.
+
+Formats:
+- ``Int8WeightOnlyLinear`` (W8A16): int8 [N, K], per-channel symmetric scales [N];
+  ``style="pre"`` dequantizes the weight, ``"post"`` scales the output (gpt-fast).
+- ``Int4WeightOnlyLinear`` (W4A16): groups of 32/64/128/256 along K, asymmetric with
+  zeros or symmetric, packed as AWQ (8 nibbles per int32 along N, interleaved), as GPTQ
+  (8 nibbles per int32 along K, sequential) or two nibbles per uint8 along K.
+- ``SmoothQuantLinear`` (W8A8): int8 per-channel weights, activations quantized per
+  token (dynamic) or per tensor (static), optional smoothing factors and bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Int8WeightOnlyLinear",
+    "Int4WeightOnlyLinear",
+    "SmoothQuantLinear",
+    "quantize",
+    "quantize_per_channel_int8",
+    "quantize_groupwise_int4",
+    "METHODS",
+    "PACKINGS",
+    "GROUP_SIZES",
+]
+
+METHODS = ("w8a16", "w4a16", "w8a8")
+PACKINGS = ("uint8", "awq", "gptq")
+GROUP_SIZES = (32, 64, 128, 256)
+
+# AWQ stores the 8 nibbles of an int32 in this order of output channels.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_AWQ_SHIFTS = (0, 16, 4, 20, 8, 24, 12, 28)  # shift of channel j of 8, by AWQ_ORDER
+
+
+def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (q int8 [N, K], scales float32 [N])."""
+    w32 = w.detach().float()
+    scales = w32.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_groupwise_int4(
+    w: torch.Tensor, group_size: int, zero_point: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group-wise int4 along K.
+
+    Returns (q int16 [N, K], scales float32 [N, K/g], zeros float32 [N, K/g] or None);
+    with zeros q is unsigned in [0, 15] and w ~ (q - z) * s, without q is in [-8, 7]
+    and w ~ q * s.
+    """
+    n, k = w.shape
+    _check_group(k, group_size)
+    wg = w.detach().float().reshape(n, k // group_size, group_size)
+    if zero_point:
+        lo = wg.amin(dim=-1).clamp(max=0)
+        hi = wg.amax(dim=-1).clamp(min=0)
+        scales = ((hi - lo) / 15.0).clamp(min=1e-8)
+        zeros = torch.round(-lo / scales).clamp(0, 15)
+        q = torch.round(wg / scales[..., None] + zeros[..., None]).clamp(0, 15)
+        return q.reshape(n, k).to(torch.int16), scales, zeros
+    scales = (wg.abs().amax(dim=-1) / 7.0).clamp(min=1e-8)
+    q = torch.round(wg / scales[..., None]).clamp(-8, 7)
+    return q.reshape(n, k).to(torch.int16), scales, None
+
+
+def _check_group(k: int, group_size: int) -> None:
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={k}")
+
+
+def _pack_nibbles_int32(q: torch.Tensor, dim: int, order: Iterable[int]) -> torch.Tensor:
+    """Pack unsigned nibbles 8 to an int32 along ``dim``; nibble i holds element order[i]."""
+    q = q.to(torch.int32).movedim(dim, -1)
+    *lead, last = q.shape
+    q = q.reshape(*lead, last // 8, 8)[..., list(order)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    packed = (q << shifts).sum(dim=-1, dtype=torch.int64)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return packed.movedim(-1, dim).contiguous()
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """W8A16: ``y = x @ (q * s[:, None]).T + b`` with q int8 [N, K], s [N]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, style: Literal["pre", "post"] = "pre"):
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise TypeError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} "
+                            f"{tuple(qweight.shape)}")
+        if style not in ("pre", "post"):
+            raise ValueError(f"style must be 'pre' or 'post', got {style!r}")
+        self.in_features, self.out_features, self.style = qweight.shape[1], qweight.shape[0], style
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, style: Literal["pre", "post"] = "pre"):
+        q, s = quantize_per_channel_int8(linear.weight)
+        dtype = linear.weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, s.to(dtype), bias, style)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "post":  # gpt-fast: the scale factors out of the sum over K
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scales
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None], self.bias)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """W4A16 group-wise: ``W = (q - z) * s`` (or ``q * s``) per group of g along K.
+
+    ``packing`` says how q is stored, as the library it imitates stores it:
+    - ``"uint8"``: uint8 [N, K/2], element k in the low nibble of byte k//2 if k even;
+      scales/zeros [N, K/g];
+    - ``"awq"``: int32 [K, N/8], 8 output channels per word in AWQ's interleaved order;
+      zeros int32 [K/g, N/8] likewise; scales [K/g, N]; ``W.T = (q - z) * s``;
+    - ``"gptq"``: int32 [K/8, N], 8 consecutive input channels per word; zeros int32
+      [K/g, N/8] sequential along N; scales [K/g, N]; groups through ``g_idx``.
+    Without zeros (symmetric) q is stored as ``q + 8`` and the forward subtracts 8.
+    """
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None = None,
+                 packing: Literal["uint8", "awq", "gptq"] = "uint8"):
+        super().__init__()
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+        n, k = q.shape
+        _check_group(k, group_size)
+        if packing in ("awq", "gptq") and (n % 8 or k % 8):
+            raise ValueError(f"packing={packing!r} needs N and K divisible by 8, got {n}x{k}")
+        self.in_features, self.out_features = k, n
+        self.group_size, self.packing, self.has_zeros = group_size, packing, zeros is not None
+        u = (q if zeros is not None else q + 8).to(torch.int32)  # unsigned nibbles
+        z = (zeros if zeros is not None else torch.full_like(scales, 8)).to(torch.int32)
+        if packing == "uint8":
+            self.register_buffer("qweight", (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8))
+            self.register_buffer("scales", scales.contiguous())
+            self.register_buffer("zeros", z.to(scales.dtype) if zeros is not None else None)
+        elif packing == "awq":
+            self.register_buffer("qweight", _pack_nibbles_int32(u.t(), 1, AWQ_ORDER))
+            self.register_buffer("qzeros", _pack_nibbles_int32(z.t(), 1, AWQ_ORDER))
+            self.register_buffer("scales", scales.t().contiguous())
+        else:
+            self.register_buffer("qweight", _pack_nibbles_int32(u.t(), 0, range(8)))
+            self.register_buffer("qzeros", _pack_nibbles_int32(z.t(), 1, range(8)))
+            self.register_buffer("scales", scales.t().contiguous())
+            self.register_buffer("g_idx", torch.arange(k, dtype=torch.int32) // group_size)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, zero_point: bool = True,
+                    packing: Literal["uint8", "awq", "gptq"] = "uint8"):
+        q, s, z = quantize_groupwise_int4(linear.weight, group_size, zero_point)
+        dtype = linear.weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, s.to(dtype), z, group_size, bias, packing)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] (W.T [K, N] for awq/gptq packing) computed as the library does."""
+        g = self.group_size
+        if self.packing == "uint8":
+            b = self.qweight
+            q = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(self.out_features, -1)
+            s = self.scales.repeat_interleave(g, dim=1)
+            if not self.has_zeros:
+                return ((q.to(dtype) - 8) * s).to(dtype)
+            z = self.zeros.repeat_interleave(g, dim=1)
+            return ((q.to(dtype) - z) * s).to(dtype)
+        if self.packing == "awq":
+            shifts = torch.tensor(_AWQ_SHIFTS, dtype=torch.int32, device=self.qweight.device)
+            iw = ((self.qweight[:, :, None] >> shifts) & 15).reshape(self.in_features, -1)
+            iz = ((self.qzeros[:, :, None] >> shifts) & 15).reshape(-1, self.out_features)
+            iz = iz.repeat_interleave(g, dim=0)
+            s = self.scales.repeat_interleave(g, dim=0)
+            return ((iw - iz).to(dtype) * s).to(dtype)
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=self.qweight.device)
+        iw = ((self.qweight[:, None, :] >> shifts[None, :, None]) & 15)
+        iw = iw.reshape(self.in_features, self.out_features)
+        iz = ((self.qzeros[:, :, None] >> shifts) & 15).reshape(-1, self.out_features)
+        return (self.scales[self.g_idx] * (iw - iz[self.g_idx]).to(dtype)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        if self.packing == "uint8":
+            return F.linear(x, w, self.bias)
+        y = torch.matmul(x, w)  # AWQ/GPTQ dequantize to W.T [K, N]
+        return y if self.bias is None else y + self.bias
+
+
+class SmoothQuantLinear(nn.Module):
+    """W8A8 SmoothQuant: int8 x int8 on the integer units, rescaled per token and channel.
+
+    ``y = (int_mm(quant(x / smooth), q.T) * x_scale * w_scale).to(x.dtype) + b`` where
+    ``quant`` is per token (``act="dynamic"``, absmax of each row) or per tensor with a
+    calibrated scale (``act="static"``).
+    """
+
+    def __init__(self, qweight: torch.Tensor, w_scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                 act: Literal["dynamic", "static"] = "dynamic",
+                 act_scale: float | None = None):
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise TypeError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype}")
+        if act not in ("dynamic", "static"):
+            raise ValueError(f"act must be 'dynamic' or 'static', got {act!r}")
+        if act == "static" and (act_scale is None or not act_scale > 0):
+            raise ValueError(f"act='static' needs a positive act_scale, got {act_scale!r}")
+        self.in_features, self.out_features, self.act = qweight.shape[1], qweight.shape[0], act
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("w_scales", w_scales.float().reshape(1, -1))
+        self.register_buffer("smooth", None if smooth is None else 1.0 / smooth)
+        self.register_buffer("act_scale", None if act == "dynamic"
+                             else torch.tensor(float(act_scale), dtype=torch.float32))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act: Literal["dynamic", "static"] = "dynamic",
+                    smooth: torch.Tensor | None = None, act_absmax: float | None = None):
+        w = linear.weight.detach()
+        if smooth is not None:
+            w = w * smooth.to(w.dtype)  # migrate activation outliers into the weight
+        q, s = quantize_per_channel_int8(w)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        act_scale = None if act_absmax is None else act_absmax / 127.0
+        return cls(q, s, bias, smooth, act, act_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.smooth is not None:
+            x = x * self.smooth.to(x.dtype)
+        if self.act == "dynamic":
+            x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-5) / 127.0
+            xq = torch.round(x.float() / x_scale).clamp(-128, 127).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).float() * x_scale * self.w_scales
+        else:
+            xq = torch.round(x.float() / self.act_scale).clamp(-128, 127).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).float() * (self.act_scale * self.w_scales)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    skip = tuple(skip)
+    found = []
+    for name, mod in model.named_modules():
+        for child_name, child in mod.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and not any(full.startswith(s) for s in skip):
+                found.append((mod, child_name, child))
+    return found
+
+
+@torch.no_grad()
+def _calibrate_absmax(model: nn.Module, linears, calibration) -> dict[int, float]:
+    absmax: dict[int, float] = {}
+    hooks = [lin.register_forward_pre_hook(
+        lambda mod, args: absmax.__setitem__(
+            id(mod), max(absmax.get(id(mod), 0.0), float(args[0].abs().max()))))
+        for _, _, lin in linears]
+    try:
+        for batch in calibration:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return absmax
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    method: str,
+    *,
+    group_size: int = 128,
+    zero_point: bool = True,
+    packing: str = "uint8",
+    style: str = "pre",
+    act: str = "dynamic",
+    calibration: Iterable | None = None,
+    skip: Iterable[str] = (),
+) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` in place by quantized ones; return it.
+
+    Args:
+        method: ``"w8a16"``, ``"w4a16"`` or ``"w8a8"``.
+        group_size: W4A16 group along K (32, 64, 128 or 256).
+        zero_point: W4A16 asymmetric with zeros (True) or symmetric.
+        packing: W4A16 storage: ``"uint8"``, ``"awq"`` or ``"gptq"``.
+        style: W8A16 ``"pre"`` (dequantize the weight) or ``"post"`` (scale the output).
+        act: W8A8 activation quantization, ``"dynamic"`` (per token) or ``"static"``
+            (per tensor, needs ``calibration``).
+        calibration: iterable of model inputs (a tensor or a tuple of arguments) used
+            to measure activation ranges for ``act="static"``.
+        skip: name prefixes of linears to leave in floating point (e.g. ``"lm_head"``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "w4a16" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    if style not in ("pre", "post"):
+        raise ValueError(f"style must be 'pre' or 'post', got {style!r}")
+    if act not in ("dynamic", "static"):
+        raise ValueError(f"act must be 'dynamic' or 'static', got {act!r}")
+    if method == "w8a8" and act == "static" and calibration is None:
+        raise ValueError("act='static' needs calibration inputs (calibration=[...])")
+    linears = _linears(model, skip)
+    absmax = (_calibrate_absmax(model, linears, calibration)
+              if method == "w8a8" and act == "static" else {})
+    for parent, name, lin in linears:
+        if method == "w8a16":
+            new = Int8WeightOnlyLinear.from_linear(lin, style=style)
+        elif method == "w4a16":
+            new = Int4WeightOnlyLinear.from_linear(lin, group_size, zero_point, packing)
+        else:
+            new = SmoothQuantLinear.from_linear(lin, act=act, act_absmax=absmax.get(id(lin)))
+        setattr(parent, name, new.to(lin.weight.device))
+    return model

@@ -1,0 +1,191 @@
+"""The qcompile ops: schemas, fake (meta) implementations and reference implementations.
+
+These two ops are the only thing the graph rewrite emits and the only thing kernels
+implement; docs/kernels.md states the contract. The reference implementations here are
+plain PyTorch (CPU and CUDA) and define the numerics every kernel is tested against.
+This module knows nothing of graphs and nothing of CUDA kernels; a kernel family plugs in
+with ``torch.library.register_kernel(<op>, "cuda", impl)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "mixed_gemm",
+    "int8_gemm",
+    "mixed_gemm_reference",
+    "int8_gemm_reference",
+    "unpack_nk",
+    "pack_nk",
+    "dequantize",
+    "ZERO_MODES",
+]
+
+ZERO_MODES = ("none", "sub", "add")
+REFERENCE_LAYOUT = "nk"
+
+
+def pack_nk(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer values q [N, K] (any int dtype) into the reference "nk" layout.
+
+    bits 8: int8 when any value is negative, else uint8 when values exceed 127, as
+    given; bits 4: uint8 [N, K // 2], element k in the low nibble of byte k // 2 if k
+    is even, in the high nibble if odd.
+    """
+    if q.dim() != 2:
+        raise ValueError(f"q must be 2-D [N, K], got shape {tuple(q.shape)}")
+    if bits == 8:
+        if int(q.min()) < 0:
+            return q.to(torch.int8).contiguous()
+        return q.to(torch.uint8).contiguous()
+    if bits == 4:
+        if q.shape[1] % 2:
+            raise ValueError(f"4-bit packing needs an even K, got K={q.shape[1]}")
+        nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
+        return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def unpack_nk(qweight: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_nk`: the integer values as an int16 tensor [N, K]."""
+    if bits == 8:
+        q = qweight.to(torch.int16)
+        if signed and qweight.dtype == torch.uint8:
+            q = torch.where(q > 127, q - 256, q)
+        return q
+    if bits == 4:
+        b = qweight.to(torch.int16)
+        lo, hi = b & 0xF, (b >> 4) & 0xF
+        q = torch.stack((lo, hi), dim=-1).reshape(qweight.shape[0], qweight.shape[1] * 2)
+        if signed:
+            q = torch.where(q > 7, q - 16, q)
+        return q
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    signed: bool,
+    group_size: int,
+    zero_mode: str,
+    dequant_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The weight [N, K] that a reference-layout mixed_gemm operand stands for."""
+    q = unpack_nk(qweight, bits, signed)
+    n, k = q.shape
+    groups = k // group_size
+    q = q.to(dequant_dtype).reshape(n, groups, group_size)
+    s = scales.to(dequant_dtype).reshape(n, groups, 1)
+    if zero_mode == "none":
+        w = q * s
+    elif zero_mode == "sub":
+        w = (q - zeros.to(dequant_dtype).reshape(n, groups, 1)) * s
+    elif zero_mode == "add":
+        w = q * s + zeros.to(dequant_dtype).reshape(n, groups, 1)
+    else:
+        raise ValueError(f"zero_mode must be one of {ZERO_MODES}, got {zero_mode!r}")
+    return w.reshape(n, k)
+
+
+def _mixed_gemm_n(qweight: torch.Tensor, bits: int, layout: str) -> int:
+    # Every layout keeps N as the leading dimension of qweight.
+    del bits, layout
+    return qweight.shape[0]
+
+
+def mixed_gemm_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    signed: bool,
+    group_size: int,
+    zero_mode: str,
+    dequant_dtype: torch.dtype,
+    layout: str,
+) -> torch.Tensor:
+    """Plain-PyTorch mixed_gemm for the reference "nk" layout."""
+    if layout != REFERENCE_LAYOUT:
+        raise ValueError(
+            f"the reference mixed_gemm reads layout {REFERENCE_LAYOUT!r}, got {layout!r}; "
+            "a weight packed for a kernel runs only where that kernel is available"
+        )
+    w = dequantize(qweight, scales, zeros, bits, signed, group_size, zero_mode, dequant_dtype)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+@torch.library.custom_op("qcompile::mixed_gemm", mutates_args=())
+def mixed_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    signed: bool,
+    group_size: int,
+    zero_mode: str,
+    dequant_dtype: torch.dtype,
+    layout: str,
+) -> torch.Tensor:
+    """out[..., N] = x[..., K] @ dequant(qweight).T + bias (see docs/kernels.md)."""
+    return mixed_gemm_reference(
+        x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+        dequant_dtype, layout,
+    )
+
+
+@mixed_gemm.register_fake
+def _mixed_gemm_fake(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+                     dequant_dtype, layout):
+    n = _mixed_gemm_n(qweight, bits, layout)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def int8_gemm_reference(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Plain-PyTorch int8_gemm: exact int32 accumulation, then the float32 rescale."""
+    m, k = xq.shape
+    if xq.device.type == "cuda" and k % 8 == 0 and wq.shape[0] % 8 == 0:
+        # torch._int_mm refuses M <= 16: pad the rows (exact, the pad is discarded).
+        pad = max(0, 17 - m)
+        xp = torch.nn.functional.pad(xq, (0, 0, 0, pad)) if pad else xq
+        acc = torch._int_mm(xp, wq.t())[:m]
+    elif xq.device.type == "cuda":
+        acc = (xq.double() @ wq.double().t()).to(torch.int32)  # exact below 2**53
+    else:
+        acc = xq.to(torch.int32) @ wq.to(torch.int32).t()
+    out = acc.to(torch.float32) * row_scale.to(torch.float32) * col_scale.to(torch.float32)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+@torch.library.custom_op("qcompile::int8_gemm", mutates_args=())
+def int8_gemm(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """out[M, N] = ((xq @ wq.T).float() * row_scale * col_scale + bias).to(out_dtype)."""
+    return int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype)
+
+
+@int8_gemm.register_fake
+def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)

@@ -1,0 +1,171 @@
+"""Compile-time evaluation of constant subgraphs of an ATen FX graph.
+
+The graph pass recognises a dequantized weight by what it computes, not by how it is
+spelled: the weight operand of a matmul is an expression over constant tensors only, so
+we can run it. This module runs such expressions, finds their constant ancestry, and
+probes the float part as a function of the integer tensor feeding it (the affine probe
+used by ``weight_only``). It knows nothing of quantization formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+
+class NotConstant(Exception):
+    """The expression depends on a graph input that is not a parameter or buffer."""
+
+    def __init__(self, node: fx.Node):
+        super().__init__(node.name)
+        self.node = node
+
+
+class UnreadableOp(Exception):
+    """The expression uses an op that the affine probe does not read."""
+
+    def __init__(self, node: fx.Node):
+        super().__init__(str(node.target))
+        self.node = node
+
+
+# Ops whose result is a function of their inputs' values that a float64 shadow can
+# follow: elementwise affine arithmetic, casts and data movement. Anything else between
+# the integer weight and the matmul is reported, not guessed at.
+_CASTS = {prims.convert_element_type.default, aten._to_copy.default,
+          aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+_AFFINE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+           aten.rsub.Tensor, aten.rsub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
+           aten.div.Tensor, aten.div.Scalar, aten.neg.default}
+_MOVES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.permute.default, aten.t.default, aten.transpose.int, aten.expand.default,
+          aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+          aten.clone.default, aten.contiguous.default, aten.alias.default,
+          aten.slice.Tensor, aten.select.int, aten.index.Tensor, aten.repeat.default,
+          aten.repeat_interleave.self_Tensor, aten.repeat_interleave.self_int,
+          aten.cat.default, aten.flatten.using_ints, aten.unflatten.int,
+          aten.index_select.default, aten.gather.default}
+READABLE_OPS = _CASTS | _AFFINE | _MOVES
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", None) and str(target) or repr(target)
+
+
+def ancestors(node: fx.Node) -> list[fx.Node]:
+    """All nodes ``node`` depends on, itself included, in graph order."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+class ConstantEvaluator:
+    """Evaluates nodes whose inputs are all constants (parameters, buffers, get_attr).
+
+    ``constants`` maps placeholder nodes to their real tensors.
+    """
+
+    def __init__(self, gm: fx.GraphModule | None, constants: dict[fx.Node, torch.Tensor]):
+        self.gm = gm
+        self.constants = constants
+        self.cache: dict[fx.Node, Any] = {}
+
+    def is_constant(self, node: fx.Node) -> bool:
+        try:
+            self._check(node)
+            return True
+        except NotConstant:
+            return False
+
+    def _check(self, node: fx.Node) -> None:
+        for n in ancestors(node):
+            if n.op == "placeholder" and n not in self.constants:
+                raise NotConstant(n)
+
+    def value(self, node: fx.Node) -> Any:
+        self._check(node)
+        for n in ancestors(node):
+            if n not in self.cache:
+                self.cache[n] = self._run(n, self.cache)
+        return self.cache[node]
+
+    def _run(self, n: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        if n.op == "placeholder":
+            return self.constants[n]
+        if n.op == "get_attr":
+            obj = self.gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        if n.op == "call_function":
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            return n.target(*args, **kwargs)
+        raise NotConstant(n)
+
+    def shadow(self, output: fx.Node, probe: fx.Node, probe_value: torch.Tensor) -> torch.Tensor:
+        """Value of ``output`` in float64 with ``probe`` replaced by ``probe_value``.
+
+        Nodes that depend on ``probe`` are recomputed in float64 with casts dropped, so
+        the result is the exact real-number value of the float part; nodes that do not
+        depend on it keep their real values (upcast where they meet the shadow).
+        """
+        env: dict[fx.Node, Any] = {probe: probe_value.to(torch.float64)}
+        depends = {probe}
+        for n in ancestors(output):
+            if n is probe:
+                continue
+            if not any(a in depends for a in n.all_input_nodes):
+                env[n] = self.value(n)
+                continue
+            depends.add(n)
+            if n.op != "call_function" or n.target not in READABLE_OPS:
+                raise UnreadableOp(n)
+            if n.target in _CASTS:
+                env[n] = env[n.args[0]]
+                continue
+            up = (lambda v: v.to(torch.float64)
+                  if isinstance(v, torch.Tensor) and v.dtype != torch.bool else v)
+            args = fx.node.map_arg(n.args, lambda a: up(env[a]))
+            kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "rounding_mode")}
+            if "rounding_mode" in n.kwargs and n.kwargs["rounding_mode"] is not None:
+                raise UnreadableOp(n)
+            kwargs = fx.node.map_arg(kwargs, lambda a: up(env[a]))
+            env[n] = n.target(*args, **kwargs)
+        return env[output]
+
+
+def integer_nodes(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """Nodes whose value (per the graph's fake-tensor metadata) is an integer tensor."""
+    out = []
+    for n in nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point \
+                and not val.dtype.is_complex and val.dtype != torch.bool:
+            out.append(n)
+    return out
+
+
+def users_chain(node: fx.Node, allowed: Callable[[fx.Node], bool]) -> list[fx.Node]:
+    """The single-user chain below ``node`` while ``allowed`` holds (not including node)."""
+    chain = []
+    cur = node
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        if nxt.op != "call_function" or not allowed(nxt):
+            break
+        chain.append(nxt)
+        cur = nxt
+    return chain

@@ -1,0 +1,122 @@
+"""Recognise ``_int_mm(xq, wq)`` followed by its float rescale (SmoothQuant W8A8).
+
+Reads the single-user chain below the int matmul: the int32 -> float32 cast, multiplies
+by per-row (per-token, a run-time [M, 1] tensor, or a run-time scalar) and per-column
+(per-channel, a constant [N] / [1, N], or a constant scalar) scales in any order, an
+optional constant bias, and the cast to the output dtype. The activation quantization
+that produces ``xq`` is left in the graph for Inductor to fuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .evaluate import ConstantEvaluator, NotConstant
+from .weight_only import NoMatch
+
+aten, prims = torch.ops.aten, torch.ops.prims
+_CASTS = {prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype}
+_MULS = {aten.mul.Tensor, aten.mul.Scalar}
+_ADDS = {aten.add.Tensor}
+
+
+@dataclass
+class Int8Match:
+    wq: torch.Tensor                       # int8 [N, K]
+    col_scale: torch.Tensor                # float32 [1, N]
+    bias: torch.Tensor | None              # [N]
+    row_scales: list[fx.Node] = field(default_factory=list)  # run-time factors
+    end: fx.Node | None = None             # the node whose value the op replaces
+    out_dtype: torch.dtype = torch.float32
+    per_token: bool = False
+
+    @property
+    def format(self) -> str:
+        act = "per-token" if self.per_token else "per-tensor"
+        return f"w8a8 int8 {act} x per-channel{' +bias' if self.bias is not None else ''}"
+
+
+def _cast_dtype(node: fx.Node) -> torch.dtype | None:
+    if node.target is prims.convert_element_type.default or node.target is aten.to.dtype:
+        return node.args[1]
+    return node.kwargs.get("dtype")
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _is_one(d) -> bool:
+    # A symbolic size (the token count) is never taken for 1: no guard is added.
+    return isinstance(d, int) and d == 1
+
+
+def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
+    """Read the rescale chain below ``mm`` (an ``aten._int_mm``) or raise NoMatch."""
+    a, b = mm.args
+    try:
+        wq_kn = ev.value(b)
+    except NotConstant:
+        raise NoMatch("int8 weight operand is not constant")
+    if wq_kn.dtype != torch.int8 or ev.is_constant(a):
+        raise NoMatch("_int_mm operands are not (activation, constant int8 weight)")
+    n = wq_kn.shape[1]
+    col = torch.ones(n, dtype=torch.float64, device=wq_kn.device)
+    match = Int8Match(wq=wq_kn.t().contiguous(), col_scale=col, bias=None)
+    cur, converted, cast_out = mm, False, False
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if u.op != "call_function":
+            break
+        if u.target in _CASTS:
+            dt = _cast_dtype(u)
+            if not converted:
+                if dt != torch.float32:
+                    raise NoMatch(f"rescale computed in {dt} (qcompile rescales in float32)")
+                converted = True
+            elif cast_out:
+                break
+            else:
+                cast_out = True
+            cur = u
+            continue
+        if not converted:
+            break
+        others = [x for x in u.args if x is not cur]
+        if u.target in _MULS and match.bias is None and not cast_out and len(others) == 1:
+            other = others[0]
+            if isinstance(other, (int, float)):
+                col = col * float(other)
+            elif ev.is_constant(other):
+                v = ev.value(other).to(torch.float64)
+                if v.numel() != 1 and tuple(v.shape) not in ((n,), (1, n)):
+                    break
+                col = col * v.reshape(-1)
+            else:
+                shp = _shape(other)
+                if shp is None or not (len(shp) == 2 and _is_one(shp[1])
+                                       or all(_is_one(d) for d in shp)):
+                    break
+                match.row_scales.append(other)
+            cur = u
+            continue
+        if u.target in _ADDS and match.bias is None and len(others) == 1 \
+                and isinstance(others[0], fx.Node) and ev.is_constant(others[0]):
+            v = ev.value(others[0])
+            if tuple(v.shape) not in ((n,), (1, n)):
+                break
+            match.bias = v.reshape(n)
+            cur = u
+            continue
+        break
+    if not converted:
+        raise NoMatch("_int_mm result is not rescaled in float32")
+    match.end = cur
+    match.out_dtype = cur.meta["val"].dtype
+    match.col_scale = col.to(torch.float32).reshape(1, n)
+    match.per_token = any(not all(_is_one(d) for d in _shape(r)) for r in match.row_scales)
+    return match

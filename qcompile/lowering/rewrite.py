@@ -1,0 +1,224 @@
+"""The qcompile graph pass: matmul subgraphs -> qcompile op calls, with a report entry each.
+
+Runs on the ATen inference graph from AOTAutograd, installed by the backend as Inductor's
+``joint_custom_pre_pass`` so it sees the graph before freezing constant-folds dequant
+chains and before Inductor's own quantization fusions (ARCHITECTURE.md says why). The
+graph's parameter and buffer placeholders are given their real values by the backend.
+
+For each matmul node (mm, addmm, _int_mm) the pass asks the recognisers in
+``weight_only`` and ``int8_rescale``; a recognised subgraph becomes one call of
+``qcompile::mixed_gemm`` or ``qcompile::int8_gemm`` with the repacked weight as a new
+constant, and the dead dequantization is removed; anything else stays exactly as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import logging
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from .. import kernels
+from .evaluate import ConstantEvaluator, users_chain
+from .int8_rescale import Int8Match, recognize_int8
+from .report import MatchRecord, Report, dump_graph
+from .weight_only import NoMatch, WeightOnlyMatch, recognize_weight
+
+log = logging.getLogger("qcompile")
+aten, prims = torch.ops.aten, torch.ops.prims
+MATMULS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten._int_mm.default: "_int_mm",
+           aten.bmm.default: "bmm"}
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_uid = itertools.count()
+
+
+def _source(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = str(list(stack.values())[-1][0])
+        return re.sub(r"^L\['[^']*'\]\.?", "", path) or path
+    return ""
+
+
+def _val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+class _Builder:
+    """Adds constants (as get_attr of the owning module) and nodes with fake metadata."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph, self.gm = graph, graph.owning_module
+        vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+        self.fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+    def constant(self, tensor: torch.Tensor, hint: str) -> fx.Node:
+        name = f"_qcompile_{hint}_{next(_uid)}"
+        self.gm.register_buffer(name, tensor.contiguous())
+        node = self.graph.get_attr(name)
+        if self.fake_mode is not None:
+            node.meta["val"] = self.fake_mode.from_tensor(tensor, static_shapes=True)
+        return node
+
+    def call(self, target, args, like: fx.Node | None = None) -> fx.Node:
+        node = self.graph.call_function(target, args)
+        if self.fake_mode is not None:
+            fake_args = fx.node.map_arg(args, lambda a: a.meta["val"])
+            with self.fake_mode:
+                node.meta["val"] = target(*fake_args)
+        elif like is not None:
+            node.meta["val"] = like.meta.get("val")
+        return node
+
+
+def _post_scale(mm: fx.Node, ev: ConstantEvaluator,
+                n: int) -> tuple[fx.Node, torch.Tensor, int] | None:
+    """gpt-fast's ``linear(x, q.to(dtype)) * s``: a constant per-column multiply after mm."""
+    chain = users_chain(mm, lambda u: u.target in _VIEWS)
+    last = chain[-1] if chain else mm
+    if len(last.users) != 1:
+        return None
+    mul = next(iter(last.users))
+    if mul.op != "call_function" or mul.target is not aten.mul.Tensor:
+        return None
+    index = 0 if mul.args[0] is last else 1
+    other = mul.args[1 - index]
+    if not isinstance(other, fx.Node) or not ev.is_constant(other):
+        return None
+    v = ev.value(other)
+    if v.numel() != n or v.shape[-1] != n or _val(mul).dtype != _val(mm).dtype:
+        return None
+    return mul, v.reshape(n).to(torch.float64), index
+
+
+def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, bias: fx.Node | None,
+                   match: WeightOnlyMatch, ev: ConstantEvaluator, rec: MatchRecord) -> None:
+    n, k = match.q.shape
+    scales, zeros = match.scales, match.zeros
+    post = _post_scale(mm, ev, n) if bias is None else None
+    if post is not None:
+        c = post[1].to(scales.device)
+        scales = (scales.double() * c[:, None]).to(torch.float32)
+        if match.zero_mode == "add":
+            zeros = (zeros.double() * c[:, None]).to(torch.float32)
+        rec.format += " post-scale"
+    plan = kernels.plan_mixed_gemm(match.bits, match.signed, match.group_size, match.zero_mode,
+                                   n, k, _val(x).dtype, match.q.device)
+    qweight, scales, zeros = plan.prepare(match.q, scales, zeros)
+    rec.kernel = plan.description
+    with b.graph.inserting_before(mm):
+        qw = b.constant(qweight, "qweight")
+        s = b.constant(scales, "scales")
+        z = b.constant(zeros, "zeros") if zeros is not None else None
+        if bias is not None and tuple(_val(bias).shape) != (n,):
+            bias = b.call(aten.view.default, (bias, [n]))
+        new = b.call(torch.ops.qcompile.mixed_gemm.default,
+                     (x, qw, s, z, bias, match.bits, match.signed, match.group_size,
+                      match.zero_mode, match.dequant_dtype, plan.layout), like=mm)
+    mm.replace_all_uses_with(new)
+    if post is not None:
+        mul, _, index = post
+        mul.replace_all_uses_with(mul.args[index])
+
+
+def _rewrite_int8(b: _Builder, mm: fx.Node, match: Int8Match, rec: MatchRecord) -> None:
+    xq = mm.args[0]
+    plan = kernels.plan_int8_gemm(match.wq.shape[0], match.wq.shape[1], match.out_dtype,
+                                  match.wq.device)
+    rec.kernel = plan.description
+    end = match.end
+    with b.graph.inserting_before(end):
+        row = None
+        for r in match.row_scales:
+            if _val(r).dtype != torch.float32:
+                r = b.call(prims.convert_element_type.default, (r, torch.float32))
+            row = r if row is None else b.call(aten.mul.Tensor, (row, r))
+        if row is None:
+            row = b.constant(torch.ones(1, 1, dtype=torch.float32, device=match.wq.device), "one")
+        elif _val(row).dim() != 2:
+            row = b.call(aten.view.default, (row, [-1, 1]))
+        wq = b.constant(match.wq, "wq")
+        col = b.constant(match.col_scale, "col_scale")
+        bias = b.constant(match.bias, "bias") if match.bias is not None else None
+        new = b.call(torch.ops.qcompile.int8_gemm.default,
+                     (xq, wq, row, col, bias, match.out_dtype), like=end)
+    end.replace_all_uses_with(new)
+
+
+def _record(node: fx.Node, op: str) -> MatchRecord:
+    rec = MatchRecord(node=node.name, op=op, matched=False, source=_source(node))
+    out = _val(node)
+    if out is not None and out.dim() >= 2:
+        rec.m, rec.n = str(out.shape[-2]), int(out.shape[-1]) if isinstance(
+            out.shape[-1], int) else None
+        rec.dtype = str(out.dtype).replace("torch.", "")
+    return rec
+
+
+def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], report: Report) -> int:
+    """Rewrite every recognised matmul subgraph of ``graph``; return how many."""
+    gm = graph.owning_module
+    dump_graph("before", gm.print_readable(print_output=False) if gm else str(graph))
+    ev = ConstantEvaluator(gm, constants)
+    builder = _Builder(graph)
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in MATMULS:
+            continue
+        op = MATMULS[node.target]
+        rec = _record(node, op)
+        try:
+            _match_one(builder, ev, node, op, rec)
+            rec.matched = True
+            rewritten += 1
+        except NoMatch as e:
+            rec.reason = str(e)
+        finally:
+            ev.cache.clear()  # evaluated weights are large: keep one matmul's at a time
+        report.add(rec)
+    if rewritten:
+        graph.eliminate_dead_code()
+        graph.lint()
+        if gm is not None:
+            gm.recompile()
+    dump_graph("after", gm.print_readable(print_output=False) if gm else str(graph))
+    return rewritten
+
+
+def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
+               rec: MatchRecord) -> None:
+    if builder.gm is None:
+        raise NoMatch("graph has no owning module to hold new constants")
+    if op == "_int_mm":
+        match = recognize_int8(ev, node)
+        rec.format, rec.bits, rec.k = match.format, 8, int(match.wq.shape[1])
+        rec.n = int(match.wq.shape[0])
+        rec.dtype = str(match.out_dtype).replace("torch.", "")
+        _rewrite_int8(builder, node, match, rec)
+        return
+    if op == "bmm":
+        raise NoMatch("batched matmul (bmm): weights are read only from mm/addmm")
+    if op == "addmm":
+        bias, x, w = node.args[:3]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            raise NoMatch("addmm with alpha/beta other than 1")
+        bv = _val(bias)
+        if bv is None or bv.dim() > 2 or \
+                (bv.dim() == 2 and not (isinstance(bv.shape[0], int) and bv.shape[0] == 1)):
+            raise NoMatch("addmm's added tensor is not a bias vector")
+    else:
+        x, w = node.args[:2]
+        bias = None
+    xv = _val(x)
+    if xv is None or xv.dtype not in ACT_DTYPES:
+        raise NoMatch(f"activation dtype {None if xv is None else xv.dtype} not supported")
+    match = recognize_weight(ev, w)
+    n, k = match.q.shape
+    rec.format, rec.bits, rec.group_size, rec.n, rec.k = (
+        match.format, match.bits, match.group_size, n, k)
+    _rewrite_mixed(builder, node, x, bias, match, ev, rec)

@@ -1,0 +1,183 @@
+"""Recognise a matmul's weight operand as a dequantization of constant integer data.
+
+By meaning, not by spelling: the operand B [K, N] of ``mm(x, B)`` is an expression over
+constants. We pick the integer tensor q inside it that has one value per weight element,
+then probe the float part f(q) in exact float64 arithmetic: f(0) is the offset and
+f(1) - f(0) the scale of every element. Scales and offsets constant over groups along K
+give the group size; offset / scale gives integer zeros (or float ones, HQQ-style). The
+recovered (q, scales, zeros) must reproduce the graph's weight bit for bit in the graph's
+dtype before anything is rewritten. Every packing (AWQ's interleaved nibbles, GPTQ's
+words along K, two nibbles per byte, plain int8) comes out the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .evaluate import ConstantEvaluator, NotConstant, UnreadableOp, ancestors, integer_nodes
+
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+
+
+@dataclass
+class WeightOnlyMatch:
+    """A weight W[n, k] = dequant(q[n, k]) in the op's terms (docs/kernels.md)."""
+
+    q: torch.Tensor            # int16 [N, K], the integer values
+    scales: torch.Tensor       # [N, K // group_size]
+    zeros: torch.Tensor | None
+    bits: int
+    signed: bool
+    group_size: int
+    zero_mode: str
+    dequant_dtype: torch.dtype
+    int_node: fx.Node          # the integer tensor the probe started from
+
+    @property
+    def format(self) -> str:
+        kind = f"{'int' if self.signed else 'uint'}{self.bits}"
+        group = "per-channel" if self.group_size == self.q.shape[1] else f"g{self.group_size}"
+        zeros = {"none": "", "sub": "+zeros", "add": "+float-zeros"}[self.zero_mode]
+        return f"w{self.bits}a16 {kind} {group}{zeros}"
+
+
+class NoMatch(Exception):
+    """Why a matmul was left to Inductor; the message goes into the report."""
+
+
+def _bits(qmin: int, qmax: int) -> tuple[int, bool] | None:
+    for bits in (4, 8):
+        if 0 <= qmin and qmax < 2**bits:
+            return bits, False
+        if -(2 ** (bits - 1)) <= qmin and qmax < 2 ** (bits - 1):
+            return bits, True
+    return None
+
+
+def _true_group(s: torch.Tensor, o: torch.Tensor) -> int:
+    """Largest divisor g of K such that s and o are constant over each group of g."""
+    n, k = s.shape
+    for g in sorted((d for d in range(1, k + 1) if k % d == 0), reverse=True):
+        sg, og = s.reshape(n, k // g, g), o.reshape(n, k // g, g)
+        if torch.equal(sg, sg[..., :1].expand_as(sg)) and torch.equal(og, og[..., :1].expand_as(og)):
+            return g
+    return 1
+
+
+def _exact_dtype(t: torch.Tensor, prefer: list[torch.dtype]) -> torch.dtype | None:
+    for dt in prefer:
+        if torch.equal(t.to(dt).to(torch.float64), t):
+            return dt
+    return None
+
+
+def _reconstruct(q, s, z, group, zero_mode, dd, out_dtype):
+    n, k = q.shape
+    qg = q.to(dd).reshape(n, k // group, group)
+    sg = s.to(dd).reshape(n, -1, 1)
+    if zero_mode == "none":
+        w = qg * sg
+    elif zero_mode == "sub":
+        w = (qg - z.to(dd).reshape(n, -1, 1)) * sg
+    else:
+        w = qg * sg + z.to(dd).reshape(n, -1, 1)
+    return w.reshape(n, k).to(out_dtype)
+
+
+def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
+    """Recover the quantized form of the matmul operand ``b`` ([K, N]) or raise NoMatch."""
+    try:
+        w_kn = ev.value(b)
+    except NotConstant:
+        raise NoMatch("weight operand is not constant (activation x activation matmul)")
+    if not isinstance(w_kn, torch.Tensor) or w_kn.dim() != 2:
+        raise NoMatch("weight operand is not a 2-D tensor")
+    k, n = w_kn.shape
+    ints = [c for c in integer_nodes(ancestors(b)) if c.meta["val"].numel() == k * n]
+    if not ints:
+        if not integer_nodes(ancestors(b)):
+            raise NoMatch("weight is a float constant (not quantized)")
+        raise NoMatch("no integer tensor with one value per weight element feeds the weight")
+    candidates = []
+    for c in ints:
+        v = ev.value(c)
+        fit = _bits(int(v.min()), int(v.max())) if v.numel() else None
+        if fit is not None:
+            candidates.append((fit[0], -list(b.graph.nodes).index(c), c, v))
+    if not candidates:
+        raise NoMatch("integer weight does not fit in 8 bits")
+    candidates.sort(key=lambda t: (t[0], t[1]))
+    first_reason = None
+    for _, _, node, qv in candidates:
+        try:
+            return _probe(ev, b, node, qv, w_kn)
+        except NoMatch as e:
+            first_reason = first_reason or str(e)
+    raise NoMatch(first_reason)
+
+
+def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
+           w_kn: torch.Tensor) -> WeightOnlyMatch:
+    try:
+        f0 = ev.shadow(b, p, torch.zeros_like(qv, dtype=torch.float64))
+        f1 = ev.shadow(b, p, torch.ones_like(qv, dtype=torch.float64))
+        fq = ev.shadow(b, p, qv.to(torch.float64))
+    except UnreadableOp as e:
+        raise NoMatch(f"weight produced by an op we do not read: {e.node.target}")
+    if f0.shape != w_kn.shape:
+        raise NoMatch("dequantization changes the weight's shape in a way we do not read")
+    a = f1 - f0
+    safe = torch.where(a != 0, a, torch.ones_like(a))
+    q = torch.where(a != 0, torch.round((fq - f0) / safe), torch.zeros_like(a))
+    q, s_el, o_el = q.t().contiguous(), a.t().contiguous(), f0.t().contiguous()
+    w = w_kn.t()
+    n, k = q.shape
+    g_true = _true_group(s_el, o_el)
+    if g_true == k:
+        group = k
+    else:
+        fits = [g for g in KERNEL_GROUP_SIZES if g_true % g == 0]
+        if not fits:
+            raise NoMatch(f"group size {g_true} not supported (kernels take "
+                          f"{', '.join(map(str, sorted(KERNEL_GROUP_SIZES)))} or per-channel)")
+        group = fits[0]
+    s, o = s_el[:, ::group], o_el[:, ::group]
+    fit = _bits(int(q.min()), int(q.max()))
+    if fit is None:
+        raise NoMatch("integer weight does not fit in 8 bits")
+    bits, signed = fit
+    zero_forms: list[tuple[str, torch.Tensor | None, torch.Tensor, bool]] = []
+    if torch.all(o == 0):
+        zero_forms.append(("none", None, q, signed))
+    else:
+        nonzero_s = s != 0
+        z = torch.where(nonzero_s, -o / torch.where(nonzero_s, s, torch.ones_like(s)), 0.0)
+        if bool(torch.all(nonzero_s | (o == 0))) and torch.equal(z, torch.round(z)):
+            mid = 2 ** (bits - 1)
+            if not signed and bool(torch.all(z == mid)):  # symmetric stored as q + 2^(b-1)
+                zero_forms.append(("none", None, q - mid, True))
+            zero_forms.append(("sub", z, q, signed))
+        zero_forms.append(("add", o, q, signed))
+    low = [w.dtype, torch.float32] if w.dtype != torch.float32 else [torch.float32]
+    s_dtype = _exact_dtype(s, low)
+    if s_dtype is None:
+        raise NoMatch("scales are not representable in the weight's dtype or float32")
+    worst = 0.0
+    for zero_mode, z, qq, sg in zero_forms:
+        z_dtype = None if z is None else _exact_dtype(z, low)
+        if z is not None and z_dtype is None:
+            continue
+        for dd in dict.fromkeys([w.dtype, torch.float32]):
+            rec = _reconstruct(qq, s, z, group, zero_mode, dd, w.dtype)
+            if torch.equal(rec, w):
+                return WeightOnlyMatch(
+                    q=qq.to(torch.int16), scales=s.to(s_dtype).contiguous(),
+                    zeros=None if z is None else z.to(z_dtype).contiguous(),
+                    bits=bits, signed=sg, group_size=group, zero_mode=zero_mode,
+                    dequant_dtype=dd, int_node=p)
+            worst = max(worst, float((rec.double() - w.double()).abs().max()))
+    raise NoMatch(f"recovered (q, scales, zeros) do not reproduce the weight bit for bit "
+                  f"(max abs diff {worst:.3g})")
