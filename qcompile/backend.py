@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from unittest import mock
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -79,6 +80,23 @@ def _flat_inputs(example_inputs: Sequence) -> list[tuple[object, bool]]:
     return flat
 
 
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, **kwargs):
+    """Inductor's compile_fx_inner, letting the graph hold the real tensors our pass added.
+
+    The rewrite adds the repacked weights as get_attr constants. Freezing already lets
+    such constants through Inductor's fake-tensor propagation (it patches the fake mode's
+    allow_non_fake_inputs around inner compile); without freezing we do the same.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    fake_mode = detect_fake_mode(example_inputs)
+    ctx = (mock.patch.object(fake_mode, "allow_non_fake_inputs", True)
+           if fake_mode is not None else contextlib.nullcontext())
+    with ctx:
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+
 def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str | None = None,
                      options: dict | None = None):
     """Compile a Dynamo graph with Inductor, quantized matmuls rewritten to qcompile ops."""
@@ -98,7 +116,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     patches["freezing"] = freezing
     patches["joint_custom_pre_pass"] = QcompilePass(_flat_inputs(example_inputs), report)
     with torch._inductor.config.patch(patches):
-        compiled = compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs, inner_compile=_inner_compile)
     for c in _collectors:
         c.extend(report)
     return compiled

@@ -1,0 +1,1 @@
+"""Graph lowering: recognise quantized matmul subgraphs and rewrite them to qcompile ops."""
