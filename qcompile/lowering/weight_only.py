@@ -40,7 +40,9 @@ class WeightOnlyMatch:
     def format(self) -> str:
         kind = f"{'int' if self.signed else 'uint'}{self.bits}"
         group = "per-channel" if self.group_size == self.q.shape[1] else f"g{self.group_size}"
-        zeros = {"none": "", "sub": "+zeros", "add": "+float-zeros"}[self.zero_mode]
+        zeros = {"none": "", "sub": "+zeros", "add": "+offsets"}[self.zero_mode]
+        if self.zero_mode == "sub" and not torch.equal(self.zeros, torch.round(self.zeros)):
+            zeros = "+float-zeros"
         return f"w{self.bits}a16 {kind} {group}{zeros}"
 
 
@@ -96,22 +98,33 @@ def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
     if not isinstance(w_kn, torch.Tensor) or w_kn.dim() != 2:
         raise NoMatch("weight operand is not a 2-D tensor")
     k, n = w_kn.shape
-    ints = [c for c in integer_nodes(ancestors(b)) if c.meta["val"].numel() == k * n]
-    if not ints:
-        if not integer_nodes(ancestors(b)):
-            raise NoMatch("weight is a float constant (not quantized)")
-        raise NoMatch("no integer tensor with one value per weight element feeds the weight")
+    anc = ancestors(b)
+    int_nodes = integer_nodes(anc)
+    if not int_nodes:
+        raise NoMatch("weight is a float constant (not quantized)")
+    # The integer weight is usually an integer tensor; some libraries (HQQ) unpack it
+    # into a float tensor of whole numbers, so those count too.
+    from_ints = {n_ for n_ in anc if any(a in int_nodes for a in ancestors(n_))}
     candidates = []
-    for c in ints:
+    for pos, c in enumerate(anc):
+        val = c.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.numel() != k * n or c not in from_ints:
+            continue
+        is_int = c in int_nodes
+        if not is_int and not val.dtype.is_floating_point:
+            continue
         v = ev.value(c)
+        if not is_int and not torch.equal(v, torch.round(v)):
+            continue
         fit = _bits(int(v.min()), int(v.max())) if v.numel() else None
         if fit is not None:
-            candidates.append((fit[0], -list(b.graph.nodes).index(c), c, v))
+            candidates.append((fit[0], not is_int, -pos, c, v))
     if not candidates:
-        raise NoMatch("integer weight does not fit in 8 bits")
-    candidates.sort(key=lambda t: (t[0], t[1]))
+        raise NoMatch("no integer tensor of at most 8 bits with one value per weight "
+                      "element feeds the weight")
+    candidates.sort(key=lambda t: t[:3])
     first_reason = None
-    for _, _, node, qv in candidates:
+    for *_, node, qv in candidates:
         try:
             return _probe(ev, b, node, qv, w_kn)
         except NoMatch as e:
@@ -155,21 +168,22 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
     else:
         nonzero_s = s != 0
         z = torch.where(nonzero_s, -o / torch.where(nonzero_s, s, torch.ones_like(s)), 0.0)
-        if bool(torch.all(nonzero_s | (o == 0))) and torch.equal(z, torch.round(z)):
+        if bool(torch.all(nonzero_s | (o == 0))):
             mid = 2 ** (bits - 1)
             if not signed and bool(torch.all(z == mid)):  # symmetric stored as q + 2^(b-1)
                 zero_forms.append(("none", None, q - mid, True))
-            zero_forms.append(("sub", z, q, signed))
+            zero_forms.append(("sub", z, q, signed))  # integer zeros, or float (HQQ)
         zero_forms.append(("add", o, q, signed))
     low = [w.dtype, torch.float32] if w.dtype != torch.float32 else [torch.float32]
     s_dtype = _exact_dtype(s, low)
     if s_dtype is None:
         raise NoMatch("scales are not representable in the weight's dtype or float32")
-    worst = 0.0
+    worst, tried = 0.0, 0
     for zero_mode, z, qq, sg in zero_forms:
         z_dtype = None if z is None else _exact_dtype(z, low)
         if z is not None and z_dtype is None:
             continue
+        tried += 1
         for dd in dict.fromkeys([w.dtype, torch.float32]):
             rec = _reconstruct(qq, s, z, group, zero_mode, dd, w.dtype)
             if torch.equal(rec, w):
@@ -179,5 +193,7 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
                     bits=bits, signed=sg, group_size=group, zero_mode=zero_mode,
                     dequant_dtype=dd, int_node=p)
             worst = max(worst, float((rec.double() - w.double()).abs().max()))
+    if not tried:
+        raise NoMatch("zeros are not representable in the weight's dtype or float32")
     raise NoMatch(f"recovered (q, scales, zeros) do not reproduce the weight bit for bit "
                   f"(max abs diff {worst:.3g})")
