@@ -1,0 +1,77 @@
+"""The ``qcompile`` command line.
+
+- ``qcompile explain pkg.module:function``: ``function()`` returns ``(model, inputs)``
+  (inputs a tensor or a tuple of arguments); compile with the qcompile backend, run once,
+  print the match report (``--json`` for data).
+- ``qcompile build --arch sm_90a``: compile every CUDA kernel configuration into the
+  cache ahead of time, so deployment machines do not compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _load_factory(spec: str):
+    if ":" not in spec:
+        raise SystemExit(f"error: expected 'module:function', got {spec!r}")
+    mod_name, fn_name = spec.split(":", 1)
+    sys.path.insert(0, ".")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"error: cannot load {spec!r}: {e}") from e
+    built = fn()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise SystemExit(f"error: {spec} must return (model, inputs), got {type(built).__name__}")
+    model, inputs = built
+    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _explain(args) -> int:
+    import qcompile
+    model, inputs = _load_factory(args.factory)
+    options = {"freezing": not args.no_freezing}
+    report = qcompile.explain(model, *inputs, dynamic=args.dynamic or None, options=options)
+    print(json.dumps(report.to_dicts(), indent=2) if args.json else report)
+    return 0
+
+
+def _build(args) -> int:
+    from qcompile.kernels import build
+    specs = build.all_specs(args.arch)
+    if not specs:
+        print(f"no kernels for arch {args.arch}")
+        return 1
+    paths = build.build_many(specs, max_workers=args.jobs)
+    print(f"{len(paths)} kernels built for {args.arch} in {build.cache_dir()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each decision")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("explain", help="print the match report of a model")
+    ex.add_argument("factory", help="module:function returning (model, inputs)")
+    ex.add_argument("--dynamic", action="store_true", help="compile with dynamic shapes")
+    ex.add_argument("--no-freezing", action="store_true", help="turn Inductor freezing off")
+    ex.add_argument("--json", action="store_true", help="print the report as JSON")
+    ex.set_defaults(run=_explain)
+    bd = sub.add_parser("build", help="prebuild the CUDA kernels into the cache")
+    bd.add_argument("--arch", default="sm_90a", help="sm_90a (Hopper) or sm_80 (Ampere)")
+    bd.add_argument("-j", "--jobs", type=int, default=None, help="parallel nvcc processes")
+    bd.set_defaults(run=_build)
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
