@@ -108,7 +108,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     freezing = options.pop("freezing", True)
     if not isinstance(freezing, bool):
         raise TypeError(f"options['freezing'] must be a bool, got {type(freezing).__name__}")
-    report = Report()
+    report = Report(graphs=1)
     _last.append(report)
     del _last[:-64]
     patches = _compat.mode_options(mode)

@@ -47,6 +47,7 @@ class Report:
     """All match records of one or more compiled graphs."""
 
     records: list[MatchRecord] = field(default_factory=list)
+    graphs: int = 0           # compiled graphs these records come from
 
     @property
     def matched(self) -> list[MatchRecord]:
@@ -62,6 +63,7 @@ class Report:
 
     def extend(self, other: Report) -> None:
         self.records.extend(other.records)
+        self.graphs += other.graphs
 
     def to_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.records]
