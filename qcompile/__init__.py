@@ -10,6 +10,8 @@ Public API:
 - ``explain(model, *inputs, ...)``: compile and run once, return the match ``Report``.
 - ``last_report()``, ``collect()``: the reports of compiles you ran yourself.
 - ``backend``: the backend callable (also registered by name as "qcompile").
+- ``export(model, example_inputs, path)`` / ``load(path)``: one AOTInductor ``.pt2`` file
+  with the rewritten graph and the repacked weights.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from . import _compat
 from .backend import collect, last_report, qcompile_backend, register
+from .export import ArtifactError, export, load
 from .formats import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -32,6 +35,7 @@ backend = qcompile_backend
 __all__ = [
     "quantize", "explain", "last_report", "collect", "backend", "Report", "MatchRecord",
     "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "SmoothQuantLinear", "__version__",
+    "export", "load", "ArtifactError",
 ]
 
 

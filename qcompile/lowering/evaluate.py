@@ -158,12 +158,17 @@ def integer_nodes(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     return out
 
 
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that consume ``node``'s value (torch.export's dtype assertions do not)."""
+    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+
+
 def users_chain(node: fx.Node, allowed: Callable[[fx.Node], bool]) -> list[fx.Node]:
     """The single-user chain below ``node`` while ``allowed`` holds (not including node)."""
     chain = []
     cur = node
-    while len(cur.users) == 1:
-        nxt = next(iter(cur.users))
+    while len(value_users(cur)) == 1:
+        nxt = value_users(cur)[0]
         if nxt.op != "call_function" or not allowed(nxt):
             break
         chain.append(nxt)

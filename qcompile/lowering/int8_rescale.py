@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .evaluate import ConstantEvaluator, NotConstant
+from .evaluate import ConstantEvaluator, NotConstant, value_users
 from .weight_only import NoMatch
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -68,8 +68,8 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
     col = torch.ones(n, dtype=torch.float64, device=wq_kn.device)
     match = Int8Match(wq=wq_kn.t().contiguous(), col_scale=col, bias=None)
     cur, converted, cast_out = mm, False, False
-    while len(cur.users) == 1:
-        u = next(iter(cur.users))
+    while len(value_users(cur)) == 1:
+        u = value_users(cur)[0]
         if u.op != "call_function":
             break
         if u.target in _CASTS:

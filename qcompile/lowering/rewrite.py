@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .. import kernels
-from .evaluate import ConstantEvaluator, users_chain
+from .evaluate import ConstantEvaluator, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
 from .report import MatchRecord, Report, dump_graph
 from .weight_only import NoMatch, WeightOnlyMatch, recognize_weight
@@ -81,9 +81,9 @@ def _post_scale(mm: fx.Node, ev: ConstantEvaluator,
     """gpt-fast's ``linear(x, q.to(dtype)) * s``: a constant per-column multiply after mm."""
     chain = users_chain(mm, lambda u: u.target in _VIEWS)
     last = chain[-1] if chain else mm
-    if len(last.users) != 1:
+    if len(value_users(last)) != 1:
         return None
-    mul = next(iter(last.users))
+    mul = value_users(last)[0]
     if mul.op != "call_function" or mul.target is not aten.mul.Tensor:
         return None
     index = 0 if mul.args[0] is last else 1

@@ -1,0 +1,149 @@
+"""Export a quantized model once, load and run it elsewhere without graph capture.
+
+``export`` traces the model with ``torch.export``, decomposes it to core ATen, runs the
+same recognition and rewrite as the backend (quantized matmuls become qcompile ops with
+repacked weights), exports the rewritten module again and packages it with AOTInductor
+into one ``.pt2`` file. A ``qcompile.json`` entry in that archive records the artifact
+format and the qcompile / torch versions, checked by ``load`` before anything is run.
+
+The packaged model calls the qcompile ops through the dispatcher, so ``load`` imports
+qcompile first; on CUDA those ops run the CUTLASS kernels, elsewhere the references.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from .lowering.report import Report
+from .lowering.rewrite import rewrite_graph
+
+log = logging.getLogger("qcompile")
+
+FORMAT_VERSION = 1
+META_NAME = "qcompile.json"
+
+__all__ = ["export", "load", "ArtifactError", "FORMAT_VERSION"]
+
+
+class ArtifactError(RuntimeError):
+    """A file that is not a loadable qcompile artifact (corrupt, truncated, other version)."""
+
+
+def _torch_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _drop_dead_asserts(graph: fx.Graph) -> None:
+    # torch.export keeps dtype assertions on intermediate values; once a dequant chain is
+    # replaced they are the only users keeping it alive, so drop them with the chain.
+    target = torch.ops.aten._assert_tensor_metadata.default
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.target is target and isinstance(node.args[0], fx.Node):
+                value = node.args[0]
+                if all(u.target is target for u in value.users):
+                    for u in list(value.users):
+                        graph.erase_node(u)
+                    changed = True
+        graph.eliminate_dead_code()
+
+
+def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None,
+                     report: Report | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` with its quantized matmuls rewritten to qcompile ops."""
+    from . import kernels  # noqa: F401  (registers the ops)
+
+    report = report if report is not None else Report()
+    with torch.no_grad():
+        ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+        gm = ep.run_decompositions().module()
+        rewrite_graph(gm.graph, {}, report)
+        _drop_dead_asserts(gm.graph)
+        gm.recompile()
+        report.graphs += 1
+        return torch.export.export(gm, example_inputs, dynamic_shapes=dynamic_shapes)
+
+
+def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
+           dynamic_shapes=None) -> Path:
+    """Export ``model`` to one AOTInductor ``.pt2`` file at ``path``; returns the path.
+
+    Args:
+        model: the (quantized) model, on the device it will run on.
+        example_inputs: a tuple of example arguments.
+        path: where to write the artifact (``.pt2``).
+        dynamic_shapes: as for ``torch.export.export`` (e.g. a dynamic token count).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tuple of arguments, "
+                        f"got {type(example_inputs).__name__}")
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"path must end in .pt2, got {str(path)!r}")
+    from torch._inductor import aoti_compile_and_package
+
+    from . import __version__
+    from .backend import _last
+
+    report = Report()
+    ep = rewrite_exported(model, tuple(example_inputs), dynamic_shapes, report)
+    _last.append(report)
+    log.info("export: %d of %d matmuls run as qcompile ops", len(report.matched), len(report))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("export: compiling with AOTInductor into %s", path)
+    aoti_compile_and_package(ep, package_path=str(path))
+    meta = {"format": FORMAT_VERSION, "qcompile": __version__, "torch": torch.__version__,
+            "report": report.to_dicts()}
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(META_NAME, json.dumps(meta))
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``qcompile.json`` record of an artifact; ArtifactError if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such artifact: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise ArtifactError(f"{path} is corrupt (bad CRC in {bad}); export it again")
+            return json.loads(zf.read(META_NAME))
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ArtifactError(f"{path} is not a qcompile artifact, or is truncated or "
+                            f"corrupt ({e}); export it again with qcompile.export") from e
+    except KeyError as e:
+        raise ArtifactError(f"{path} has no {META_NAME}: it was not written by "
+                            "qcompile.export") from e
+
+
+def load(path: str | Path, device_index: int = -1):
+    """Load an artifact written by :func:`export`; returns a callable model.
+
+    Raises ArtifactError if the file is corrupt or truncated, or was written by an
+    incompatible qcompile artifact format or torch version.
+    """
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format {meta.get('format')}, this qcompile "
+                            f"reads format {FORMAT_VERSION}: export the model again")
+    if _torch_minor(meta.get("torch", "")) != _torch_minor(torch.__version__):
+        raise ArtifactError(f"{path} was exported with torch {meta.get('torch')}, this is "
+                            f"torch {torch.__version__}: export it again with this torch "
+                            "(AOTInductor artifacts are tied to the torch version)")
+    from torch._inductor import aoti_load_package
+
+    from . import kernels  # noqa: F401  (registers the ops the package calls)
+    return aoti_load_package(str(path), device_index=device_index)
