@@ -51,8 +51,9 @@ def cuda_family(name: str):
     return _families[name]
 
 
-def plan_mixed_gemm(bits: int, signed: bool, group_size: int, zero_mode: str, n: int, k: int,
-                    act_dtype: torch.dtype, device: torch.device) -> KernelPlan:
+def plan_mixed_gemm(bits: int, signed: bool, group_size: int, zero_mode: str,
+                    m: int | None, n: int, k: int, act_dtype: torch.dtype,
+                    device: torch.device) -> KernelPlan:
     """Pick the mixed-GEMM implementation for a weight; fall back to the reference."""
     reason = "reference (plain PyTorch)"
     if device.type == "cuda":
@@ -67,7 +68,12 @@ def plan_mixed_gemm(bits: int, signed: bool, group_size: int, zero_mode: str, n:
                 def prepare(q, scales, zeros):
                     return fam.prepare_weight(q, scales, zeros, bits, signed, group_size,
                                               zero_mode, layout, act_dtype)
-                return KernelPlan(layout, fam.describe(layout, n, k, act_dtype), prepare)
+                try:
+                    desc = fam.describe(layout, m, n, k, act_dtype, device)
+                except Exception as e:
+                    layout, reason = None, f"reference ({type(e).__name__}: {e})"
+                if layout is not None:
+                    return KernelPlan(layout, desc, prepare)
             if reason.startswith("reference (plain"):
                 reason = "reference (no CUTLASS kernel for this format/shape)"
         else:
@@ -78,14 +84,16 @@ def plan_mixed_gemm(bits: int, signed: bool, group_size: int, zero_mode: str, n:
     return KernelPlan(ops.REFERENCE_LAYOUT, reason, prepare_ref)
 
 
-def plan_int8_gemm(n: int, k: int, out_dtype: torch.dtype, device: torch.device) -> KernelPlan:
-    """Name the int8-GEMM implementation; the int8 weight layout is always [N, K]."""
+def plan_int8_gemm(m: int | None, n: int, k: int, out_dtype: torch.dtype,
+                   device: torch.device) -> KernelPlan:
+    """Name the int8-GEMM implementation (``m`` None when the token count is symbolic);
+    the int8 weight layout is always [N, K]."""
     reason = "reference (plain PyTorch)"
     if device.type == "cuda":
         fam = cuda_family("int8_gemm")
         if fam is not None:
             try:
-                desc = fam.describe(n, k, out_dtype, device)
+                desc = fam.describe(m, n, k, out_dtype, device)
             except Exception as e:
                 desc = f"reference ({type(e).__name__}: {e})"
             return KernelPlan("nk", desc, lambda *t: t)

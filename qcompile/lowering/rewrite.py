@@ -49,6 +49,19 @@ def _val(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def _static_m(x: fx.Node) -> int | None:
+    """The token count (rows of the flattened activation) when static, else None."""
+    v = _val(x)
+    if v is None:
+        return None
+    m = 1
+    for d in v.shape[:-1]:
+        if not isinstance(d, int):
+            return None
+        m *= d
+    return m
+
+
 class _Builder:
     """Adds constants (as get_attr of the owning module) and nodes with fake metadata."""
 
@@ -108,7 +121,7 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, bias: fx.Node | None,
             zeros = (zeros.double() * c[:, None]).to(torch.float32)
         rec.format += " post-scale"
     plan = kernels.plan_mixed_gemm(match.bits, match.signed, match.group_size, match.zero_mode,
-                                   n, k, _val(x).dtype, match.q.device)
+                                   _static_m(x), n, k, _val(x).dtype, match.q.device)
     qweight, scales, zeros = plan.prepare(match.q, scales, zeros)
     rec.kernel = plan.description
     with b.graph.inserting_before(mm):
@@ -128,8 +141,8 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, bias: fx.Node | None,
 
 def _rewrite_int8(b: _Builder, mm: fx.Node, match: Int8Match, rec: MatchRecord) -> None:
     xq = mm.args[0]
-    plan = kernels.plan_int8_gemm(match.wq.shape[0], match.wq.shape[1], match.out_dtype,
-                                  match.wq.device)
+    plan = kernels.plan_int8_gemm(_static_m(xq), match.wq.shape[0], match.wq.shape[1],
+                                  match.out_dtype, match.wq.device)
     rec.kernel = plan.description
     end = match.end
     with b.graph.inserting_before(end):

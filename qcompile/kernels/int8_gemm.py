@@ -1,0 +1,355 @@
+"""CUDA implementation of ``qcompile::int8_gemm``: CUTLASS int8 GEMMs with a fused rescale.
+
+``out = ((xq @ wq.T).float() * row_scale * col_scale + bias).to(out_dtype)`` (docs/kernels.md)
+runs as one kernel: int8 tensor-core GEMM with int32 accumulation, the epilogue multiplying
+the per-row and per-column scales, adding the bias and writing bf16 / fp16.
+
+- Hopper (sm_90): ``csrc/int8_gemm_sm90.cu``, CUTLASS 3.x, TMA + warp-specialized wgmma.
+  Small M (decode) swaps the operands so the token dimension becomes a narrow (16-wide) N
+  tile and the weight rows fill 64-row tiles; stream-K configs split K where few output
+  tiles would leave SMs idle.
+- Ampere (sm_80 code, with Hopper machine code built from it too, so it also runs on an
+  H100): ``csrc/int8_gemm_sm80.cu``, CUTLASS 2.x, stream-K.
+
+Configurations are data (:data:`SM90_CONFIGS`, :data:`SM80_CONFIGS`); :func:`choose_config`
+is the one heuristic. :func:`register_cuda_impl` plugs the kernels into the op, falling back
+to the reference implementation for whatever they do not support.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qcompile.kernels.build import KernelBuildError, KernelSpec, build_many, load
+
+__all__ = [
+    "Int8GemmConfig",
+    "SM80_CONFIGS",
+    "SM90_CONFIGS",
+    "available_configs",
+    "choose_config",
+    "config_name",
+    "device_arch",
+    "int8_gemm_cuda",
+    "kernel_spec",
+    "prebuild",
+    "register_cuda_impl",
+    "supports",
+]
+
+log = logging.getLogger("qcompile.kernels")
+
+_OUT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Int8GemmConfig:
+    """One kernel configuration. Everything but `splits` is compiled in (-D defines).
+
+    tile: CTA tile (M, N, K) of the GEMM the kernel runs, i.e. after an operand swap.
+    swap_ab: compute out^T = wq @ xq^T (token dimension on the narrow N tile).
+    splits: run-time stream-K scheduler mode: 0 CUTLASS's heuristic, 1 data-parallel,
+        >1 split-K into that many K slices (sm90 stream-K configs only).
+    warp, stages: CUTLASS 2.x warp tile and pipeline depth (sm_80 configs only).
+    """
+
+    name: str
+    arch: str
+    tile: tuple[int, int, int]
+    cluster: tuple[int, int] = (1, 1)
+    pingpong: bool = False
+    streamk: bool = False
+    swap_ab: bool = False
+    splits: int = 0
+    warp: tuple[int, int, int] = (0, 0, 0)
+    stages: int = 0
+
+
+SM90_CONFIGS: tuple[Int8GemmConfig, ...] = (
+    # Decode: operands swapped, tokens on a 16/32/64-wide N tile, weight rows on the M tile.
+    # Ping-pong with 64 weight rows per tile: twice the tiles of a 128-row tile (224 for
+    # N=14336 on 132 SMs), no split-K reduction; the fastest measured for M <= 64, the
+    # 256-deep K tile (half the pipeline round trips) 1-5% ahead of the 128-deep one.
+    Int8GemmConfig("sm90_swap_64x16x256_pp", "sm_90a", (64, 16, 256), pingpong=True, swap_ab=True),
+    Int8GemmConfig("sm90_swap_64x16_pp", "sm_90a", (64, 16, 128), pingpong=True, swap_ab=True),
+    # Cooperative 128-row tiles with a stream-K scheduler, which splits K when N/128 tiles
+    # (32 for N=4096) would leave most SMs idle.
+    Int8GemmConfig("sm90_swap_128x16_sk", "sm_90a", (128, 16, 128), streamk=True, swap_ab=True),
+    Int8GemmConfig("sm90_swap_128x32_sk", "sm_90a", (128, 32, 128), streamk=True, swap_ab=True),
+    Int8GemmConfig("sm90_swap_128x64_sk", "sm_90a", (128, 64, 128), streamk=True, swap_ab=True),
+    # Middle M: 128x128 tiles.
+    Int8GemmConfig("sm90_128x128_sk", "sm_90a", (128, 128, 128), streamk=True),
+    Int8GemmConfig("sm90_128x128_pp_c2", "sm_90a", (128, 128, 128), cluster=(2, 1), pingpong=True),
+    # Large M (prefill): the widest tile, A multicast over a 2-CTA cluster.
+    Int8GemmConfig("sm90_128x256_c2", "sm_90a", (128, 256, 128), cluster=(2, 1)),
+)
+
+SM80_CONFIGS: tuple[Int8GemmConfig, ...] = (
+    Int8GemmConfig("sm80_32x128_sk", "sm_80", (32, 128, 128), warp=(32, 32, 128), stages=4),
+    Int8GemmConfig("sm80_128x128_sk", "sm_80", (128, 128, 64), warp=(64, 64, 64), stages=4),
+)
+
+_BY_NAME = {c.name: c for c in SM90_CONFIGS + SM80_CONFIGS}
+
+
+def available_configs(arch: str | None = None) -> tuple[Int8GemmConfig, ...]:
+    """Every configuration, or those of one arch ("sm_90a" or "sm_80")."""
+    configs = SM90_CONFIGS + SM80_CONFIGS
+    return tuple(c for c in configs if arch is None or c.arch == arch)
+
+
+def config_name(cfg: Int8GemmConfig) -> str:
+    """Short readable name, as used in the match report."""
+    return cfg.name if cfg.splits == 0 else f"{cfg.name}_s{cfg.splits}"
+
+
+def choose_config(M: int, N: int, K: int, out_dtype: torch.dtype, arch: str) -> Int8GemmConfig:
+    """The configuration for a problem.
+
+    Token count M first: it decides whether the GEMM streams the weight (small M,
+    memory-bound) or is compute-bound. Choices from ``benchmarks/bench_w8a8.py --configs all``
+    on an H100 (N x K in 4096x4096, 14336x4096, 4096x14336; M in 1..2048; 2026-11-25): each
+    pick is the fastest measured config or within 0.5% of it (4096x4096 at M=64: 3% behind
+    sm90_swap_64x16_pp, which is ahead by 1-5% nowhere else).
+    """
+    del K, out_dtype
+    if arch == "sm_90a":
+        if M <= 64:
+            return _BY_NAME["sm90_swap_64x16x256_pp"]
+        if M <= 256:
+            # Wide layers have enough 128x256 tiles; narrow ones keep the swapped kernel,
+            # whose 128x64 tiles (4 per 128 weight rows at M=256) fill more SMs.
+            return _BY_NAME["sm90_128x256_c2" if N >= 8192 else "sm90_swap_128x64_sk"]
+        return _BY_NAME["sm90_128x256_c2"]
+    return _BY_NAME["sm80_32x128_sk"] if M <= 32 else _BY_NAME["sm80_128x128_sk"]
+
+
+def device_arch(device: torch.device | int | None = None) -> str | None:
+    """The kernel arch for a CUDA device: "sm_90a" on Hopper, "sm_80" on Ampere/Ada, else None."""
+    if isinstance(device, int):
+        index = device
+    elif device is not None and device.index is not None:
+        index = device.index
+    else:
+        index = torch.cuda.current_device()
+    return _arch_of_index(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of_index(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) == (9, 0):
+        return "sm_90a"
+    if major == 8:
+        return "sm_80"
+    return None  # sm_90a code does not run on later majors; sm_80 SASS is built for 8.x and 9.0
+
+
+def kernel_spec(cfg: Int8GemmConfig, out_dtype: torch.dtype) -> KernelSpec:
+    """The library that implements `cfg` for `out_dtype`."""
+    bf16 = 1 if out_dtype == torch.bfloat16 else 0
+    if cfg.arch == "sm_90a":
+        defines = {
+            "QC_TILE_M": cfg.tile[0], "QC_TILE_N": cfg.tile[1], "QC_TILE_K": cfg.tile[2],
+            "QC_CLUSTER_M": cfg.cluster[0], "QC_CLUSTER_N": cfg.cluster[1],
+            "QC_PINGPONG": int(cfg.pingpong), "QC_STREAMK": int(cfg.streamk),
+            "QC_SWAP_AB": int(cfg.swap_ab), "QC_OUT_BF16": bf16,
+        }
+        return KernelSpec("int8_gemm_sm90.cu", defines, "sm_90a")
+    defines = {
+        "QC_TILE_M": cfg.tile[0], "QC_TILE_N": cfg.tile[1], "QC_TILE_K": cfg.tile[2],
+        "QC_WARP_M": cfg.warp[0], "QC_WARP_N": cfg.warp[1], "QC_WARP_K": cfg.warp[2],
+        "QC_STAGES": cfg.stages, "QC_OUT_BF16": bf16,
+    }
+    return KernelSpec("int8_gemm_sm80.cu", defines, "sm_80")
+
+
+def prebuild(configs: Sequence[Int8GemmConfig] | None = None,
+             out_dtypes: Sequence[torch.dtype] = _OUT_DTYPES, max_workers: int | None = None) -> None:
+    """Compile the libraries of `configs` (default: all) for `out_dtypes` into the cache."""
+    configs = available_configs() if configs is None else configs
+    build_many([kernel_spec(c, d) for c in configs for d in out_dtypes], max_workers=max_workers)
+
+
+_vp, _i, _sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+_bound: dict[tuple[Int8GemmConfig, torch.dtype], tuple] = {}
+
+
+def _functions(cfg: Int8GemmConfig, out_dtype: torch.dtype) -> tuple:
+    """(gemm, workspace_size) ctypes functions of the library for cfg/out_dtype.
+
+    Memoized per config (splits is a run-time argument of the same library): finding a
+    library in the disk cache hashes sources and asks nvcc its version, too slow per call.
+    """
+    key = (dataclasses.replace(cfg, splits=0), out_dtype)
+    fns = _bound.get(key)
+    if fns is None:
+        lib = load(kernel_spec(cfg, out_dtype))
+        if cfg.arch == "sm_90a":
+            gemm, ws = lib.qc_int8_gemm_sm90, lib.qc_int8_gemm_sm90_workspace_size
+            gemm.argtypes = [_vp, _vp, _vp, _vp, _vp, _vp, _i, _i, _i, _i, _i, _i, _vp, _sz, _vp]
+            ws.argtypes = [_i, _i, _i, _i]
+        else:
+            gemm, ws = lib.qc_int8_gemm_sm80, lib.qc_int8_gemm_sm80_workspace_size
+            gemm.argtypes = [_vp, _vp, _vp, _vp, _vp, _vp, _i, _i, _i, _i, _vp, _sz, _vp]
+            ws.argtypes = [_i, _i, _i]
+        gemm.restype = ctypes.c_int
+        ws.restype = ctypes.c_size_t
+        fns = _bound[key] = (gemm, ws)
+    return fns
+
+
+def supports(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> str | None:
+    """None when the CUDA kernels can run these inputs, else the reason they cannot."""
+    if xq.device.type != "cuda" or wq.device != xq.device:
+        return "inputs not on one CUDA device"
+    if device_arch(xq.device) is None:
+        return f"no kernel for compute capability {torch.cuda.get_device_capability(xq.device)}"
+    if out_dtype not in _OUT_DTYPES:
+        return f"out_dtype {out_dtype} (bf16/fp16 only)"
+    if xq.dtype != torch.int8 or wq.dtype != torch.int8 or xq.dim() != 2 or wq.dim() != 2:
+        return "xq and wq must be 2-D int8"
+    m, k = xq.shape
+    n = wq.shape[0]
+    if wq.shape[1] != k or m == 0 or n == 0 or k == 0:
+        return f"shapes {tuple(xq.shape)} x {tuple(wq.shape)}"
+    # 16-byte rows for TMA / cp.async of int8 operands; 16-byte rows of the 2-byte output.
+    if k % 16 or n % 8:
+        return f"alignment: needs K % 16 == 0 and N % 8 == 0 (K={k}, N={n})"
+    if max(m, n, k) >= 2**31 or m * k >= 2**31 or n * k >= 2**31 or m * n >= 2**31:
+        return "sizes beyond 32-bit indexing"
+    for name, t in (("xq", xq), ("wq", wq)):
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            return f"{name} must be contiguous and 16-byte aligned"
+    if row_scale.numel() not in (1, m) or col_scale.numel() not in (1, n):
+        return f"scale shapes {tuple(row_scale.shape)}, {tuple(col_scale.shape)}"
+    for t in (row_scale, col_scale):
+        if t.device != xq.device or not t.is_floating_point():
+            return "scales must be floating-point tensors on the device of xq"
+    if bias is not None and (bias.numel() != n or bias.device != xq.device or not bias.is_floating_point()):
+        return f"bias shape {tuple(bias.shape)}"
+    return None
+
+
+def _vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # No-ops (no kernel launch) for the usual contiguous float32 scales / matching bias.
+    t = t.reshape(-1)
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous() or t.data_ptr() % 16:
+        t = t.contiguous().clone()
+    return t
+
+
+def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype,
+                   config: Int8GemmConfig | None = None) -> torch.Tensor:
+    """qcompile::int8_gemm on the GPU through the CUTLASS kernels.
+
+    Raises ValueError for inputs the kernels do not support (see :func:`supports`) and
+    KernelBuildError when the library cannot be built. Launches on the current stream with
+    no host synchronization, so it can be captured in a CUDA graph.
+    """
+    reason = supports(xq, wq, row_scale, col_scale, bias, out_dtype)
+    if reason is not None:
+        raise ValueError(f"int8_gemm_cuda: unsupported input: {reason}")
+    m, k = xq.shape
+    n = wq.shape[0]
+    arch = device_arch(xq.device)
+    cfg = config if config is not None else choose_config(m, n, k, out_dtype, arch)
+    if cfg.arch != arch and not (cfg.arch == "sm_80" and arch == "sm_90a"):
+        raise ValueError(f"config {cfg.name} is for {cfg.arch}, device is {arch}")
+    gemm, ws_size = _functions(cfg, out_dtype)
+
+    with torch.cuda.device(xq.device):
+        rs = _vector(row_scale, torch.float32)
+        cs = _vector(col_scale, torch.float32)
+        if cfg.arch == "sm_80" and cs.numel() == 1 and n > 1:
+            cs = cs.expand(n).contiguous()  # the 2.x row-broadcast visitor reads a full vector
+        b = _vector(bias, out_dtype) if bias is not None else None
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+        stream = torch.cuda.current_stream(xq.device).cuda_stream
+        if cfg.arch == "sm_90a":
+            nbytes = ws_size(m, n, k, cfg.splits)
+        else:
+            nbytes = ws_size(m, n, k)
+        ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=xq.device)
+        if cfg.arch == "sm_90a":
+            err = gemm(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
+                       b.data_ptr() if b is not None else None, m, n, k, int(rs.numel() != 1),
+                       int(cs.numel() != 1), cfg.splits, ws.data_ptr(), nbytes, stream)
+        else:
+            err = gemm(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
+                       b.data_ptr() if b is not None else None, m, n, k, int(rs.numel() != 1),
+                       ws.data_ptr(), nbytes, stream)
+    if err != 0:
+        raise RuntimeError(f"int8 GEMM kernel {config_name(cfg)} failed with error {err} "
+                           f"(M={m}, N={n}, K={k})")
+    return out
+
+
+_disabled: list[str] = []  # the reason the kernels were turned off, once a build failed
+
+
+def _cuda_impl(xq, wq, row_scale, col_scale, bias, out_dtype):
+    from qcompile.kernels.ops import int8_gemm_reference
+
+    if not _disabled and supports(xq, wq, row_scale, col_scale, bias, out_dtype) is None:
+        try:
+            return int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype)
+        except KernelBuildError as e:
+            _disabled.append(str(e))
+            log.warning("qcompile int8 GEMM kernels unavailable, using the reference "
+                        "implementation: %s", e)
+    return int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype)
+
+
+_registered: list[bool] = []
+
+
+def register_cuda_impl() -> None:
+    """Make the CUDA kernels the "cuda" implementation of qcompile::int8_gemm (idempotent)."""
+    if _registered:
+        return
+    import qcompile.kernels.ops  # noqa: F401  (defines the op)
+
+    torch.library.register_kernel("qcompile::int8_gemm", "cuda", _cuda_impl)
+    _registered.append(True)
+
+
+# Token counts at which choose_config may change its pick; the report lists the configs
+# a symbolic M can dispatch to.
+_M_PROBES = (1, 64, 65, 256, 257, 4096)
+
+
+def describe(m: int | None, n: int, k: int, out_dtype: torch.dtype,
+             device: torch.device) -> str:
+    """Name the kernel(s) a problem will run on, for the match report.
+
+    Loads (building if needed, with progress logged) the libraries it names, so that a
+    missing toolchain shows up at compile time, never during a CUDA-graph capture.
+    Raises KernelBuildError or ValueError when the kernels cannot serve the problem.
+    """
+    arch = device_arch(device)
+    if arch is None:
+        raise ValueError(f"no int8 kernel for compute capability "
+                         f"{torch.cuda.get_device_capability(device)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} (bf16/fp16 only)")
+    if k % 16 or n % 8:
+        raise ValueError(f"alignment: needs K % 16 == 0 and N % 8 == 0 (K={k}, N={n})")
+    ms = (m,) if m is not None else _M_PROBES
+    configs = list(dict.fromkeys(choose_config(mm, n, k, out_dtype, arch) for mm in ms))
+    build_many([kernel_spec(c, out_dtype) for c in configs])
+    for c in configs:
+        _functions(c, out_dtype)
+    names = ", ".join(config_name(c) for c in configs)
+    return f"cutlass {names}" if m is not None else f"cutlass by M: {names}"

@@ -1,0 +1,141 @@
+"""CPU tests of qcompile.kernels.build: cache keys, errors, and a real nvcc build + ctypes load."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from qcompile.kernels import build
+from qcompile.kernels.build import KernelBuildError, KernelSpec
+
+TINY_CU = r"""
+#include <cuda_runtime.h>
+#include "tiny_helper.cuh"
+
+__global__ void never_launched(int* p) { p[threadIdx.x] = QC_VALUE; }
+
+extern "C" int qc_tiny(int a) { return helper_add(a, QC_VALUE); }
+"""
+
+TINY_HELPER = "static inline int helper_add(int a, int b) { return a + b; }\n"
+
+
+@pytest.fixture
+def tiny_csrc(tmp_path, monkeypatch) -> Path:
+    """A csrc folder with one tiny source and the header it includes; an empty cache."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "tiny.cu").write_text(TINY_CU)
+    (csrc / "tiny_helper.cuh").write_text(TINY_HELPER)
+    monkeypatch.setattr(build, "CSRC_DIR", csrc)
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    return csrc
+
+
+def _key(spec: KernelSpec) -> str:
+    return build.cache_key(spec, "release 13.0", "4.2.0.0")
+
+
+def test_cache_key_depends_on_defines_arch_and_versions(tiny_csrc):
+    a = KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_80")
+    assert _key(a) == _key(KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_80"))
+    assert _key(a) != _key(KernelSpec("tiny.cu", {"QC_VALUE": 2}, "sm_80"))
+    assert _key(a) != _key(KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_90a"))
+    assert _key(a) != build.cache_key(a, "release 12.8", "4.2.0.0")
+    assert _key(a) != build.cache_key(a, "release 13.0", "4.1.0")
+
+
+def test_cache_key_depends_on_source_and_included_headers(tiny_csrc):
+    spec = KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_80")
+    before = _key(spec)
+    (tiny_csrc / "tiny_helper.cuh").write_text(TINY_HELPER + "// changed\n")
+    after_header = _key(spec)
+    assert after_header != before
+    (tiny_csrc / "tiny.cu").write_text(TINY_CU + "// changed\n")
+    assert _key(spec) not in (before, after_header)
+
+
+def test_spec_is_hashable_and_describes_itself():
+    spec = KernelSpec("int8_gemm_sm90.cu", {"QC_TILE_M": 128, "QC_TILE_N": 16}, "sm_90a")
+    assert hash(spec) == hash(KernelSpec("int8_gemm_sm90.cu", {"QC_TILE_N": 16, "QC_TILE_M": 128}, "sm_90a"))
+    assert spec.describe() == "int8_gemm_sm90.cu QC_TILE_M=128 QC_TILE_N=16 sm_90a"
+    assert spec.define_flags() == ["-DQC_TILE_M=128", "-DQC_TILE_N=16"]
+
+
+def test_missing_nvcc_raises_with_install_hint(tiny_csrc, monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(KernelBuildError, match="nvcc not found"):
+        build.find_nvcc()
+    with pytest.raises(KernelBuildError, match="CUDA toolkit"):
+        build.build_many([KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_80")])
+
+
+def test_missing_cutlass_raises_with_install_hint(monkeypatch):
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(KernelBuildError, match="pip install nvidia-cutlass"):
+        build.cutlass_include_dirs()
+
+
+def test_cuda_home_nvcc_is_preferred(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "nvcc"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert build.find_nvcc() == str(fake)
+
+
+def test_unknown_source_raises(tiny_csrc):
+    with pytest.raises(KernelBuildError, match="no such kernel source"):
+        _key(KernelSpec("nope.cu", {}, "sm_80"))
+
+
+def _have_toolchain() -> bool:
+    try:
+        build.find_nvcc()
+    except KernelBuildError:
+        return False
+    return importlib.util.find_spec("cutlass_library") is not None
+
+
+@pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the nvidia-cutlass package")
+def test_tiny_source_compiles_caches_and_loads(tiny_csrc, monkeypatch, caplog):
+    spec = KernelSpec("tiny.cu", {"QC_VALUE": 40}, "sm_80")
+    with caplog.at_level("INFO", logger="qcompile.kernels"):
+        path, again = build.build_many([spec, spec])  # duplicates build once
+    assert path == again
+    assert path.is_file() and path.parent == build.cache_dir()
+    assert any("compiling 1/1: tiny.cu QC_VALUE=40 sm_80" in r.getMessage() for r in caplog.records)
+    assert not list(path.parent.glob("*.tmp*"))  # the temporary file was renamed into place
+
+    lib = build.load(spec)  # no kernel is launched: runs on a machine without a GPU
+    lib.qc_tiny.restype = ctypes.c_int
+    lib.qc_tiny.argtypes = [ctypes.c_int]
+    assert lib.qc_tiny(2) == 42
+
+    # A second build is a cache hit: nothing is compiled.
+    def no_compile(*args, **kwargs):
+        raise AssertionError("recompiled a cached library")
+
+    monkeypatch.setattr(build, "_compile", no_compile)
+    assert build.build_many([spec]) == [path]
+
+    # The cached library is still found where nvcc and CUTLASS are absent (a carried cache).
+    def no_toolchain():
+        raise KernelBuildError("no toolchain here")
+
+    monkeypatch.setattr(build, "_toolchain", no_toolchain)
+    assert build.cached_path(spec) == path
+
+
+@pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the nvidia-cutlass package")
+def test_compile_error_is_reported(tiny_csrc):
+    (tiny_csrc / "broken.cu").write_text("this is not C++;\n")
+    with pytest.raises(KernelBuildError, match="nvcc failed for broken.cu"):
+        build.build_many([KernelSpec("broken.cu", {}, "sm_80")])
+    assert not list(build.cache_dir().glob("*.so"))
