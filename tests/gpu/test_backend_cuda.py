@@ -32,3 +32,38 @@ def test_decoder_on_cuda(method, mode):
     assert len(report.matched) == len(report) == 15, str(report)
     print(report)
     assert _rel(out, ref) <= 2e-2
+
+
+def test_w8a8_decoder_runs_on_cutlass_kernels():
+    torch.manual_seed(0)
+    model = qcompile.quantize(Llama(CONFIG).to("cuda", torch.bfloat16), "w8a8")
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 32), device="cuda")
+    report = qcompile.explain(model, tokens)
+    assert len(report.matched) == 15
+    assert all(r.kernel.startswith("cutlass sm90_") for r in report.records), str(report)
+
+
+def test_activation_quantization_is_one_triton_kernel():
+    """RMSNorm + per-token int8 quantization before the GEMM: one fused kernel, and no
+    float32 copy of the activation written to memory."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from qcompile.llama import RMSNorm
+
+    dim, m = 4096, 64
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(dim, 1024, bias=False).to("cuda", torch.bfloat16)
+    block = torch.nn.Sequential(RMSNorm(dim, 1e-5), qcompile.SmoothQuantLinear.from_linear(lin))
+    block = block.to("cuda", torch.bfloat16)
+    x = torch.randn(m, dim, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(block, backend="qcompile"), x)
+        ref = block(x)
+    code = "\n".join(codes)
+    assert "qcompile.int8_gemm" in code
+    kernels = re.findall(r"async_compile\.triton\('(\w+)'", code)
+    assert len(kernels) == 1, kernels
+    assert f"(({m}, {dim}), ({dim}, 1), torch.float32)" not in code
+    assert _rel(out, ref) <= 2e-2
