@@ -69,7 +69,7 @@ def plan_mixed_gemm(bits: int, signed: bool, group_size: int, zero_mode: str,
                     return fam.prepare_weight(q, scales, zeros, bits, signed, group_size,
                                               zero_mode, layout, act_dtype)
                 try:
-                    desc = fam.describe(layout, m, n, k, act_dtype, device)
+                    desc = fam.describe(layout, m, n, k, act_dtype, device, bits, group_size)
                 except Exception as e:
                     layout, reason = None, f"reference ({type(e).__name__}: {e})"
                 if layout is not None:

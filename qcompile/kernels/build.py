@@ -309,6 +309,10 @@ def build_many(specs: Sequence[KernelSpec], max_workers: int | None = None) -> l
     missing = [i for i, p in enumerate(paths) if p is None]
     if not missing:
         return [p for p in paths if p is not None]
+    if os.environ.get("QCOMPILE_BUILD", "1") == "0":
+        names = ", ".join(f"{specs[i].source} {specs[i].defines}" for i in missing[:3])
+        raise KernelBuildError(f"{len(missing)} kernel(s) not in the cache {cache_dir()} and "
+                               f"QCOMPILE_BUILD=0 forbids compiling: {names}")
     nvcc, nvcc_v, cutlass_v = _toolchain()
     root = cache_dir()
     # Duplicate specs build once.

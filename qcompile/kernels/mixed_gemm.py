@@ -1,0 +1,572 @@
+"""Hopper CUTLASS mixed-input GEMM (bf16/fp16 activations x int4/int8 weights) for
+``qcompile::mixed_gemm``.
+
+What is here: the kernel configurations (data), the heuristic that picks one for a
+problem, the offline weight preparation (reorder + scale/zero conversion) for this
+family's two layouts, the call into ``csrc/mixed_gemm_sm90.cu`` through ctypes, and the
+CUDA registration of the op. Everything the kernel cannot take falls back to plain
+PyTorch (``ops.mixed_gemm_reference`` for the "nk" layout, a dequantize of our own layout
+otherwise), so a prepared weight always runs.
+
+Layouts (the op's ``layout`` argument):
+
+- ``sm90_mixed_v1_rowscale``: per-channel signed weights without zeros. ``qweight`` is the
+  reordered q; ``scales`` float32 [N], applied in the epilogue (it factors out of the K
+  sum, so the main loop only converts); ``zeros`` None.
+- ``sm90_mixed_v1_groupzero``: everything else (group-wise, zeros, unsigned). ``qweight``
+  is the reordered signed q' (unsigned values shifted by 2**(bits-1)); ``scales`` and
+  ``zeros`` are [K/g, N] in the activation dtype and the weight is ``q' * s + z'`` (the
+  form CUTLASS's ConvertAndScaleWithZero computes), z' folding the shift and the zero
+  mode in: "none" z' = off*s, "sub" z' = (off - z)*s, "add" z' = off*s + z.
+
+``qweight`` keeps N as its leading dimension ([N, K/2] uint8 for int4, [N, K] int8), as
+the op's fake implementation assumes; its contents are in the order the kernel reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+log = logging.getLogger("qcompile.kernels")
+
+__all__ = [
+    "CONFIGS",
+    "EXPERIMENTAL_CONFIGS",
+    "LAYOUT_ROWSCALE",
+    "LAYOUT_GROUPZERO",
+    "MixedGemmConfig",
+    "Choice",
+    "build_all",
+    "choose_config",
+    "config_name",
+    "kernel_order",
+    "describe",
+    "mixed_gemm_cuda",
+    "prepare_weight",
+    "reference_prepared",
+    "register_cuda_impl",
+    "reorder_weight",
+    "select_layout",
+    "supports",
+    "unreorder_weight",
+]
+
+SOURCE = "mixed_gemm_sm90.cu"
+LAYOUT_ROWSCALE = "sm90_mixed_v1_rowscale"
+LAYOUT_GROUPZERO = "sm90_mixed_v1_groupzero"
+LAYOUTS = (LAYOUT_ROWSCALE, LAYOUT_GROUPZERO)
+_MODE_OF_LAYOUT = {LAYOUT_ROWSCALE: 0, LAYOUT_GROUPZERO: 2}
+
+# Problem limits. N: the weight reorder works on 16-row blocks. K: a multiple of the 64-wide
+# main-loop K tile; group sizes must be multiples of a config's K tile (CUTLASS's
+# mixed-input collective). Group 32 is not taken: a 32-wide K tile fails the collective's
+# static_assert(K_BLOCK_MAX >= 4) (CUTLASS 4.2; four 16-deep MMAs per K tile at least).
+N_ALIGN = 16
+K_ALIGN = 64
+TILE_K = 64
+
+_ACT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_ACT_DTYPES = {v: k for k, v in _ACT_NAMES.items()}
+
+# decomposition argument of the kernel (stream-K builds only)
+DECOMP_HEURISTIC, DECOMP_DATA_PARALLEL, DECOMP_SPLIT_K, DECOMP_STREAM_K = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class MixedGemmConfig:
+    """One compiled kernel: types, tile, cluster, schedule (all -D defines of the source)."""
+
+    act: str              # "bf16" | "fp16"
+    bits: int             # 4 | 8
+    mode: int             # 0: row scale in the epilogue, 2: group scale + zero in the main loop
+    tile_m: int = 128     # weight rows (output channels) per CTA
+    tile_n: int = 64      # tokens per CTA
+    tile_k: int = TILE_K
+    cluster_m: int = 1
+    cluster_n: int = 1
+    coop: bool = True     # cooperative (128-row tiles) vs pingpong (64-row tiles)
+    streamk: bool = True  # StreamKScheduler: split-K / stream-K chosen per call
+
+    def defines(self) -> dict[str, int]:
+        return {
+            "QC_ACT_FP16": int(self.act == "fp16"),
+            "QC_WBITS": self.bits,
+            "QC_MODE": self.mode,
+            "QC_TILE_M": self.tile_m,
+            "QC_TILE_N": self.tile_n,
+            "QC_TILE_K": self.tile_k,
+            "QC_CLUSTER_M": self.cluster_m,
+            "QC_CLUSTER_N": self.cluster_n,
+            "QC_COOP": int(self.coop),
+            "QC_STREAMK": int(self.streamk),
+        }
+
+    def info(self) -> list[int]:
+        """What qc_mixed_gemm_sm90_info of this build must report (last: sm90 compiled in)."""
+        d = self.defines()
+        return [d[k] for k in ("QC_ACT_FP16", "QC_WBITS", "QC_MODE", "QC_TILE_M", "QC_TILE_N",
+                               "QC_TILE_K", "QC_CLUSTER_M", "QC_CLUSTER_N", "QC_COOP",
+                               "QC_STREAMK")] + [1]
+
+
+def config_name(cfg: MixedGemmConfig) -> str:
+    """Short readable name for reports, e.g. ``bf16.w4.gz.128x16x64.coop.sk``."""
+    mode = {0: "rs", 2: "gz"}[cfg.mode]
+    sched = "coop" if cfg.coop else "pp"
+    name = f"{cfg.act}.w{cfg.bits}.{mode}.{cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k}.{sched}"
+    if (cfg.cluster_m, cfg.cluster_n) != (1, 1):
+        name += f".c{cfg.cluster_m}x{cfg.cluster_n}"
+    return name + (".sk" if cfg.streamk else "")
+
+
+def _fits(c: MixedGemmConfig, act: str, bits: int, mode: int, group: int | None = None,
+          k: int | None = None) -> bool:
+    """Whether config c runs this format (its K tile must divide a group smaller than K)."""
+    return ((c.act, c.bits, c.mode) == (act, bits, mode)
+            and (group is None or group == k or mode == 0 or group % c.tile_k == 0))
+
+
+def _family(act: str, bits: int, mode: int, group: int | None = None,
+            k: int | None = None) -> tuple[MixedGemmConfig, ...]:
+    """The built configs (CONFIGS) that run a format."""
+    return tuple(c for c in CONFIGS if _fits(c, act, bits, mode, group, k))
+
+
+# Every (activation, bits, mode) has the general 128x64 stream-K kernel (it runs any M);
+# the two common formats (int4 group-wise, int8 per-channel, bf16) add a decode tile
+# (16 tokens) and data-parallel 128x128 / 128x256 tiles for prefill (a wider token tile
+# reuses each converted weight fragment for more MMAs).
+CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
+    MixedGemmConfig(act, bits, mode, 128, 64)
+    for act in ("bf16", "fp16") for bits in (4, 8) for mode in (0, 2)
+) + tuple(
+    MixedGemmConfig("bf16", bits, mode, 128, tile_n, streamk=(tile_n == 16))
+    for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 128, 256)
+)
+
+# Built and compiling, not yet run on a GPU: 128-deep K tiles halve the main-loop
+# iterations, the suspected limit at decode (run 1 on an H100: a 128x16x64 CTA spends
+# ~0.3 us per K tile). Not used by the heuristic or the op until measured; the benchmark's
+# --explore --experimental times them.
+EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
+    MixedGemmConfig("bf16", bits, mode, 128, tile_n, tile_k=128)
+    for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 64)
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A config plus how its stream-K scheduler splits the work for one call."""
+
+    config: MixedGemmConfig
+    decomposition: int = DECOMP_DATA_PARALLEL
+    splits: int = 1
+
+
+def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
+                  sm_count: int = 132, group_size: int | None = None) -> Choice:
+    """Pick the kernel for out[m, n] = x[m, k] @ W[n, k].T.
+
+    Measured on an H100 (benchmarks/results/bench_w4a16.jsonl, 2026-11-25, --explore rows):
+    split-K beat CUTLASS's stream-K at every decode cell (4096x4096 int4 M=1: 17.2 us
+    split-K 4, 18.3 stream-K, 24.1 data-parallel; 14336x4096: 25.4 data-parallel, 33.3
+    stream-K), and 128x256 beat 128x128 at M=2048 (330-342 vs 391 us at 14336x4096).
+
+    Token tile: for m <= 64 the smallest built tile (16 / 64) that holds m (fewer wasted
+    MMA columns at decode); beyond, the widest tile (256 / 128, data-parallel) that still
+    gives at least half the SMs a tile, else 64. Small problems leave SMs idle (4096
+    output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build splits K
+    over about sm_count / tiles CTAs (split-K), keeping at least 8 K tiles (512) per split.
+    """
+    family = _family(act, bits, mode, group_size, k)
+    if not family:
+        raise ValueError(f"no mixed-GEMM config for act={act} bits={bits} mode={mode} "
+                         f"group={group_size}")
+    by_n = sorted(family, key=lambda c: c.tile_n)
+    fitting = [c for c in by_n if c.tile_n >= m]
+    if m <= 64:
+        cfg = fitting[0] if fitting else by_n[-1]
+    else:
+        # prefill: the widest tile that still gives at least half the SMs a tile
+        wide = [c for c in by_n if c.tile_n >= 64] or by_n
+        cfg = wide[0]
+        for c in reversed(wide):
+            if math.ceil(n / c.tile_m) * math.ceil(m / c.tile_n) >= sm_count // 2:
+                cfg = c
+                break
+    if not cfg.streamk:
+        return Choice(cfg)
+    tiles = math.ceil(n / cfg.tile_m) * math.ceil(m / cfg.tile_n)
+    k_tiles = math.ceil(k / cfg.tile_k)
+    splits = min(sm_count // max(tiles, 1), k_tiles // 8, 16)
+    if splits >= 2:
+        return Choice(cfg, DECOMP_SPLIT_K, splits)
+    return Choice(cfg, DECOMP_DATA_PARALLEL, 1)
+
+
+# --- weight preparation (torch; runs on CPU or GPU) -------------------------------------
+#
+# The kernel reads W through a CuTe layout (csrc/mixed_gemm_sm90.cuh) that, per 16 x 16
+# block of (rows n, columns k), puts the 8 values one thread feeds to wgmma side by side.
+# Writing n = 16*nb + 8*m1 + m0 and k = 16*kb + 8*k2 + 2*k1 + k0, the element offset is
+#   256 * (nb + (N/16) * kb) + 32*m0 + 8*k1 + m1 + {int4: 4*k0 + 2*k2, int8: 2*k0 + 4*k2}
+# (the in-thread value order differs: it is what each converter unpacks fastest). That is
+# a pure permutation of the axes of q viewed as [N/16, 2, 8, K/16, 2, 4, 2].
+_AXES = ("nb", "m1", "m0", "kb", "k2", "k1", "k0")
+# destination order, slowest to fastest (stride 256*..., 32, 8, then the value order)
+_DEST = {
+    4: ("kb", "nb", "m0", "k1", "k0", "k2", "m1"),
+    8: ("kb", "nb", "m0", "k1", "k2", "k0", "m1"),
+}
+
+
+def _perm(bits: int) -> list[int]:
+    return [_AXES.index(a) for a in _DEST[bits]]
+
+
+def kernel_order(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """The elements of t [N, K] (any dtype) flattened in the kernel's memory order."""
+    n, k = t.shape
+    if n % N_ALIGN or k % 16:
+        raise ValueError(f"reorder needs N % 16 == 0 and K % 16 == 0, got N={n}, K={k}")
+    t = t.reshape(n // 16, 2, 8, k // 16, 2, 4, 2).permute(_perm(bits))
+    return t.contiguous().reshape(-1)
+
+
+def reorder_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer values q [N, K] (signed, int8 dtype) -> the kernel's qweight.
+
+    int4: uint8 [N, K/2], element at offset o in byte o//2 (low nibble when o is even);
+    int8: int8 [N, K].
+    """
+    flat = kernel_order(q.to(torch.int8), bits)
+    n, k = q.shape
+    if bits == 8:
+        return flat.reshape(n, k)
+    nib = flat.view(torch.uint8) & 0xF
+    return (nib[0::2] | (nib[1::2] << 4)).reshape(n, k // 2)
+
+
+def unreorder_weight(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`reorder_weight`: the signed values as int8 [N, K]."""
+    n = qweight.shape[0]
+    if bits == 8:
+        flat = qweight.reshape(-1).view(torch.int8)
+    else:
+        b = qweight.reshape(-1).view(torch.uint8).to(torch.int16)
+        nib = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(-1)
+        flat = torch.where(nib > 7, nib - 16, nib).to(torch.int8)
+    dest_shape = [dict(zip(_AXES, (n // 16, 2, 8, k // 16, 2, 4, 2)))[a] for a in _DEST[bits]]
+    inv = [_DEST[bits].index(a) for a in _AXES]
+    return flat.reshape(dest_shape).permute(inv).contiguous().reshape(n, k)
+
+
+def select_layout(bits: int, signed: bool, group_size: int, zero_mode: str, n: int, k: int,
+                  act_dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """This family's layout for a weight format, or None if it cannot run it.
+
+    Builds (or finds cached) the kernels the layout needs, so a missing toolchain shows up
+    here as KernelBuildError, before the weight is packed for a kernel that cannot run.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return None  # sm_90a code runs on Hopper only
+    if act_dtype not in _ACT_NAMES or bits not in (4, 8) or zero_mode not in ops.ZERO_MODES:
+        return None
+    if n % N_ALIGN or k % K_ALIGN or group_size <= 0 or k % group_size:
+        return None
+    if group_size == k and signed and zero_mode == "none":
+        layout = LAYOUT_ROWSCALE
+    else:
+        layout = LAYOUT_GROUPZERO
+    family = _family(_ACT_NAMES[act_dtype], bits, _MODE_OF_LAYOUT[layout], group_size, k)
+    if not family:
+        return None  # e.g. group 32 where no config has a 32-wide K tile
+    build_all(family)
+    return layout
+
+
+def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
+             device: torch.device | str, bits: int = 4, group_size: int | None = None) -> str:
+    """One line for the match report: the config(s) this problem dispatches to by M."""
+    act = _ACT_NAMES.get(act_dtype, str(act_dtype))
+    mode = _MODE_OF_LAYOUT[layout]
+    group = None if layout == LAYOUT_ROWSCALE else group_size
+    ms = (m,) if m is not None else (1, 16, 64, 256, 2048)
+    sms = _sm_count(torch.device(device).index or 0)
+    names = dict.fromkeys(
+        config_name(choose_config(mm, n, k, act, bits, mode, sms, group).config) for mm in ms)
+    where = "main-loop group scale+zero" if mode else "epilogue per-channel scale"
+    return f"cutlass {', '.join(names)} ({where})" if m is not None else \
+        f"cutlass by M: {', '.join(names)} ({where})"
+
+
+def prepare_weight(q_nk: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   bits: int, signed: bool, group_size: int, zero_mode: str, layout: str,
+                   act_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q [N, K] integers, scales [N, K/g], zeros [N, K/g] | None) -> this layout's operands.
+
+    Runs once at compile time, on whatever device q_nk is on.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"not a {__name__} layout: {layout!r}")
+    n, k = q_nk.shape
+    groups = k // group_size
+    if not signed and bits == 8 and q_nk.dtype == torch.int8:
+        q_nk = q_nk.view(torch.uint8)  # unsigned bytes handed over in an int8 tensor
+    q = q_nk.to(torch.int16)
+    off = 0 if signed else 1 << (bits - 1)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if int(q.min()) < lo or int(q.max()) > hi:
+        kind = "signed" if signed else "unsigned"
+        raise ValueError(f"q values outside the {kind} {bits}-bit range [{lo}, {hi}]")
+    qweight = reorder_weight((q - off).to(torch.int8), bits)
+    s = scales.reshape(n, groups).to(torch.float32)
+    if layout == LAYOUT_ROWSCALE:
+        if zero_mode != "none" or not signed or groups != 1:
+            raise ValueError("the rowscale layout takes signed per-channel weights without zeros")
+        return qweight, s.reshape(n).contiguous(), None
+    if zero_mode == "none":
+        z = off * s
+    else:
+        if zeros is None:
+            raise ValueError(f"zero_mode={zero_mode!r} needs zeros")
+        z0 = zeros.reshape(n, groups).to(torch.float32)
+        z = (off - z0) * s if zero_mode == "sub" else off * s + z0
+    return (qweight, s.t().contiguous().to(act_dtype), z.t().contiguous().to(act_dtype))
+
+
+def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                       group_size: int, layout: str) -> torch.Tensor:
+    """Plain-PyTorch mixed_gemm on this family's layouts (the fallback when the kernel can't)."""
+    k = x.shape[-1]
+    q = unreorder_weight(qweight, bits, k).to(torch.float32)
+    if layout == LAYOUT_ROWSCALE:
+        w = q * scales.to(torch.float32).reshape(-1, 1)
+    else:
+        s = scales.to(torch.float32).t().repeat_interleave(group_size, dim=1)
+        z = zeros.to(torch.float32).t().repeat_interleave(group_size, dim=1)
+        w = q * s + z
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+# --- the kernel call ---------------------------------------------------------------------
+
+_libs: dict[MixedGemmConfig, ctypes.CDLL] = {}
+_lib_lock = threading.Lock()
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_I64 = ctypes.c_int64
+
+
+def build_all(configs=CONFIGS) -> None:
+    """Compile (in parallel) every config not yet in the cache."""
+    from .build import KernelSpec, build_many
+    build_many([KernelSpec(SOURCE, c.defines(), "sm_90a") for c in configs])
+
+
+def _lib(cfg: MixedGemmConfig) -> ctypes.CDLL:
+    lib = _libs.get(cfg)
+    if lib is not None:
+        return lib
+    from .build import KernelBuildError, KernelSpec, load
+    with _lib_lock:
+        lib = load(KernelSpec(SOURCE, cfg.defines(), "sm_90a"))
+        lib.qc_mixed_gemm_sm90.restype = _I
+        lib.qc_mixed_gemm_sm90.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P,
+                                           _I64, _P]
+        lib.qc_mixed_gemm_sm90_workspace_size.restype = _I64
+        lib.qc_mixed_gemm_sm90_workspace_size.argtypes = [_I] * 6
+        lib.qc_mixed_gemm_sm90_offsets.restype = _I
+        lib.qc_mixed_gemm_sm90_offsets.argtypes = [_I, _I, _P]
+        info = (ctypes.c_int * 11)()
+        lib.qc_mixed_gemm_sm90_info(info, 11)
+        if list(info) != cfg.info():
+            raise KernelBuildError(f"library for {config_name(cfg)} reports {list(info)}, "
+                                   f"expected {cfg.info()}")
+        _libs[cfg] = lib
+        return lib
+
+
+@functools.lru_cache(maxsize=4096)
+def _workspace_bytes(cfg: MixedGemmConfig, m: int, n: int, k: int, group: int, decomp: int,
+                     splits: int, device: int) -> int:
+    del device  # part of the key: the workspace depends on the device's SM count
+    nbytes = _lib(cfg).qc_mixed_gemm_sm90_workspace_size(m, n, k, group, decomp, splits)
+    if nbytes < 0:
+        raise RuntimeError("qc_mixed_gemm_sm90_workspace_size failed (no CUDA device?)")
+    return int(nbytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
+             group_size: int, layout: str) -> bool:
+    """Whether the kernel runs this call (else the impl falls back to PyTorch)."""
+    if layout not in LAYOUTS or not x.is_cuda or x.dtype not in _ACT_NAMES or bits not in (4, 8):
+        return False
+    if layout == LAYOUT_GROUPZERO and scales.dtype != x.dtype:
+        return False  # prepared for the other 16-bit activation type
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return False
+    n, k = qweight.shape[0], x.shape[-1]
+    if n % N_ALIGN or k % K_ALIGN or x.numel() == 0:
+        return False
+    return bool(_family(_ACT_NAMES[x.dtype], bits, _MODE_OF_LAYOUT[layout], group_size, k))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # TMA and the vector loads need 16-byte aligned, densely packed operands.
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"mixed_gemm_cuda: {msg}")
+
+
+def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                    signed: bool, group_size: int, zero_mode: str, layout: str,
+                    config: MixedGemmConfig | Choice | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the CUTLASS kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
+
+    ``signed`` and ``zero_mode`` describe the original format; prepare_weight already folded
+    them into the operands, so they are not needed here. ``out`` (optional, [M, N]
+    contiguous, x.dtype) receives the result. No host syncs: safe to capture in a CUDA graph.
+    """
+    del signed, zero_mode
+    _check(layout in LAYOUTS, f"layout {layout!r} is not one of {LAYOUTS}")
+    _check(x.is_cuda, "x must be a CUDA tensor")
+    _check(x.dtype in _ACT_NAMES, f"x must be bfloat16 or float16, got {x.dtype}")
+    _check(bits in (4, 8), f"bits must be 4 or 8, got {bits}")
+    act = _ACT_NAMES[x.dtype]
+    mode = _MODE_OF_LAYOUT[layout]
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    wdtype = torch.uint8 if bits == 4 else torch.int8
+    _check(qweight.dtype == wdtype and tuple(qweight.shape) == (n, k * bits // 8),
+           f"qweight must be {wdtype} [N, {k * bits // 8}] for K={k}, got "
+           f"{qweight.dtype} {tuple(qweight.shape)}")
+    _check(n % N_ALIGN == 0, f"N={n} must be a multiple of {N_ALIGN}")
+    _check(k % K_ALIGN == 0, f"K={k} must be a multiple of {K_ALIGN}")
+    if mode == 0:
+        _check(scales.dtype == torch.float32 and scales.numel() == n,
+               f"rowscale layout wants float32 scales [N={n}], "
+               f"got {scales.dtype} {tuple(scales.shape)}")
+        _check(zeros is None, "rowscale layout takes no zeros")
+        group = k
+    else:
+        _check(group_size > 0 and k % group_size == 0 and
+               bool(_family(act, bits, mode, group_size, k)),
+               f"group_size={group_size} must divide K={k} and be a multiple of a built K tile "
+               f"({sorted({c.tile_k for c in _family(act, bits, mode)})}) or equal K")
+        g = k // group_size
+        _check(scales.dtype == x.dtype and tuple(scales.shape) == (g, n),
+               f"groupzero layout wants scales {x.dtype} [{g}, {n}], "
+               f"got {scales.dtype} {tuple(scales.shape)}")
+        _check(zeros is not None and zeros.dtype == x.dtype and tuple(zeros.shape) == (g, n),
+               f"groupzero layout wants zeros {x.dtype} [{g}, {n}]")
+        group = group_size
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        _check(t is None or t.device == x.device,
+               f"{name} is on {t.device if t is not None else ''}, x on {x.device}")
+
+    lead = x.shape[:-1]
+    x2 = _aligned(x.reshape(-1, k))
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        _check(out.dtype == x.dtype and tuple(out.shape) == (m, n) and out.is_contiguous()
+               and out.device == x.device and out.data_ptr() % 16 == 0,
+               f"out must be a contiguous, 16-byte aligned {x.dtype} [{m}, {n}] tensor "
+               f"on {x.device}")
+    if m == 0:
+        return out.reshape(*lead, n)
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if config is None:
+        config = choose_config(m, n, k, act, bits, mode, _sm_count(dev), group)
+    choice = config if isinstance(config, Choice) else Choice(config)
+    cfg = choice.config
+    _check(_fits(cfg, act, bits, mode, group, k),
+           f"config {config_name(cfg)} does not fit act={act} bits={bits} mode={mode} g={group}")
+    qweight, scales = _aligned(qweight), _aligned(scales)
+    zeros = _aligned(zeros) if zeros is not None else None
+    if bias is not None:
+        _check(bias.numel() == n, f"bias must have N={n} elements, got {bias.numel()}")
+        bias = _aligned(bias.reshape(n).to(x.dtype))
+    if dev != torch.cuda.current_device():
+        # the library launches on (and sizes its workspace for) the current device
+        with torch.cuda.device(dev):
+            return mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, True, group_size,
+                                   "none", layout, choice, out).reshape(*lead, n)
+    lib = _lib(cfg)
+    ws_bytes = _workspace_bytes(cfg, m, n, k, group, choice.decomposition, choice.splits, dev)
+    ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    rc = lib.qc_mixed_gemm_sm90(
+        x2.data_ptr(), qweight.data_ptr(),
+        scales.data_ptr() if mode == 2 else None,
+        zeros.data_ptr() if mode == 2 else None,
+        scales.data_ptr() if mode == 0 else None,
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(), m, n, k, group, choice.decomposition, choice.splits,
+        ws.data_ptr(), ws_bytes, stream)
+    if rc != 0:
+        raise RuntimeError(f"qc_mixed_gemm_sm90 ({config_name(cfg)}, M={m} N={n} K={k} g={group}) "
+                           f"failed with CUDA error {rc}")
+    return out.reshape(*lead, n)
+
+
+# --- op registration ---------------------------------------------------------------------
+
+_registered = False
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+def _cuda_impl(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+               dequant_dtype, layout):
+    if layout not in LAYOUTS:
+        return ops.mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed,
+                                        group_size, zero_mode, dequant_dtype, layout)
+    if supports(x, qweight, scales, bits, group_size, layout):
+        from .build import KernelBuildError
+        try:
+            return mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                                   zero_mode, layout)
+        except KernelBuildError as e:
+            _warn_once("build", f"CUTLASS mixed GEMM unavailable, using PyTorch: {e}")
+    return reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)
+
+
+def register_cuda_impl() -> None:
+    """Make this family the CUDA implementation of ``qcompile::mixed_gemm`` (idempotent)."""
+    global _registered
+    if not _registered:
+        torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _cuda_impl)
+        _registered = True

@@ -1,0 +1,157 @@
+"""CPU tests of the Hopper mixed-GEMM weight preparation and config heuristic
+(qcompile.kernels.mixed_gemm): the torch reorder against offsets printed by CuTe for the
+kernel's layout, reorder round trips, the scale/zero folding of every format against the
+reference op, and the heuristic's picks. Nothing here needs a GPU or nvcc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from qcompile.kernels import mixed_gemm as mg
+from qcompile.kernels import ops
+
+
+def _offsets(n: int, k: int, bits: int) -> torch.Tensor:
+    order = mg.kernel_order(torch.arange(n * k).reshape(n, k), bits)
+    off = torch.empty(n * k, dtype=torch.int64)
+    off[order] = torch.arange(n * k)
+    return off.reshape(n, k)
+
+
+# Offsets of weight (n, k), k = 0..19, in CuTe's tile_to_shape(weight_reorder_atom, (32, 48))
+# (csrc/mixed_gemm_sm90.cuh), printed by a host program built with nvcc 13.0 / CUTLASS 4.2.
+CUTE_ROWS = {
+    4: {0: [0, 4, 8, 12, 16, 20, 24, 28, 2, 6, 10, 14, 18, 22, 26, 30, 512, 516, 520, 524],
+        9: [33, 37, 41, 45, 49, 53, 57, 61, 35, 39, 43, 47, 51, 55, 59, 63, 545, 549, 553, 557],
+        16: [256, 260, 264, 268, 272, 276, 280, 284, 258, 262, 266, 270, 274, 278, 282, 286,
+             768, 772, 776, 780]},
+    8: {0: [0, 2, 8, 10, 16, 18, 24, 26, 4, 6, 12, 14, 20, 22, 28, 30, 512, 514, 520, 522],
+        9: [33, 35, 41, 43, 49, 51, 57, 59, 37, 39, 45, 47, 53, 55, 61, 63, 545, 547, 553, 555],
+        16: [256, 258, 264, 266, 272, 274, 280, 282, 260, 262, 268, 270, 276, 278, 284, 286,
+             768, 770, 776, 778]},
+}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_reorder_matches_cute_offsets(bits):
+    off = _offsets(32, 48, bits)
+    for n, row in CUTE_ROWS[bits].items():
+        assert off[n, :20].tolist() == row
+    # a permutation of 0 .. N*K-1
+    assert torch.equal(off.flatten().sort().values, torch.arange(32 * 48))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", [(16, 16), (48, 64), (272, 192)])
+def test_reorder_round_trip(bits, n, k):
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    q = torch.randint(lo, hi, (n, k), dtype=torch.int8)
+    qw = mg.reorder_weight(q, bits)
+    assert qw.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    assert tuple(qw.shape) == (n, k * bits // 8)  # N stays the leading dimension
+    assert torch.equal(mg.unreorder_weight(qw, bits, k), q)
+
+
+def test_reorder_rejects_unaligned():
+    with pytest.raises(ValueError):
+        mg.reorder_weight(torch.zeros(24, 64, dtype=torch.int8), 4)
+
+
+FORMATS = [
+    (4, True, 0, "none"), (4, True, 128, "none"), (4, False, 128, "sub"), (4, True, 64, "add"),
+    (4, False, 256, "none"), (4, False, 0, "sub"), (8, True, 0, "none"), (8, False, 128, "sub"),
+    (8, False, 0, "none"), (8, True, 64, "add"),
+]
+
+
+@pytest.mark.parametrize("bits,signed,group,zero_mode", FORMATS)
+def test_prepared_matches_reference(bits, signed, group, zero_mode):
+    # prepare_weight folds unsigned offsets and zero modes into q' * s + z' (or a row scale):
+    # its PyTorch dequantization must give the reference op's result.
+    n, k = 64, 512
+    group = group or k
+    g = torch.Generator().manual_seed(0)
+    lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    q = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int16)
+    s = torch.rand(n, k // group, generator=g) + 0.1
+    z = None
+    if zero_mode == "sub":
+        z = torch.randint(lo, hi, (n, k // group), generator=g).float()
+    elif zero_mode == "add":
+        z = torch.randn(n, k // group, generator=g)
+    rowscale = signed and group == k and zero_mode == "none"
+    layout = mg.LAYOUT_ROWSCALE if rowscale else mg.LAYOUT_GROUPZERO
+    # fp16 storage of scales/zeros: the comparison tolerance covers its rounding
+    qw, sc, zz = mg.prepare_weight(q, s, z, bits, signed, group, zero_mode, layout, torch.float16)
+    x = torch.randn(7, k, generator=g)
+    got = mg.reference_prepared(x, qw, sc, zz, None, bits, group, layout)
+    want = ops.mixed_gemm_reference(x, ops.pack_nk(q, bits), s, z, None, bits, signed, group,
+                                    zero_mode, torch.float32, "nk")
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 2e-3, err
+    if layout == mg.LAYOUT_GROUPZERO:
+        assert tuple(sc.shape) == tuple(zz.shape) == (k // group, n)
+    else:
+        assert sc.dtype == torch.float32 and sc.shape == (n,) and zz is None
+
+
+def test_prepare_rejects_out_of_range():
+    q = torch.full((16, 64), 9, dtype=torch.int16)
+    s = torch.ones(16, 1)
+    with pytest.raises(ValueError):
+        mg.prepare_weight(q, s, None, 4, True, 64, "none", mg.LAYOUT_ROWSCALE, torch.bfloat16)
+
+
+def test_select_layout_cpu_is_none():
+    assert mg.select_layout(4, False, 128, "sub", 4096, 4096, torch.bfloat16, "cpu") is None
+
+
+def test_configs_and_heuristic():
+    names = [mg.config_name(c) for c in mg.CONFIGS]
+    assert len(set(names)) == len(names)
+    for act in ("bf16", "fp16"):
+        for bits in (4, 8):
+            for mode in (0, 2):
+                for m in (1, 16, 17, 64, 65, 256, 2048):
+                    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (16, 64)):
+                        ch = mg.choose_config(m, n, k, act, bits, mode)
+                        assert (ch.config.act, ch.config.bits, ch.config.mode) == (act, bits, mode)
+                        assert ch.splits >= 1
+                        assert ch.config.streamk or ch.decomposition == mg.DECOMP_DATA_PARALLEL
+    # decode on a narrow layer: small token tile, K split over otherwise idle SMs
+    ch = mg.choose_config(1, 4096, 4096, "bf16", 4, 2)
+    assert ch.config.tile_n == 16 and ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 4
+    ch = mg.choose_config(16, 14336, 4096, "bf16", 4, 2)
+    assert ch.config.tile_n == 16 and ch.decomposition == mg.DECOMP_DATA_PARALLEL
+    assert mg.choose_config(2048, 14336, 4096, "bf16", 4, 2).config.tile_n >= 128
+    # a group size must be a multiple of the chosen config's K tile
+    for group in (32, 64, 128, 4096):
+        for c in mg._family("bf16", 4, 2, group, 4096):
+            assert group == 4096 or group % c.tile_k == 0
+    if not mg._family("bf16", 4, 2, 32, 4096):
+        with pytest.raises(ValueError):
+            mg.choose_config(1, 4096, 4096, "bf16", 4, 2, group_size=32)
+
+
+def test_cached_library_offsets_match():
+    # Where the kernel library is already built (a dev machine), its CuTe layout must equal
+    # the torch reorder; nothing is compiled here.
+    from qcompile.kernels.build import KernelSpec, cached_path
+    for bits in (4, 8):
+        cfg = next(c for c in mg.CONFIGS if c.bits == bits)
+        path = cached_path(KernelSpec(mg.SOURCE, cfg.defines(), "sm_90a"))
+        if path is None:
+            pytest.skip("kernel library not built")
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:  # no CUDA runtime on this machine
+            pytest.skip(f"cannot load {path.name}: {e}")
+        n, k = 48, 320
+        offs = torch.empty(n * k, dtype=torch.int64)
+        lib.qc_mixed_gemm_sm90_offsets.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        assert lib.qc_mixed_gemm_sm90_offsets(n, k, offs.data_ptr()) == 0
+        assert torch.equal(offs.reshape(n, k), _offsets(n, k, bits))
