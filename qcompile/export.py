@@ -3,7 +3,7 @@
 ``export`` traces the model with ``torch.export``, decomposes it to core ATen, runs the
 same recognition and rewrite as the backend (quantized matmuls become qcompile ops with
 repacked weights), exports the rewritten module again and packages it with AOTInductor
-into one ``.pt2`` file. A ``qcompile.json`` entry in that archive records the artifact
+into one ``.pt2`` file. A ``<root>/qcompile.json`` entry in that archive records the artifact
 format and the qcompile / torch versions, checked by ``load`` before anything is run.
 
 The packaged model calls the qcompile ops through the dispatcher, so ``load`` imports
@@ -106,7 +106,10 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
     meta = {"format": FORMAT_VERSION, "qcompile": __version__, "torch": torch.__version__,
             "report": report.to_dicts()}
     with zipfile.ZipFile(path, "a") as zf:
-        zf.writestr(META_NAME, json.dumps(meta))
+        # Inside the package's own root folder: AOTInductor's loader (torch 2.11) crashes
+        # on entries outside it.
+        root = zf.namelist()[0].split("/", 1)[0]
+        zf.writestr(f"{root}/{META_NAME}", json.dumps(meta))
     return path
 
 
@@ -120,7 +123,10 @@ def read_metadata(path: str | Path) -> dict:
             bad = zf.testzip()
             if bad is not None:
                 raise ArtifactError(f"{path} is corrupt (bad CRC in {bad}); export it again")
-            return json.loads(zf.read(META_NAME))
+            names = [n for n in zf.namelist() if n.split("/")[-1] == META_NAME]
+            if not names:
+                raise KeyError(META_NAME)
+            return json.loads(zf.read(names[0]))
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise ArtifactError(f"{path} is not a qcompile artifact, or is truncated or "
                             f"corrupt ({e}); export it again with qcompile.export") from e

@@ -53,7 +53,7 @@ def _copy_with_meta(src: Path, dst: Path, **changes):
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
             data = zin.read(item.filename)
-            if item.filename == META_NAME:
+            if item.filename.endswith("/" + META_NAME):
                 meta = json.loads(data)
                 meta.update(changes)
                 if changes.get("drop"):
