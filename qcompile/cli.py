@@ -60,13 +60,21 @@ def _export(args) -> int:
 
 
 def _build(args) -> int:
-    from qcompile.kernels import build
-    specs = build.all_specs(args.arch)
+    from qcompile.kernels import build, int8_gemm, mixed_gemm
+    specs = [int8_gemm.kernel_spec(c, d) for c in int8_gemm.available_configs(args.arch)
+             for d in int8_gemm._OUT_DTYPES]
+    if args.arch == "sm_90a":
+        specs += [build.KernelSpec(mixed_gemm.SOURCE, c.defines(), "sm_90a")
+                  for c in mixed_gemm.CONFIGS]
     if not specs:
-        print(f"no kernels for arch {args.arch}")
+        print(f"error: no kernels for arch {args.arch!r} (sm_90a or sm_80)", file=sys.stderr)
+        return 2
+    try:
+        paths = build.build_many(specs, max_workers=args.jobs)
+    except build.KernelBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    paths = build.build_many(specs, max_workers=args.jobs)
-    print(f"{len(paths)} kernels built for {args.arch} in {build.cache_dir()}")
+    print(f"{len(paths)} kernels for {args.arch} in {build.cache_dir()}")
     return 0
 
 
@@ -87,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     xp.add_argument("--max-tokens", type=int, default=4096, help="upper bound when dynamic")
     xp.set_defaults(run=_export)
     bd = sub.add_parser("build", help="prebuild the CUDA kernels into the cache")
-    bd.add_argument("--arch", default="sm_90a", help="sm_90a (Hopper) or sm_80 (Ampere)")
+    bd.add_argument("--arch", default="sm_90a", choices=["sm_90a", "sm_80"],
+                    help="sm_90a (Hopper) or sm_80 (Ampere and later)")
     bd.add_argument("-j", "--jobs", type=int, default=None, help="parallel nvcc processes")
     bd.set_defaults(run=_build)
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,12 @@ def test_explain_reports_bad_factories():
     assert "expected 'module:function'" in _cli("explain", "cli_factory").stderr
     assert "cannot load 'cli_factory:nope'" in _cli("explain", "cli_factory:nope").stderr
     assert "must return (model, inputs)" in _cli("explain", "cli_factory:not_a_pair").stderr
+
+
+def test_build_reports_missing_kernels_without_compiling(tmp_path):
+    env_cache = {"QCOMPILE_CACHE_DIR": str(tmp_path), "QCOMPILE_BUILD": "0"}
+    res = subprocess.run([sys.executable, "-m", "qcompile.cli", "build", "--arch", "sm_80"],
+                         cwd=HERE, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, **env_cache))
+    assert res.returncode == 1
+    assert "not in the cache" in res.stderr and "QCOMPILE_BUILD=0 forbids compiling" in res.stderr
