@@ -1,0 +1,130 @@
+"""End-to-end decode: tokens/s of a Llama-3-8B-shaped decoder, bf16 vs quantized, Inductor vs qcompile.
+
+    python benchmarks/bench_decode.py [--config llama3-8b-8l] [--formats bf16,w4a16,w8a16,w8a8]
+                                      [--batch 1,8] [--prompt 512] [--new 128]
+
+For each format and backend, in one process: build the model (random weights, bf16),
+quantize it with ``qcompile.quantize`` (W4A16 g128, W8A16, W8A8), prefill the prompt
+eagerly, then generate ``--new`` tokens greedily with the one-token step compiled with
+``mode="reduce-overhead"`` (CUDA graphs) by the default Inductor backend ("inductor") or by
+``backend="qcompile"``. Records tokens/s, ms per token, peak GPU memory and compile time,
+one JSON line per cell in benchmarks/results/bench_decode.jsonl.
+``--device cpu --config tiny --prompt 8 --new 4`` is a smoke test, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qcompile
+from qcompile.llama import CONFIGS, Llama
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_decode.jsonl"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).parent).strip()
+    except Exception:
+        return "unknown"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: int,
+             device: str) -> dict:
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    cfg = CONFIGS[cfg_name]
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.device(device):
+        model = Llama(cfg).to(torch.bfloat16)
+    if fmt != "bf16":
+        method = {"w4a16": "w4a16", "w8a16": "w8a16", "w8a8": "w8a8"}[fmt]
+        qcompile.quantize(model, method, group_size=128)
+    model.setup_caches(batch, prompt + new)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
+    backend = "qcompile" if impl == "qcompile" else "inductor"
+    step = torch.compile(model, backend=backend, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(prompt, device=device))
+        tok = logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for i in range(3):  # compile, then record the CUDA graph
+            pos = torch.tensor([prompt + i], device=device)
+            step(tok, pos)
+        _sync(device)
+        compile_s = time.perf_counter() - start
+        out = []
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(new):
+            pos = torch.tensor([prompt + i], device=device)
+            logits = step(tok, pos)
+            tok = logits[:, -1:].argmax(-1)
+            out.append(tok)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    report = qcompile.last_report() if impl == "qcompile" else None
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
+    return {
+        "bench": "decode", "config": cfg_name, "format": fmt, "batch": batch, "impl": impl,
+        "tokens_per_s": round(batch * new / seconds, 2),
+        "ms_per_token": round(1e3 * seconds / new, 3),
+        "peak_mem_gb": round(peak, 2), "compile_s": round(compile_s, 1),
+        "matched": None if report is None else f"{len(report.matched)}/{len(report)}",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__, "commit": _commit(),
+        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="llama3-8b-8l", choices=sorted(CONFIGS))
+    p.add_argument("--formats", default="bf16,w4a16,w8a16,w8a8")
+    p.add_argument("--impls", default="inductor,qcompile")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    rows = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        for fmt in args.formats.split(","):
+            for impl in args.impls.split(","):
+                if fmt == "bf16" and impl == "qcompile":
+                    continue  # nothing to rewrite: the same as Inductor
+                row = run_cell(args.config, fmt, impl, batch, args.prompt, args.new, args.device)
+                rows.append(row)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{fmt:6s} {impl:9s} bs={batch}: {row['tokens_per_s']:8.1f} tok/s "
+                      f"{row['ms_per_token']:7.2f} ms/step  peak {row['peak_mem_gb']:5.2f} GB  "
+                      f"compile {row['compile_s']:5.1f}s  matched {row['matched']}", flush=True)
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
+    for r in rows:
+        if r["batch"] in base:
+            print(f"{r['format']:6s} {r['impl']:9s} bs={r['batch']}: "
+                  f"{r['tokens_per_s'] / base[r['batch']]:.2f}x bf16")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
