@@ -1,4 +1,4 @@
-"""End-to-end decode: tokens/s of a Llama-3-8B-shaped decoder, bf16 vs quantized, Inductor vs qcompile.
+"""End-to-end decode: tokens/s of a Llama-3-8B-shaped decoder, bf16 vs quantized models.
 
     python benchmarks/bench_decode.py [--config llama3-8b-8l] [--formats bf16,w4a16,w8a16,w8a8]
                                       [--batch 1,8] [--prompt 512] [--new 128]

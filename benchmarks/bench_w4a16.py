@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -220,9 +221,9 @@ def main(argv=None) -> int:
                                                         args.experimental)]
                     for name, fn, choice in cells:
                         if choice is not None:
-                            call = (lambda fn=fn, choice=choice: fn(x, choice))
+                            call = functools.partial(fn, x, choice)
                         else:
-                            call = (lambda fn=fn: fn(x))
+                            call = functools.partial(fn, x)
                         extra = {}
                         try:
                             if name == "qcompile":

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from unittest import mock
 from collections.abc import Iterator, Sequence
+from unittest import mock
 
 import torch
 import torch.fx as fx

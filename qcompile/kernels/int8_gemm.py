@@ -22,8 +22,8 @@ import ctypes
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -142,7 +142,7 @@ def device_arch(device: torch.device | int | None = None) -> str | None:
     return _arch_of_index(index)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _arch_of_index(index: int) -> str | None:
     major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) == (9, 0):

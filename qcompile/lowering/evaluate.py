@@ -136,15 +136,19 @@ class ConstantEvaluator:
             if n.target in _CASTS:
                 env[n] = env[n.args[0]]
                 continue
-            up = (lambda v: v.to(torch.float64)
-                  if isinstance(v, torch.Tensor) and v.dtype != torch.bool else v)
-            args = fx.node.map_arg(n.args, lambda a: up(env[a]))
+            args = fx.node.map_arg(n.args, lambda a: _upcast(env[a]))  # noqa: B023
             kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "rounding_mode")}
             if "rounding_mode" in n.kwargs and n.kwargs["rounding_mode"] is not None:
                 raise UnreadableOp(n)
-            kwargs = fx.node.map_arg(kwargs, lambda a: up(env[a]))
+            kwargs = fx.node.map_arg(kwargs, lambda a: _upcast(env[a]))  # noqa: B023
             env[n] = n.target(*args, **kwargs)
         return env[output]
+
+
+def _upcast(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dtype != torch.bool:
+        return v.to(torch.float64)
+    return v
 
 
 def integer_nodes(nodes: Iterable[fx.Node]) -> list[fx.Node]:

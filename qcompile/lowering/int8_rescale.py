@@ -61,7 +61,7 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
     try:
         wq_kn = ev.value(b)
     except NotConstant:
-        raise NoMatch("int8 weight operand is not constant")
+        raise NoMatch("int8 weight operand is not constant") from None
     if wq_kn.dtype != torch.int8 or ev.is_constant(a):
         raise NoMatch("_int_mm operands are not (activation, constant int8 weight)")
     n = wq_kn.shape[1]

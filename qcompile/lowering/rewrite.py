@@ -14,8 +14,8 @@ constant, and the dead dequantization is removed; anything else stays exactly as
 from __future__ import annotations
 
 import itertools
-import re
 import logging
+import re
 
 import torch
 import torch.fx as fx

@@ -64,7 +64,8 @@ def _true_group(s: torch.Tensor, o: torch.Tensor) -> int:
     n, k = s.shape
     for g in sorted((d for d in range(1, k + 1) if k % d == 0), reverse=True):
         sg, og = s.reshape(n, k // g, g), o.reshape(n, k // g, g)
-        if torch.equal(sg, sg[..., :1].expand_as(sg)) and torch.equal(og, og[..., :1].expand_as(og)):
+        if torch.equal(sg, sg[..., :1].expand_as(sg)) and \
+                torch.equal(og, og[..., :1].expand_as(og)):
             return g
     return 1
 
@@ -94,7 +95,7 @@ def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
     try:
         w_kn = ev.value(b)
     except NotConstant:
-        raise NoMatch("weight operand is not constant (activation x activation matmul)")
+        raise NoMatch("weight operand is not constant (activation x activation matmul)") from None
     if not isinstance(w_kn, torch.Tensor) or w_kn.dim() != 2:
         raise NoMatch("weight operand is not a 2-D tensor")
     k, n = w_kn.shape
@@ -139,7 +140,7 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
         f1 = ev.shadow(b, p, torch.ones_like(qv, dtype=torch.float64))
         fq = ev.shadow(b, p, qv.to(torch.float64))
     except UnreadableOp as e:
-        raise NoMatch(f"weight produced by an op we do not read: {e.node.target}")
+        raise NoMatch(f"weight produced by an op we do not read: {e.node.target}") from None
     if f0.shape != w_kn.shape:
         raise NoMatch("dequantization changes the weight's shape in a way we do not read")
     a = f1 - f0
