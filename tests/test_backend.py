@@ -102,3 +102,28 @@ def test_compile_matches_eager_and_rewrites(fmt, dtype, freezing, dynamic):
     floats = {k: tuple(v.shape) for k, v in consts.items()
               if v.is_floating_point() and v.numel() >= smallest_weight}
     assert not floats, f"float constants as large as a weight: {floats}"
+
+
+class BroadcastMatmul(nn.Module):
+    """matmul of a non-contiguous 3-D activation with a dequantized [K, N] weight: Inductor
+    sees bmm(x, expand(W)), not mm."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("q", torch.randint(-127, 128, (64, 32), dtype=torch.int8))
+        self.register_buffer("s", torch.rand(32) + 0.01)
+
+    def forward(self, x):
+        return torch.matmul(x.transpose(0, 1), self.q.to(x.dtype) * self.s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bmm_with_a_broadcast_weight_is_rewritten(dtype):
+    model = BroadcastMatmul()
+    x = torch.randn(5, 3, 64, dtype=dtype)
+    with torch.no_grad(), qcompile.collect() as report:
+        out = torch.compile(model, backend="qcompile")(x)
+    assert [(r.op, r.matched, r.format) for r in report.records] == [
+        ("bmm", True, "w8a16 int8 per-channel")]
+    assert rel_err(out, model(x)) <= TOL[dtype]

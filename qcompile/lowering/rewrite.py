@@ -163,6 +163,28 @@ def _rewrite_int8(b: _Builder, mm: fx.Node, match: Int8Match, rec: MatchRecord) 
     end.replace_all_uses_with(new)
 
 
+_BROADCASTS = {aten.expand.default, aten.unsqueeze.default} | _VIEWS
+
+
+def _broadcast_source(w3: fx.Node) -> fx.Node | None:
+    """For matmul(x3d, W) lowered to bmm(x, expand(W)): the 2-D W, if that is what w3 is."""
+    out = _val(w3)
+    if out is None or out.dim() != 3:
+        return None
+    cur = w3
+    while cur.op == "call_function" and cur.target in _BROADCASTS:
+        src = cur.args[0]
+        sv = _val(src)
+        if sv is None:
+            return None
+        if sv.dim() == 2:
+            return src if tuple(sv.shape) == tuple(out.shape[1:]) else None
+        if tuple(sv.shape[-2:]) != tuple(out.shape[1:]):
+            return None
+        cur = src
+    return None
+
+
 def _record(node: fx.Node, op: str) -> MatchRecord:
     rec = MatchRecord(node=node.name, op=op, matched=False, source=_source(node))
     out = _val(node)
@@ -215,8 +237,13 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
         _rewrite_int8(builder, node, match, rec)
         return
     if op == "bmm":
-        raise NoMatch("batched matmul (bmm): weights are read only from mm/addmm")
-    if op == "addmm":
+        x, w3 = node.args[:2]
+        w = _broadcast_source(w3)
+        if w is None:
+            raise NoMatch("bmm whose second operand is not one 2-D weight broadcast over "
+                          "the batch (activation x activation, or a per-batch weight)")
+        bias = None
+    elif op == "addmm":
         bias, x, w = node.args[:3]
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             raise NoMatch("addmm with alpha/beta other than 1")
