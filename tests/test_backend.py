@@ -115,7 +115,7 @@ class BroadcastMatmul(nn.Module):
         self.register_buffer("s", torch.rand(32) + 0.01)
 
     def forward(self, x):
-        return torch.matmul(x.transpose(0, 1), self.q.to(x.dtype) * self.s)
+        return torch.matmul(x.transpose(0, 1), self.q.to(x.dtype) * self.s.to(x.dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
