@@ -1,4 +1,4 @@
-"""The ``qcompile`` command line.
+"""The ``qcompile`` command line: explain, export, and prebuild kernels for quantized models.
 
 - ``qcompile explain pkg.module:function``: ``function()`` returns ``(model, inputs)``
   (inputs a tensor or a tuple of arguments); compile with the qcompile backend, run once,
