@@ -102,6 +102,10 @@ def test_compile_matches_eager_and_rewrites(fmt, dtype, freezing, dynamic):
     floats = {k: tuple(v.shape) for k, v in consts.items()
               if v.is_floating_point() and v.numel() >= smallest_weight}
     assert not floats, f"float constants as large as a weight: {floats}"
+    if fmt.startswith("w8a8") or fmt == "w8a16":
+        # the model's own int8 [N, K] tensors serve the kernels: no second copy
+        copies = [k for k in consts if k.startswith(("_qcompile_wq", "_qcompile_qweight"))]
+        assert not copies, copies
 
 
 class BroadcastMatmul(nn.Module):

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .. import kernels
-from .evaluate import ConstantEvaluator, users_chain, value_users
+from .evaluate import ConstantEvaluator, ancestors, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
 from .report import MatchRecord, Report, dump_graph
 from .weight_only import NoMatch, WeightOnlyMatch, recognize_weight
@@ -109,7 +109,21 @@ def _post_scale(mm: fx.Node, ev: ConstantEvaluator,
     return mul, v.reshape(n).to(torch.float64), index
 
 
-def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, bias: fx.Node | None,
+def _reuse_or_constant(b: _Builder, ev: ConstantEvaluator, w_node: fx.Node,
+                       packed: torch.Tensor, hint: str) -> fx.Node:
+    """The model's own tensor when it already is the packed weight (int8 [N, K] usually
+    is), so the compiled graph holds no second copy; else a new constant."""
+    for n in ancestors(w_node):
+        if n.op not in ("placeholder", "get_attr") or not ev.is_constant(n):
+            continue
+        v = ev.value(n)
+        if isinstance(v, torch.Tensor) and v.dtype == packed.dtype and \
+                v.shape == packed.shape and v.is_contiguous() and torch.equal(v, packed):
+            return n
+    return b.constant(packed, hint)
+
+
+def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: fx.Node | None,
                    match: WeightOnlyMatch, ev: ConstantEvaluator, rec: MatchRecord) -> None:
     n, k = match.q.shape
     scales, zeros = match.scales, match.zeros
@@ -125,7 +139,7 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, bias: fx.Node | None,
     qweight, scales, zeros = plan.prepare(match.q, scales, zeros)
     rec.kernel = plan.description
     with b.graph.inserting_before(mm):
-        qw = b.constant(qweight, "qweight")
+        qw = _reuse_or_constant(b, ev, w_node, qweight, "qweight")
         s = b.constant(scales, "scales")
         z = b.constant(zeros, "zeros") if zeros is not None else None
         if bias is not None and tuple(_val(bias).shape) != (n,):
@@ -139,7 +153,8 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, bias: fx.Node | None,
         mul.replace_all_uses_with(mul.args[index])
 
 
-def _rewrite_int8(b: _Builder, mm: fx.Node, match: Int8Match, rec: MatchRecord) -> None:
+def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, mm: fx.Node, match: Int8Match,
+                  rec: MatchRecord) -> None:
     xq = mm.args[0]
     plan = kernels.plan_int8_gemm(_static_m(xq), match.wq.shape[0], match.wq.shape[1],
                                   match.out_dtype, match.wq.device)
@@ -155,7 +170,7 @@ def _rewrite_int8(b: _Builder, mm: fx.Node, match: Int8Match, rec: MatchRecord) 
             row = b.constant(torch.ones(1, 1, dtype=torch.float32, device=match.wq.device), "one")
         elif _val(row).dim() != 2:
             row = b.call(aten.view.default, (row, [-1, 1]))
-        wq = b.constant(match.wq, "wq")
+        wq = _reuse_or_constant(b, ev, mm.args[1], match.wq, "wq")
         col = b.constant(match.col_scale, "col_scale")
         bias = b.constant(match.bias, "bias") if match.bias is not None else None
         new = b.call(torch.ops.qcompile.int8_gemm.default,
@@ -234,7 +249,7 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
         rec.format, rec.bits, rec.k = match.format, 8, int(match.wq.shape[1])
         rec.n = int(match.wq.shape[0])
         rec.dtype = str(match.out_dtype).replace("torch.", "")
-        _rewrite_int8(builder, node, match, rec)
+        _rewrite_int8(builder, ev, node, match, rec)
         return
     if op == "bmm":
         x, w3 = node.args[:2]
@@ -261,4 +276,4 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     n, k = match.q.shape
     rec.format, rec.bits, rec.group_size, rec.n, rec.k = (
         match.format, match.bits, match.group_size, n, k)
-    _rewrite_mixed(builder, node, x, bias, match, ev, rec)
+    _rewrite_mixed(builder, node, x, w, bias, match, ev, rec)
