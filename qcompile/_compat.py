@@ -6,8 +6,6 @@ import logging
 
 import torch
 
-TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-
 try:  # the base class Inductor expects for custom passes (it asks them for a cache key)
     from torch._inductor.custom_graph_pass import CustomGraphPass
 except ImportError:  # pragma: no cover - older torch

@@ -26,7 +26,6 @@ from .lowering.rewrite import rewrite_graph
 
 log = logging.getLogger("qcompile")
 
-_OWN_OPTIONS = ("freezing",)
 _last: list[Report] = []          # reports of the most recent compile calls
 _collectors: list[Report] = []    # active explain()/collect() contexts
 

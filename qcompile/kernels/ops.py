@@ -91,12 +91,6 @@ def dequantize(
     return w.reshape(n, k)
 
 
-def _mixed_gemm_n(qweight: torch.Tensor, bits: int, layout: str) -> int:
-    # Every layout keeps N as the leading dimension of qweight.
-    del bits, layout
-    return qweight.shape[0]
-
-
 def mixed_gemm_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -144,8 +138,8 @@ def mixed_gemm(
 @mixed_gemm.register_fake
 def _mixed_gemm_fake(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
                      dequant_dtype, layout):
-    n = _mixed_gemm_n(qweight, bits, layout)
-    return x.new_empty((*x.shape[:-1], n))
+    # Every layout keeps N as the leading dimension of qweight.
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def int8_gemm_reference(

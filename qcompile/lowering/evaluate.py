@@ -53,11 +53,6 @@ _MOVES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 READABLE_OPS = _CASTS | _AFFINE | _MOVES
 
 
-def op_name(node: fx.Node) -> str:
-    target = node.target
-    return getattr(target, "__name__", None) and str(target) or repr(target)
-
-
 def ancestors(node: fx.Node) -> list[fx.Node]:
     """All nodes ``node`` depends on, itself included, in graph order."""
     seen: set[fx.Node] = set()

@@ -34,7 +34,6 @@ class WeightOnlyMatch:
     group_size: int
     zero_mode: str
     dequant_dtype: torch.dtype
-    int_node: fx.Node          # the integer tensor the probe started from
 
     @property
     def format(self) -> str:
@@ -192,7 +191,7 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
                     q=qq.to(torch.int16), scales=s.to(s_dtype).contiguous(),
                     zeros=None if z is None else z.to(z_dtype).contiguous(),
                     bits=bits, signed=sg, group_size=group, zero_mode=zero_mode,
-                    dequant_dtype=dd, int_node=p)
+                    dequant_dtype=dd)
             worst = max(worst, float((rec.double() - w.double()).abs().max()))
     if not tried:
         raise NoMatch("zeros are not representable in the weight's dtype or float32")
