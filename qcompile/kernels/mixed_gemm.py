@@ -352,9 +352,16 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                        group_size: int, layout: str) -> torch.Tensor:
     """Plain-PyTorch mixed_gemm on this family's layouts (the fallback when the kernel can't)."""
-    k = x.shape[-1]
-    q = unreorder_weight(qweight, bits, k).to(torch.float32)
-    if layout == LAYOUT_ROWSCALE:
+    q = unreorder_weight(qweight, bits, x.shape[-1]).to(torch.float32)
+    return linear_folded(x, q, scales, zeros, bias, group_size, layout == LAYOUT_ROWSCALE)
+
+
+def linear_folded(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor | None, bias: torch.Tensor | None, group_size: int,
+                  rowscale: bool) -> torch.Tensor:
+    """``x @ W.T + bias`` for q [N, K] (float) with prepared operands: W = q * s[n] (rowscale,
+    scales [N]) or W = q * s + z' (scales and pre-multiplied zeros [K/g, N])."""
+    if rowscale:
         w = q * scales.to(torch.float32).reshape(-1, 1)
     else:
         s = scales.to(torch.float32).t().repeat_interleave(group_size, dim=1)

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import mixed_gemm, ops
 
 log = logging.getLogger("qcompile.kernels")
 
@@ -344,13 +344,8 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        group_size: int, layout: str) -> torch.Tensor:
     """Plain-PyTorch mixed_gemm on this family's layouts (the fallback when the kernel can't)."""
     q = unpack_signed(qweight, bits).to(torch.float32)
-    if layout == LAYOUT_ROWSCALE:
-        w = q * scales.to(torch.float32).reshape(-1, 1)
-    else:
-        s = scales.to(torch.float32).t().repeat_interleave(group_size, dim=1)
-        z = zeros.to(torch.float32).t().repeat_interleave(group_size, dim=1)
-        w = q * s + z
-    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+    return mixed_gemm.linear_folded(x, q, scales, zeros, bias, group_size,
+                                    layout == LAYOUT_ROWSCALE)
 
 
 # --- the kernel call ---------------------------------------------------------------------
@@ -512,7 +507,6 @@ def _cuda_impl(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_m
     if layout not in LAYOUTS:
         # another family's layout: hand over to the Hopper family's impl, which dispatches
         # its own layouts and sends everything else to the reference
-        from . import mixed_gemm
         return mixed_gemm._cuda_impl(x, qweight, scales, zeros, bias, bits, signed, group_size,
                                      zero_mode, dequant_dtype, layout)
     if supports(x, qweight, scales, bits, group_size, layout):

@@ -114,25 +114,9 @@ def mixed_gemm_reference(
     return torch.nn.functional.linear(x, w.to(x.dtype), bias)
 
 
-@torch.library.custom_op("qcompile::mixed_gemm", mutates_args=())
-def mixed_gemm(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    signed: bool,
-    group_size: int,
-    zero_mode: str,
-    dequant_dtype: torch.dtype,
-    layout: str,
-) -> torch.Tensor:
-    """out[..., N] = x[..., K] @ dequant(qweight).T + bias (see docs/kernels.md)."""
-    return mixed_gemm_reference(
-        x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-        dequant_dtype, layout,
-    )
+# The op is its reference implementation: same signature, same numbers.
+mixed_gemm = torch.library.custom_op("qcompile::mixed_gemm", mutates_args=())(
+    mixed_gemm_reference)
 
 
 @mixed_gemm.register_fake
@@ -167,17 +151,8 @@ def int8_gemm_reference(
     return out.to(out_dtype)
 
 
-@torch.library.custom_op("qcompile::int8_gemm", mutates_args=())
-def int8_gemm(
-    xq: torch.Tensor,
-    wq: torch.Tensor,
-    row_scale: torch.Tensor,
-    col_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """out[M, N] = ((xq @ wq.T).float() * row_scale * col_scale + bias).to(out_dtype)."""
-    return int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype)
+int8_gemm = torch.library.custom_op("qcompile::int8_gemm", mutates_args=())(
+    int8_gemm_reference)
 
 
 @int8_gemm.register_fake
