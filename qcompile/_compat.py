@@ -55,3 +55,21 @@ def no_dispatch_modes():
     constant weights can be evaluated on real data."""
     from torch.utils._python_dispatch import _disable_current_modes
     return _disable_current_modes()
+
+
+def benchmark_gpu(fn) -> float:
+    """Milliseconds per call of ``fn`` on the GPU, as Inductor's autotuner measures (L2
+    flushed between calls, CUDA events); a plain CUDA-event loop where that is missing."""
+    try:
+        from torch._inductor.runtime.benchmarking import benchmarker
+        return float(benchmarker.benchmark_gpu(fn))
+    except ImportError:  # pragma: no cover - older torch
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 20

@@ -81,8 +81,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
+        self.register_buffer("k_cache", None, persistent=False)  # set by setup_caches
+        self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x, rope, input_pos, mask):
         b, s, _ = x.shape
@@ -151,8 +151,11 @@ class Llama(nn.Module):
             else self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         for layer in self.layers:
             shape = (max_batch, c.n_kv_heads, max_seq, c.head_dim)
-            layer.attention.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.attention.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            # buffers, not plain attributes: torch.export then treats the in-place cache
+            # writes as buffer mutations (a plain tensor would be a constant it cannot write)
+            for name in ("k_cache", "v_cache"):
+                layer.attention.register_buffer(
+                    name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.cache_len = max_seq
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None):

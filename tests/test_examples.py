@@ -16,6 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("read_report.py", []),
     ("torchao_model.py", []),
     ("export_and_load.py", []),
+    ("decode_llama.py", ["--new", "6"]),
 ])
 def test_example_runs(script, args, tmp_path):
     res = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=tmp_path,

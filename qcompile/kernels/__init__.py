@@ -1,36 +1,46 @@
 """qcompile kernels: the op definitions and, per device, which implementation runs them.
 
-``ops`` defines the two ops with reference implementations. The CUDA kernel families
-(``mixed_gemm``, ``int8_gemm``) register CUDA implementations behind the same ops when
-their modules import. The lowering asks ``plan_mixed_gemm`` / ``plan_int8_gemm`` which
-weight layout to pack for and how the report should name the implementation; it knows
-nothing else about kernels.
+``ops`` defines the two ops with reference implementations. This package registers the
+one CUDA implementation of each op, which hands the call to the kernel family that owns
+the weight's layout (``mixed_gemm``: Hopper, ``mixed_gemm_sm80``: Ampere-class code,
+``int8_gemm``: both archs). The graph rewrite asks :func:`prepare_mixed_gemm` /
+:func:`prepare_int8_gemm` for the operands to embed, the op's ``layout`` and ``config``
+arguments and a line for the report; it knows nothing else about kernels.
+
+Which family: on Hopper (compute capability 9.0) the sm_90a kernels, with the sm_80
+family as one more candidate when autotuning; on 8.x the sm_80 family; elsewhere (and on
+CPU) the reference implementation. Which config: the family's heuristic at run time, or,
+under Inductor's max-autotune, a table by token count that :mod:`.tuning` measured.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import ops, tuning
 from .ops import pack_nk
 
 log = logging.getLogger("qcompile.kernels")
 
-__all__ = ["ops", "KernelPlan", "plan_mixed_gemm", "plan_int8_gemm", "cuda_family"]
+__all__ = ["ops", "tuning", "PreparedGemm", "prepare_mixed_gemm", "prepare_int8_gemm",
+           "cuda_family", "device_capability", "mixed_families"]
+
+MIXED_FAMILIES = ("mixed_gemm", "mixed_gemm_sm80")
 
 
 @dataclass(frozen=True)
-class KernelPlan:
-    """How one matmul will run: the weight layout, a name for the report, the packer."""
+class PreparedGemm:
+    """What the rewrite embeds for one matmul: the weight operands in the kernel's layout,
+    the op's ``layout`` and ``config`` arguments, and a description for the report."""
 
+    tensors: tuple
     layout: str
+    config: str
     description: str
-    prepare: Callable[..., tuple]
 
 
 _families: dict[str, object | None] = {}
@@ -38,12 +48,11 @@ _family_errors: dict[str, str] = {}
 
 
 def cuda_family(name: str):
-    """The CUDA kernel module ``name`` (``mixed_gemm`` / ``int8_gemm``), or None."""
+    """The CUDA kernel module ``name`` (``mixed_gemm``, ``mixed_gemm_sm80``, ``int8_gemm``),
+    or None when it cannot be imported."""
     if name not in _families:
         try:
-            mod = importlib.import_module(f"{__name__}.{name}")
-            mod.register_cuda_impl()
-            _families[name] = mod
+            _families[name] = importlib.import_module(f"{__name__}.{name}")
         except Exception as e:  # a missing toolchain must not break the CPU path
             _families[name] = None
             _family_errors[name] = f"{type(e).__name__}: {e}"
@@ -51,51 +60,174 @@ def cuda_family(name: str):
     return _families[name]
 
 
-def plan_mixed_gemm(bits: int, signed: bool, group_size: int, zero_mode: str,
-                    m: int | None, n: int, k: int, act_dtype: torch.dtype,
-                    device: torch.device) -> KernelPlan:
-    """Pick the mixed-GEMM implementation for a weight; fall back to the reference."""
-    reason = "reference (plain PyTorch)"
-    if device.type == "cuda":
-        fam = cuda_family("mixed_gemm")
-        if fam is not None:
-            try:
-                layout = fam.select_layout(bits, signed, group_size, zero_mode, n, k,
-                                           act_dtype, device)
-            except Exception as e:  # build errors etc.: reported, never fatal
-                layout, reason = None, f"reference ({type(e).__name__}: {e})"
-            if layout is not None:
-                def prepare(q, scales, zeros):
-                    return fam.prepare_weight(q, scales, zeros, bits, signed, group_size,
-                                              zero_mode, layout, act_dtype)
-                try:
-                    desc = fam.describe(layout, m, n, k, act_dtype, device, bits, group_size)
-                except Exception as e:
-                    layout, reason = None, f"reference ({type(e).__name__}: {e})"
-                if layout is not None:
-                    return KernelPlan(layout, desc, prepare)
-            if reason.startswith("reference (plain"):
-                reason = "reference (no CUTLASS kernel for this format/shape)"
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability that decides the kernel family (one place to patch in tests)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def mixed_families(device: torch.device) -> list[str]:
+    """Mixed-GEMM families for a device, preferred first."""
+    if device.type != "cuda":
+        return []
+    cap = device_capability(device)
+    if cap == (9, 0):
+        return ["mixed_gemm", "mixed_gemm_sm80"]
+    if cap[0] == 8:
+        return ["mixed_gemm_sm80"]
+    return []
+
+
+# --- the ops' CUDA implementations: dispatch by layout --------------------------------------
+
+def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+                     dequant_dtype, layout, config=""):
+    for name in MIXED_FAMILIES:
+        fam = cuda_family(name)
+        if fam is not None and layout in fam.LAYOUTS:
+            return fam.run(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                           zero_mode, dequant_dtype, layout, config)
+    return ops.mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                                    zero_mode, dequant_dtype, layout)
+
+
+def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config=""):
+    fam = cuda_family("int8_gemm")
+    if fam is not None:
+        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config)
+    return ops.int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype)
+
+
+torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)
+torch.library.register_kernel("qcompile::int8_gemm", "cuda", _int8_gemm_cuda)
+
+
+# --- planning (compile time) ------------------------------------------------------------
+
+def _pretty(config: str) -> str:
+    return ", ".join(f"{lo}-{'' if hi is None else hi} {name}"
+                     for lo, hi, name in tuning.parse_table(config))
+
+
+def _pick(tuned: dict[str, tuning.Tuned]) -> str | None:
+    """The family whose tuned table is fastest overall: the sum over timed M of its best
+    time relative to the best of all families (so prefill does not drown decode)."""
+    ms = {m for t in tuned.values() for m in t.timings}
+    best = {m: min(t.timings[m][0][1] for t in tuned.values() if m in t.timings) for m in ms}
+
+    def score(t: tuning.Tuned) -> float:
+        return sum(t.timings[m][0][1] / best[m] if m in t.timings else 10.0 for m in ms)
+    return min(tuned, key=lambda f: score(tuned[f])) if tuned else None
+
+
+def prepare_mixed_gemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       bits: int, signed: bool, group_size: int, zero_mode: str,
+                       m: int | None, act_dtype: torch.dtype,
+                       has_bias: bool = False) -> PreparedGemm:
+    """Lay out a weight (q int [N, K], scales/zeros [N, K/g]) for the best available
+    mixed-GEMM family on q's device; the reference "nk" layout when none runs it.
+
+    ``m`` is the static token count, None when symbolic. Under max-autotune every family
+    that runs the format is prepared and timed, and the fastest one's table is kept.
+    """
+    n, k = q.shape
+    device = q.device
+    autotune = tuning.autotune_enabled()
+    fams, problems = [], []
+    for name in mixed_families(device):
+        fam = cuda_family(name)
+        if fam is None:
+            problems.append(f"{name}: {_family_errors.get(name)}")
+            continue
+        try:
+            layout = fam.select_layout(bits, signed, group_size, zero_mode, n, k, act_dtype,
+                                       device)
+        except Exception as e:  # build errors etc.: reported, never fatal
+            problems.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if layout is not None:
+            fams.append((name, fam, layout))
+            if not autotune:
+                break  # the preferred family that runs it; others only compete when timed
+    if not fams:
+        if device.type != "cuda":
+            why = "reference (plain PyTorch)"
+        elif problems:
+            why = f"reference ({'; '.join(problems)})"
         else:
-            reason = f"reference (CUTLASS unavailable: {_family_errors.get('mixed_gemm')})"
+            why = "reference (no CUTLASS kernel for this format/shape)"
+        return PreparedGemm((pack_nk(q, bits), scales, zeros), ops.REFERENCE_LAYOUT, "", why)
 
-    def prepare_ref(q, scales, zeros):
-        return pack_nk(q, bits), scales, zeros
-    return KernelPlan(ops.REFERENCE_LAYOUT, reason, prepare_ref)
+    def prepared(fam, layout):
+        return fam.prepare_weight(q, scales, zeros, bits, signed, group_size, zero_mode,
+                                  layout, act_dtype)
+
+    if not autotune:
+        name, fam, layout = fams[0]
+        desc = fam.describe(layout, m, n, k, act_dtype, device, bits, group_size)
+        return PreparedGemm(prepared(fam, layout), layout, "", desc)
+
+    results = {}
+    act = {torch.bfloat16: "bf16", torch.float16: "fp16"}[act_dtype]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    bias = torch.randn(n, device=device, dtype=act_dtype) if has_bias else None
+    for name, fam, layout in fams:
+        tensors = prepared(fam, layout)
+
+        def run(choice, x, fam=fam, layout=layout, tensors=tensors):
+            return fam.mixed_gemm_cuda(x, *tensors, bias, bits, signed, group_size,
+                                       zero_mode, layout, choice)
+
+        def cands(mm, fam=fam, layout=layout):
+            return fam.candidates(mm, n, k, act, bits, group_size, layout, sms)
+
+        tuned = tuning.autotune(run, cands, lambda mm: torch.randn(mm, k, device=device,
+                                                                   dtype=act_dtype),
+                                m, f"mixed_gemm {name} N={n} K={k} w{bits} g{group_size}")
+        if tuned.config:
+            results[name] = (tuned, layout, tensors)
+    best = _pick({f: r[0] for f, r in results.items()})
+    if best is None:  # nothing ran: keep the heuristic of the preferred family
+        name, fam, layout = fams[0]
+        desc = fam.describe(layout, m, n, k, act_dtype, device, bits, group_size)
+        return PreparedGemm(prepared(fam, layout), layout, "", desc)
+    tuned, layout, tensors = results[best]
+    arch = "sm80" if best == "mixed_gemm_sm80" else "sm90"
+    others = f" (beat {', '.join(f for f in results if f != best)})" if len(results) > 1 else ""
+    return PreparedGemm(tensors, layout, tuned.config,
+                        f"cutlass {arch} autotuned: {_pretty(tuned.config)}{others}")
 
 
-def plan_int8_gemm(m: int | None, n: int, k: int, out_dtype: torch.dtype,
-                   device: torch.device) -> KernelPlan:
-    """Name the int8-GEMM implementation (``m`` None when the token count is symbolic);
-    the int8 weight layout is always [N, K]."""
-    reason = "reference (plain PyTorch)"
-    if device.type == "cuda":
-        fam = cuda_family("int8_gemm")
-        if fam is not None:
-            try:
-                desc = fam.describe(m, n, k, out_dtype, device)
-            except Exception as e:
-                desc = f"reference ({type(e).__name__}: {e})"
-            return KernelPlan("nk", desc, lambda *t: t)
-        reason = f"reference (CUTLASS unavailable: {_family_errors.get('int8_gemm')})"
-    return KernelPlan("nk", reason, lambda *t: t)
+def prepare_int8_gemm(wq: torch.Tensor, m: int | None, out_dtype: torch.dtype,
+                      has_bias: bool = False) -> tuple[str, str]:
+    """The ``config`` argument and report line for ``qcompile::int8_gemm`` with weight wq
+    int8 [N, K] (whose layout is always [N, K]); m None when the token count is symbolic."""
+    n, k = wq.shape
+    device = wq.device
+    if device.type != "cuda":
+        return "", "reference (plain PyTorch)"
+    fam = cuda_family("int8_gemm")
+    if fam is None:
+        return "", f"reference (CUTLASS unavailable: {_family_errors.get('int8_gemm')})"
+    try:
+        desc = fam.describe(m, n, k, out_dtype, device)
+    except Exception as e:
+        return "", f"reference ({type(e).__name__}: {e})"
+    if not tuning.autotune_enabled():
+        return "", desc
+    arch = fam.device_arch(device)
+    col = torch.rand(n, device=device) + 0.5
+    bias = torch.randn(n, device=device, dtype=out_dtype) if has_bias else None
+
+    def run(choice, xq):
+        row = torch.ones(xq.shape[0], 1, device=device)
+        return fam.int8_gemm_cuda(xq, wq, row, col, bias, out_dtype, fam.choice_from_name(choice))
+
+    def make_x(mm):
+        return torch.randint(-127, 128, (mm, k), device=device, dtype=torch.int8)
+
+    tuned = tuning.autotune(run, lambda mm: fam.candidates(mm, n, k, out_dtype, arch), make_x, m,
+                            f"int8_gemm N={n} K={k}")
+    if not tuned.config:
+        return "", desc
+    return tuned.config, f"cutlass autotuned: {_pretty(tuned.config)}"
+

@@ -12,8 +12,9 @@ the per-row and per-column scales, adding the bias and writing bf16 / fp16.
   H100): ``csrc/int8_gemm_sm80.cu``, CUTLASS 2.x, stream-K.
 
 Configurations are data (:data:`SM90_CONFIGS`, :data:`SM80_CONFIGS`); :func:`choose_config`
-is the one heuristic. :func:`register_cuda_impl` plugs the kernels into the op, falling back
-to the reference implementation for whatever they do not support.
+is the one heuristic; :func:`candidates` lists what the autotuner times. :func:`run` is the
+op's CUDA body (the kernels package registers it), falling back to the reference
+implementation for whatever the kernels do not support.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ __all__ = [
     "int8_gemm_cuda",
     "kernel_spec",
     "prebuild",
-    "register_cuda_impl",
+    "run",
+    "candidates",
+    "choice_from_name",
     "supports",
 ]
 
@@ -299,30 +302,52 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
 _disabled: list[str] = []  # the reason the kernels were turned off, once a build failed
 
 
-def _cuda_impl(xq, wq, row_scale, col_scale, bias, out_dtype):
+def choice_from_name(name: str) -> Int8GemmConfig:
+    """The config a :func:`config_name` names (``<config>_s<k>``: split-K into k slices)."""
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    base, sep, splits = name.rpartition("_s")
+    cfg = _BY_NAME.get(base)
+    if sep and cfg is not None and cfg.streamk and splits.isdigit() and int(splits) >= 1:
+        return dataclasses.replace(cfg, splits=int(splits))
+    raise ValueError(f"no int8 GEMM config named {name!r}")
+
+
+def candidates(m: int, n: int, k: int, out_dtype: torch.dtype, arch: str) -> list[str]:
+    """Configs worth timing for one problem: the heuristic's first, then the swapped
+    (token-on-N) kernels for small M or the wide tiles for large M, split-K variants of the
+    stream-K ones, and on Hopper the sm_80 kernels too (they run there)."""
+    names = [config_name(choose_config(m, n, k, out_dtype, arch))]
+    for cfg in available_configs():
+        if cfg.arch != arch and not (cfg.arch == "sm_80" and arch == "sm_90a"):
+            continue
+        token_tile = cfg.tile[1] if cfg.swap_ab else cfg.tile[0]
+        if (m <= 64 and token_tile > 64) or (m > 256 and cfg.swap_ab and token_tile < 64):
+            continue
+        names.append(config_name(cfg))
+        if cfg.streamk and cfg.arch == "sm_90a" and m <= 256:
+            names += [config_name(dataclasses.replace(cfg, splits=s)) for s in (2, 4)
+                      if k // cfg.tile[2] >= 4 * s]
+    return list(dict.fromkeys(names))
+
+
+def run(xq, wq, row_scale, col_scale, bias, out_dtype, config: str = ""):
+    """``qcompile::int8_gemm`` on CUDA (the kernels package registers it): the CUTLASS
+    kernel named by ``config`` for this M (a kernels.tuning table; "" = the heuristic),
+    or the reference where the kernels do not support the call."""
+    from qcompile.kernels import tuning
     from qcompile.kernels.ops import int8_gemm_reference
 
     if not _disabled and supports(xq, wq, row_scale, col_scale, bias, out_dtype) is None:
+        name = tuning.lookup(config, xq.shape[0])
         try:
-            return int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype)
+            return int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype,
+                                  choice_from_name(name) if name else None)
         except KernelBuildError as e:
             _disabled.append(str(e))
             log.warning("qcompile int8 GEMM kernels unavailable, using the reference "
                         "implementation: %s", e)
     return int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype)
-
-
-_registered: list[bool] = []
-
-
-def register_cuda_impl() -> None:
-    """Make the CUDA kernels the "cuda" implementation of qcompile::int8_gemm (idempotent)."""
-    if _registered:
-        return
-    import qcompile.kernels.ops  # noqa: F401  (defines the op)
-
-    torch.library.register_kernel("qcompile::int8_gemm", "cuda", _cuda_impl)
-    _registered.append(True)
 
 
 # Token counts at which choose_config may change its pick; the report lists the configs

@@ -3,8 +3,9 @@
 
 What is here: the kernel configurations (data), the heuristic that picks one for a
 problem, the offline weight preparation (reorder + scale/zero conversion) for this
-family's two layouts, the call into ``csrc/mixed_gemm_sm90.cu`` through ctypes, and the
-CUDA registration of the op. Everything the kernel cannot take falls back to plain
+family's two layouts, the call into ``csrc/mixed_gemm_sm90.cu`` through ctypes, the named
+choices the autotuner times (:func:`candidates`), and :func:`run`, the op's CUDA body for
+this family's layouts. Everything the kernel cannot take falls back to plain
 PyTorch (``ops.mixed_gemm_reference`` for the "nk" layout, a dequantize of our own layout
 otherwise), so a prepared weight always runs.
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import ops, tuning
 
 log = logging.getLogger("qcompile.kernels")
 
@@ -53,7 +54,10 @@ __all__ = [
     "mixed_gemm_cuda",
     "prepare_weight",
     "reference_prepared",
-    "register_cuda_impl",
+    "run",
+    "candidates",
+    "choice_name",
+    "choice_from_name",
     "reorder_weight",
     "select_layout",
     "supports",
@@ -213,6 +217,63 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     return Choice(cfg, DECOMP_DATA_PARALLEL, 1)
 
 
+_DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk"}
+
+
+def choice_name(choice: Choice) -> str:
+    """The stable name of a choice (config plus work split), e.g.
+    ``bf16.w4.gz.128x16x64.coop.sk/sk4`` (split-K into 4) or ``.../dp``."""
+    name = config_name(choice.config)
+    if not choice.config.streamk:
+        return name
+    if choice.decomposition == DECOMP_SPLIT_K:
+        return f"{name}/sk{choice.splits}"
+    return f"{name}/{_DECOMP_SUFFIX.get(choice.decomposition, 'dp')}"
+
+
+@functools.cache
+def _configs_by_name() -> dict[str, MixedGemmConfig]:
+    return {config_name(c): c for c in CONFIGS + EXPERIMENTAL_CONFIGS}
+
+
+def choice_from_name(name: str) -> Choice:
+    """Inverse of :func:`choice_name`; ValueError for a name this family does not have."""
+    base, _, split = name.partition("/")
+    cfg = _configs_by_name().get(base)
+    if cfg is None or (split and not cfg.streamk):
+        raise ValueError(f"no sm90 mixed-GEMM choice named {name!r}")
+    if not split or split == "dp":
+        return Choice(cfg)
+    if split == "streamk":
+        return Choice(cfg, DECOMP_STREAM_K)
+    if split.startswith("sk") and split[2:].isdigit() and int(split[2:]) >= 2:
+        return Choice(cfg, DECOMP_SPLIT_K, int(split[2:]))
+    raise ValueError(f"no sm90 mixed-GEMM choice named {name!r}")
+
+
+def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, layout: str,
+               sm_count: int = 132) -> list[str]:
+    """Choices worth timing for one problem: the heuristic's first, then every built tile
+    that is not wider than needed, each data-parallel and (stream-K builds, few output
+    tiles) split-K 2 / 4 / 8 ways."""
+    mode = _MODE_OF_LAYOUT[layout]
+    group_size = None if mode == 0 else group_size
+    first = choice_name(choose_config(m, n, k, act, bits, mode, sm_count, group_size))
+    names = [first]
+    family = sorted(_family(act, bits, mode, group_size, k), key=lambda c: c.tile_n)
+    smallest_fit = next((c.tile_n for c in family if c.tile_n >= m), family[-1].tile_n)
+    for cfg in family:
+        if cfg.tile_n > max(smallest_fit, 64) and m <= 64:
+            continue  # wider token tiles only waste MMA columns at decode
+        names.append(choice_name(Choice(cfg)))
+        tiles = math.ceil(n / cfg.tile_m) * math.ceil(m / cfg.tile_n)
+        if cfg.streamk and tiles < sm_count:
+            for s in (2, 4, 8):
+                if k // cfg.tile_k >= 4 * s:
+                    names.append(choice_name(Choice(cfg, DECOMP_SPLIT_K, s)))
+    return list(dict.fromkeys(names))
+
+
 # --- weight preparation (torch; runs on CPU or GPU) -------------------------------------
 #
 # The kernel reads W through a CuTe layout (csrc/mixed_gemm_sm90.cuh) that, per 16 x 16
@@ -308,8 +369,8 @@ def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
     names = dict.fromkeys(
         config_name(choose_config(mm, n, k, act, bits, mode, sms, group).config) for mm in ms)
     where = "main-loop group scale+zero" if mode else "epilogue per-channel scale"
-    return f"cutlass {', '.join(names)} ({where})" if m is not None else \
-        f"cutlass by M: {', '.join(names)} ({where})"
+    return f"cutlass sm90 {', '.join(names)} ({where})" if m is not None else \
+        f"cutlass sm90 by M: {', '.join(names)} ({where})"
 
 
 def prepare_weight(q_nk: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -452,7 +513,7 @@ def _check(cond: bool, msg: str) -> None:
 def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                     signed: bool, group_size: int, zero_mode: str, layout: str,
-                    config: MixedGemmConfig | Choice | None = None,
+                    config: MixedGemmConfig | Choice | str | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Run the CUTLASS kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
@@ -510,6 +571,8 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if m == 0:
         return out.reshape(*lead, n)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if isinstance(config, str):
+        config = choice_from_name(config) if config else None
     if config is None:
         config = choose_config(m, n, k, act, bits, mode, _sm_count(dev), group)
     choice = config if isinstance(config, Choice) else Choice(config)
@@ -544,9 +607,8 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return out.reshape(*lead, n)
 
 
-# --- op registration ---------------------------------------------------------------------
+# --- the op's CUDA body for this family's layouts ----------------------------------------
 
-_registered = False
 _warned: set[str] = set()
 
 
@@ -556,24 +618,17 @@ def _warn_once(key: str, msg: str) -> None:
         log.warning(msg)
 
 
-def _cuda_impl(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-               dequant_dtype, layout):
-    if layout not in LAYOUTS:
-        return ops.mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed,
-                                        group_size, zero_mode, dequant_dtype, layout)
+def run(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode, dequant_dtype,
+        layout, config: str = ""):
+    """``qcompile::mixed_gemm`` on CUDA for a weight in one of :data:`LAYOUTS` (the kernels
+    package dispatches here by layout). ``config``: a dispatch table (kernels.tuning)."""
+    del dequant_dtype
     if supports(x, qweight, scales, bits, group_size, layout):
         from .build import KernelBuildError
+        m = x.numel() // x.shape[-1]
         try:
             return mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                   zero_mode, layout)
+                                   zero_mode, layout, tuning.lookup(config, m))
         except KernelBuildError as e:
             _warn_once("build", f"CUTLASS mixed GEMM unavailable, using PyTorch: {e}")
     return reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)
-
-
-def register_cuda_impl() -> None:
-    """Make this family the CUDA implementation of ``qcompile::mixed_gemm`` (idempotent)."""
-    global _registered
-    if not _registered:
-        torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _cuda_impl)
-        _registered = True

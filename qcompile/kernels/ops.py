@@ -3,8 +3,9 @@
 These two ops are the only thing the graph rewrite emits and the only thing kernels
 implement; docs/kernels.md states the contract. The reference implementations here are
 plain PyTorch (CPU and CUDA) and define the numerics every kernel is tested against.
-This module knows nothing of graphs and nothing of CUDA kernels; a kernel family plugs in
-with ``torch.library.register_kernel(<op>, "cuda", impl)``.
+This module knows nothing of graphs and nothing of CUDA kernels; ``qcompile.kernels``
+registers the one CUDA implementation of each op, which hands the call to the kernel
+family that owns the weight layout.
 """
 
 from __future__ import annotations
@@ -103,8 +104,15 @@ def mixed_gemm_reference(
     zero_mode: str,
     dequant_dtype: torch.dtype,
     layout: str,
+    config: str = "",
 ) -> torch.Tensor:
-    """Plain-PyTorch mixed_gemm for the reference "nk" layout."""
+    """Plain-PyTorch mixed_gemm for the reference "nk" layout.
+
+    ``config`` names the kernel(s) a CUDA implementation runs (a dispatch table by token
+    count, see :mod:`qcompile.kernels.tuning`; "" = its heuristic); the numbers do not
+    depend on it, so the reference ignores it.
+    """
+    del config
     if layout != REFERENCE_LAYOUT:
         raise ValueError(
             f"the reference mixed_gemm reads layout {REFERENCE_LAYOUT!r}, got {layout!r}; "
@@ -121,7 +129,7 @@ mixed_gemm = torch.library.custom_op("qcompile::mixed_gemm", mutates_args=())(
 
 @mixed_gemm.register_fake
 def _mixed_gemm_fake(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-                     dequant_dtype, layout):
+                     dequant_dtype, layout, config=""):
     # Every layout keeps N as the leading dimension of qweight.
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -133,8 +141,13 @@ def int8_gemm_reference(
     col_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    config: str = "",
 ) -> torch.Tensor:
-    """Plain-PyTorch int8_gemm: exact int32 accumulation, then the float32 rescale."""
+    """Plain-PyTorch int8_gemm: exact int32 accumulation, then the float32 rescale.
+
+    ``config``: as for :func:`mixed_gemm_reference` (kernel choice only; ignored here).
+    """
+    del config
     m, k = xq.shape
     if xq.device.type == "cuda" and k % 8 == 0 and wq.shape[0] % 8 == 0:
         # torch._int_mm refuses M <= 16: pad the rows (exact, the pad is discarded).
@@ -156,5 +169,5 @@ int8_gemm = torch.library.custom_op("qcompile::int8_gemm", mutates_args=())(
 
 
 @int8_gemm.register_fake
-def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype):
+def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype, config=""):
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)

@@ -134,10 +134,11 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: 
         if match.zero_mode == "add":
             zeros = (zeros.double() * c[:, None]).to(torch.float32)
         rec.format += " post-scale"
-    plan = kernels.plan_mixed_gemm(match.bits, match.signed, match.group_size, match.zero_mode,
-                                   _static_m(x), n, k, _val(x).dtype, match.q.device)
-    qweight, scales, zeros = plan.prepare(match.q, scales, zeros)
-    rec.kernel = plan.description
+    prep = kernels.prepare_mixed_gemm(match.q, scales, zeros, match.bits, match.signed,
+                                      match.group_size, match.zero_mode, _static_m(x),
+                                      _val(x).dtype, has_bias=bias is not None)
+    qweight, scales, zeros = prep.tensors
+    rec.kernel = prep.description
     with b.graph.inserting_before(mm):
         qw = _reuse_or_constant(b, ev, w_node, qweight, "qweight")
         s = b.constant(scales, "scales")
@@ -146,7 +147,7 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: 
             bias = b.call(aten.view.default, (bias, [n]))
         new = b.call(torch.ops.qcompile.mixed_gemm.default,
                      (x, qw, s, z, bias, match.bits, match.signed, match.group_size,
-                      match.zero_mode, match.dequant_dtype, plan.layout), like=mm)
+                      match.zero_mode, match.dequant_dtype, prep.layout, prep.config), like=mm)
     mm.replace_all_uses_with(new)
     if post is not None:
         mul, _, index = post
@@ -156,9 +157,8 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: 
 def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, mm: fx.Node, match: Int8Match,
                   rec: MatchRecord) -> None:
     xq = mm.args[0]
-    plan = kernels.plan_int8_gemm(_static_m(xq), match.wq.shape[0], match.wq.shape[1],
-                                  match.out_dtype, match.wq.device)
-    rec.kernel = plan.description
+    config, rec.kernel = kernels.prepare_int8_gemm(match.wq, _static_m(xq), match.out_dtype,
+                                                   has_bias=match.bias is not None)
     end = match.end
     with b.graph.inserting_before(end):
         row = None
@@ -174,7 +174,7 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, mm: fx.Node, match: Int8Ma
         col = b.constant(match.col_scale, "col_scale")
         bias = b.constant(match.bias, "bias") if match.bias is not None else None
         new = b.call(torch.ops.qcompile.int8_gemm.default,
-                     (xq, wq, row, col, bias, match.out_dtype), like=end)
+                     (xq, wq, row, col, bias, match.out_dtype, config), like=end)
     end.replace_all_uses_with(new)
 
 
