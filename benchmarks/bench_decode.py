@@ -7,8 +7,10 @@ For each format and backend, in one process: build the model (random weights, bf
 quantize it with ``qcompile.quantize`` (W4A16 g128, W8A16, W8A8), prefill the prompt
 eagerly, then generate ``--new`` tokens greedily with the one-token step compiled with
 ``mode="reduce-overhead"`` (CUDA graphs) by the default Inductor backend ("inductor") or by
-``backend="qcompile"``. Records tokens/s, ms per token, peak GPU memory and compile time,
-one JSON line per cell in benchmarks/results/bench_decode.jsonl.
+``backend="qcompile"`` (CUDA graphs too, and ``freezing_discard_parameters`` so the
+repacked weights are not held twice). Records tokens/s, ms per token, peak GPU memory
+during decoding (after compilation) beside the model's weight and KV-cache bytes, and
+compile time, one JSON line per cell in benchmarks/results/bench_decode.jsonl.
 ``--device cpu --config tiny --prompt 8 --new 4`` is a smoke test, not a measurement.
 """
 
@@ -56,10 +58,18 @@ def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: i
     if fmt != "bf16":
         method = {"w4a16": "w4a16", "w8a16": "w8a16", "w8a8": "w8a8"}[fmt]
         qcompile.quantize(model, method, group_size=128)
+    weight_gb = sum(t.numel() * t.element_size() for t in
+                    [*model.parameters(), *model.buffers()]) / 1e9
     model.setup_caches(batch, prompt + new)
+    kv_gb = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                if n.endswith(("k_cache", "v_cache"))) / 1e9
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
-    backend = "qcompile" if impl == "qcompile" else "inductor"
-    step = torch.compile(model, backend=backend, mode="reduce-overhead", fullgraph=True)
+    if impl == "qcompile":
+        # reduce-overhead (CUDA graphs), and free the originals of the repacked weights
+        step = torch.compile(model, backend="qcompile", fullgraph=True, options={
+            "triton.cudagraphs": device == "cuda", "freezing_discard_parameters": True})
+    else:
+        step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
         logits = model(tokens, torch.arange(prompt, device=device))
         tok = logits[:, -1:].argmax(-1)
@@ -69,6 +79,8 @@ def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: i
             step(tok, pos)
         _sync(device)
         compile_s = time.perf_counter() - start
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # steady-state decode, not compilation
         out = []
         _sync(device)
         start = time.perf_counter()
@@ -85,7 +97,8 @@ def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: i
         "bench": "decode", "config": cfg_name, "format": fmt, "batch": batch, "impl": impl,
         "tokens_per_s": round(batch * new / seconds, 2),
         "ms_per_token": round(1e3 * seconds / new, 3),
-        "peak_mem_gb": round(peak, 2), "compile_s": round(compile_s, 1),
+        "peak_mem_gb": round(peak, 2), "weight_gb": round(weight_gb, 3),
+        "kv_cache_gb": round(kv_gb, 3), "compile_s": round(compile_s, 1),
         "matched": None if report is None else f"{len(report.matched)}/{len(report)}",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "commit": _commit(),

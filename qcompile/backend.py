@@ -7,7 +7,11 @@ buffers to their real tensors, installs the rewrite as Inductor's
 before Inductor's own quantization fusions) and hands over to ``compile_fx``.
 
 Options (``options={...}``): ``"freezing"`` (default True) turns Inductor's freezing on or
-off; every other key is an Inductor config entry. ``mode`` is torch.compile's.
+off; every other key is an Inductor config entry. ``"freezing_discard_parameters": True``
+(Inductor's name for it) also frees the original weight tensors that the compiled graph
+replaced by repacked copies, so the weights are not held twice; the eager model can no
+longer run, nor be traced again. ``mode`` is torch.compile's. Under ``max_autotune``
+(``mode="max-autotune"``) the kernels are chosen by timing, per token-count range.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class QcompilePass(_compat.CustomGraphPass):
     def __init__(self, flat_inputs: Sequence, report: Report):
         self.flat_inputs = list(flat_inputs)
         self.report = report
+        self.consumed: list[torch.Tensor] = []  # originals the compiled graph no longer reads
 
     def uuid(self):
         # The rewrite depends on parameter values, which no cache key covers: never cache.
@@ -50,8 +55,14 @@ class QcompilePass(_compat.CustomGraphPass):
                        "graphs; run under torch.no_grad() or torch.inference_mode()"))
             return
         constants = self._constants(placeholders)
+        used = [n for n in constants if n.users]
         with _compat.no_dispatch_modes():
             rewrite_graph(graph, constants, self.report)
+        # Weights whose only readers were rewritten (their repacked copies replace them),
+        # unless their memory is shared with a tensor the graph still reads.
+        kept = {constants[n].untyped_storage().data_ptr() for n in used if n.users}
+        self.consumed = [constants[n] for n in used if not n.users and
+                         constants[n].untyped_storage().data_ptr() not in kept]
 
     def _constants(self, placeholders: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         if len(placeholders) != len(self.flat_inputs):
@@ -66,6 +77,12 @@ class QcompilePass(_compat.CustomGraphPass):
                 continue
             if val.dtype != value.dtype or val.dim() != value.dim():
                 continue
+            if value.numel() and not value.untyped_storage().nbytes():
+                raise RuntimeError(
+                    "qcompile: this model's quantized weights were released by an earlier "
+                    "compile with options={'freezing_discard_parameters': True}, so it cannot "
+                    "be traced again (new input shapes, a graph break, or eager use). Build "
+                    "the model again, or compile without that option.")
             out[node] = value
         return out
 
@@ -107,18 +124,38 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     freezing = options.pop("freezing", True)
     if not isinstance(freezing, bool):
         raise TypeError(f"options['freezing'] must be a bool, got {type(freezing).__name__}")
+    release = options.get("freezing_discard_parameters", False)
+    if release and not freezing:
+        raise ValueError("options['freezing_discard_parameters'] needs freezing (the default)")
     report = Report(graphs=1)
     _last.append(report)
     del _last[:-64]
     patches = _compat.mode_options(mode)
     patches.update(options)
     patches["freezing"] = freezing
-    patches["joint_custom_pre_pass"] = QcompilePass(_flat_inputs(example_inputs), report)
+    qpass = QcompilePass(_flat_inputs(example_inputs), report)
+    patches["joint_custom_pre_pass"] = qpass
     with torch._inductor.config.patch(patches):
         compiled = compile_fx(gm, example_inputs, inner_compile=_inner_compile)
+    if release:
+        _release(qpass.consumed)
     for c in _collectors:
         c.extend(report)
     return compiled
+
+
+def _release(tensors: Sequence[torch.Tensor]) -> None:
+    """Free the memory of original weights that only rewritten matmuls read: the compiled
+    graph holds their repacked copies, so keeping both would double the weight memory.
+    The tensors stay (shapes intact, for Dynamo's guards) with no data: eager use of the
+    module then fails, and a retrace raises the error in QcompilePass._constants."""
+    freed = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        freed += storage.nbytes()
+        storage.resize_(0)
+    log.info("qcompile: released %d original weight tensors (%.1f MB) after freezing",
+             len(tensors), freed / 1e6)
 
 
 def last_report() -> Report:

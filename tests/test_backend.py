@@ -131,3 +131,30 @@ def test_bmm_with_a_broadcast_weight_is_rewritten(dtype):
     assert [(r.op, r.matched, r.format) for r in report.records] == [
         ("bmm", True, "w8a16 int8 per-channel")]
     assert rel_err(out, model(x)) <= TOL[dtype]
+
+
+def test_discard_parameters_frees_the_replaced_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128))
+    qcompile.quantize(model, "w4a16", group_size=64)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model, backend="qcompile",
+                                 options={"freezing_discard_parameters": True})
+        out = compiled(x)
+        assert rel_err(out, ref) <= 1e-5
+        # the user's scales/zeros were repacked into the graph, then freed
+        released = [name for name, t in model.named_buffers() if t.untyped_storage().nbytes() == 0]
+        assert {"0.scales", "0.zeros", "2.scales", "2.zeros"} <= set(released), released
+        assert rel_err(compiled(x), ref) <= 1e-5  # the compiled model still runs
+        with pytest.raises(Exception, match="freezing_discard_parameters"):
+            compiled(torch.randn(4, 7, 256))  # a retrace needs the released weights
+
+
+def test_discard_parameters_needs_freezing():
+    model = nn.Sequential(nn.Linear(64, 64))
+    compiled = torch.compile(model, backend="qcompile",
+                             options={"freezing": False, "freezing_discard_parameters": True})
+    with pytest.raises(Exception, match="needs freezing"):
+        compiled(torch.randn(2, 64))

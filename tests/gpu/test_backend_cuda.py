@@ -67,3 +67,43 @@ def test_activation_quantization_is_one_triton_kernel():
     assert len(kernels) == 1, kernels
     assert f"(({m}, {dim}), ({dim}, 1), torch.float32)" not in code
     assert _rel(out, ref) <= 2e-2
+
+
+def _mlp(method):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.SiLU(),
+                                torch.nn.Linear(2048, 1024)).to("cuda", torch.bfloat16)
+    return qcompile.quantize(model, method, group_size=128)
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8"])
+def test_max_autotune_dispatches_by_token_count_without_recompiling(method):
+    model = _mlp(method)
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.mark_dynamic(x, 0)
+    compiled = torch.compile(model, backend="qcompile", options={"max_autotune_gemm": True})
+    with torch.no_grad(), qcompile.collect() as report:
+        for m in (8, 2, 17, 300, 2048):
+            xm = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            assert _rel(compiled(xm), model(xm)) <= 2e-2, m
+    print(report)
+    assert report.graphs == 1  # one compile served every M
+    assert len(report.matched) == 2
+    # symbolic M: a table by token-count range, measured per bucket
+    assert all(r.kernel.startswith(("cutlass sm90 autotuned: 1-", "cutlass sm80 autotuned: 1-",
+                                    "cutlass autotuned: 1-")) for r in report.matched), str(report)
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16"])
+def test_compute_capability_8_selects_the_sm80_family(monkeypatch, method):
+    from qcompile import kernels
+    monkeypatch.setattr(kernels, "device_capability", lambda device: (8, 0))
+    model = _mlp(method)
+    x = torch.randn(33, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        report = qcompile.explain(model, x)
+        out = torch.compile(model, backend="qcompile")(x)
+    print(report)
+    assert len(report.matched) == 2
+    assert all(r.kernel.startswith("cutlass sm80") for r in report.matched), str(report)
+    assert _rel(out, model(x)) <= 2e-2
