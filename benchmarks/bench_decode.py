@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import subprocess
 import sys
@@ -45,8 +46,43 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: int,
-             device: str) -> dict:
+class HFLlama(torch.nn.Module):
+    """transformers' LlamaForCausalLM with a static KV cache, called like qcompile.llama's
+    model: ``forward(tokens [B, S], input_pos [S]) -> logits``."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+        self.hf_config = LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.intermediate,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+            rope_theta=cfg.rope_base, rms_norm_eps=cfg.norm_eps)
+        self.model = LlamaForCausalLM(self.hf_config).eval()
+        self.cache = None
+
+    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+        from transformers import StaticCache
+        del max_batch  # the cache takes the batch of its first update
+        # spare slots: with exactly max_seq, the compiled step (transformers 5.17) indexed
+        # one past the cache at the last position
+        self.cache = StaticCache(config=self.hf_config, max_cache_len=max_seq + 8)
+
+    def forward(self, tokens, input_pos):
+        return self.model(input_ids=tokens, past_key_values=self.cache, cache_position=input_pos,
+                          use_cache=True).logits
+
+
+def _kv_bytes(model) -> int:
+    if isinstance(model, HFLlama):
+        return sum(t.numel() * t.element_size() for layer in model.cache.layers
+                   for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+    return sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+               if n.endswith(("k_cache", "v_cache")))
+
+
+def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, prompt: int,
+             new: int, device: str) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     cfg = CONFIGS[cfg_name]
@@ -54,15 +90,13 @@ def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: i
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with torch.device(device):
-        model = Llama(cfg).to(torch.bfloat16)
+        model = (HFLlama(cfg) if model_kind == "transformers" else Llama(cfg)).to(torch.bfloat16)
     if fmt != "bf16":
         method = {"w4a16": "w4a16", "w8a16": "w8a16", "w8a8": "w8a8"}[fmt]
         qcompile.quantize(model, method, group_size=128)
     weight_gb = sum(t.numel() * t.element_size() for t in
                     [*model.parameters(), *model.buffers()]) / 1e9
     model.setup_caches(batch, prompt + new)
-    kv_gb = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
-                if n.endswith(("k_cache", "v_cache"))) / 1e9
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
     if impl == "qcompile":
         # reduce-overhead (CUDA graphs), and free the originals of the repacked weights
@@ -73,6 +107,8 @@ def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: i
     with torch.no_grad():
         logits = model(tokens, torch.arange(prompt, device=device))
         tok = logits[:, -1:].argmax(-1)
+    kv_gb = _kv_bytes(model) / 1e9
+    with torch.no_grad():
         start = time.perf_counter()
         for i in range(3):  # compile, then record the CUDA graph
             pos = torch.tensor([prompt + i], device=device)
@@ -94,7 +130,7 @@ def run_cell(cfg_name: str, fmt: str, impl: str, batch: int, prompt: int, new: i
     report = qcompile.last_report() if impl == "qcompile" else None
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     return {
-        "bench": "decode", "config": cfg_name, "format": fmt, "batch": batch, "impl": impl,
+        "bench": "decode", "model": model_kind, "config": cfg_name, "format": fmt, "batch": batch, "impl": impl,
         "tokens_per_s": round(batch * new / seconds, 2),
         "ms_per_token": round(1e3 * seconds / new, 3),
         "peak_mem_gb": round(peak, 2), "weight_gb": round(weight_gb, 3),
@@ -112,30 +148,42 @@ def main() -> int:
     p.add_argument("--formats", default="bf16,w4a16,w8a16,w8a8")
     p.add_argument("--impls", default="inductor,qcompile")
     p.add_argument("--batch", default="1,8")
+    p.add_argument("--models", default=None,
+                   help="qcompile.llama and/or transformers (default: both where transformers "
+                        "is installed)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    if args.models is None:
+        try:
+            import transformers  # noqa: F401
+            args.models = "qcompile.llama,transformers"
+        except ImportError:
+            args.models = "qcompile.llama"
     rows = []
-    for batch in (int(b) for b in args.batch.split(",")):
-        for fmt in args.formats.split(","):
-            for impl in args.impls.split(","):
-                if fmt == "bf16" and impl == "qcompile":
-                    continue  # nothing to rewrite: the same as Inductor
-                row = run_cell(args.config, fmt, impl, batch, args.prompt, args.new, args.device)
-                rows.append(row)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{fmt:6s} {impl:9s} bs={batch}: {row['tokens_per_s']:8.1f} tok/s "
-                      f"{row['ms_per_token']:7.2f} ms/step  peak {row['peak_mem_gb']:5.2f} GB  "
-                      f"compile {row['compile_s']:5.1f}s  matched {row['matched']}", flush=True)
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
+    for model_kind, batch, fmt, impl in itertools.product(
+            args.models.split(","), [int(b) for b in args.batch.split(",")],
+            args.formats.split(","), args.impls.split(",")):
+        if fmt == "bf16" and impl == "qcompile":
+            continue  # nothing to rewrite: the same as Inductor
+        row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
+                       args.device)
+        rows.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}: "
+              f"{row['tokens_per_s']:8.1f} tok/s "
+              f"{row['ms_per_token']:7.2f} ms/step  peak {row['peak_mem_gb']:5.2f} GB  "
+              f"compile {row['compile_s']:5.1f}s  matched {row['matched']}", flush=True)
+    base = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
     for r in rows:
-        if r["batch"] in base:
-            print(f"{r['format']:6s} {r['impl']:9s} bs={r['batch']}: "
-                  f"{r['tokens_per_s'] / base[r['batch']]:.2f}x bf16")
+        key = (r["model"], r["batch"])
+        if key in base:
+            print(f"{r['model']:14s} {r['format']:6s} {r['impl']:9s} bs={r['batch']}: "
+                  f"{r['tokens_per_s'] / base[key]:.2f}x bf16")
     return 0
 
 
