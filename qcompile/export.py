@@ -3,7 +3,7 @@
 ``export`` traces the model with ``torch.export``, decomposes it to core ATen, runs the
 same recognition and rewrite as the backend (quantized matmuls become qcompile ops with
 repacked weights), exports the rewritten module again and packages it with AOTInductor
-into one ``.pt2`` file. A ``<root>/qcompile.json`` entry in that archive records the artifact
+into one ``.pt2`` file. A ``qcompile.json`` extra file in that archive records the artifact
 format and the qcompile / torch versions, checked by ``load`` before anything is run.
 
 The packaged model calls the qcompile ops through the dispatcher, so ``load`` imports
@@ -91,8 +91,6 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"path must end in .pt2, got {str(path)!r}")
-    from torch._inductor import aoti_compile_and_package
-
     from . import __version__
     from .backend import _last
 
@@ -102,14 +100,14 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
     log.info("export: %d of %d matmuls run as qcompile ops", len(report.matched), len(report))
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("export: compiling with AOTInductor into %s", path)
-    aoti_compile_and_package(ep, package_path=str(path))
+    aoti_files = torch._inductor.aot_compile(ep.module(), tuple(example_inputs),
+                                             options={"aot_inductor.package": True})
     meta = {"format": FORMAT_VERSION, "qcompile": __version__, "torch": torch.__version__,
             "report": report.to_dicts()}
-    with zipfile.ZipFile(path, "a") as zf:
-        # Inside the package's own root folder: AOTInductor's loader (torch 2.11) crashes
-        # on entries outside it.
-        root = zf.namelist()[0].split("/", 1)[0]
-        zf.writestr(f"{root}/{META_NAME}", json.dumps(meta))
+    # One archive written by torch's own writer, our record among its extra files: a
+    # record appended afterwards (Python's zipfile) crashed torch 2.11's package loader.
+    from torch.export.pt2_archive._package import package_pt2
+    package_pt2(str(path), aoti_files=aoti_files, extra_files={META_NAME: json.dumps(meta)})
     return path
 
 
