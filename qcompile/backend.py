@@ -17,6 +17,7 @@ longer run, nor be traced again. ``mode`` is torch.compile's. Under ``max_autotu
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from unittest import mock
@@ -96,15 +97,45 @@ def _flat_inputs(example_inputs: Sequence) -> list[tuple[object, bool]]:
     return flat
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, **kwargs):
+@contextlib.contextmanager
+def _recording_freeze(kept: list[list[int]]) -> Iterator[None]:
+    """Record which graph inputs Inductor's freezing keeps (the rest become constants)."""
+    import torch._inductor.compile_fx as compile_fx_module
+    import torch._inductor.freezing as freezing
+    real = freezing.freeze
+
+    def freeze(*args, **kwargs):
+        model, preserved = real(*args, **kwargs)
+        kept.append(list(preserved))
+        return model, preserved
+    with contextlib.ExitStack() as stack:
+        # compile_fx imports it at call time (2.13) or may hold its own name for it
+        for module in (freezing, compile_fx_module):
+            if getattr(module, "freeze", None) is real:
+                stack.enter_context(mock.patch.object(module, "freeze", freeze))
+        yield
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, *, static: Sequence[int] = (),
+                   kept: Sequence[Sequence[int]] = (), **kwargs):
     """Inductor's compile_fx_inner, letting the graph hold the real tensors our pass added.
 
     The rewrite adds the repacked weights as get_attr constants. Freezing already lets
     such constants through Inductor's fake-tensor propagation (it patches the fake mode's
     allow_non_fake_inputs around inner compile); without freezing we do the same.
+
+    Under freezing, the inputs left are the user's inputs and the buffers the graph
+    writes (a KV cache). Inductor passes on static-input indices of the graph before
+    freezing, so CUDA graphs took the written buffers for ordinary inputs and refused to
+    record ("mutated inputs"); ``static`` (Dynamo's parameters and buffers, indices before
+    freezing) and ``kept`` (what freezing kept) give the right indices after it.
     """
     from torch._guards import detect_fake_mode
     from torch._inductor.compile_fx import compile_fx_inner
+
+    if kept and len(kept[-1]) == len(example_inputs):
+        static_set = set(static)
+        kwargs["static_input_idxs"] = [j for j, i in enumerate(kept[-1]) if i in static_set]
 
     fake_mode = detect_fake_mode(example_inputs)
     ctx = (mock.patch.object(fake_mode, "allow_non_fake_inputs", True)
@@ -133,10 +164,14 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     patches = _compat.mode_options(mode)
     patches.update(options)
     patches["freezing"] = freezing
-    qpass = QcompilePass(_flat_inputs(example_inputs), report)
+    flat = _flat_inputs(example_inputs)
+    qpass = QcompilePass(flat, report)
     patches["joint_custom_pre_pass"] = qpass
-    with torch._inductor.config.patch(patches):
-        compiled = compile_fx(gm, example_inputs, inner_compile=_inner_compile)
+    kept: list[list[int]] = []  # the graph inputs freezing keeps, as indices into flat
+    with torch._inductor.config.patch(patches), _recording_freeze(kept):
+        compiled = compile_fx(gm, example_inputs, inner_compile=functools.partial(
+            _inner_compile, static=[i for i, (_, const) in enumerate(flat) if const],
+            kept=kept))
     if release:
         _release(qpass.consumed)
     for c in _collectors:
