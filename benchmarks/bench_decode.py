@@ -20,6 +20,7 @@ import argparse
 import datetime
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_decode.jsonl"
 
 
 def _commit() -> str:
+    # QCOMPILE_COMMIT: set where the checkout's git metadata is not the code being run
+    # (a copied working tree on a remote machine)
+    if os.environ.get("QCOMPILE_COMMIT"):
+        return os.environ["QCOMPILE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=Path(__file__).parent).strip()
@@ -129,12 +134,15 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
         seconds = time.perf_counter() - start
     report = qcompile.last_report() if impl == "qcompile" else None
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
+    released_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                      if t.numel() and not t.untyped_storage().nbytes()) / 1e9
     return {
         "bench": "decode", "model": model_kind, "config": cfg_name, "format": fmt, "batch": batch, "impl": impl,
         "tokens_per_s": round(batch * new / seconds, 2),
         "ms_per_token": round(1e3 * seconds / new, 3),
         "peak_mem_gb": round(peak, 2), "weight_gb": round(weight_gb, 3),
-        "kv_cache_gb": round(kv_gb, 3), "compile_s": round(compile_s, 1),
+        "kv_cache_gb": round(kv_gb, 3), "released_gb": round(released_gb, 3),
+        "compile_s": round(compile_s, 1),
         "matched": None if report is None else f"{len(report.matched)}/{len(report)}",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "commit": _commit(),
@@ -168,10 +176,23 @@ def main() -> int:
             args.formats.split(","), args.impls.split(",")):
         if fmt == "bf16" and impl == "qcompile":
             continue  # nothing to rewrite: the same as Inductor
-        row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                       args.device)
-        rows.append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
+                           args.device)
+        except Exception as e:  # a cell that cannot run is recorded, with why
+            row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
+                   "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
+                   "peak_mem_gb": None, "error": f"{type(e).__name__}: {str(e)[:200]}",
+                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                   "torch": torch.__version__, "commit": _commit(),
+                   "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+            print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}: failed: {row['error']}",
+                  flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            continue
+        rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}: "
@@ -181,7 +202,7 @@ def main() -> int:
     base = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
     for r in rows:
         key = (r["model"], r["batch"])
-        if key in base:
+        if key in base and r["tokens_per_s"]:
             print(f"{r['model']:14s} {r['format']:6s} {r['impl']:9s} bs={r['batch']}: "
                   f"{r['tokens_per_s'] / base[key]:.2f}x bf16")
     return 0

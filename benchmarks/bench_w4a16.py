@@ -39,8 +39,8 @@ DT = torch.bfloat16
 
 
 def _commit() -> str:
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
+    if os.environ.get("QCOMPILE_COMMIT"):
+        return os.environ["QCOMPILE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True, cwd=Path(__file__).parent).stdout.strip()

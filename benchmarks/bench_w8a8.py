@@ -85,8 +85,8 @@ def time_graph(fn: Callable[[], object], rep_ms: int = 100) -> float:
 
 
 def git_commit() -> str:
-    if os.environ.get("QC_COMMIT"):
-        return os.environ["QC_COMMIT"]
+    if os.environ.get("QCOMPILE_COMMIT"):
+        return os.environ["QCOMPILE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
