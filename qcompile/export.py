@@ -26,7 +26,7 @@ from .lowering.rewrite import rewrite_graph
 
 log = logging.getLogger("qcompile")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: qcompile.json as an archive extra file; ops take `config`
 META_NAME = "qcompile.json"
 
 __all__ = ["export", "load", "ArtifactError", "FORMAT_VERSION"]

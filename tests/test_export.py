@@ -12,7 +12,7 @@ from conftest import rel_err
 from torch import nn
 
 import qcompile
-from qcompile.export import META_NAME, read_metadata
+from qcompile.export import FORMAT_VERSION, META_NAME, read_metadata
 
 
 def _model():
@@ -44,7 +44,7 @@ def test_round_trip_matches_eager_for_any_m(artifact):
 def test_artifact_holds_the_report_and_versions(artifact):
     _, path = artifact
     meta = read_metadata(path)
-    assert meta["format"] == 1 and meta["torch"] == torch.__version__
+    assert meta["format"] == FORMAT_VERSION == 2 and meta["torch"] == torch.__version__
     assert [r["format"] for r in meta["report"]] == [
         "w4a16 uint4 g64+zeros", "w8a8 int8 per-token x per-channel +bias"]
 
@@ -63,7 +63,7 @@ def _copy_with_meta(src: Path, dst: Path, **changes):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(format=99), "has artifact format 99, this qcompile reads format 1"),
+    (dict(format=99), f"has artifact format 99, this qcompile reads format {FORMAT_VERSION}"),
     (dict(torch="2.9.0"), "was exported with torch 2.9.0, this is torch"),
     (dict(drop=True), "has no qcompile.json"),
 ])
