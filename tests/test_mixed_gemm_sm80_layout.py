@@ -183,10 +183,20 @@ def test_configs():
         assert tm % wm == 0 and tn % wn == 0 and tk % wk == 0
         assert (tm // wm) * (tn // wn) * (tk // wk) in (4, 8)  # 128 or 256 threads
         assert wm % 16 == 0 and wn % 8 == 0 and tk % 64 == 0  # m16n8k16 MMAs, 64-byte int8 rows
-        # pipeline smem (bf16 x tile + int8 w tile per stage) within sm_86/89's 99 KiB
-        assert c.stages * (tm * tk * 2 + tn * tk) <= 99 * 1024
         assert c.defines()["QC_ACT_FP16"] == int(c.act == "fp16")
-    assert {c.tile[0] for c in m80.CONFIGS} >= {16, 32}  # small-M tiles
+        if c.mode == "rs":
+            # pipeline smem (bf16 x tile + int8 w tile per stage) within sm_86/89's 99 KiB
+            assert c.bits == 8 and c.stages * (tm * tk * 2 + tn * tk) <= 99 * 1024
+        else:
+            assert c.mode == "gz" and c.bits in (4, 8) and tk == 64
+            assert wn % m80.N_ALIGN_V2[c.bits] == 0  # whole weight blocks per warp
+            assert c.smem_bytes() <= 99 * 1024
+            assert c.defines()["QC_WBITS"] == c.bits
+            assert c.info()[5:7] == [tm // wm, tn // wn]
+    for act in ("bf16", "fp16"):
+        for bits, mode in ((8, "rs"), (4, "gz"), (8, "gz")):
+            tiles = {c.tile[0] for c in m80.CONFIGS if (c.act, c.bits, c.mode) == (act, bits, mode)}
+            assert tiles >= {16, 32, 64, 128}, (act, bits, mode)  # decode and prefill tiles
 
 
 def test_heuristic():
@@ -213,7 +223,7 @@ def test_cached_library_info():
     # Where the kernel libraries are already built, each reports the configuration it was
     # built for (a host function; loading needs the CUDA runtime library, not a GPU).
     from qcompile.kernels.build import cached_path
-    paths = {c: cached_path(m80._spec(c)) for c in m80.CONFIGS}
+    paths = {c: cached_path(m80.kernel_spec(c)) for c in m80.CONFIGS}
     if all(p is None for p in paths.values()):
         pytest.skip("kernel libraries not built")
     for cfg, path in paths.items():
@@ -223,6 +233,222 @@ def test_cached_library_info():
             lib = ctypes.CDLL(str(path))
         except OSError as e:
             pytest.skip(f"cannot load {path.name}: {e}")
-        info = (ctypes.c_int * 8)()
-        assert lib.qc_mixed_gemm_sm80_info(info, 8) == 8
-        assert list(info) == cfg.info(), m80.config_name(cfg)
+        info = (ctypes.c_int * 9)()
+        fn = lib.qc_mixed_gemm_sm80_info if cfg.mode == "rs" else lib.qc_mixed_gemm_gz_sm80_info
+        assert fn(info, 9) == (8 if cfg.mode == "rs" else 9)
+        assert list(info)[:8] == cfg.info(), m80.config_name(cfg)
+        if cfg.mode == "gz":
+            assert info[8] == cfg.smem_bytes(), m80.config_name(cfg)
+
+
+# --- layout v2 (group-wise kernel) --------------------------------------------------------
+
+V2 = m80.LAYOUT_GROUPZERO_V2
+# (N, K) at the v2 alignment limits: K % 64, N % 16 (int4) / N % 8 (int8)
+V2_SHAPES = {4: [(16, 64), (48, 192), (144, 320), (16, 1024)],
+             8: [(8, 64), (24, 128), (136, 320), (8, 1024)]}
+
+
+def _v2_groups(k):
+    return [g for g in (16, 32, 64, 128, 256, k) if m80.group_ok(g, k)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("signed,zero_mode", FORMATS)
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_v2_round_trip(bits, signed, zero_mode, act):
+    for n, k in V2_SHAPES[bits]:
+        for group in dict.fromkeys(_v2_groups(k)):
+            q, s, z = _format(n, k, bits, signed, group, zero_mode, act, seed=group + n)
+            qw, sc, zz = m80.prepare_weight(q, s, z, bits, signed, group, zero_mode, V2, act)
+            assert qw.dtype == torch.uint8 and tuple(qw.shape) == (n, k * bits // 8)
+            assert sc.dtype == act and tuple(sc.shape) == (k // group, n)
+            assert zz is not None and zz.dtype == act and tuple(zz.shape) == (k // group, n)
+            q2, s2, z2 = m80.unprepare_weight(qw, sc, zz, bits, signed, zero_mode, V2)
+            assert torch.equal(q2, q), (n, k, group)
+            assert torch.equal(s2, s), (n, k, group)
+            if z is None:
+                assert z2 is None
+            else:
+                tol = 2 ** -7 if act == torch.bfloat16 else 2 ** -10
+                unit = 1.0 if zero_mode == "sub" else s
+                bound = tol * (z.abs() + (1 << bits) * unit) + 1e-6
+                assert ((z2 - z).abs() <= bound).all(), (n, k, group)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_v2_pack_is_a_permutation(bits):
+    # every element lands exactly once; the rows of a weight block stay in that block's rows
+    n, k = 2 * m80.N_ALIGN_V2[bits], 128
+    idx = torch.arange(n * k).reshape(n, k)
+    flat = m80.v2_order(idx, bits)
+    assert torch.equal(flat.sort().values, torch.arange(n * k))
+    rows = (flat // k).reshape(n, -1)
+    blk = m80.N_ALIGN_V2[bits]
+    for r in range(n):
+        assert (rows[r] // blk == r // blk).all()
+
+
+def _lane_values(bits, lane, ks, n, k):
+    """(n, k) of the values in 32-bit word ks of lane `lane`'s 16 bytes in block (0, 0), in
+    word position order (int4: nibble 0..7, int8: byte 0..3)."""
+    idx = torch.arange(n * k).reshape(n, k)
+    flat = m80.v2_order(idx, bits)
+    per_lane = 32 if bits == 4 else 16
+    vals = flat[lane * per_lane:(lane + 1) * per_lane].reshape(4, -1)[ks]
+    return [(int(v) // k, int(v) % k) for v in vals]
+
+
+def test_v2_lane_owns_its_mma_fragments():
+    # mma.sync.m16n8k16 B fragment of lane (g, t): reg b0 = (k 2t, 2t+1), b1 = (2t+8, 2t+9),
+    # n = g. int4 word: nibble pairs (i, i+4) = [col0 b0, col0 b1, col1 b0, col1 b1];
+    # int8 word: byte pairs (0, 2) = b0, (1, 3) = b1.
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for ks in range(4):
+            base = 16 * ks
+            v4 = _lane_values(4, lane, ks, 16, 64)
+            for i, (col, reg) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                kk = base + 2 * t + 8 * reg
+                assert v4[i] == (g + 8 * col, kk) and v4[i + 4] == (g + 8 * col, kk + 1)
+            v8 = _lane_values(8, lane, ks, 8, 64)
+            for reg in (0, 1):
+                kk = base + 2 * t + 8 * reg
+                assert v8[reg] == (g, kk) and v8[reg + 2] == (g, kk + 1)
+
+
+def test_v2_hand_computed_bytes():
+    # int4: stored nibble u = q' + 8 (= q for unsigned formats). Lane 0, word 0 of block 0:
+    # nibbles (n, k) = (0,0) (0,8) (8,0) (8,8) (0,1) (0,9) (8,1) (8,9).
+    q = torch.zeros(16, 64, dtype=torch.int16)
+    q[0, 0], q[0, 8], q[8, 0], q[8, 8], q[0, 1], q[0, 9], q[8, 1], q[8, 9] = 1, 2, 3, 4, 5, 6, 7, 15
+    qw, sc, zz = m80.prepare_weight(q, torch.ones(16, 1), None, 4, False, 64, "none", V2,
+                                    torch.float16)
+    word = int.from_bytes(bytes(qw.flatten()[:4].tolist()), "little")
+    assert word == 0xF7654321
+    assert torch.equal(zz, torch.full((1, 16), 8.0, dtype=torch.float16))  # z' = 8 * s
+    # signed int4 is biased by 8: q' = -8 -> nibble 0, 7 -> 15, 0 -> 8
+    q = torch.zeros(16, 64, dtype=torch.int16)
+    q[0, 0], q[0, 8] = -8, 7
+    qw, _, zz = m80.prepare_weight(q, torch.ones(16, 1), None, 4, True, 64, "none", V2,
+                                   torch.bfloat16)
+    assert qw.flatten()[:4].tolist() == [0xF0, 0x88, 0x88, 0x88]
+    assert not zz.any()
+    # int8: bytes (n, k) = (0,0) (0,8) (0,1) (0,9), biased by 128
+    q = torch.zeros(8, 64, dtype=torch.int16)
+    q[0, 0], q[0, 8], q[0, 1], q[0, 9] = -128, 127, 1, -1
+    qw, _, _ = m80.prepare_weight(q, torch.ones(8, 1), None, 8, True, 64, "none", V2,
+                                  torch.bfloat16)
+    assert qw.flatten()[:4].tolist() == [0, 255, 129, 127]
+    # block (nb, kb) at byte (nb * K/64 + kb) * 512: element (n=8, k=64) of int8 [16, 128] is
+    # lane 0 word 0 byte 0 of block (1, 1)
+    q = torch.zeros(16, 128, dtype=torch.int16)
+    q[8, 64] = 5
+    qw, _, _ = m80.prepare_weight(q, torch.ones(16, 1), None, 8, True, 128, "none", V2,
+                                  torch.bfloat16)
+    assert int(qw.flatten()[(1 * 2 + 1) * 512]) == 133
+
+
+def test_v2_rejects_bad_shapes():
+    bf = torch.bfloat16
+    cases = [(4, 16, 96, 32), (4, 24, 128, 64), (4, 16, 192, 48), (8, 12, 64, 64), (8, 8, 64, 8)]
+    for bits, n, k, group in cases:
+        assert not m80.v2_shape_ok(bits, n, k, group)
+        with pytest.raises(ValueError):
+            m80.prepare_weight(torch.zeros(n, k, dtype=torch.int16), torch.ones(n, k // group),
+                               None, bits, True, group, "none", V2, bf)
+
+
+V2_PREPARED = [
+    (4, False, 64, "sub"), (4, False, 128, "sub"), (4, True, 128, "none"), (4, False, 32, "add"),
+    (4, True, 16, "none"), (4, False, 0, "sub"), (8, True, 0, "none"), (8, False, 0, "sub"),
+    (8, True, 128, "none"), (8, False, 64, "sub"), (8, True, 256, "add"), (8, False, 32, "none"),
+]
+
+
+@pytest.mark.parametrize("bits,signed,group,zero_mode", V2_PREPARED)
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_v2_prepared_matches_dequantize(bits, signed, group, zero_mode, act):
+    # the prepared operands, dequantized the way the kernel computes them (q' * s + z' in the
+    # activation dtype), give x @ W.T with W from ops.dequantize of the original operands
+    n, k = 48, 512
+    group = group or k
+    q, s, z = _format(n, k, bits, signed, group, zero_mode, act, seed=3)
+    qw, sc, zz = m80.prepare_weight(q, s, z, bits, signed, group, zero_mode, V2, act)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(4)).to(act).float()
+    got = m80.reference_prepared(x, qw, sc, zz, None, bits, group, V2)
+    w = ops.dequantize(ops.pack_nk(q, bits), s.double(), None if z is None else z.double(), bits,
+                       signed, group, zero_mode, torch.float64)
+    want = x.double() @ w.t()
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 2e-3, err
+    # and the kernel's arithmetic in the activation dtype: w = fma(q', s, z') rounded once
+    qs = m80.unpack_v2(qw, bits).to(torch.float32)
+    s_full = sc.float().t().repeat_interleave(group, dim=1)
+    z_full = zz.float().t().repeat_interleave(group, dim=1)
+    w_act = (qs * s_full + z_full).to(act).double()
+    err = ((x.double() @ w_act.t() - want).norm() / want.norm()).item()
+    assert err < (1e-2 if act == torch.bfloat16 else 5e-3), err
+
+
+def test_select_layout_v2_cpu_is_none():
+    assert m80.select_layout(4, False, 128, "sub", 4096, 4096, torch.bfloat16, "cpu") is None
+
+
+def test_choice_names_round_trip():
+    seen = set()
+    for cfg in m80.CONFIGS:
+        choices = [m80.Choice(cfg), m80.Choice(cfg, m80.DECOMP_SPLIT_K, 2),
+                   m80.Choice(cfg, m80.DECOMP_SPLIT_K, 8)]
+        if cfg.mode == "rs":
+            choices += [m80.Choice(cfg, m80.DECOMP_STREAM_K), m80.Choice(cfg, m80.DECOMP_HEURISTIC)]
+        for ch in choices:
+            name = m80.choice_name(ch)
+            assert name.startswith(f"sm80.{cfg.act}.w{cfg.bits}.{cfg.mode}.") and name not in seen
+            seen.add(name)
+            assert m80.choice_from_name(name) == ch
+    for bad in ("", "sm80.bf16.w4.gz.16x128x64.s4/sk1", "sm80.bf16.w4.gz.16x128x64.s4/streamk",
+                "sm80.bf16.w4.gz.16x128x64.s9/dp", "bf16.w4.gz.128x16x64.coop.sk/sk4"):
+        with pytest.raises(ValueError):
+            m80.choice_from_name(bad)
+
+
+@pytest.mark.parametrize("layout,bits", [(m80.LAYOUT_ROWSCALE, 8), (V2, 4), (V2, 8)])
+def test_candidates(layout, bits):
+    for act in ("bf16", "fp16"):
+        for m in (1, 16, 17, 64, 65, 256, 2048):
+            for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (16, 64)):
+                names = m80.candidates(m, n, k, act, bits, 128, layout, 132)
+                assert 1 <= len(names) <= 8 and len(set(names)) == len(names)
+                mode = "rs" if layout == m80.LAYOUT_ROWSCALE else "gz"
+                first = m80.choose_config(m, n, k, act, 132, bits, mode)
+                assert names[0] == m80.choice_name(first)
+                for name in names:
+                    ch = m80.choice_from_name(name)
+                    assert (ch.config.act, ch.config.bits, ch.config.mode) == (act, bits, mode)
+                    if m <= 64:  # no token tile wider than needed (32 is always a candidate)
+                        fit = min(c.tile[0] for c in m80.CONFIGS if c.tile[0] >= m)
+                        assert ch.config.tile[0] <= max(32, fit)
+    assert m80.candidates(1, 4096, 4096, "bf16", 4, 128, m80.LAYOUT_GROUPZERO, 132) == []
+
+
+def test_describe():
+    for layout, bits in ((m80.LAYOUT_ROWSCALE, 8), (V2, 4)):
+        for m in (None, 1, 2048):
+            line = m80.describe(layout, m, 4096, 4096, torch.bfloat16, "cpu", bits, 128)
+            assert line.startswith("cutlass sm80 ") and "sm80.bf16" in line
+    assert "w4.gz.16x128" in m80.describe(V2, 1, 4096, 4096, torch.bfloat16, "cpu", 4, 128)
+
+
+def test_run_falls_back_on_cpu():
+    # run() on CPU tensors: the kernels are CUDA-only, the PyTorch path gives the same numbers
+    n, k, group = 32, 256, 64
+    q, s, z = _format(n, k, 4, False, group, "sub", torch.bfloat16, seed=9)
+    qw, sc, zz = m80.prepare_weight(q, s, z, 4, False, group, "sub", V2, torch.bfloat16)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    out = m80.run(x, qw, sc, zz, None, 4, False, group, "sub", torch.bfloat16, V2)
+    want = m80.reference_prepared(x, qw, sc, zz, None, 4, group, V2)
+    assert torch.equal(out, want)
+    m80.register_cuda_impl()  # a no-op kept for compatibility
+    with pytest.raises(ValueError):
+        m80.run(x, qw, sc, zz, None, 4, False, group, "sub", torch.bfloat16, "nk")

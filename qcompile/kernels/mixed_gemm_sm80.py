@@ -1,61 +1,72 @@
-r"""Ampere-class CUTLASS 2.x mixed-input GEMM (bf16/fp16 activations x int8 weights) for
+r"""Ampere-class mixed-input GEMM (bf16/fp16 activations x int4/int8 weights) for
 ``qcompile::mixed_gemm``: sm_80 code, so it runs on A100/A10/L4/L40S/RTX 30-40 and (as
 sm_90 machine code built from the same PTX) on an H100 as one more candidate.
 
-NOT YET RUN ON A GPU: :func:`register_cuda_impl` exists but nothing calls it, and
-``qcompile/kernels/__init__.py`` does not import this module. Validate with
-``tests/gpu/test_mixed_gemm_sm80_cuda.py`` first.
+Validation so far: ``tests/gpu/test_mixed_gemm_sm80_cuda.py`` passed on one H100 (the sm_90
+machine code built from the sm_80 PTX), and compute-sanitizer memcheck / racecheck found
+nothing in the group-wise kernel there (2026-11-25). Never run on an 8.x (Ampere/Ada) GPU.
 
-What is here: configurations (data), :func:`choose_config` (the one heuristic), the offline
-weight preparation in torch (:func:`prepare_weight` / :func:`unprepare_weight`), the
-ctypes call into ``csrc/mixed_gemm_sm80.cu`` and a PyTorch fallback for prepared weights.
-
-Kernel (csrc/mixed_gemm_sm80.cu): CUTLASS's multistage cp.async main loop with the
-mixed-input warp MMA (``arch::OpMultiplyAddMixedInputUpcast``): int8 weight tiles go
-through shared memory as bytes and are converted to bf16/fp16 in registers (bias-trick
-converters: prmt + one subtraction instead of a cvt per element; bf16 goes through float
-and packs pairs with one cvt) right before a 16-bit ``mma.sync``; the per-channel scale
-and the bias are applied in the epilogue; a stream-K threadblock swizzle gives split-K for
-small M (decode) and data-parallel tiles for large M.
+What is here: configurations (data), :func:`choose_config` (the one heuristic), the named
+choices the autotuner times (:func:`candidates`, :func:`choice_name`), the offline weight
+preparation in torch (:func:`prepare_weight` / :func:`unprepare_weight`), the ctypes calls
+into the two CUDA sources, and :func:`run`, the op's CUDA body for this family's layouts
+(``qcompile.kernels`` dispatches to it by layout; this module registers nothing itself).
+Everything the kernels cannot take runs the plain-PyTorch :func:`reference_prepared`.
 
 Layouts (the op's ``layout`` argument):
 
-- ``sm80_mixed_v1_rowscale`` (runs on the kernel): signed int8 per-channel weights without
-  zeros. ``qweight`` int8 [N, K]; ``scales`` float32 [N]; ``zeros`` None.
-- ``sm80_mixed_v1_groupzero`` (format defined, kernel TODO): everything else, int4 or int8.
-  ``qweight`` holds q' = q - 2**(bits-1) for unsigned formats (signed values as they are),
-  ``scales``/``zeros`` are [K/g, N] in the activation dtype and W = q' * s + z' (z' folds
-  the shift and the zero mode in, as in the Hopper family's groupzero layout). Only
-  :func:`reference_prepared` runs it today; :func:`select_layout` never returns it.
-  TODO(issue 6): the main loop for it needs (a) int4 operands: upstream's register
-  shuffle (mma_mixed_input_tensor_op.h, FragmentShuffler) handles a 2:1 width ratio only,
-  so int4 x 16-bit needs either a 4:1 shuffle or TRT-LLM's offline column interleave
-  (then this becomes a v2 layout), and (b) a scale/zero tile iterator staged through
-  shared memory with the operands (one [1, tile_n] row of s and z' per group, loaded by
-  cp.async in the same pipeline stage as the K tile that starts the group) and applied
-  as ``w = q' * s + z'`` between the conversion and the MMA.
+- ``sm80_mixed_v1_rowscale`` (kernel ``csrc/mixed_gemm_sm80.cu``, CUTLASS 2.x): signed int8
+  per-channel weights without zeros. ``qweight`` int8 [N, K] (W row-major = CUTLASS's B
+  column-major); ``scales`` float32 [N], applied in the epilogue; ``zeros`` None. Main loop:
+  CUTLASS's multistage cp.async MMA with ``OpMultiplyAddMixedInputUpcast`` (int8 tiles
+  through shared memory, bias-trick converters, 16-bit ``mma.sync``); stream-K swizzle for
+  split-K. Alignment N % 8, K % 16.
+- ``sm80_mixed_v2_groupzero`` (kernel ``csrc/mixed_gemm_gz_sm80.cu``, written on the sm_80
+  primitives: cp.async, ldmatrix, mma.sync.m16n8k16): everything else -- int4 or int8,
+  signed or unsigned, zeros "none"/"sub"/"add", group size g in {16, 32} or any multiple of
+  64 (per-channel is g = K). ``scales`` s and ``zeros`` z' are [K/g, N] in the activation
+  dtype and W = q' * s + z' with q' = q - 2**(bits-1) for unsigned formats (q for signed):
+  z' folds the shift and the zero mode in ("none": z' = off*s, "sub": (off - z)*s, "add":
+  off*s + z), as in the Hopper family's groupzero layout. Scales and zeros ride the same
+  cp.async stage as the operands and are applied in registers, after the int->float
+  conversion and before each ``mma.sync``. Alignment: K % 64, N % 16 (int4) / N % 8 (int8).
+- ``sm80_mixed_v1_groupzero``: the earlier group-wise format (q' in plain [N, K] order, the
+  reference's nibble order); no kernel, kept so that weights prepared with it still run
+  (PyTorch). :func:`select_layout` never returns it.
 
-Weight layout: the GEMM is out[M, N] = x[M, K] @ W[N, K].T with x as CUTLASS's A (row-major)
-and W as its B, column-major [K, N] -- which is W [N, K] row-major, K fastest. Memory is
-cut into 128-bit chunks, each one ``cp.async.cg`` of 16 bytes::
+The v2 weight layout. qweight is uint8 [N, K * bits / 8] holding u = q' + 2**(bits-1) (the
+biased, unsigned value: for unsigned formats simply the original q), cut into 512-byte
+blocks. A block covers 16 rows n x 64 k (int4) or 8 rows x 64 k (int8); block (nb, kb) is at
+byte (nb * K/64 + kb) * 512, so the rows of a block stay rows of qweight, and one CTA's K
+tile of TN rows is TN/16 (TN/8) whole blocks: plain 16-byte cp.async copies, no swizzle.
+Inside a block, lane l = 4*g + t of a warp owns bytes 16l .. 16l+15: exactly the values
+its ``mma.sync.m16n8k16`` B fragments need for the block's four 16-deep k-steps (a B
+fragment register of lane (g, t) holds n = g, k = 2t, 2t+1; the second one k = 2t+8,
+2t+9). 32-bit word ks of a lane serves k-step ks (k = 64 kb + 16 ks + ...)::
 
-    int8 (rowscale / groupzero, bits 8): chunk c of row n = q[n, 16c .. 16c+15]
-    int4 (groupzero, bits 4):            chunk c of row n = q[n, 32c .. 32c+31],
-                                         k even -> low nibble of byte k//2, odd -> high
+    int4 block (16 n x 64 k), lane (g, t), word ks = 8 nibbles, nibble p at bits 4p..4p+3:
 
-              k = 0     16     32     48     64 ...                      K
-    n = 0     [ c0   ][ c1   ][ c2   ][ c3   ][ c4 ...                  ]   one row =
-    n = 1     [ c0   ][ c1   ][ c2   ][ c3   ][ c4 ...                  ]   K/16 chunks
-     ...        \___ one 64-deep K tile of one row: 4 chunks (int8) ___/
+        nibble p :   0      1      2      3      4      5      6      7
+        n        :   g      g      g+8    g+8    g      g      g+8    g+8
+        k - 16ks :   2t     2t+8   2t     2t+8   2t+1   2t+9   2t+1   2t+9
+                   \_ pair (0,4) = reg b0 of n8 col 0 _/  (1,5) = b1 col 0, (2,6) = b0 col 1,
+                                                          (3,7) = b1 col 1
 
-Why this order and not an interleaved one: a CTA's weight tile is tile_n rows x 64 k, i.e.
-4 whole chunks per row, so every global load is a full, aligned 128-bit cp.async straight
-into shared memory, where CUTLASS's crosswise layout XOR-swizzles the chunk index with the
-row so that ``ldmatrix`` reads it without bank conflicts. ``ldmatrix`` on bytes hands each
-lane pairs of k that the 16-bit MMA fragment wants in another lane; the mixed-input warp
-MMA fixes that in registers (2 ``shfl`` + 1 ``prmt`` per 4 values) instead of an offline
-column interleave. The only offline work is therefore the range check, the signed shift
-and the scale folding -- and int4's nibble order is exactly ``cutlass::int4b_t``'s.
+        (w >> 4i) & 0x000f000f puts nibbles i and i+4 in the two 16-bit halves: one lop3
+        with the magic exponent (0x6400 fp16 / 0x4300 bf16) makes the half2 1024 + u
+        (128 + u) and one sub (fma for bf16) gives q' -- a whole B register, no shuffle.
+
+    int8 block (8 n x 64 k), lane (g, t), word ks = 4 bytes:
+
+        byte     :   0      1      2      3
+        k - 16ks :   2t     2t+8   2t+1   2t+9          (n = g)
+        prmt 0x5250 / 0x5351 -> bytes (0, 2) = b0, (1, 3) = b1
+
+    memory:  [ block (0,0) | block (0,1) | ... | block (0,K/64-1) | block (1,0) | ... ]
+              \_ lane 0: 16 B _/\_ lane 1 _/ ... \_ lane 31 _/   (512 B per block)
+
+:func:`v2_order` is that permutation as one torch ``permute``; :func:`pack_v2` /
+:func:`unpack_v2` apply / invert it.
 """
 
 from __future__ import annotations
@@ -69,135 +80,277 @@ from dataclasses import dataclass
 
 import torch
 
-from . import mixed_gemm, ops
+from . import mixed_gemm, ops, tuning
 
 log = logging.getLogger("qcompile.kernels")
 
 __all__ = [
     "CONFIGS",
+    "KERNEL_LAYOUTS",
     "LAYOUT_GROUPZERO",
+    "LAYOUT_GROUPZERO_V2",
     "LAYOUT_ROWSCALE",
     "LAYOUTS",
     "Choice",
     "MixedGemmSm80Config",
     "build_all",
+    "candidates",
+    "choice_from_name",
+    "choice_name",
     "choose_config",
     "config_name",
     "describe",
+    "mixed_gemm_cuda",
     "mixed_gemm_sm80_cuda",
+    "pack_v2",
     "prepare_weight",
     "reference_prepared",
     "register_cuda_impl",
+    "run",
     "select_layout",
     "supports",
+    "unpack_v2",
     "unprepare_weight",
+    "v2_order",
 ]
 
-SOURCE = "mixed_gemm_sm80.cu"
+SOURCE = "mixed_gemm_sm80.cu"        # CUTLASS 2.x, rowscale
+SOURCE_GZ = "mixed_gemm_gz_sm80.cu"  # sm_80 primitives, group-wise scale + zero
 ARCH = "sm_80"
 LAYOUT_ROWSCALE = "sm80_mixed_v1_rowscale"
 LAYOUT_GROUPZERO = "sm80_mixed_v1_groupzero"
-LAYOUTS = (LAYOUT_ROWSCALE, LAYOUT_GROUPZERO)
-KERNEL_LAYOUTS = (LAYOUT_ROWSCALE,)  # the layouts the CUDA kernel runs today
+LAYOUT_GROUPZERO_V2 = "sm80_mixed_v2_groupzero"
+LAYOUTS = (LAYOUT_ROWSCALE, LAYOUT_GROUPZERO, LAYOUT_GROUPZERO_V2)
+KERNEL_LAYOUTS = (LAYOUT_ROWSCALE, LAYOUT_GROUPZERO_V2)  # the layouts a CUDA kernel runs
+_MODE_OF_LAYOUT = {LAYOUT_ROWSCALE: "rs", LAYOUT_GROUPZERO_V2: "gz"}
 
-# Alignment: K in 16-byte chunks of int8 (and 8-element cp.async of x); N a multiple of 8
-# for the 16-byte epilogue stores of the 2-byte output and the scale/bias vector loads.
-# The prepared format itself (torch) takes any N and K % 2 == 0 (int4 bytes).
+# rowscale alignment: K in 16-byte chunks of int8 (and 8-element cp.async of x); N a multiple
+# of 8 for the 16-byte epilogue stores. The v1 formats themselves (torch) take any N, K even.
 K_ALIGN = 16
 N_ALIGN = 8
+# v2: K in whole 64-deep K tiles; N in whole weight blocks (16 rows int4, 8 rows int8)
+TILE_K = 64
+K_ALIGN_V2 = 64
+N_ALIGN_V2 = {4: 16, 8: 8}
 
 _ACT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-# decomposition argument of the kernel (same numbering as the Hopper family)
+# decomposition argument (same numbering as the Hopper family). The group-wise kernel has
+# data-parallel and split-K only; the CUTLASS rowscale kernel also stream-K / its heuristic.
 DECOMP_HEURISTIC, DECOMP_DATA_PARALLEL, DECOMP_SPLIT_K, DECOMP_STREAM_K = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class MixedGemmSm80Config:
-    """One compiled kernel (all fields are -D defines of the source).
+    """One compiled kernel (all fields are -D defines of its source).
 
     tile: CTA tile (tokens M, output channels N, K); warp: warp tile (tile / warp = the
-    warps per CTA); stages: cp.async pipeline depth.
+    warps per CTA); stages: cp.async pipeline depth; bits: weight bits; mode: "rs" (CUTLASS
+    rowscale kernel, int8) or "gz" (group-wise scale + zero kernel, int4 / int8).
     """
 
     act: str                      # "bf16" | "fp16"
     tile: tuple[int, int, int]
     warp: tuple[int, int, int]
     stages: int
+    bits: int = 8
+    mode: str = "rs"
+
+    @property
+    def source(self) -> str:
+        return SOURCE if self.mode == "rs" else SOURCE_GZ
+
+    @property
+    def warps(self) -> tuple[int, int]:
+        return self.tile[0] // self.warp[0], self.tile[1] // self.warp[1]
 
     def defines(self) -> dict[str, int]:
+        if self.mode == "rs":
+            return {
+                "QC_ACT_FP16": int(self.act == "fp16"),
+                "QC_TILE_M": self.tile[0], "QC_TILE_N": self.tile[1], "QC_TILE_K": self.tile[2],
+                "QC_WARP_M": self.warp[0], "QC_WARP_N": self.warp[1], "QC_WARP_K": self.warp[2],
+                "QC_STAGES": self.stages,
+            }
         return {
-            "QC_ACT_FP16": int(self.act == "fp16"),
-            "QC_TILE_M": self.tile[0], "QC_TILE_N": self.tile[1], "QC_TILE_K": self.tile[2],
-            "QC_WARP_M": self.warp[0], "QC_WARP_N": self.warp[1], "QC_WARP_K": self.warp[2],
-            "QC_STAGES": self.stages,
+            "QC_ACT_FP16": int(self.act == "fp16"), "QC_WBITS": self.bits,
+            "QC_TILE_M": self.tile[0], "QC_TILE_N": self.tile[1],
+            "QC_WARPS_M": self.warps[0], "QC_WARPS_N": self.warps[1], "QC_STAGES": self.stages,
         }
 
     def info(self) -> list[int]:
-        """What qc_mixed_gemm_sm80_info of this build must report."""
-        return [int(self.act == "fp16"), *self.tile, *self.warp, self.stages]
+        """What the library's info function must report (its first 8 values)."""
+        if self.mode == "rs":
+            return [int(self.act == "fp16"), *self.tile, *self.warp, self.stages]
+        return [int(self.act == "fp16"), self.bits, self.tile[0], self.tile[1], self.tile[2],
+                *self.warps, self.stages]
+
+    def smem_bytes(self) -> int:
+        """Pipeline shared memory of the group-wise kernel (x + weight + 4 scale/zero rows)."""
+        tm, tn, tk = self.tile
+        return self.stages * (tm * tk * 2 + tn * tk * self.bits // 8 + 2 * 4 * tn * 2)
 
 
 def config_name(cfg: MixedGemmSm80Config) -> str:
-    """Short readable name for reports, e.g. ``sm80.bf16.w8.16x128x64.s5``."""
+    """Short readable name, e.g. ``sm80.bf16.w4.gz.16x128x64.s4``."""
     m, n, k = cfg.tile
-    return f"sm80.{cfg.act}.w8.{m}x{n}x{k}.s{cfg.stages}"
+    return f"sm80.{cfg.act}.w{cfg.bits}.{cfg.mode}.{m}x{n}x{k}.s{cfg.stages}"
 
 
-# Token tiles 16 / 32 for decode (fewer wasted MMA rows; split-K fills the SMs), 64 and
-# 128 for prefill. 128 output channels per CTA everywhere: with int8 weights a 128 x 64
-# tile is 8 KiB per stage, so even 5 stages of the 16-token tile fit comfortably.
-# ptxas -v, nvcc 13.0 / CUTLASS 4.2 (2026-11-25), registers per thread bf16/fp16 for the
-# sm_80 | sm_90 machine code, no spills anywhere: 16x128 80/95 | 72/70, 32x128 128/128 |
-# 96/94, 64x128 168/168 | 168/168, 128x128 165/167 | 150/158. The 128x128 tile uses 8 warps
-# of 64x32: with 4 warps of 64x64 it needs 255 registers and spills in fp16.
-_TILES = (
+# Rowscale (CUTLASS): token tiles 16 / 32 for decode, 64 / 128 for prefill, 128 output
+# channels per CTA. ptxas -v, nvcc 13.0 / CUTLASS 4.2 (2026-11-25), registers per thread
+# bf16/fp16 for the sm_80 | sm_90 machine code, no spills anywhere: 16x128 80/95 | 72/70,
+# 32x128 128/128 | 96/94, 64x128 168/168 | 168/168, 128x128 165/167 | 150/158. The 128x128
+# tile uses 8 warps of 64x32: with 4 warps of 64x64 it needs 255 registers and spills in fp16.
+_RS_TILES = (
     ((16, 128, 64), (16, 32, 64), 5),
     ((32, 128, 64), (32, 32, 64), 4),
     ((64, 128, 64), (32, 64, 64), 4),
     ((128, 128, 64), (64, 32, 64), 4),
 )
+# Group-wise (csrc/mixed_gemm_gz_sm80.cu): the same token tiles; 4 warps (8 for 128x128).
+# Shared memory per CTA (int4 / int8): 16x128 s4 32 / 48 KiB, 32x128 s4 40 / 56, 64x128
+# s4 56 / 72, 128x128 s3 66 / 78 -- within sm_86/89's 99 KiB.
+# ptxas -v, nvcc 13.0 (2026-11-25), registers per thread for the sm_80 | sm_90 machine code,
+# in the order bf16 w4, fp16 w4, bf16 w8, fp16 w8; no spills anywhere (``__launch_bounds__(
+# threads, 1)``: without the 1, ptxas capped the sm_90 code of 16x128 w4 at 56 and spilled):
+#   16x128   77  76  79  80 |  79  77  88  86      32x128  126 123 127 128 | 128 128 130 136
+#   64x128  138 136 150 152 | 142 138 152 152     128x128  139 137 141 144 | 144 142 146 151
+_GZ_TILES = (
+    ((16, 128, 64), (16, 32, 64), 4),
+    ((32, 128, 64), (32, 32, 64), 4),
+    ((64, 128, 64), (32, 64, 64), 4),
+    ((128, 128, 64), (64, 32, 64), 3),
+)
 CONFIGS: tuple[MixedGemmSm80Config, ...] = tuple(
     MixedGemmSm80Config(act, tile, warp, stages)
-    for act in ("bf16", "fp16") for tile, warp, stages in _TILES
+    for act in ("bf16", "fp16") for tile, warp, stages in _RS_TILES
+) + tuple(
+    MixedGemmSm80Config(act, tile, warp, stages, bits, "gz")
+    for act in ("bf16", "fp16") for bits in (4, 8) for tile, warp, stages in _GZ_TILES
 )
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A config plus how the stream-K swizzle splits the work for one call."""
+    """A config plus how the work is split for one call (split-K factor)."""
 
     config: MixedGemmSm80Config
     decomposition: int = DECOMP_DATA_PARALLEL
     splits: int = 1
 
 
-def choose_config(m: int, n: int, k: int, act: str, sm_count: int = 108) -> Choice:
-    """Pick the kernel for out[m, n] = x[m, k] @ W[n, k].T (int8 per-channel weights).
+def _family(act: str, bits: int = 8, mode: str = "rs") -> list[MixedGemmSm80Config]:
+    return sorted((c for c in CONFIGS if (c.act, c.bits, c.mode) == (act, bits, mode)),
+                  key=lambda c: c.tile[0])
 
-    Not yet measured (no GPU run); the same rules as the Hopper family's heuristic:
-    the smallest token tile that holds m for m <= 64; beyond, the widest tile that still
-    gives at least half the SMs a tile. When the output tiles leave SMs idle (decode:
-    4096 channels are 32 tiles of 128), K is split over about sm_count / tiles CTAs,
-    keeping at least 8 K tiles (512) per split.
+
+def choose_config(m: int, n: int, k: int, act: str, sm_count: int = 108, bits: int = 8,
+                  mode: str = "rs") -> Choice:
+    """Pick the kernel for out[m, n] = x[m, k] @ W[n, k].T.
+
+    Rowscale (the Hopper family's rules; on one H100 run 4096x4096 m=1 took 18.6 us at sk4,
+    dense bf16 22.0): the smallest token tile that
+    holds m for m <= 64; beyond, the widest tile that still gives at least half the SMs a
+    tile. When the output tiles leave SMs idle (decode: 4096 channels are 32 tiles of 128),
+    K is split over about sm_count / tiles CTAs, keeping at least 8 K tiles (512) per split.
+
+    Group-wise, from one H100 run (sm_90 code of this sm_80 source, bf16, g128, 2026-11-25,
+    candidates timed with L2 flushed): the 16-token tile for m <= 16 and the 32-token tile
+    up to m = 64 (the 64-token tile was 2x slower at m = 64: its two warp rows convert the
+    same weights twice); for m <= 64 split-K over about 4 CTAs per SM (several CTAs fit an
+    SM; beyond, 1 per SM), at most 8 ways: 4096x4096 int4 m=1 15.4 us at sk8 vs 20.3 at
+    sk4 (dense bf16 22.0), 14336x4096 29.2 us at sk4 vs 52.9 data-parallel (dense 53.4).
+    Prefill as rowscale (128x128 at m=2048: 3-4x slower than dense bf16 on an H100, which
+    has no wgmma in sm_80 code; there the Hopper family is the one to use).
     """
-    family = sorted((c for c in CONFIGS if c.act == act), key=lambda c: c.tile[0])
+    family = _family(act, bits, mode)
     if not family:
-        raise ValueError(f"no sm80 mixed-GEMM config for act={act}")
+        raise ValueError(f"no sm80 mixed-GEMM config for act={act} bits={bits} mode={mode}")
     if m <= 64:
-        cfg = next((c for c in family if c.tile[0] >= m), family[-1])
+        want = m if mode == "rs" else (16 if m <= 16 else 32)
+        cfg = next((c for c in family if c.tile[0] >= want), family[-1])
     else:
-        wide = [c for c in family if c.tile[0] >= 64]
+        wide = [c for c in family if c.tile[0] >= 64] or family
         cfg = wide[0]
         for c in reversed(wide):
             if math.ceil(n / c.tile[1]) * math.ceil(m / c.tile[0]) >= sm_count // 2:
                 cfg = c
                 break
     tiles = math.ceil(n / cfg.tile[1]) * math.ceil(m / cfg.tile[0])
-    splits = min(sm_count // max(tiles, 1), math.ceil(k / cfg.tile[2]) // 8, 16)
+    k_tiles = math.ceil(k / cfg.tile[2])
+    if mode == "rs":
+        splits = min(sm_count // max(tiles, 1), k_tiles // 8, 16)
+    else:
+        ctas_per_sm = 4 if m <= 64 else 1  # decode: several small CTAs share an SM
+        splits = min(ctas_per_sm * sm_count // max(tiles, 1), k_tiles // 8, 8)
     if splits >= 2:
         return Choice(cfg, DECOMP_SPLIT_K, splits)
     return Choice(cfg, DECOMP_DATA_PARALLEL, 1)
+
+
+_DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk", DECOMP_HEURISTIC: "auto"}
+
+
+def choice_name(choice: Choice) -> str:
+    """The stable, unique name of a choice, e.g. ``sm80.bf16.w4.gz.16x128x64.s4/sk4``
+    (split-K into 4) or ``.../dp`` (data-parallel); rowscale also ``/streamk``, ``/auto``."""
+    name = config_name(choice.config)
+    if choice.decomposition == DECOMP_SPLIT_K and choice.splits >= 2:
+        return f"{name}/sk{choice.splits}"
+    if choice.decomposition == DECOMP_SPLIT_K:
+        return f"{name}/dp"
+    return f"{name}/{_DECOMP_SUFFIX[choice.decomposition]}"
+
+
+@functools.cache
+def _configs_by_name() -> dict[str, MixedGemmSm80Config]:
+    return {config_name(c): c for c in CONFIGS}
+
+
+def choice_from_name(name: str) -> Choice:
+    """Inverse of :func:`choice_name`; ValueError for a name this family does not have."""
+    base, _, split = name.partition("/")
+    cfg = _configs_by_name().get(base)
+    if cfg is not None:
+        if not split or split == "dp":
+            return Choice(cfg)
+        if split.startswith("sk") and split[2:].isdigit() and int(split[2:]) >= 2:
+            return Choice(cfg, DECOMP_SPLIT_K, int(split[2:]))
+        if cfg.mode == "rs" and split == "streamk":
+            return Choice(cfg, DECOMP_STREAM_K)
+        if cfg.mode == "rs" and split == "auto":
+            return Choice(cfg, DECOMP_HEURISTIC)
+    raise ValueError(f"no sm80 mixed-GEMM choice named {name!r}")
+
+
+def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, layout: str,
+               sm_count: int = 108) -> list[str]:
+    """Choices worth timing for one problem (at most 8): the heuristic's first, then the
+    token tiles that fit m (decode: 16 / 32; prefill: 64 / 128), each data-parallel and,
+    where the output tiles leave SMs idle, split-K 2 / 4 / 8 ways (>= 4 K tiles a split)."""
+    del group_size
+    mode = _MODE_OF_LAYOUT.get(layout)
+    if mode is None:
+        return []
+    family = _family(act, bits, mode)
+    if not family:
+        return []
+    names = [choice_name(choose_config(m, n, k, act, sm_count, bits, mode))]
+    smallest_fit = next((c.tile[0] for c in family if c.tile[0] >= m), family[-1].tile[0])
+    if m <= 64:
+        tiles_m = [c for c in family if c.tile[0] <= max(smallest_fit, 32)]
+    else:
+        tiles_m = [c for c in family if c.tile[0] >= 64]
+    k_tiles = k // TILE_K
+    for cfg in tiles_m:
+        names.append(choice_name(Choice(cfg)))
+        tiles = math.ceil(n / cfg.tile[1]) * math.ceil(m / cfg.tile[0])
+        if tiles < sm_count:
+            for s in (2, 4, 8):
+                if k_tiles >= 4 * s:
+                    names.append(choice_name(Choice(cfg, DECOMP_SPLIT_K, s)))
+    return list(dict.fromkeys(names))[:8]
 
 
 # --- weight preparation (torch; runs on CPU or GPU) -------------------------------------
@@ -206,14 +359,27 @@ def _range(bits: int, signed: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
-def _layout_for(bits: int, signed: bool, group_size: int, zero_mode: str, k: int) -> str:
-    rowscale = bits == 8 and signed and zero_mode == "none" and group_size == k
-    return LAYOUT_ROWSCALE if rowscale else LAYOUT_GROUPZERO
+def _is_rowscale(bits: int, signed: bool, group_size: int, zero_mode: str, k: int) -> bool:
+    return bits == 8 and signed and zero_mode == "none" and group_size == k
+
+
+def group_ok(group_size: int, k: int) -> bool:
+    """Group sizes the v2 kernel takes: 16 / 32 (several groups per 64-deep K tile) or a
+    multiple of 64 (one group for one or more K tiles), dividing K."""
+    if group_size <= 0 or k % group_size or group_size % 16:
+        return False
+    return TILE_K % group_size == 0 or group_size % TILE_K == 0
+
+
+def v2_shape_ok(bits: int, n: int, k: int, group_size: int) -> bool:
+    """Whether (N, K, g) fit the v2 layout / kernel."""
+    return (bits in N_ALIGN_V2 and n > 0 and k > 0 and n % N_ALIGN_V2[bits] == 0
+            and k % K_ALIGN_V2 == 0 and group_ok(group_size, k))
 
 
 def pack_signed(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed values q [N, K] (in range) -> qweight: int8 [N, K], or uint8 [N, K/2] for int4
-    (element k in the low nibble of byte k//2 when k is even: ``cutlass::int4b_t`` order)."""
+    """v1: signed values q [N, K] (in range) -> qweight: int8 [N, K], or uint8 [N, K/2] for
+    int4 (element k in the low nibble of byte k//2 when k is even: ``cutlass::int4b_t`` order)."""
     q = q.to(torch.int8)
     if bits == 8:
         return q.contiguous()
@@ -230,47 +396,111 @@ def unpack_signed(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(nib > 7, nib - 16, nib).to(torch.int8)
 
 
+# v2: q [N, K] viewed with n = 16 nb + 8 nh + g (int4; int8: n = 8 nb + g) and
+# k = 64 kb + 16 ks + 8 kh + 2 t + kl; memory order slowest to fastest below (the block,
+# then the lane (g, t), then its word ks, then the position in the word).
+_V2_AXES = {4: ("nb", "nh", "g", "kb", "ks", "kh", "t", "kl"),
+            8: ("nb", "g", "kb", "ks", "kh", "t", "kl")}
+_V2_DEST = {4: ("nb", "kb", "g", "t", "ks", "kl", "nh", "kh"),
+            8: ("nb", "kb", "g", "t", "ks", "kl", "kh")}
+
+
+def _v2_dims(bits: int, n: int, k: int) -> dict[str, int]:
+    dims = {"nb": n // N_ALIGN_V2[bits], "g": 8, "kb": k // 64, "ks": 4, "kh": 2, "t": 4, "kl": 2}
+    if bits == 4:
+        dims["nh"] = 2
+    return dims
+
+
+def v2_order(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """The elements of t [N, K] (any dtype) flattened in the v2 kernel's memory order."""
+    n, k = t.shape
+    if bits not in N_ALIGN_V2 or n % N_ALIGN_V2[bits] or k % K_ALIGN_V2:
+        raise ValueError(f"the v2 layout needs N % {N_ALIGN_V2.get(bits)} == 0 and K % 64 == 0 "
+                         f"(bits={bits}), got N={n}, K={k}")
+    dims = _v2_dims(bits, n, k)
+    src = _V2_AXES[bits]
+    t = t.reshape([dims[a] for a in src]).permute([src.index(a) for a in _V2_DEST[bits]])
+    return t.contiguous().reshape(-1)
+
+
+def pack_v2(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed values q' [N, K] (in range) -> v2 qweight uint8 [N, K * bits / 8] holding
+    u = q' + 2**(bits-1) in the kernel's order (int4: offset o in byte o // 2, low nibble
+    when o is even)."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    flat = v2_order(u, bits)
+    if bits == 8:
+        return flat.reshape(n, k)
+    return (flat[0::2] | (flat[1::2] << 4)).reshape(n, k // 2)
+
+
+def unpack_v2(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_v2`: the signed values q' as int8 [N, K]."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * 8 // bits
+    flat = qweight.reshape(-1).view(torch.uint8)
+    if bits == 4:
+        flat = torch.stack((flat & 0xF, flat >> 4), dim=-1).reshape(-1)
+    dims = _v2_dims(bits, n, k)
+    dest = _V2_DEST[bits]
+    inv = [dest.index(a) for a in _V2_AXES[bits]]
+    u = flat.reshape([dims[a] for a in dest]).permute(inv).reshape(n, k)
+    return (u.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def _arch_ok(capability: tuple[int, int]) -> bool:
+    # The libraries hold sm_80 and sm_90 machine code (build.py), no PTX: 8.x and 9.0 only.
+    return capability[0] == 8 or capability == (9, 0)
+
+
 def select_layout(bits: int, signed: bool, group_size: int, zero_mode: str, n: int, k: int,
                   act_dtype: torch.dtype, device: torch.device | str) -> str | None:
-    """This family's layout for a weight format, or None if its kernel cannot run it.
+    """This family's layout for a weight format, or None if its kernels cannot run it.
 
-    Only signed int8 per-channel weights without zeros today (see the module docstring).
-    Builds (or finds cached) the kernels, so a missing toolchain shows up here as
-    KernelBuildError, before the weight is packed for a kernel that cannot run.
+    Signed int8 per-channel without zeros: ``sm80_mixed_v1_rowscale`` (N % 8, K % 16);
+    everything else int4 / int8: ``sm80_mixed_v2_groupzero`` (K % 64, N % 16 for int4 /
+    N % 8 for int8, g in {16, 32} or a multiple of 64 dividing K). Builds (or finds cached)
+    the kernels, so a missing toolchain shows up here as KernelBuildError, before the weight
+    is packed for a kernel that cannot run.
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     if not _arch_ok(torch.cuda.get_device_capability(device)):
         return None
-    if act_dtype not in _ACT_NAMES or zero_mode not in ops.ZERO_MODES:
+    if act_dtype not in _ACT_NAMES or zero_mode not in ops.ZERO_MODES or bits not in (4, 8):
         return None
-    if n % N_ALIGN or k % K_ALIGN or group_size <= 0 or k % group_size:
+    if group_size <= 0 or k <= 0 or k % group_size:
         return None
-    layout = _layout_for(bits, signed, group_size, zero_mode, k)
-    if layout not in KERNEL_LAYOUTS:
+    act = _ACT_NAMES[act_dtype]
+    if _is_rowscale(bits, signed, group_size, zero_mode, k):
+        if n % N_ALIGN or k % K_ALIGN:
+            return None
+        build_all(_family(act, 8, "rs"))
+        return LAYOUT_ROWSCALE
+    if not v2_shape_ok(bits, n, k, group_size):
         return None
-    build_all([c for c in CONFIGS if c.act == _ACT_NAMES[act_dtype]])
-    return layout
-
-
-def _arch_ok(capability: tuple[int, int]) -> bool:
-    # The library holds sm_80 and sm_90 machine code (build.py), no PTX: 8.x and 9.0 only.
-    return capability[0] == 8 or capability == (9, 0)
+    build_all(_family(act, bits, "gz"))
+    return LAYOUT_GROUPZERO_V2
 
 
 def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
              device: torch.device | str, bits: int = 8, group_size: int | None = None) -> str:
-    """One line for the match report: the config(s) this problem dispatches to by M."""
-    del bits, group_size
+    """One line for the match report: ``cutlass sm80 <config(s) by M> (<where>)``."""
     act = _ACT_NAMES.get(act_dtype, str(act_dtype))
     dev = torch.device(device)
-    sms = _sm_count(dev.index or 0) if dev.type == "cuda" else 108
+    sms = _sm_count(dev.index or 0) if dev.type == "cuda" and torch.cuda.is_available() else 108
+    mode = _MODE_OF_LAYOUT.get(layout)
+    if mode is None:
+        return "cutlass sm80 none: reference (PyTorch) for the legacy v1 group-wise layout"
+    bits = 8 if mode == "rs" else bits
     ms = (m,) if m is not None else (1, 16, 32, 64, 256, 2048)
-    names = dict.fromkeys(config_name(choose_config(mm, n, k, act, sms).config) for mm in ms)
-    where = "sm80 path, epilogue per-channel scale" if layout == LAYOUT_ROWSCALE else \
-        "sm80 path, reference (group-wise kernel TODO)"
-    prefix = "cutlass" if m is not None else "cutlass by M:"
+    names = dict.fromkeys(choice_name(choose_config(mm, n, k, act, sms, bits, mode)) for mm in ms)
+    where = "epilogue per-channel scale" if mode == "rs" else \
+        f"main-loop group scale+zero, g={group_size}"
+    prefix = "cutlass sm80" if m is not None else "cutlass sm80 by M:"
     return f"{prefix} {', '.join(names)} ({where})"
 
 
@@ -289,6 +519,10 @@ def prepare_weight(q_nk: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     n, k = q_nk.shape
     if k % 2 or group_size <= 0 or k % group_size:
         raise ValueError(f"group_size={group_size} must divide K={k} (K even)")
+    if layout == LAYOUT_GROUPZERO_V2 and not v2_shape_ok(bits, n, k, group_size):
+        raise ValueError(f"layout {layout} needs K % 64 == 0, N % {N_ALIGN_V2[bits]} == 0 and a "
+                         f"group size of 16, 32 or a multiple of 64 dividing K; got N={n}, K={k}, "
+                         f"g={group_size}")
     groups = k // group_size
     if not signed and bits == 8 and q_nk.dtype == torch.int8:
         q_nk = q_nk.view(torch.uint8)  # unsigned bytes handed over in an int8 tensor
@@ -298,12 +532,12 @@ def prepare_weight(q_nk: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
         kind = "signed" if signed else "unsigned"
         raise ValueError(f"q values outside the {kind} {bits}-bit range [{lo}, {hi}]")
     off = 0 if signed else 1 << (bits - 1)
-    qweight = pack_signed(q - off, bits)
     s = scales.reshape(n, groups).to(torch.float32)
     if layout == LAYOUT_ROWSCALE:
-        if _layout_for(bits, signed, group_size, zero_mode, k) != LAYOUT_ROWSCALE:
+        if not _is_rowscale(bits, signed, group_size, zero_mode, k):
             raise ValueError("the rowscale layout takes signed int8 per-channel weights without zeros")
-        return qweight, s.reshape(n).contiguous(), None
+        return pack_signed(q, bits), s.reshape(n).contiguous(), None
+    qweight = pack_v2(q - off, bits) if layout == LAYOUT_GROUPZERO_V2 else pack_signed(q - off, bits)
     if zero_mode == "none":
         z = off * s
     else:
@@ -326,7 +560,8 @@ def unprepare_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     if layout not in LAYOUTS:
         raise ValueError(f"not a {__name__} layout: {layout!r}")
     off = 0 if signed else 1 << (bits - 1)
-    q = unpack_signed(qweight, bits).to(torch.int16) + off
+    qs = unpack_v2(qweight, bits) if layout == LAYOUT_GROUPZERO_V2 else unpack_signed(qweight, bits)
+    q = qs.to(torch.int16) + off
     n = q.shape[0]
     if layout == LAYOUT_ROWSCALE:
         return q, scales.to(torch.float32).reshape(n, 1), None
@@ -343,12 +578,12 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                        group_size: int, layout: str) -> torch.Tensor:
     """Plain-PyTorch mixed_gemm on this family's layouts (the fallback when the kernel can't)."""
-    q = unpack_signed(qweight, bits).to(torch.float32)
-    return mixed_gemm.linear_folded(x, q, scales, zeros, bias, group_size,
+    qs = unpack_v2(qweight, bits) if layout == LAYOUT_GROUPZERO_V2 else unpack_signed(qweight, bits)
+    return mixed_gemm.linear_folded(x, qs.to(torch.float32), scales, zeros, bias, group_size,
                                     layout == LAYOUT_ROWSCALE)
 
 
-# --- the kernel call ---------------------------------------------------------------------
+# --- the kernel calls ---------------------------------------------------------------------
 
 _libs: dict[MixedGemmSm80Config, ctypes.CDLL] = {}
 _lib_lock = threading.Lock()
@@ -357,15 +592,16 @@ _I = ctypes.c_int
 _I64 = ctypes.c_int64
 
 
-def _spec(cfg: MixedGemmSm80Config):
+def kernel_spec(cfg: MixedGemmSm80Config):
+    """What the build cache compiles for one config (``qcompile build --arch sm_80`` too)."""
     from .build import KernelSpec
-    return KernelSpec(SOURCE, cfg.defines(), ARCH)
+    return KernelSpec(cfg.source, cfg.defines(), ARCH)
 
 
 def build_all(configs=CONFIGS) -> None:
     """Compile (in parallel) every config not yet in the cache."""
     from .build import build_many
-    build_many([_spec(c) for c in configs])
+    build_many([kernel_spec(c) for c in configs])
 
 
 def _lib(cfg: MixedGemmSm80Config) -> ctypes.CDLL:
@@ -374,13 +610,22 @@ def _lib(cfg: MixedGemmSm80Config) -> ctypes.CDLL:
         return lib
     from .build import KernelBuildError, load
     with _lib_lock:
-        lib = load(_spec(cfg))
-        lib.qc_mixed_gemm_sm80.restype = _I
-        lib.qc_mixed_gemm_sm80.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _I64, _P]
-        lib.qc_mixed_gemm_sm80_workspace_size.restype = _I64
-        lib.qc_mixed_gemm_sm80_workspace_size.argtypes = [_I] * 5
+        lib = load(kernel_spec(cfg))
+        if cfg.mode == "rs":
+            lib.qc_mixed_gemm_sm80.restype = _I
+            lib.qc_mixed_gemm_sm80.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _I64, _P]
+            lib.qc_mixed_gemm_sm80_workspace_size.restype = _I64
+            lib.qc_mixed_gemm_sm80_workspace_size.argtypes = [_I] * 5
+            info_fn = lib.qc_mixed_gemm_sm80_info
+        else:
+            lib.qc_mixed_gemm_gz_sm80.restype = _I
+            lib.qc_mixed_gemm_gz_sm80.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P,
+                                                  _I64, _P]
+            lib.qc_mixed_gemm_gz_sm80_workspace_size.restype = _I64
+            lib.qc_mixed_gemm_gz_sm80_workspace_size.argtypes = [_I] * 4
+            info_fn = lib.qc_mixed_gemm_gz_sm80_info
         info = (ctypes.c_int * 8)()
-        lib.qc_mixed_gemm_sm80_info(info, 8)
+        info_fn(info, 8)
         if list(info) != cfg.info():
             raise KernelBuildError(f"library for {config_name(cfg)} reports {list(info)}, "
                                    f"expected {cfg.info()}")
@@ -392,7 +637,11 @@ def _lib(cfg: MixedGemmSm80Config) -> ctypes.CDLL:
 def _workspace_bytes(cfg: MixedGemmSm80Config, m: int, n: int, k: int, decomp: int, splits: int,
                      device: int) -> int:
     del device  # part of the key: the stream-K split depends on the device's SM count
-    nbytes = _lib(cfg).qc_mixed_gemm_sm80_workspace_size(m, n, k, decomp, splits)
+    if cfg.mode == "gz":
+        nbytes = _lib(cfg).qc_mixed_gemm_gz_sm80_workspace_size(
+            m, n, k, splits if decomp == DECOMP_SPLIT_K else 1)
+    else:
+        nbytes = _lib(cfg).qc_mixed_gemm_sm80_workspace_size(m, n, k, decomp, splits)
     if nbytes < 0:
         raise RuntimeError("qc_mixed_gemm_sm80_workspace_size failed (no CUDA device?)")
     return int(nbytes)
@@ -405,14 +654,16 @@ def _sm_count(device: int) -> int:
 
 def supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
              group_size: int, layout: str) -> bool:
-    """Whether the kernel runs this call (else the impl falls back to PyTorch)."""
-    del group_size
-    if layout not in KERNEL_LAYOUTS or bits != 8 or not x.is_cuda or x.dtype not in _ACT_NAMES:
+    """Whether a kernel runs this call (else :func:`run` falls back to PyTorch)."""
+    if layout not in KERNEL_LAYOUTS or not x.is_cuda or x.dtype not in _ACT_NAMES or x.numel() == 0:
         return False
     if not _arch_ok(torch.cuda.get_device_capability(x.device)):
         return False
     n, k = qweight.shape[0], x.shape[-1]
-    return not (n % N_ALIGN or k % K_ALIGN or x.numel() == 0 or scales.numel() != n)
+    if layout == LAYOUT_ROWSCALE:
+        return bits == 8 and not (n % N_ALIGN or k % K_ALIGN or scales.numel() != n)
+    return (scales.dtype == x.dtype and v2_shape_ok(bits, n, k, group_size)
+            and qweight.dtype == torch.uint8 and tuple(qweight.shape) == (n, k * bits // 8))
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -429,30 +680,48 @@ def _check(cond: bool, msg: str) -> None:
 def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                          signed: bool, group_size: int, zero_mode: str, layout: str,
-                         config: MixedGemmSm80Config | Choice | None = None,
+                         config: MixedGemmSm80Config | Choice | str | None = None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the CUTLASS 2.x kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
+    """Run a kernel of this family: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
-    ``signed``/``zero_mode``/``group_size`` describe the original format; prepare_weight
-    folded them in. ``out`` (optional, [M, N] contiguous, x.dtype) receives the result.
-    No host syncs: safe to capture in a CUDA graph.
+    ``signed`` / ``zero_mode`` describe the original format; prepare_weight folded them in.
+    ``config``: None (heuristic), a Choice, a config, or a choice name. ``out`` (optional,
+    [M, N] contiguous, x.dtype) receives the result. No host syncs: safe to capture in a
+    CUDA graph.
     """
-    del signed, zero_mode, group_size
+    del signed, zero_mode
     _check(layout in KERNEL_LAYOUTS, f"layout {layout!r} has no kernel (kernel layouts: {KERNEL_LAYOUTS})")
     _check(x.is_cuda, "x must be a CUDA tensor")
     _check(x.dtype in _ACT_NAMES, f"x must be bfloat16 or float16, got {x.dtype}")
-    _check(bits == 8, f"bits must be 8, got {bits}")
+    _check(bits in (4, 8), f"bits must be 4 or 8, got {bits}")
     act = _ACT_NAMES[x.dtype]
+    mode = _MODE_OF_LAYOUT[layout]
     k = x.shape[-1]
     n = qweight.shape[0]
-    _check(qweight.dtype == torch.int8 and tuple(qweight.shape) == (n, k),
-           f"qweight must be int8 [N, {k}], got {qweight.dtype} {tuple(qweight.shape)}")
-    _check(n % N_ALIGN == 0, f"N={n} must be a multiple of {N_ALIGN}")
-    _check(k % K_ALIGN == 0, f"K={k} must be a multiple of {K_ALIGN}")
-    _check(scales.dtype == torch.float32 and scales.numel() == n,
-           f"rowscale layout wants float32 scales [N={n}], got {scales.dtype} {tuple(scales.shape)}")
-    _check(zeros is None, "rowscale layout takes no zeros")
-    for name, t in (("qweight", qweight), ("scales", scales), ("bias", bias)):
+    if mode == "rs":
+        _check(bits == 8, f"the rowscale layout is int8, got bits={bits}")
+        _check(qweight.dtype == torch.int8 and tuple(qweight.shape) == (n, k),
+               f"qweight must be int8 [N, {k}], got {qweight.dtype} {tuple(qweight.shape)}")
+        _check(n % N_ALIGN == 0, f"N={n} must be a multiple of {N_ALIGN}")
+        _check(k % K_ALIGN == 0, f"K={k} must be a multiple of {K_ALIGN}")
+        _check(scales.dtype == torch.float32 and scales.numel() == n,
+               f"rowscale layout wants float32 scales [N={n}], got {scales.dtype} {tuple(scales.shape)}")
+        _check(zeros is None, "rowscale layout takes no zeros")
+    else:
+        _check(qweight.dtype == torch.uint8 and tuple(qweight.shape) == (n, k * bits // 8),
+               f"qweight must be uint8 [N, {k * bits // 8}] for K={k}, got {qweight.dtype} "
+               f"{tuple(qweight.shape)}")
+        _check(n % N_ALIGN_V2[bits] == 0, f"N={n} must be a multiple of {N_ALIGN_V2[bits]}")
+        _check(k % K_ALIGN_V2 == 0, f"K={k} must be a multiple of {K_ALIGN_V2}")
+        _check(group_ok(group_size, k), f"group_size={group_size} must divide K={k} and be 16, 32 "
+               "or a multiple of 64")
+        g = k // group_size
+        _check(scales.dtype == x.dtype and tuple(scales.shape) == (g, n),
+               f"groupzero layout wants scales {x.dtype} [{g}, {n}], got {scales.dtype} "
+               f"{tuple(scales.shape)}")
+        _check(zeros is not None and zeros.dtype == x.dtype and tuple(zeros.shape) == (g, n),
+               f"groupzero layout wants zeros {x.dtype} [{g}, {n}]")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
         _check(t is None or t.device == x.device,
                f"{name} is on {t.device if t is not None else ''}, x on {x.device}")
 
@@ -468,64 +737,81 @@ def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     if m == 0:
         return out.reshape(*lead, n)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if isinstance(config, str):
+        config = choice_from_name(config) if config else None
     if config is None:
-        config = choose_config(m, n, k, act, _sm_count(dev))
+        config = choose_config(m, n, k, act, _sm_count(dev), bits, mode)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config
     _check(cfg.act == act, f"config {config_name(cfg)} is for {cfg.act}, x is {act}")
-    qweight, scales = _aligned(qweight), _aligned(scales.reshape(n))
+    _check((cfg.mode, cfg.bits) == (mode, bits),
+           f"config {config_name(cfg)} does not run layout {layout} with bits={bits}")
+    qweight, scales = _aligned(qweight), _aligned(scales)
+    zeros = _aligned(zeros) if zeros is not None else None
     if bias is not None:
         _check(bias.numel() == n, f"bias must have N={n} elements, got {bias.numel()}")
         bias = _aligned(bias.reshape(n).to(x.dtype))
     if dev != torch.cuda.current_device():
         # the library launches on (and sizes its workspace for) the current device
         with torch.cuda.device(dev):
-            return mixed_gemm_sm80_cuda(x, qweight, scales, None, bias, 8, True, k, "none", layout,
-                                        choice, out).reshape(*lead, n)
+            return mixed_gemm_sm80_cuda(x, qweight, scales, zeros, bias, bits, True, group_size,
+                                        "none", layout, choice, out).reshape(*lead, n)
     lib = _lib(cfg)
     ws_bytes = _workspace_bytes(cfg, m, n, k, choice.decomposition, choice.splits, dev)
     ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device=x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = lib.qc_mixed_gemm_sm80(
-        x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-        bias.data_ptr() if bias is not None else None, out.data_ptr(),
-        m, n, k, choice.decomposition, choice.splits, ws.data_ptr(), ws_bytes, stream)
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    if mode == "rs":
+        rc = lib.qc_mixed_gemm_sm80(
+            x2.data_ptr(), qweight.data_ptr(), scales.reshape(n).data_ptr(), bias_ptr,
+            out.data_ptr(), m, n, k, choice.decomposition, choice.splits, ws.data_ptr(), ws_bytes,
+            stream)
+    else:
+        splits = choice.splits if choice.decomposition == DECOMP_SPLIT_K else 1
+        rc = lib.qc_mixed_gemm_gz_sm80(
+            x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bias_ptr,
+            out.data_ptr(), m, n, k, group_size, splits, ws.data_ptr(), ws_bytes, stream)
     if rc != 0:
-        raise RuntimeError(f"qc_mixed_gemm_sm80 ({config_name(cfg)}, M={m} N={n} K={k}) "
-                           f"failed with CUDA error {rc}")
+        raise RuntimeError(f"sm80 mixed GEMM {choice_name(choice)} (M={m} N={n} K={k} "
+                           f"g={group_size}) failed with CUDA error {rc}")
     return out.reshape(*lead, n)
 
 
-# --- op registration (call only once the GPU tests pass) ---------------------------------
+# the Hopper family's name for the same call (qcompile.kernels' autotuner calls
+# ``fam.mixed_gemm_cuda`` of every family)
+mixed_gemm_cuda = mixed_gemm_sm80_cuda
 
-_registered = False
+
+# --- the op's CUDA body for this family's layouts ----------------------------------------
+
 _warned: set[str] = set()
 
 
-def _cuda_impl(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-               dequant_dtype, layout):
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+def run(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode, dequant_dtype,
+        layout, config: str = ""):
+    """``qcompile::mixed_gemm`` on CUDA for a weight in one of :data:`LAYOUTS` (the kernels
+    package dispatches here by layout). ``config``: "" (heuristic), a choice name or a
+    dispatch table by token count (kernels.tuning)."""
+    del dequant_dtype
     if layout not in LAYOUTS:
-        # another family's layout: hand over to the Hopper family's impl, which dispatches
-        # its own layouts and sends everything else to the reference
-        return mixed_gemm._cuda_impl(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                     zero_mode, dequant_dtype, layout)
+        raise ValueError(f"not a {__name__} layout: {layout!r}")
     if supports(x, qweight, scales, bits, group_size, layout):
         from .build import KernelBuildError
+        m = x.numel() // x.shape[-1]
         try:
-            return mixed_gemm_sm80_cuda(x, qweight, scales, zeros, bias, bits, signed,
-                                        group_size, zero_mode, layout)
+            return mixed_gemm_sm80_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                                        zero_mode, layout, tuning.lookup(config, m))
         except KernelBuildError as e:
-            if "build" not in _warned:
-                _warned.add("build")
-                log.warning("CUTLASS sm80 mixed GEMM unavailable, using PyTorch: %s", e)
+            _warn_once("build", f"CUTLASS sm80 mixed GEMM unavailable, using PyTorch: {e}")
     return reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)
 
 
 def register_cuda_impl() -> None:
-    """Make this family (and, for their layouts, the Hopper family) the CUDA implementation
-    of ``qcompile::mixed_gemm`` (idempotent). Not called anywhere yet: see the module docstring."""
-    global _registered
-    if not _registered:
-        import qcompile.kernels.ops  # noqa: F401  (defines the op)
-        torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _cuda_impl)
-        _registered = True
+    """No-op, kept for compatibility: ``qcompile.kernels`` registers the one CUDA
+    implementation of ``qcompile::mixed_gemm`` and dispatches to :func:`run` by layout."""
