@@ -121,14 +121,15 @@ def test_kv_cache_decode_records_cuda_graphs(method):
     torch.manual_seed(0)
     model = qcompile.quantize(Llama(CONFIG).to("cuda", torch.bfloat16), method, group_size=128)
     model.setup_caches(1, 64)
-    prompt = torch.randint(0, CONFIG.vocab_size, (1, 16), device="cuda")
+    n = 24  # eager W8A8 (torch._int_mm) needs more than 16 tokens for the prompt
+    prompt = torch.randint(0, CONFIG.vocab_size, (1, n), device="cuda")
     counters.clear()
     with torch.no_grad():
-        tok = model(prompt, torch.arange(16, device="cuda"))[:, -1:].argmax(-1)
+        tok = model(prompt, torch.arange(n, device="cuda"))[:, -1:].argmax(-1)
         step = torch.compile(model, backend="qcompile", mode="reduce-overhead", fullgraph=True)
         eager = copy.deepcopy(model)
         for i in range(6):
-            pos = torch.tensor([16 + i], device="cuda")
+            pos = torch.tensor([n + i], device="cuda")
             out = step(tok, pos)
             assert torch.isfinite(out).all()
             if method != "w8a8":  # eager W8A8 (torch._int_mm) cannot run one token
