@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -90,6 +91,12 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
              new: int, device: str) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
+    # Inductor's code cache keeps the compiled modules of earlier cells, and with them the
+    # constants freezing put in them (a whole quantized model): drop them so that each
+    # cell's peak memory is its own.
+    from torch._inductor.codecache import PyCodeCache
+    PyCodeCache.cache_clear()
+    gc.collect()
     cfg = CONFIGS[cfg_name]
     if device == "cuda":
         torch.cuda.empty_cache()
