@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qcompile.kernels import mixed_gemm_sm80 as m80
-from qcompile.kernels import ops
+from qcompile.kernels import ops, run_family
 
 
 def _format(n, k, bits, signed, group, zero_mode, act, seed=0):
@@ -441,14 +441,13 @@ def test_describe():
 
 
 def test_run_falls_back_on_cpu():
-    # run() on CPU tensors: the kernels are CUDA-only, the PyTorch path gives the same numbers
+    # the op body on CPU tensors: the kernels are CUDA-only, the PyTorch path gives the same numbers
     n, k, group = 32, 256, 64
     q, s, z = _format(n, k, 4, False, group, "sub", torch.bfloat16, seed=9)
     qw, sc, zz = m80.prepare_weight(q, s, z, 4, False, group, "sub", V2, torch.bfloat16)
     x = torch.randn(3, k).to(torch.bfloat16)
-    out = m80.run(x, qw, sc, zz, None, 4, False, group, "sub", torch.bfloat16, V2)
+    out = run_family(m80, x, qw, sc, zz, None, 4, False, group, "sub", torch.bfloat16, V2)
     want = m80.reference_prepared(x, qw, sc, zz, None, 4, group, V2)
     assert torch.equal(out, want)
-    m80.register_cuda_impl()  # a no-op kept for compatibility
     with pytest.raises(ValueError):
-        m80.run(x, qw, sc, zz, None, 4, False, group, "sub", torch.bfloat16, "nk")
+        run_family(m80, x, qw, sc, zz, None, 4, False, group, "sub", torch.bfloat16, "nk")

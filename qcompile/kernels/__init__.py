@@ -27,7 +27,7 @@ from .ops import pack_nk
 log = logging.getLogger("qcompile.kernels")
 
 __all__ = ["ops", "tuning", "PreparedGemm", "prepare_mixed_gemm", "prepare_int8_gemm",
-           "cuda_family", "device_capability", "mixed_families"]
+           "cuda_family", "device_capability", "mixed_families", "run_family"]
 
 MIXED_FAMILIES = ("mixed_gemm", "mixed_gemm_sm80")
 
@@ -79,13 +79,39 @@ def mixed_families(device: torch.device) -> list[str]:
 
 # --- the ops' CUDA implementations: dispatch by layout --------------------------------------
 
+_warned: set[str] = set()
+
+
+def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+               dequant_dtype, layout, config=""):
+    """``qcompile::mixed_gemm`` for a weight in one of ``fam.LAYOUTS``: the family's kernel
+    where ``fam.supports`` says it runs (the kernel for this M from the ``config`` table),
+    else the PyTorch path of the prepared weight, also when the kernels cannot be built
+    (warned once per family)."""
+    from .build import KernelBuildError
+
+    del dequant_dtype  # the prepared operands already hold the dequantization
+    if layout not in fam.LAYOUTS:
+        raise ValueError(f"{layout!r} is not a layout of {fam.__name__} ({fam.LAYOUTS})")
+    if fam.supports(x, qweight, scales, bits, group_size, layout):
+        m = x.numel() // x.shape[-1]
+        try:
+            return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                                       zero_mode, layout, tuning.lookup(config, m))
+        except KernelBuildError as e:
+            if fam.__name__ not in _warned:
+                _warned.add(fam.__name__)
+                log.warning("%s kernels unavailable, using PyTorch: %s", fam.__name__, e)
+    return fam.reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)
+
+
 def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
                      dequant_dtype, layout, config=""):
     for name in MIXED_FAMILIES:
         fam = cuda_family(name)
         if fam is not None and layout in fam.LAYOUTS:
-            return fam.run(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                           zero_mode, dequant_dtype, layout, config)
+            return run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size,
+                              zero_mode, dequant_dtype, layout, config)
     return ops.mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed, group_size,
                                     zero_mode, dequant_dtype, layout)
 

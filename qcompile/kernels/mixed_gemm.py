@@ -4,8 +4,8 @@
 What is here: the kernel configurations (data), the heuristic that picks one for a
 problem, the offline weight preparation (reorder + scale/zero conversion) for this
 family's two layouts, the call into ``csrc/mixed_gemm_sm90.cu`` through ctypes, the named
-choices the autotuner times (:func:`candidates`), and :func:`run`, the op's CUDA body for
-this family's layouts. Everything the kernel cannot take falls back to plain
+choices the autotuner times (:func:`candidates`). ``qcompile.kernels.run_family`` runs the
+op for this family's layouts; everything the kernel cannot take falls back to plain
 PyTorch (``ops.mixed_gemm_reference`` for the "nk" layout, a dequantize of our own layout
 otherwise), so a prepared weight always runs.
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, tuning
+from . import ops
 
 log = logging.getLogger("qcompile.kernels")
 
@@ -54,7 +54,6 @@ __all__ = [
     "mixed_gemm_cuda",
     "prepare_weight",
     "reference_prepared",
-    "run",
     "candidates",
     "choice_name",
     "choice_from_name",
@@ -605,30 +604,3 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         raise RuntimeError(f"qc_mixed_gemm_sm90 ({config_name(cfg)}, M={m} N={n} K={k} g={group}) "
                            f"failed with CUDA error {rc}")
     return out.reshape(*lead, n)
-
-
-# --- the op's CUDA body for this family's layouts ----------------------------------------
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg)
-
-
-def run(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode, dequant_dtype,
-        layout, config: str = ""):
-    """``qcompile::mixed_gemm`` on CUDA for a weight in one of :data:`LAYOUTS` (the kernels
-    package dispatches here by layout). ``config``: a dispatch table (kernels.tuning)."""
-    del dequant_dtype
-    if supports(x, qweight, scales, bits, group_size, layout):
-        from .build import KernelBuildError
-        m = x.numel() // x.shape[-1]
-        try:
-            return mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                   zero_mode, layout, tuning.lookup(config, m))
-        except KernelBuildError as e:
-            _warn_once("build", f"CUTLASS mixed GEMM unavailable, using PyTorch: {e}")
-    return reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)

@@ -9,8 +9,8 @@ nothing in the group-wise kernel there (2026-11-25). Never run on an 8.x (Ampere
 What is here: configurations (data), :func:`choose_config` (the one heuristic), the named
 choices the autotuner times (:func:`candidates`, :func:`choice_name`), the offline weight
 preparation in torch (:func:`prepare_weight` / :func:`unprepare_weight`), the ctypes calls
-into the two CUDA sources, and :func:`run`, the op's CUDA body for this family's layouts
-(``qcompile.kernels`` dispatches to it by layout; this module registers nothing itself).
+into the two CUDA sources. ``qcompile.kernels.run_family`` is the op's CUDA body for this
+family's layouts (the package dispatches to it by layout; this module registers nothing).
 Everything the kernels cannot take runs the plain-PyTorch :func:`reference_prepared`.
 
 Layouts (the op's ``layout`` argument):
@@ -80,7 +80,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import mixed_gemm, ops, tuning
+from . import mixed_gemm, ops
 
 log = logging.getLogger("qcompile.kernels")
 
@@ -105,8 +105,6 @@ __all__ = [
     "pack_v2",
     "prepare_weight",
     "reference_prepared",
-    "register_cuda_impl",
-    "run",
     "select_layout",
     "supports",
     "unpack_v2",
@@ -780,38 +778,3 @@ def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
 # the Hopper family's name for the same call (qcompile.kernels' autotuner calls
 # ``fam.mixed_gemm_cuda`` of every family)
 mixed_gemm_cuda = mixed_gemm_sm80_cuda
-
-
-# --- the op's CUDA body for this family's layouts ----------------------------------------
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg)
-
-
-def run(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode, dequant_dtype,
-        layout, config: str = ""):
-    """``qcompile::mixed_gemm`` on CUDA for a weight in one of :data:`LAYOUTS` (the kernels
-    package dispatches here by layout). ``config``: "" (heuristic), a choice name or a
-    dispatch table by token count (kernels.tuning)."""
-    del dequant_dtype
-    if layout not in LAYOUTS:
-        raise ValueError(f"not a {__name__} layout: {layout!r}")
-    if supports(x, qweight, scales, bits, group_size, layout):
-        from .build import KernelBuildError
-        m = x.numel() // x.shape[-1]
-        try:
-            return mixed_gemm_sm80_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                        zero_mode, layout, tuning.lookup(config, m))
-        except KernelBuildError as e:
-            _warn_once("build", f"CUTLASS sm80 mixed GEMM unavailable, using PyTorch: {e}")
-    return reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)
-
-
-def register_cuda_impl() -> None:
-    """No-op, kept for compatibility: ``qcompile.kernels`` registers the one CUDA
-    implementation of ``qcompile::mixed_gemm`` and dispatches to :func:`run` by layout."""

@@ -8,7 +8,7 @@ machine code built from the same PTX. Covered: every supported format (int4 unsi
 zeros g64 / g128 / g32, int4 signed symmetric g128 / g16, int8 per-channel signed and
 unsigned, int8 group-wise), bf16 and fp16, odd M (1, 3, 17, 100) and M = 2048, N and K at
 the alignment limits, every config and every candidate choice name, bias, 3-D inputs,
-CUDA-graph capture (split-K included), the op body ``run`` (kernel, choice tables,
+CUDA-graph capture (split-K included), the op body ``kernels.run_family`` (kernel, choice tables,
 PyTorch fallbacks) and the refusals. Outputs are NaN-poisoned before every kernel call.
 
 Run: ``python -m pytest -q -m gpu tests/gpu/test_mixed_gemm_sm80_cuda.py`` (builds the
@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 from qcompile.kernels import mixed_gemm_sm80 as m80  # noqa: E402
-from qcompile.kernels import ops  # noqa: E402
+from qcompile.kernels import ops, run_family  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
 ACTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -226,24 +226,24 @@ def test_run_body_3d_bias_tables_and_fallbacks():
     x = _x(10, k, torch.bfloat16).reshape(2, 5, k)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     ref = _ref(x.reshape(10, k), p["w"], bias)
-    out = m80.run(x, *args, bias, *fmt_args)
+    out = run_family(m80, x, *args, bias, *fmt_args)
     assert out.shape == (2, 5, n)
     _check(out.reshape(10, n), ref, torch.bfloat16, "run, heuristic, 3-D x")
     names = m80.candidates(10, n, k, "bf16", 4, 128, p["layout"], 132)
     table = f"1-8:{names[-1]},9-:{names[0]}"
     for config in (names[0], table):
-        out = m80.run(x, *args, bias, *fmt_args, config=config)
+        out = run_family(m80, x, *args, bias, *fmt_args, config=config)
         _check(out.reshape(10, n), ref, torch.bfloat16, f"run config={config}")
     # float32 activations are not the kernel's: the PyTorch fallback
     x32 = torch.randn(3, k, device="cuda")
-    out = m80.run(x32, *args, None, *fmt_args)
+    out = run_family(m80, x32, *args, None, *fmt_args)
     err = ((out.double() - _ref(x32, p["w"])).norm() / _ref(x32, p["w"]).norm()).item()
     assert err < 1e-2, err
     # the legacy v1 group-wise layout still runs (PyTorch)
     q, s, z, w = _problem(n, k, 4, False, 128, "sub", torch.bfloat16, seed=0)
     qg, sg, zg = m80.prepare_weight(q.cuda(), s.cuda(), z.cuda(), 4, False, 128, "sub",
                                     m80.LAYOUT_GROUPZERO, torch.bfloat16)
-    out = m80.run(x.reshape(10, k), qg, sg, zg, None, 4, False, 128, "sub", torch.bfloat16,
+    out = run_family(m80, x.reshape(10, k), qg, sg, zg, None, 4, False, 128, "sub", torch.bfloat16,
                   m80.LAYOUT_GROUPZERO)
     _check(out, _ref(x.reshape(10, k), w), torch.bfloat16, "v1 groupzero via PyTorch")
 
