@@ -124,11 +124,11 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, *, static: Sequ
     such constants through Inductor's fake-tensor propagation (it patches the fake mode's
     allow_non_fake_inputs around inner compile); without freezing we do the same.
 
-    Under freezing, the inputs left are the user's inputs and the buffers the graph
-    writes (a KV cache). Inductor passes on static-input indices of the graph before
-    freezing, so CUDA graphs took the written buffers for ordinary inputs and refused to
-    record ("mutated inputs"); ``static`` (Dynamo's parameters and buffers, indices before
-    freezing) and ``kept`` (what freezing kept) give the right indices after it.
+    Static inputs: on torch 2.11 the static-input indices Inductor's freezing path handed
+    on left out the buffers the graph writes (a KV cache), so CUDA graphs refused to record
+    ("mutated inputs") and every decode step paid Python launch overhead. They are computed
+    here from ``static`` (what Dynamo marked as parameters and buffers, indexed before
+    freezing) and ``kept`` (the inputs freezing kept), which is right on every version.
     """
     from torch._guards import detect_fake_mode
     from torch._inductor.compile_fx import compile_fx_inner
