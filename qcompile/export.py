@@ -104,8 +104,9 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
                                              options={"aot_inductor.package": True})
     meta = {"format": FORMAT_VERSION, "qcompile": __version__, "torch": torch.__version__,
             "report": report.to_dicts()}
-    # One archive written by torch's own writer, our record among its extra files: a
-    # record appended afterwards (Python's zipfile) crashed torch 2.11's package loader.
+    # One archive written by torch's own writer, our record among its extra files, so the
+    # file is exactly what torch writes and reads (rather than a package with a record
+    # appended by Python's zipfile).
     from torch.export.pt2_archive._package import package_pt2
     package_pt2(str(path), aoti_files=aoti_files, extra_files={META_NAME: json.dumps(meta)})
     return path
