@@ -364,7 +364,7 @@ def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
     mode = _MODE_OF_LAYOUT[layout]
     group = None if layout == LAYOUT_ROWSCALE else group_size
     ms = (m,) if m is not None else (1, 16, 64, 256, 2048)
-    sms = _sm_count(torch.device(device).index or 0)
+    sms = sm_count(torch.device(device).index or 0)
     names = dict.fromkeys(
         config_name(choose_config(mm, n, k, act, bits, mode, sms, group).config) for mm in ms)
     where = "main-loop group scale+zero" if mode else "epilogue per-channel scale"
@@ -479,7 +479,8 @@ def _workspace_bytes(cfg: MixedGemmConfig, m: int, n: int, k: int, group: int, d
 
 
 @functools.lru_cache(maxsize=16)
-def _sm_count(device: int) -> int:
+def sm_count(device: int) -> int:
+    """Streaming multiprocessors of a CUDA device (the heuristics size split-K by it)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -498,10 +499,46 @@ def supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits:
     return bool(_family(_ACT_NAMES[x.dtype], bits, _MODE_OF_LAYOUT[layout], group_size, k))
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    # TMA and the vector loads need 16-byte aligned, densely packed operands.
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t as a 16-byte aligned, densely packed tensor (what TMA, cp.async and the vector
+    loads of both mixed-GEMM families need); no copy when it already is one."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def stage_activation(who: str, x: torch.Tensor, n: int, out: torch.Tensor | None,
+                     operands: dict[str, torch.Tensor | None]):
+    """The launch preparation both mixed-GEMM families share, before a kernel is chosen:
+    every operand on x's device, x as an aligned [M, K], ``out`` allocated or checked
+    ([M, N], contiguous, aligned, x.dtype). Returns (x's leading shape, x2, out); errors are
+    ValueErrors prefixed with ``who``."""
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"{who}: {msg}")
+    for name, t in operands.items():
+        check(t is None or t.device == x.device,
+              f"{name} is on {t.device if t is not None else ''}, x on {x.device}")
+    x2 = aligned(x.reshape(-1, x.shape[-1]))
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        check(out.dtype == x.dtype and tuple(out.shape) == (m, n) and out.is_contiguous()
+              and out.device == x.device and out.data_ptr() % 16 == 0,
+              f"out must be a contiguous, 16-byte aligned {x.dtype} [{m}, {n}] tensor "
+              f"on {x.device}")
+    return x.shape[:-1], x2, out
+
+
+def stage_weights(who: str, n: int, dtype: torch.dtype, qweight: torch.Tensor,
+                  scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None):
+    """The weight operands aligned, and the bias as an aligned [N] in the activation dtype."""
+    if bias is not None:
+        if bias.numel() != n:
+            raise ValueError(f"{who}: bias must have N={n} elements, got {bias.numel()}")
+        bias = aligned(bias.reshape(n).to(dtype))
+    return (aligned(qweight), aligned(scales), aligned(zeros) if zeros is not None else None,
+            bias)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -553,36 +590,23 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         _check(zeros is not None and zeros.dtype == x.dtype and tuple(zeros.shape) == (g, n),
                f"groupzero layout wants zeros {x.dtype} [{g}, {n}]")
         group = group_size
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
-        _check(t is None or t.device == x.device,
-               f"{name} is on {t.device if t is not None else ''}, x on {x.device}")
-
-    lead = x.shape[:-1]
-    x2 = _aligned(x.reshape(-1, k))
+    lead, x2, out = stage_activation(
+        "mixed_gemm_cuda", x, n, out,
+        {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias})
     m = x2.shape[0]
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        _check(out.dtype == x.dtype and tuple(out.shape) == (m, n) and out.is_contiguous()
-               and out.device == x.device and out.data_ptr() % 16 == 0,
-               f"out must be a contiguous, 16-byte aligned {x.dtype} [{m}, {n}] tensor "
-               f"on {x.device}")
     if m == 0:
         return out.reshape(*lead, n)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if isinstance(config, str):
         config = choice_from_name(config) if config else None
     if config is None:
-        config = choose_config(m, n, k, act, bits, mode, _sm_count(dev), group)
+        config = choose_config(m, n, k, act, bits, mode, sm_count(dev), group)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config
     _check(_fits(cfg, act, bits, mode, group, k),
            f"config {config_name(cfg)} does not fit act={act} bits={bits} mode={mode} g={group}")
-    qweight, scales = _aligned(qweight), _aligned(scales)
-    zeros = _aligned(zeros) if zeros is not None else None
-    if bias is not None:
-        _check(bias.numel() == n, f"bias must have N={n} elements, got {bias.numel()}")
-        bias = _aligned(bias.reshape(n).to(x.dtype))
+    qweight, scales, zeros, bias = stage_weights("mixed_gemm_cuda", n, x.dtype, qweight,
+                                                 scales, zeros, bias)
     if dev != torch.cuda.current_device():
         # the library launches on (and sizes its workspace for) the current device
         with torch.cuda.device(dev):

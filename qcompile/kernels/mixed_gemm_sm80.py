@@ -489,7 +489,7 @@ def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
     """One line for the match report: ``cutlass sm80 <config(s) by M> (<where>)``."""
     act = _ACT_NAMES.get(act_dtype, str(act_dtype))
     dev = torch.device(device)
-    sms = _sm_count(dev.index or 0) if dev.type == "cuda" and torch.cuda.is_available() else 108
+    sms = mixed_gemm.sm_count(dev.index or 0) if dev.type == "cuda" and torch.cuda.is_available() else 108
     mode = _MODE_OF_LAYOUT.get(layout)
     if mode is None:
         return "cutlass sm80 none: reference (PyTorch) for the legacy v1 group-wise layout"
@@ -645,11 +645,6 @@ def _workspace_bytes(cfg: MixedGemmSm80Config, m: int, n: int, k: int, decomp: i
     return int(nbytes)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
              group_size: int, layout: str) -> bool:
     """Whether a kernel runs this call (else :func:`run` falls back to PyTorch)."""
@@ -662,12 +657,6 @@ def supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits:
         return bits == 8 and not (n % N_ALIGN or k % K_ALIGN or scales.numel() != n)
     return (scales.dtype == x.dtype and v2_shape_ok(bits, n, k, group_size)
             and qweight.dtype == torch.uint8 and tuple(qweight.shape) == (n, k * bits // 8))
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    # cp.async and the epilogue's vector loads need 16-byte aligned, densely packed operands.
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -719,36 +708,24 @@ def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
                f"{tuple(scales.shape)}")
         _check(zeros is not None and zeros.dtype == x.dtype and tuple(zeros.shape) == (g, n),
                f"groupzero layout wants zeros {x.dtype} [{g}, {n}]")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
-        _check(t is None or t.device == x.device,
-               f"{name} is on {t.device if t is not None else ''}, x on {x.device}")
-
-    lead = x.shape[:-1]
-    x2 = _aligned(x.reshape(-1, k))
+    lead, x2, out = mixed_gemm.stage_activation(
+        "mixed_gemm_sm80_cuda", x, n, out,
+        {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias})
     m = x2.shape[0]
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        _check(out.dtype == x.dtype and tuple(out.shape) == (m, n) and out.is_contiguous()
-               and out.device == x.device and out.data_ptr() % 16 == 0,
-               f"out must be a contiguous, 16-byte aligned {x.dtype} [{m}, {n}] tensor on {x.device}")
     if m == 0:
         return out.reshape(*lead, n)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if isinstance(config, str):
         config = choice_from_name(config) if config else None
     if config is None:
-        config = choose_config(m, n, k, act, _sm_count(dev), bits, mode)
+        config = choose_config(m, n, k, act, mixed_gemm.sm_count(dev), bits, mode)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config
     _check(cfg.act == act, f"config {config_name(cfg)} is for {cfg.act}, x is {act}")
     _check((cfg.mode, cfg.bits) == (mode, bits),
            f"config {config_name(cfg)} does not run layout {layout} with bits={bits}")
-    qweight, scales = _aligned(qweight), _aligned(scales)
-    zeros = _aligned(zeros) if zeros is not None else None
-    if bias is not None:
-        _check(bias.numel() == n, f"bias must have N={n} elements, got {bias.numel()}")
-        bias = _aligned(bias.reshape(n).to(x.dtype))
+    qweight, scales, zeros, bias = mixed_gemm.stage_weights("mixed_gemm_sm80_cuda", n, x.dtype,
+                                                            qweight, scales, zeros, bias)
     if dev != torch.cuda.current_device():
         # the library launches on (and sizes its workspace for) the current device
         with torch.cuda.device(dev):
