@@ -151,10 +151,15 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
         "kv_cache_gb": round(kv_gb, 3), "released_gb": round(released_gb, 3),
         "compile_s": round(compile_s, 1),
         "matched": None if report is None else f"{len(report.matched)}/{len(report)}",
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "commit": _commit(),
-        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        **_provenance(device),
     }
+
+
+def _provenance(device: str) -> dict:
+    """Where and with what a row was measured."""
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "commit": _commit(),
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
 
 
 def main() -> int:
@@ -191,9 +196,7 @@ def main() -> int:
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
                    "peak_mem_gb": None, "error": f"{type(e).__name__}: {str(e)[:200]}",
-                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                   "torch": torch.__version__, "commit": _commit(),
-                   "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+                   **_provenance(args.device)}
             print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}: failed: {row['error']}",
                   flush=True)
             with args.out.open("a") as f:

@@ -125,37 +125,32 @@ def time_graph(fn) -> float:
     return ms * 1e3
 
 
+def _run_family_choice(fam, args, x, choice=None):
+    return fam.mixed_gemm_cuda(x, *args, config=choice)
+
+
 def build_impls(pattern, n, k, fmt, w, mod, impls):
     """name -> (x -> out) factories per impl for one weight; compiled modules reused over M."""
     from qcompile.kernels import mixed_gemm as mg
+    from qcompile.kernels import mixed_gemm_sm80 as m80
 
     made = {}
-    if "qcompile" in impls:
-        layout = mg.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
-                                  n, k, DT, "cuda")
+    # the Hopper family, and the Ampere-class one (sm_80 code, which also runs on Hopper)
+    for name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
+        if name not in impls:
+            continue
+        layout = fam.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
+                                   n, k, DT, "cuda")
         if layout is None:
-            print(f"  qcompile: no layout for {pattern} {n}x{k}", flush=True)
-        else:
-            qw, sc, zz = mg.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"], fmt["signed"],
-                                           fmt["group"], fmt["zero_mode"], layout, DT)
-            args = (qw, sc, zz, None, fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
-                    layout)
-            made["qcompile"] = lambda x, choice=None: mg.mixed_gemm_cuda(x, *args, config=choice)
+            print(f"  {name}: no layout for {pattern} {n}x{k}", flush=True)
+            continue
+        prepared = fam.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"], fmt["signed"],
+                                      fmt["group"], fmt["zero_mode"], layout, DT)
+        args = (*prepared, None, fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
+                layout)
+        made[name] = functools.partial(_run_family_choice, fam, args)
+        if fam is mg:
             made["_mode"] = mg._MODE_OF_LAYOUT[layout]
-    if "qcompile_sm80" in impls:
-        # the Ampere-class family (sm_80 code), which also runs on Hopper
-        from qcompile.kernels import mixed_gemm_sm80 as m80
-        layout80 = m80.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
-                                     n, k, DT, "cuda")
-        if layout80 is None:
-            print(f"  qcompile_sm80: no layout for {pattern} {n}x{k}", flush=True)
-        else:
-            prepared = m80.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"],
-                                          fmt["signed"], fmt["group"], fmt["zero_mode"],
-                                          layout80, DT)
-            args80 = (*prepared, None, fmt["bits"], fmt["signed"], fmt["group"],
-                      fmt["zero_mode"], layout80)
-            made["qcompile_sm80"] = lambda x: m80.mixed_gemm_sm80_cuda(x, *args80)
     if "cublas_bf16" in impls:
         made["cublas_bf16"] = lambda x: F.linear(x, w)
     if "tinygemm" in impls and fmt["bits"] == 4:

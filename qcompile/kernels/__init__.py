@@ -187,10 +187,13 @@ def prepare_mixed_gemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         return fam.prepare_weight(q, scales, zeros, bits, signed, group_size, zero_mode,
                                   layout, act_dtype)
 
-    if not autotune:
+    def heuristic() -> PreparedGemm:  # the preferred family, its kernel chosen at run time
         name, fam, layout = fams[0]
         desc = fam.describe(layout, m, n, k, act_dtype, device, bits, group_size)
         return PreparedGemm(prepared(fam, layout), layout, "", desc)
+
+    if not autotune:
+        return heuristic()
 
     results = {}
     act = {torch.bfloat16: "bf16", torch.float16: "fp16"}[act_dtype]
@@ -212,10 +215,8 @@ def prepare_mixed_gemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         if tuned.config:
             results[name] = (tuned, layout, tensors)
     best = _pick({f: r[0] for f, r in results.items()})
-    if best is None:  # nothing ran: keep the heuristic of the preferred family
-        name, fam, layout = fams[0]
-        desc = fam.describe(layout, m, n, k, act_dtype, device, bits, group_size)
-        return PreparedGemm(prepared(fam, layout), layout, "", desc)
+    if best is None:  # nothing ran
+        return heuristic()
     tuned, layout, tensors = results[best]
     arch = "sm80" if best == "mixed_gemm_sm80" else "sm90"
     others = f" (beat {', '.join(f for f in results if f != best)})" if len(results) > 1 else ""
