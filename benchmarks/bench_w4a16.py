@@ -11,9 +11,10 @@ call, so weights come from HBM); medians in microseconds.
 Appends one JSON line per cell to benchmarks/results/bench_w4a16.jsonl (or --out) and
 prints a table with the ratio to cublas_bf16. Extra rows qcompile_dp / qcompile_streamk
 force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
-show what splitting K buys at decode sizes.
+show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
+decode kernel (M <= 32) on each family's layout.
 
-  python benchmarks/bench_w4a16.py [--quick] [--out FILE] [--impls a,b] [--ms 1,16]
+  python benchmarks/bench_w4a16.py [--quick] [--out FILE] [--impls a,b] [--ms 1,16] [--decode]
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def build_impls(pattern, n, k, fmt, w, mod, impls):
         args = (*prepared, None, fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
                 layout)
         made[name] = functools.partial(_run_family_choice, fam, args)
+        made[f"_layout_{name}"] = layout
         if fam is mg:
             made["_mode"] = mg._MODE_OF_LAYOUT[layout]
     if "cublas_bf16" in impls:
@@ -186,11 +188,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-variants", action="store_true", help="skip qcompile_dp/_streamk rows")
     ap.add_argument("--explore", action="store_true",
                     help="also time every qcompile config and decomposition (impl 'qcompile[...]')")
+    ap.add_argument("--decode", action="store_true",
+                    help="also time every decode-kernel launch shape (M <= 32) on each family's "
+                         "layout (impl 'qcompile[decode...]' / 'qcompile_sm80[decode...]')")
     ap.add_argument("--experimental", action="store_true",
                     help="with --explore, include mixed_gemm.EXPERIMENTAL_CONFIGS (built here)")
     args = ap.parse_args(argv)
 
     from qcompile.kernels import mixed_gemm as mg
+    from qcompile.kernels import mixed_gemm_sm80 as m80
 
     impls = tuple(args.impls.split(",")) if args.impls else (
         tuple(i for i in IMPLS if i != "inductor_max_autotune") if args.quick else IMPLS)
@@ -213,6 +219,8 @@ def main(argv=None) -> int:
                 fmt, w, mod = make_weights(pattern, n, k)
                 made = build_impls(pattern, n, k, fmt, w, mod, impls)
                 mode = made.pop("_mode", None)
+                layouts = {name[len("_layout_"):]: made.pop(name)
+                           for name in [n_ for n_ in made if n_.startswith("_layout_")]}
                 for m in ms:
                     x = torch.randn(m, k, device="cuda").to(DT)
                     cells = [(name, fn, None) for name, fn in made.items()]
@@ -229,6 +237,14 @@ def main(argv=None) -> int:
                                    f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)
                                   for c in _all_choices(mg, m, n, k, fmt["bits"], mode,
                                                         args.experimental)]
+                    if args.decode:
+                        for fam_name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
+                            if fam_name not in made:
+                                continue
+                            cands = fam.candidates(m, n, k, "bf16", fmt["bits"], fmt["group"],
+                                                   layouts[fam_name], 132)
+                            cells += [(f"{fam_name}[{c}]", made[fam_name], c)
+                                      for c in cands if c.startswith("decode.")]
                     for name, fn, choice in cells:
                         if choice is not None:
                             call = functools.partial(fn, x, choice)
@@ -237,9 +253,9 @@ def main(argv=None) -> int:
                         extra = {}
                         try:
                             if name == "qcompile":
-                                ch = mg.choose_config(m, n, k, "bf16", fmt["bits"], mode)
-                                extra = dict(config=mg.config_name(ch.config),
-                                             decomposition=ch.decomposition, splits=ch.splits)
+                                ch = mg.heuristic_choice(m, n, k, "bf16", fmt["bits"], mode,
+                                                         132, fmt["group"])
+                                extra = dict(config=mg.choice_name(ch))
                             if name.startswith("qcompile"):  # every qcompile row checks numbers
                                 ref = F.linear(x, w).double()
                                 err = ((call().double() - ref).norm() / ref.norm()).item()

@@ -11,6 +11,7 @@ import ctypes
 import pytest
 import torch
 
+from qcompile.kernels import mixed_gemm_decode as dec
 from qcompile.kernels import mixed_gemm_sm80 as m80
 from qcompile.kernels import ops, run_family
 
@@ -419,10 +420,18 @@ def test_candidates(layout, bits):
         for m in (1, 16, 17, 64, 65, 256, 2048):
             for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (16, 64)):
                 names = m80.candidates(m, n, k, act, bits, 128, layout, 132)
-                assert 1 <= len(names) <= 8 and len(set(names)) == len(names)
+                assert len(set(names)) == len(names)
                 mode = "rs" if layout == m80.LAYOUT_ROWSCALE else "gz"
-                first = m80.choose_config(m, n, k, act, 132, bits, mode)
+                first = m80.heuristic_choice(m, n, k, act, 132, bits, mode, 128)
                 assert names[0] == m80.choice_name(first)
+                # the decode kernel's launch shapes where it reads the layout (v2, m <= 32)
+                decode_names = [c for c in names if dec.is_name(c)]
+                assert bool(decode_names) == (mode == "gz" and m <= dec.MAX_TOKENS and k % 128 == 0)
+                for name in decode_names:
+                    ch = m80.choice_from_name(name)
+                    assert ch.valid() and ch.tokens >= m and n % ch.rows == 0
+                names = [c for c in names if not dec.is_name(c)]
+                assert 1 <= len(names) <= 8
                 for name in names:
                     ch = m80.choice_from_name(name)
                     assert (ch.config.act, ch.config.bits, ch.config.mode) == (act, bits, mode)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import mixed_gemm_decode as decode
 from . import ops
 
 log = logging.getLogger("qcompile.kernels")
@@ -48,6 +49,7 @@ __all__ = [
     "Choice",
     "build_all",
     "choose_config",
+    "heuristic_choice",
     "config_name",
     "kernel_order",
     "describe",
@@ -216,12 +218,38 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     return Choice(cfg, DECOMP_DATA_PARALLEL, 1)
 
 
+# Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) instead
+# of a CUTLASS config, where the format allows it. 0 until measured on the H100.
+DECODE_MAX_M = 0
+
+
+def _decode_build(act: str, bits: int, mode: int) -> decode.DecodeBuild:
+    return decode.DecodeBuild(act, bits, decode.LAYOUT_SM90, _decode_mode(mode))
+
+
+def heuristic_choice(m: int, n: int, k: int, act: str, bits: int, mode: int,
+                     sm_count: int = 132, group_size: int | None = None
+                     ) -> Choice | decode.DecodeChoice:
+    """The kernel for m tokens without measurements: the decode kernel up to DECODE_MAX_M
+    tokens where it takes the format, else :func:`choose_config`."""
+    if m <= DECODE_MAX_M and decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
+        return decode.heuristic(m, n, k)
+    return choose_config(m, n, k, act, bits, mode, sm_count, group_size)
+
+
+def _decode_mode(mode: int) -> int:
+    return decode.MODE_ROWSCALE if mode == 0 else decode.MODE_GROUPZERO
+
+
 _DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk"}
 
 
-def choice_name(choice: Choice) -> str:
+def choice_name(choice: Choice | decode.DecodeChoice) -> str:
     """The stable name of a choice (config plus work split), e.g.
-    ``bf16.w4.gz.128x16x64.coop.sk/sk4`` (split-K into 4) or ``.../dp``."""
+    ``bf16.w4.gz.128x16x64.coop.sk/sk4`` (split-K into 4) or ``.../dp``; decode-kernel
+    choices are named by that module (``decode.t8.r16.w8``)."""
+    if isinstance(choice, decode.DecodeChoice):
+        return choice.name
     name = config_name(choice.config)
     if not choice.config.streamk:
         return name
@@ -235,8 +263,10 @@ def _configs_by_name() -> dict[str, MixedGemmConfig]:
     return {config_name(c): c for c in CONFIGS + EXPERIMENTAL_CONFIGS}
 
 
-def choice_from_name(name: str) -> Choice:
+def choice_from_name(name: str) -> Choice | decode.DecodeChoice:
     """Inverse of :func:`choice_name`; ValueError for a name this family does not have."""
+    if decode.is_name(name):
+        return decode.choice_from_name(name)
     base, _, split = name.partition("/")
     cfg = _configs_by_name().get(base)
     if cfg is None or (split and not cfg.streamk):
@@ -252,13 +282,15 @@ def choice_from_name(name: str) -> Choice:
 
 def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, layout: str,
                sm_count: int = 132) -> list[str]:
-    """Choices worth timing for one problem: the heuristic's first, then every built tile
-    that is not wider than needed, each data-parallel and (stream-K builds, few output
-    tiles) split-K 2 / 4 / 8 ways."""
+    """Choices worth timing for one problem: the heuristic's first, the decode kernel's
+    launch shapes (m <= its limit), then every built tile that is not wider than needed,
+    each data-parallel and (stream-K builds, few output tiles) split-K 2 / 4 / 8 ways."""
     mode = _MODE_OF_LAYOUT[layout]
     group_size = None if mode == 0 else group_size
-    first = choice_name(choose_config(m, n, k, act, bits, mode, sm_count, group_size))
+    first = choice_name(heuristic_choice(m, n, k, act, bits, mode, sm_count, group_size))
     names = [first]
+    if decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
+        names += decode.candidates(m, n, k)
     family = sorted(_family(act, bits, mode, group_size, k), key=lambda c: c.tile_n)
     smallest_fit = next((c.tile_n for c in family if c.tile_n >= m), family[-1].tile_n)
     for cfg in family:
@@ -353,7 +385,10 @@ def select_layout(bits: int, signed: bool, group_size: int, zero_mode: str, n: i
     family = _family(_ACT_NAMES[act_dtype], bits, _MODE_OF_LAYOUT[layout], group_size, k)
     if not family:
         return None  # e.g. group 32 where no config has a 32-wide K tile
-    build_all(family)
+    from .build import KernelSpec, build_many
+    build_many([KernelSpec(SOURCE, c.defines(), "sm_90a") for c in family]
+               + [decode.kernel_spec(_decode_build(_ACT_NAMES[act_dtype], bits,
+                                                   _MODE_OF_LAYOUT[layout]))])
     return layout
 
 
@@ -365,11 +400,15 @@ def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
     group = None if layout == LAYOUT_ROWSCALE else group_size
     ms = (m,) if m is not None else (1, 16, 64, 256, 2048)
     sms = sm_count(torch.device(device).index or 0)
-    names = dict.fromkeys(
-        config_name(choose_config(mm, n, k, act, bits, mode, sms, group).config) for mm in ms)
+    names = dict.fromkeys(_short_name(heuristic_choice(mm, n, k, act, bits, mode, sms, group))
+                          for mm in ms)
     where = "main-loop group scale+zero" if mode else "epilogue per-channel scale"
     return f"cutlass sm90 {', '.join(names)} ({where})" if m is not None else \
         f"cutlass sm90 by M: {', '.join(names)} ({where})"
+
+
+def _short_name(choice: Choice | decode.DecodeChoice) -> str:
+    return choice.name if isinstance(choice, decode.DecodeChoice) else config_name(choice.config)
 
 
 def prepare_weight(q_nk: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -549,7 +588,7 @@ def _check(cond: bool, msg: str) -> None:
 def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                     signed: bool, group_size: int, zero_mode: str, layout: str,
-                    config: MixedGemmConfig | Choice | str | None = None,
+                    config: MixedGemmConfig | Choice | decode.DecodeChoice | str | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Run the CUTLASS kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
@@ -600,7 +639,16 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if isinstance(config, str):
         config = choice_from_name(config) if config else None
     if config is None:
-        config = choose_config(m, n, k, act, bits, mode, sm_count(dev), group)
+        config = heuristic_choice(m, n, k, act, bits, mode, sm_count(dev), group)
+    if isinstance(config, decode.DecodeChoice):
+        _check(decode.fits(m, n, k, group, _decode_mode(mode), config),
+               f"decode kernel {config.name} does not take M={m} N={n} K={k} g={group}")
+        qweight, scales, zeros, bias = stage_weights("mixed_gemm_cuda", n, x.dtype, qweight,
+                                                     scales, zeros, bias)
+        with torch.cuda.device(dev):
+            decode.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,
+                       out, group)
+        return out.reshape(*lead, n)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config
     _check(_fits(cfg, act, bits, mode, group, k),

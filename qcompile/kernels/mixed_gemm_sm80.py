@@ -81,6 +81,7 @@ from dataclasses import dataclass
 import torch
 
 from . import mixed_gemm, ops
+from . import mixed_gemm_decode as decode
 
 log = logging.getLogger("qcompile.kernels")
 
@@ -98,6 +99,7 @@ __all__ = [
     "choice_from_name",
     "choice_name",
     "choose_config",
+    "heuristic_choice",
     "config_name",
     "describe",
     "mixed_gemm_cuda",
@@ -290,9 +292,35 @@ def choose_config(m: int, n: int, k: int, act: str, sm_count: int = 108, bits: i
 _DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk", DECOMP_HEURISTIC: "auto"}
 
 
-def choice_name(choice: Choice) -> str:
+# Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) on the v2
+# layout instead of the group-wise GEMM. 0 until measured.
+DECODE_MAX_M = 0
+_DECODE_GROUPZERO = {act: {bits: decode.DecodeBuild(act, bits, decode.LAYOUT_SM80_V2,
+                                                    decode.MODE_GROUPZERO) for bits in (4, 8)}
+                     for act in ("bf16", "fp16")}
+
+
+def _decode_fits(m: int, n: int, k: int, mode: str, group_size: int | None) -> bool:
+    return mode == "gz" and decode.fits(m, n, k, group_size or k, decode.MODE_GROUPZERO)
+
+
+def heuristic_choice(m: int, n: int, k: int, act: str, sm_count: int = 108, bits: int = 8,
+                     mode: str = "rs", group_size: int | None = None
+                     ) -> Choice | decode.DecodeChoice:
+    """The kernel for m tokens without measurements: the decode kernel up to DECODE_MAX_M
+    tokens where it takes the format (v2 layout, group a multiple of 64), else
+    :func:`choose_config`."""
+    if m <= DECODE_MAX_M and _decode_fits(m, n, k, mode, group_size):
+        return decode.heuristic(m, n, k)
+    return choose_config(m, n, k, act, sm_count, bits, mode)
+
+
+def choice_name(choice: Choice | decode.DecodeChoice) -> str:
     """The stable, unique name of a choice, e.g. ``sm80.bf16.w4.gz.16x128x64.s4/sk4``
-    (split-K into 4) or ``.../dp`` (data-parallel); rowscale also ``/streamk``, ``/auto``."""
+    (split-K into 4) or ``.../dp`` (data-parallel); rowscale also ``/streamk``, ``/auto``;
+    decode-kernel choices ``decode.t8.r16.w8``."""
+    if isinstance(choice, decode.DecodeChoice):
+        return choice.name
     name = config_name(choice.config)
     if choice.decomposition == DECOMP_SPLIT_K and choice.splits >= 2:
         return f"{name}/sk{choice.splits}"
@@ -306,8 +334,10 @@ def _configs_by_name() -> dict[str, MixedGemmSm80Config]:
     return {config_name(c): c for c in CONFIGS}
 
 
-def choice_from_name(name: str) -> Choice:
+def choice_from_name(name: str) -> Choice | decode.DecodeChoice:
     """Inverse of :func:`choice_name`; ValueError for a name this family does not have."""
+    if decode.is_name(name):
+        return decode.choice_from_name(name)
     base, _, split = name.partition("/")
     cfg = _configs_by_name().get(base)
     if cfg is not None:
@@ -324,16 +354,18 @@ def choice_from_name(name: str) -> Choice:
 
 def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, layout: str,
                sm_count: int = 108) -> list[str]:
-    """Choices worth timing for one problem (at most 8): the heuristic's first, then the
-    token tiles that fit m (decode: 16 / 32; prefill: 64 / 128), each data-parallel and,
-    where the output tiles leave SMs idle, split-K 2 / 4 / 8 ways (>= 4 K tiles a split)."""
-    del group_size
+    """Choices worth timing for one problem: the heuristic's first, the decode kernel's
+    launch shapes (v2 layout, m <= its limit), then (at most 8 GEMM choices) the token tiles
+    that fit m (decode: 16 / 32; prefill: 64 / 128), each data-parallel and, where the output
+    tiles leave SMs idle, split-K 2 / 4 / 8 ways (>= 4 K tiles a split)."""
     mode = _MODE_OF_LAYOUT.get(layout)
     if mode is None:
         return []
     family = _family(act, bits, mode)
     if not family:
         return []
+    first = choice_name(heuristic_choice(m, n, k, act, sm_count, bits, mode, group_size))
+    decode_names = decode.candidates(m, n, k) if _decode_fits(m, n, k, mode, group_size) else []
     names = [choice_name(choose_config(m, n, k, act, sm_count, bits, mode))]
     smallest_fit = next((c.tile[0] for c in family if c.tile[0] >= m), family[-1].tile[0])
     if m <= 64:
@@ -348,7 +380,7 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
             for s in (2, 4, 8):
                 if k_tiles >= 4 * s:
                     names.append(choice_name(Choice(cfg, DECOMP_SPLIT_K, s)))
-    return list(dict.fromkeys(names))[:8]
+    return list(dict.fromkeys([first, *decode_names, *list(dict.fromkeys(names))[:8]]))
 
 
 # --- weight preparation (torch; runs on CPU or GPU) -------------------------------------
@@ -480,7 +512,9 @@ def select_layout(bits: int, signed: bool, group_size: int, zero_mode: str, n: i
         return LAYOUT_ROWSCALE
     if not v2_shape_ok(bits, n, k, group_size):
         return None
-    build_all(_family(act, bits, "gz"))
+    from .build import build_many
+    build_many([kernel_spec(c) for c in _family(act, bits, "gz")]
+               + [decode.kernel_spec(_DECODE_GROUPZERO[act][bits])])
     return LAYOUT_GROUPZERO_V2
 
 
@@ -495,7 +529,8 @@ def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
         return "cutlass sm80 none: reference (PyTorch) for the legacy v1 group-wise layout"
     bits = 8 if mode == "rs" else bits
     ms = (m,) if m is not None else (1, 16, 32, 64, 256, 2048)
-    names = dict.fromkeys(choice_name(choose_config(mm, n, k, act, sms, bits, mode)) for mm in ms)
+    names = dict.fromkeys(
+        choice_name(heuristic_choice(mm, n, k, act, sms, bits, mode, group_size)) for mm in ms)
     where = "epilogue per-channel scale" if mode == "rs" else \
         f"main-loop group scale+zero, g={group_size}"
     prefix = "cutlass sm80" if m is not None else "cutlass sm80 by M:"
@@ -667,7 +702,7 @@ def _check(cond: bool, msg: str) -> None:
 def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                          signed: bool, group_size: int, zero_mode: str, layout: str,
-                         config: MixedGemmSm80Config | Choice | str | None = None,
+                         config: MixedGemmSm80Config | Choice | decode.DecodeChoice | str | None = None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Run a kernel of this family: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
@@ -718,7 +753,18 @@ def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     if isinstance(config, str):
         config = choice_from_name(config) if config else None
     if config is None:
-        config = choose_config(m, n, k, act, mixed_gemm.sm_count(dev), bits, mode)
+        config = heuristic_choice(m, n, k, act, mixed_gemm.sm_count(dev), bits, mode, group_size)
+    if isinstance(config, decode.DecodeChoice):
+        _check(_decode_fits(m, n, k, mode, group_size) and decode.fits(
+            m, n, k, group_size, decode.MODE_GROUPZERO, config),
+            f"decode kernel {config.name} does not take layout {layout} M={m} N={n} K={k} "
+            f"g={group_size}")
+        qweight, scales, zeros, bias = mixed_gemm.stage_weights(
+            "mixed_gemm_sm80_cuda", n, x.dtype, qweight, scales, zeros, bias)
+        with torch.cuda.device(dev):
+            decode.run(_DECODE_GROUPZERO[act][bits], config, x2, qweight, scales, zeros, bias,
+                       out, group_size)
+        return out.reshape(*lead, n)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config
     _check(cfg.act == act, f"config {config_name(cfg)} is for {cfg.act}, x is {act}")

@@ -1,0 +1,338 @@
+// Decode kernel for qcompile::mixed_gemm: few tokens (M <= 32) x int4/int8 weights, built to
+// read the weight once at the memory bandwidth rather than to keep tensor cores busy.
+//
+//   out[m, n] = sum_k x[m, k] * W[n, k]  (* rowscale[n])  + bias[n]
+//
+// Why a kernel of its own: at decode the GEMM is a weight stream (14336x4096 int4 is 29 MB,
+// ~10 us at 3 TB/s) and the GEMM main loops -- the Hopper CUTLASS collective and our sm_80
+// pipeline alike -- stage every K tile through shared memory behind a barrier, so one CTA keeps
+// only a few K tiles in flight and the per-tile latency, not the bandwidth, sets the time
+// (benchmarks/NOTES.md). Here there is no shared-memory stage at all: both prepared layouts
+// already put, in each lane's bytes, exactly the m16n8k16 A-fragment values that lane owns,
+// so a warp loads its fragments straight from global memory into registers, many K chunks at
+// once, converts them in registers and issues mma.sync with the *weights as the A operand*
+// (16 output channels per MMA row block) and the tokens as the n8 B operand ("swap AB": at
+// M = 1 an MMA then wastes 7 of 8 columns, not 15 of 16 rows, and tensor cores stay far from
+// their limit either way).
+//
+// Work split: a CTA owns kR 16-row tiles of W and 8 * kNT tokens; its warps stride over the
+// 64-deep K chunks (warp w takes chunks w, w + warps, ...), so a CTA reads a contiguous run of
+// the weight. Each warp issues the loads of kUnroll chunks before converting any of them. The
+// warps' fp32 partial tiles are summed through shared memory in warp order (deterministic, no
+// atomics, no workspace), then scaled, biased and stored.
+//
+// Layouts (QC_LAYOUT), lane l = 4g + t of a warp, a 16-row tile nt, a 16-deep K step j:
+//   0  "sm90" (mixed_gemm.py reorder_weight, signed two's complement): the tile's 16x16 block
+//      (nt, j) is 256 values at value offset 256 * (nt + N/16 * j); lane l's values are at
+//      8l .. 8l+7 (int4: one 32-bit word, nibble p = m1 + 2 k2 + 4 k0; int8: two words,
+//      byte m1 + 2 k0 + 4 k2) with row g + 8 m1, k 2t + k0 + 8 k2.
+//   1  "sm80 v2" (mixed_gemm_sm80.py, biased unsigned): 512-byte blocks of 16 rows (int4) or
+//      8 rows (int8) x 64 k; lane l's 16 bytes hold its fragments of the block's 4 K steps.
+// Both become the A fragment {a0: row g, k 2t..2t+1; a1: row g+8; a2: row g, k 2t+8..9;
+// a3: row g+8, k 2t+8..9} with the bias trick of sm80_mixed.cuh.
+//
+// Scales (QC_MODE): 0 "rowscale": float32 [N] applied to the fp32 sum (the sm90 rowscale
+// layout); 2 "groupzero": W = q' * s + z' with s, z' [K/g, N] in the activation type applied
+// to the fragment before the MMA (g a multiple of 64, so one group per chunk).
+//
+// Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
+// tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
+// Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info,
+// qc_mixed_gemm_decode.
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#pragma nv_diag_suppress 177  // helpers unused by some (act, bits) configurations
+
+#ifndef QC_ACT_FP16
+#define QC_ACT_FP16 0
+#endif
+#ifndef QC_WBITS
+#define QC_WBITS 4
+#endif
+#ifndef QC_LAYOUT
+#define QC_LAYOUT 0
+#endif
+#ifndef QC_MODE
+#define QC_MODE 2
+#endif
+
+#include "sm80_mixed.cuh"
+
+namespace {
+
+using namespace qc_sm80;
+
+constexpr int kBits = QC_WBITS;
+constexpr int kWords = kBits / 4;        // 32-bit weight words per lane per 16-deep K step
+constexpr int kChunkK = 64;              // K per chunk (4 MMA steps)
+constexpr int kMaxWarps = 16;
+constexpr int kMaxSmemBytes = 48 * 1024; // no opt-in needed below this
+
+static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
+static_assert(QC_LAYOUT == 0 || QC_LAYOUT == 1, "QC_LAYOUT must be 0 (sm90) or 1 (sm80 v2)");
+static_assert(QC_MODE == 0 || QC_MODE == 2, "QC_MODE must be 0 (rowscale) or 2 (groupzero)");
+static_assert(!(QC_LAYOUT == 1 && QC_MODE == 0), "the sm80 v2 layout is group-wise only");
+
+struct Params {
+  const Act* x;
+  const uint8_t* w;
+  const Act* scales;      // groupzero: [K/g, N]
+  const Act* zeros;       // groupzero: [K/g, N]
+  const float* rowscale;  // rowscale: [N]
+  const Act* bias;        // [N] or null
+  Act* out;
+  int M, N, K, group;
+};
+
+// Streamed once: no L1 allocation for the weight.
+__device__ __forceinline__ uint32_t ld_stream32(const void* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_stream64(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 ld_stream128(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The raw words lane `lane` owns of 16-row tile `tile`, K chunk `chunk` (4 steps).
+__device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* w, int tile,
+                                           int chunk, int lane, int N, int K) {
+#if QC_LAYOUT == 0
+  const size_t tiles_n = N / 16;
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const size_t block = tile + tiles_n * (chunk * 4 + ks);
+#if QC_WBITS == 4
+    raw[ks][0] = ld_stream32(w + block * 128 + lane * 4);
+#else
+    const uint2 v = ld_stream64(w + block * 256 + lane * 8);
+    raw[ks][0] = v.x;
+    raw[ks][1] = v.y;
+#endif
+  }
+#else
+  const size_t chunks = K / kChunkK;
+#if QC_WBITS == 4
+  const uint4 v = ld_stream128(w + (tile * chunks + chunk) * 512 + lane * 16);
+  raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
+#else
+  // rows g from block 2 * tile, rows g + 8 from block 2 * tile + 1
+  const uint4 lo = ld_stream128(w + ((2 * tile) * chunks + chunk) * 512 + lane * 16);
+  const uint4 hi = ld_stream128(w + ((2 * tile + 1) * chunks + chunk) * 512 + lane * 16);
+  raw[0][0] = lo.x; raw[1][0] = lo.y; raw[2][0] = lo.z; raw[3][0] = lo.w;
+  raw[0][1] = hi.x; raw[1][1] = hi.y; raw[2][1] = hi.z; raw[3][1] = hi.w;
+#endif
+#endif
+}
+
+// q' of the A fragment {a0, a1, a2, a3} from one K step's raw words.
+__device__ __forceinline__ void fragment(Act2 (&a)[4], const uint32_t (&r)[kWords]) {
+#if QC_LAYOUT == 0 && QC_WBITS == 4
+  const uint32_t w = r[0] ^ 0x88888888u;  // two's complement -> biased
+  a[0] = unpack_pair<0>(w); a[1] = unpack_pair<1>(w); a[2] = unpack_pair<2>(w); a[3] = unpack_pair<3>(w);
+#elif QC_LAYOUT == 0
+  const uint32_t w0 = r[0] ^ 0x80808080u, w1 = r[1] ^ 0x80808080u;
+  a[0] = unpack_pair<0>(w0); a[1] = unpack_pair<1>(w0); a[2] = unpack_pair<0>(w1); a[3] = unpack_pair<1>(w1);
+#elif QC_WBITS == 4
+  a[0] = unpack_pair<0>(r[0]); a[1] = unpack_pair<2>(r[0]); a[2] = unpack_pair<1>(r[0]); a[3] = unpack_pair<3>(r[0]);
+#else
+  a[0] = unpack_pair<0>(r[0]); a[1] = unpack_pair<0>(r[1]); a[2] = unpack_pair<1>(r[0]); a[3] = unpack_pair<1>(r[1]);
+#endif
+}
+
+__device__ __forceinline__ uint32_t ld_act2(const Act* p, bool ok) {
+  return ok ? __ldg(reinterpret_cast<const unsigned int*>(p)) : 0u;
+}
+
+template <int kNT, int kR>
+__global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
+  constexpr int kUnroll = 4 / kR;  // chunks per warp per round (x kR tiles: 4 loads in flight)
+  extern __shared__ float red[];   // [warps][kR][kNT][4][32]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tile0 = blockIdx.x * kR;
+  const int m0 = blockIdx.y * 8 * kNT;
+  const int M = p.M, N = p.N, K = p.K;
+  const int chunks = K / kChunkK;
+
+  float acc[kR][kNT][4];
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][j][e] = 0.f;
+
+  // B fragments: lane (g, t) feeds token m0 + 8j + g, k 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1)
+  const Act* xrow[kNT];
+  bool xok[kNT];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int m = m0 + 8 * j + g;
+    xok[j] = m < M;
+    xrow[j] = p.x + (size_t)(xok[j] ? m : 0) * K + 2 * t;
+  }
+
+  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
+    uint32_t raw[kUnroll][kR][4][kWords];
+#if QC_MODE == 2
+    Act2 s2[kUnroll][kR][2], z2[kUnroll][kR][2];  // rows g, g + 8
+#endif
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * warps;
+      if (c < chunks) {
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          load_chunk(raw[u][r], p.w, tile0 + r, c, lane, N, K);
+#if QC_MODE == 2
+          const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const Act s = p.scales[off + 8 * h], z = p.zeros[off + 8 * h];
+            s2[u][r][h] = Act2(s, s);
+            z2[u][r][h] = Act2(z, z);
+          }
+#endif
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * warps;
+      if (c >= chunks) continue;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        const int k = c * kChunkK + ks * 16;
+        uint32_t b[kNT][2];
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          b[j][0] = ld_act2(xrow[j] + k, xok[j]);
+          b[j][1] = ld_act2(xrow[j] + k + 8, xok[j]);
+        }
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          Act2 q[4];
+          fragment(q, raw[u][r][ks]);
+          uint32_t a[4];
+#if QC_MODE == 2
+          a[0] = as_u32(__hfma2(q[0], s2[u][r][0], z2[u][r][0]));
+          a[1] = as_u32(__hfma2(q[1], s2[u][r][1], z2[u][r][1]));
+          a[2] = as_u32(__hfma2(q[2], s2[u][r][0], z2[u][r][0]));
+          a[3] = as_u32(__hfma2(q[3], s2[u][r][1], z2[u][r][1]));
+#else
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i] = as_u32(q[i]);
+#endif
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) mma16816(acc[r][j], a, b[j][0], b[j][1]);
+        }
+      }
+    }
+  }
+
+  // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
+  constexpr int kTileFloats = kR * kNT * 4 * 32;
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp * kTileFloats + ((r * kNT + j) * 4 + e) * 32 + lane] = acc[r][j][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTileFloats; i += blockDim.x) {
+    float v = 0.f;
+    for (int w = 0; w < warps; ++w) v += red[w * kTileFloats + i];
+    const int l = i & 31, e = (i >> 5) & 3, rj = i >> 7;
+    const int j = rj % kNT, r = rj / kNT;
+    // accumulator e of lane l: row (l / 4) + 8 (e / 2), token 2 (l % 4) + e % 2
+    const int n = (tile0 + r) * 16 + (l >> 2) + 8 * (e >> 1);
+    const int m = m0 + 8 * j + 2 * (l & 3) + (e & 1);
+    if (m < M) {
+#if QC_MODE == 0
+      v *= p.rowscale[n];
+#endif
+      if (p.bias != nullptr) v += static_cast<float>(p.bias[n]);
+      p.out[(size_t)m * N + n] = Act(v);
+    }
+  }
+}
+
+template <int kNT, int kR>
+cudaError_t launch(const Params& p, int warps, cudaStream_t s) {
+  const int smem = warps * kR * kNT * 4 * 32 * static_cast<int>(sizeof(float));
+  if (smem > kMaxSmemBytes) return cudaErrorInvalidValue;
+  const int tokens = 8 * kNT;
+  dim3 grid(p.N / (16 * kR), (p.M + tokens - 1) / tokens);
+  if (grid.y > 65535) return cudaErrorInvalidValue;
+  mixed_gemm_decode_kernel<kNT, kR><<<grid, 32 * warps, smem, s>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+
+// The compiled configuration, so Python can check it loaded what it asked for.
+int qc_mixed_gemm_decode_info(int* out, int n) {
+  int v[4] = {QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE};
+  for (int i = 0; i < n && i < 4; ++i) out[i] = v[i];
+  return 4;
+}
+
+// x [M, K]; w the prepared weight (layout QC_LAYOUT); groupzero: scales / zeros [K/group, N]
+// (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N]. All
+// 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group % 64 == 0 dividing K
+// (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
+int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
+                         const void* rowscale, const void* bias, void* out, int M, int N, int K,
+                         int group, int token_tiles, int row_tiles, int warps, void* stream) {
+  if (M <= 0 || N <= 0 || K <= 0 || K % kChunkK || warps < 1 || warps > kMaxWarps ||
+      (row_tiles != 1 && row_tiles != 2) || N % (16 * row_tiles))
+    return static_cast<int>(cudaErrorInvalidValue);
+#if QC_MODE == 2
+  if (group <= 0 || group % kChunkK || K % group || scales == nullptr || zeros == nullptr)
+    return static_cast<int>(cudaErrorInvalidValue);
+#else
+  if (rowscale == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+#endif
+  Params p;
+  p.x = static_cast<const Act*>(x);
+  p.w = static_cast<const uint8_t*>(w);
+  p.scales = static_cast<const Act*>(scales);
+  p.zeros = static_cast<const Act*>(zeros);
+  p.rowscale = static_cast<const float*>(rowscale);
+  p.bias = static_cast<const Act*>(bias);
+  p.out = static_cast<Act*>(out);
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.group = group;
+  auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaErrorInvalidValue;
+  if (row_tiles == 1) {
+    if (token_tiles == 1) err = launch<1, 1>(p, warps, s);
+    if (token_tiles == 2) err = launch<2, 1>(p, warps, s);
+    if (token_tiles == 4) err = launch<4, 1>(p, warps, s);
+  } else {
+    if (token_tiles == 1) err = launch<1, 2>(p, warps, s);
+    if (token_tiles == 2) err = launch<2, 2>(p, warps, s);
+    if (token_tiles == 4) err = launch<4, 2>(p, warps, s);
+  }
+  return static_cast<int>(err);
+}
+
+}  // extern "C"

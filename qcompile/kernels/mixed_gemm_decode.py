@@ -1,0 +1,205 @@
+"""The decode kernel of ``qcompile::mixed_gemm`` (``csrc/mixed_gemm_decode.cu``): few tokens
+(M <= 32) against an int4/int8 weight, reading the weight straight from global memory into
+mma.sync fragments, many K chunks in flight per warp, with no shared-memory pipeline (the
+source's header says why the GEMM main loops are latency-bound there).
+
+It is not a family of its own: it reads the weights the Hopper family (``mixed_gemm``, both
+layouts) and the sm_80 family (``mixed_gemm_sm80``, the v2 group-wise layout) already
+prepared, so each family offers its choices (``decode.t8.r16.w8`` ...) beside its GEMM
+configs, and one weight can run the decode kernel at small M and the GEMM beyond, chosen by
+token count at run time.
+
+Builds (data): one library per (activation, bits, layout kind, scale mode); a choice is a
+launch shape of a build (tokens per CTA, rows per CTA, warps per CTA).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MAX_TOKENS",
+    "PREFIX",
+    "DecodeBuild",
+    "DecodeChoice",
+    "builds",
+    "candidates",
+    "choice_from_name",
+    "heuristic",
+    "fits",
+    "is_name",
+    "kernel_spec",
+    "run",
+]
+
+SOURCE = "mixed_gemm_decode.cu"
+ARCH = "sm_80"      # mma.sync code; with the sm_90 machine code built from the same PTX
+PREFIX = "decode."
+MAX_TOKENS = 32     # beyond this the GEMM kernels win (more tokens per converted fragment)
+TILE_K = 64         # K chunk; group sizes must be multiples of it
+LAYOUT_SM90, LAYOUT_SM80_V2 = 0, 1
+MODE_ROWSCALE, MODE_GROUPZERO = 0, 2
+_TOKEN_TILES = (8, 16, 32)
+_ROW_TILES = (16, 32)
+_WARPS = (4, 8, 16)
+_SMEM_LIMIT = 48 * 1024
+
+
+@dataclass(frozen=True)
+class DecodeBuild:
+    """One library: activation type, weight bits, layout kind (0 sm90, 1 sm80 v2), scale
+    mode (0 rowscale in the epilogue, 2 group scale + zero before the MMA)."""
+
+    act: str
+    bits: int
+    layout: int
+    mode: int
+
+    def defines(self) -> dict[str, int]:
+        return {"QC_ACT_FP16": int(self.act == "fp16"), "QC_WBITS": self.bits,
+                "QC_LAYOUT": self.layout, "QC_MODE": self.mode}
+
+    def info(self) -> list[int]:
+        d = self.defines()
+        return [d["QC_ACT_FP16"], d["QC_WBITS"], d["QC_LAYOUT"], d["QC_MODE"]]
+
+
+def builds(layout: int) -> tuple[DecodeBuild, ...]:
+    """Every library a layout kind needs (``qcompile build`` prebuilds them)."""
+    modes = (MODE_ROWSCALE, MODE_GROUPZERO) if layout == LAYOUT_SM90 else (MODE_GROUPZERO,)
+    return tuple(DecodeBuild(act, bits, layout, mode)
+                 for act in ("bf16", "fp16") for bits in (4, 8) for mode in modes)
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """A launch shape: tokens per CTA (8/16/32), weight rows per CTA (16/32), warps per CTA
+    (they split K)."""
+
+    tokens: int = 8
+    rows: int = 16
+    warps: int = 8
+
+    @property
+    def name(self) -> str:
+        return f"{PREFIX}t{self.tokens}.r{self.rows}.w{self.warps}"
+
+    def smem_bytes(self) -> int:
+        return self.warps * (self.rows // 16) * (self.tokens // 8) * 4 * 32 * 4
+
+    def valid(self) -> bool:
+        return (self.tokens in _TOKEN_TILES and self.rows in _ROW_TILES
+                and 1 <= self.warps <= 16 and self.smem_bytes() <= _SMEM_LIMIT)
+
+
+def is_name(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def choice_from_name(name: str) -> DecodeChoice:
+    """Inverse of ``DecodeChoice.name``; ValueError for anything else."""
+    parts = name[len(PREFIX):].split(".") if is_name(name) else []
+    try:
+        if len(parts) != 3 or [p[0] for p in parts] != ["t", "r", "w"]:
+            raise ValueError
+        choice = DecodeChoice(int(parts[0][1:]), int(parts[1][1:]), int(parts[2][1:]))
+    except ValueError:
+        raise ValueError(f"no decode-kernel choice named {name!r}") from None
+    if not choice.valid():
+        raise ValueError(f"no decode-kernel choice named {name!r}")
+    return choice
+
+
+def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | None = None) -> bool:
+    """Whether the decode kernel takes this problem (and launch shape)."""
+    if m < 1 or m > MAX_TOKENS or k % TILE_K or n % 16:
+        return False
+    if mode == MODE_GROUPZERO and (group % TILE_K or k % group):
+        return False
+    return choice is None or (choice.valid() and n % choice.rows == 0)
+
+
+def heuristic(m: int, n: int, k: int) -> DecodeChoice:
+    """The launch shape without measurements: the smallest token tile holding m, 16 rows per
+    CTA (N/16 CTAs), and enough warps that each keeps ~4 K chunks in flight (at least 4)."""
+    tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
+    chunks = k // TILE_K
+    warps = 16 if chunks >= 256 else 8 if chunks >= 32 else 4
+    while not DecodeChoice(tokens, 16, warps).valid():
+        warps //= 2
+    return DecodeChoice(tokens, 16, warps)
+
+
+def candidates(m: int, n: int, k: int) -> list[str]:
+    """Launch shapes worth timing for m tokens: the heuristic's first, then the token tile
+    holding m with every row tile and warp count."""
+    if m > MAX_TOKENS:
+        return []
+    first = heuristic(m, n, k)
+    names = [first.name]
+    for rows in _ROW_TILES:
+        for warps in _WARPS:
+            c = DecodeChoice(first.tokens, rows, warps)
+            if c.valid() and n % rows == 0:
+                names.append(c.name)
+    return list(dict.fromkeys(names))
+
+
+# --- the call -------------------------------------------------------------------------------
+
+_libs: dict[DecodeBuild, ctypes.CDLL] = {}
+_lock = threading.Lock()
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+def kernel_spec(b: DecodeBuild):
+    """What the build cache compiles for one library (``qcompile build`` too)."""
+    from .build import KernelSpec
+    return KernelSpec(SOURCE, b.defines(), ARCH)
+
+
+def _lib(b: DecodeBuild) -> ctypes.CDLL:
+    lib = _libs.get(b)
+    if lib is not None:
+        return lib
+    from .build import KernelBuildError, load
+    with _lock:
+        lib = load(kernel_spec(b))
+        lib.qc_mixed_gemm_decode.restype = _I
+        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 8 + [_P]
+        info = (ctypes.c_int * 4)()
+        lib.qc_mixed_gemm_decode_info(info, 4)
+        if list(info) != b.info():
+            raise KernelBuildError(f"decode library {b} reports {list(info)}, expected {b.info()}")
+        _libs[b] = lib
+        return lib
+
+
+def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: torch.Tensor,
+        scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
+        out: torch.Tensor, group: int) -> torch.Tensor:
+    """Launch on operands the calling family already checked and staged: x2 [M, K] and out
+    [M, N] aligned in the activation type, the weight in ``build.layout``, scales float32 [N]
+    (rowscale) or [K/g, N] with zeros (groupzero). No host syncs (CUDA-graph safe)."""
+    m, k = x2.shape
+    n = out.shape[1]
+    if not fits(m, n, k, group, build.mode, choice):
+        raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}")
+    rowscale = build.mode == MODE_ROWSCALE
+    stream = torch.cuda.current_stream(x2.device).cuda_stream
+    rc = _lib(build).qc_mixed_gemm_decode(
+        x2.data_ptr(), qweight.data_ptr(),
+        None if rowscale else scales.data_ptr(),
+        None if rowscale else zeros.data_ptr(),
+        scales.data_ptr() if rowscale else None,
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(), m, n, k, k if rowscale else group,
+        choice.tokens // 8, choice.rows // 16, choice.warps, stream)
+    if rc != 0:
+        raise RuntimeError(f"qc_mixed_gemm_decode ({choice.name}, {build}, M={m} N={n} K={k} "
+                           f"g={group}) failed with CUDA error {rc}")
+    return out

@@ -1,0 +1,204 @@
+"""GPU tests of the decode kernel (qcompile.kernels.mixed_gemm_decode) on the weights both
+mixed-GEMM families prepare (the Hopper layouts and the sm80 v2 layout), against float64.
+
+Every format each layout takes (bf16/fp16 x int4/int8 x signed/unsigned x per-channel /
+group 64/128/256 x zero modes), every launch shape (tokens per CTA x rows per CTA x warps),
+odd M including token tiles smaller than M (several CTA rows), K whose chunk count no warp
+count divides, N at its limit, bias, CUDA-graph capture, a token-count table that mixes the
+decode kernel with a GEMM config, and the refusals (M > 32, group 32, row tiles that do not
+divide N, the sm80 rowscale layout). Outputs are NaN-poisoned before every call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from qcompile.kernels import mixed_gemm as mg  # noqa: E402
+from qcompile.kernels import mixed_gemm_decode as dec  # noqa: E402
+from qcompile.kernels import mixed_gemm_sm80 as m80  # noqa: E402
+from test_mixed_gemm_cuda import ACTS, _check, _poisoned, _problem, _ref, _x  # noqa: E402
+
+FAMILIES = {"sm90": mg, "sm80": m80}
+
+# (signed, group (0 = per-channel), zero_mode)
+FORMATS = [
+    (True, 0, "none"),
+    (True, 128, "none"),
+    (False, 128, "sub"),
+    (True, 64, "add"),
+    (False, 256, "none"),
+    (False, 0, "sub"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gpu():
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0):
+        pytest.skip("runs both families' layouts: needs a Hopper GPU (sm_90a kernels)")
+    import qcompile.kernels  # noqa: F401  (registers the CUDA dispatcher of the ops)
+
+
+def _prepared(fam, n, k, bits, signed, group, zero_mode, act, seed=0):
+    q, s, z, w = _problem(n, k, bits, signed, group, zero_mode, seed)
+    dtype = ACTS[act]
+    layout = fam.select_layout(bits, signed, group, zero_mode, n, k, dtype, "cuda")
+    assert layout is not None
+    tensors = fam.prepare_weight(q.cuda(), s.cuda(), z.cuda() if z is not None else None,
+                                 bits, signed, group, zero_mode, layout, dtype)
+    return layout, tensors, w
+
+
+def _run(fam, x, layout, tensors, bits, group, config, bias=None):
+    m, n = x.shape[0], tensors[0].shape[0]
+    out = _poisoned(m, n, x.dtype)
+    res = fam.mixed_gemm_cuda(x, *tensors, bias, bits, True, group, "none", layout,
+                              config=config, out=out)
+    torch.cuda.synchronize()
+    assert res.data_ptr() == out.data_ptr()
+    return out
+
+
+def _decodable(fam_name, layout):
+    return not (fam_name == "sm80" and layout == m80.LAYOUT_ROWSCALE)
+
+
+@pytest.mark.parametrize("fam_name", list(FAMILIES))
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("signed,group,zero_mode", FORMATS)
+def test_formats(fam_name, act, bits, signed, group, zero_mode):
+    fam = FAMILIES[fam_name]
+    n, k, m = 256, 512, 5
+    group = group or k
+    layout, tensors, w = _prepared(fam, n, k, bits, signed, group, zero_mode, act)
+    names = fam.candidates(m, n, k, act, bits, group, layout, 132)
+    decode_names = [c for c in names if dec.is_name(c)]
+    if not _decodable(fam_name, layout):
+        # the CUTLASS 2.x int8 rowscale layout is plain [N, K]: no decode kernel reads it
+        assert decode_names == []
+        with pytest.raises(ValueError, match="decode"):
+            _run(fam, _x(m, k, ACTS[act]), layout, tensors, bits, group, "decode.t8.r16.w8")
+        return
+    assert decode_names, names
+    x = _x(m, k, ACTS[act])
+    ref = _ref(x, w)
+    for name in decode_names:
+        out = _run(fam, x, layout, tensors, bits, group, name)
+        _check(out, ref, ACTS[act], f"{fam_name} {layout} {name} {act} w{bits} signed={signed} "
+                                    f"g={group} {zero_mode}")
+
+
+_SHAPES = [dec.DecodeChoice(t, r, w) for t in (8, 16, 32) for r in (16, 32) for w in (1, 4, 8, 16)
+           if dec.DecodeChoice(t, r, w).valid()]
+
+
+@pytest.mark.parametrize("fam_name", list(FAMILIES))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_launch_shape(fam_name, bits):
+    # K = 13 chunks of 64: no warp count divides it (tail chunks skipped per warp)
+    fam = FAMILIES[fam_name]
+    n, k = 96, 13 * 64
+    layout, tensors, w = _prepared(fam, n, k, bits, False, 64, "sub", "bf16")
+    for choice in _SHAPES:
+        if n % choice.rows:
+            continue
+        for m in sorted({1, choice.tokens - 1, choice.tokens}):
+            x = _x(m, k, torch.bfloat16, seed=m)
+            out = _run(fam, x, layout, tensors, bits, 64, choice)
+            _check(out, _ref(x, w), torch.bfloat16, f"{fam_name} w{bits} {choice.name} M={m}")
+
+
+@pytest.mark.parametrize("fam_name", list(FAMILIES))
+@pytest.mark.parametrize("m", [1, 3, 9, 17, 31, 32])
+def test_odd_m_with_small_token_tiles_and_bias(fam_name, m):
+    # the 8-token tile at m > 8 runs several CTA rows over the same weight
+    fam = FAMILIES[fam_name]
+    n, k = 512, 1024
+    layout, tensors, w = _prepared(fam, n, k, 4, False, 128, "sub", "fp16")
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    x = _x(m, k, torch.float16)
+    for choice in (dec.heuristic(m, n, k), dec.DecodeChoice(8, 32, 4)):
+        out = _run(fam, x, layout, tensors, 4, 128, choice, bias=bias)
+        _check(out, _ref(x, w, bias), torch.float16, f"{fam_name} {choice.name} M={m}")
+
+
+@pytest.mark.parametrize("fam_name", list(FAMILIES))
+@pytest.mark.parametrize("n,k", [(16, 64), (4096, 14336), (1024, 4096)])
+def test_shape_limits_and_llama_shapes(fam_name, n, k):
+    fam = FAMILIES[fam_name]
+    layout, tensors, w = _prepared(fam, n, k, 4, False, 64 if k == 64 else 128, "sub", "bf16")
+    x = _x(1, k, torch.bfloat16)
+    group = 64 if k == 64 else 128
+    out = _run(fam, x, layout, tensors, 4, group, dec.heuristic(1, n, k))
+    _check(out, _ref(x, w), torch.bfloat16, f"{fam_name} N={n} K={k}")
+
+
+def test_sm90_rowscale_int8_per_channel_llama_shape():
+    # W8A16 per-channel: the Hopper rowscale layout, scale applied to the fp32 sum
+    layout, tensors, w = _prepared(mg, 14336, 4096, 8, True, 4096, "none", "bf16")
+    assert layout == mg.LAYOUT_ROWSCALE
+    x = _x(2, 4096, torch.bfloat16)
+    out = _run(mg, x, layout, tensors, 8, 4096, dec.heuristic(2, 14336, 4096))
+    _check(out, _ref(x, w), torch.bfloat16, "rowscale int8 14336x4096")
+
+
+@pytest.mark.parametrize("fam_name", list(FAMILIES))
+def test_cuda_graph_and_token_table(fam_name):
+    fam = FAMILIES[fam_name]
+    n, k = 256, 1024
+    layout, tensors, w = _prepared(fam, n, k, 4, False, 128, "sub", "bf16")
+    # a table like the autotuner writes: the decode kernel at m <= 8, a GEMM config beyond
+    gemm = next(c for c in fam.candidates(64, n, k, "bf16", 4, 128, layout, 132)
+                if not dec.is_name(c))
+    table = f"1-8:decode.t8.r16.w4,9-:{gemm}"
+    from qcompile.kernels import tuning
+    for m in (1, 8, 9, 64):
+        x = _x(m, k, torch.bfloat16, seed=m)
+        out = _run(fam, x, layout, tensors, 4, 128, tuning.lookup(table, m))
+        _check(out, _ref(x, w), torch.bfloat16, f"{fam_name} table M={m}")
+    # captured in a CUDA graph, replayed with new inputs
+    x = _x(4, k, torch.bfloat16)
+    out = _poisoned(4, n, torch.bfloat16)
+    choice = dec.DecodeChoice(8, 16, 8)
+
+    def call():
+        fam.mixed_gemm_cuda(x, *tensors, None, 4, True, 128, "none", layout, config=choice,
+                            out=out)
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for seed in (5, 6):
+        x.copy_(_x(4, k, torch.bfloat16, seed=seed))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, _ref(x, w), torch.bfloat16, f"{fam_name} graph replay seed={seed}")
+
+
+@pytest.mark.parametrize("fam_name", list(FAMILIES))
+def test_refusals(fam_name):
+    fam = FAMILIES[fam_name]
+    n, k = 48, 256
+    layout, tensors, w = _prepared(fam, n, k, 4, False, 64, "sub", "bf16")
+    with pytest.raises(ValueError, match="decode"):  # more tokens than the kernel takes
+        _run(fam, _x(33, k, torch.bfloat16), layout, tensors, 4, 64, "decode.t32.r16.w8")
+    with pytest.raises(ValueError, match="decode"):  # 32-row tiles do not divide N = 48
+        _run(fam, _x(1, k, torch.bfloat16), layout, tensors, 4, 64, "decode.t8.r32.w8")
+    with pytest.raises(ValueError, match="no decode-kernel choice"):
+        fam.choice_from_name("decode.t8.r16.w32")
+    assert not any(dec.is_name(c) for c in fam.candidates(33, n, k, "bf16", 4, 64, layout, 132))
+    if fam is m80:  # v2 takes group 32, the decode kernel does not (one group per chunk)
+        layout, tensors, w = _prepared(fam, 64, 256, 4, False, 32, "sub", "bf16")
+        assert not any(dec.is_name(c) for c in fam.candidates(1, 64, 256, "bf16", 4, 32,
+                                                              layout, 132))
+        with pytest.raises(ValueError, match="decode"):
+            _run(fam, _x(1, 256, torch.bfloat16), layout, tensors, 4, 32, "decode.t8.r16.w8")

@@ -1,0 +1,104 @@
+"""CPU tests of the decode kernel's planning (qcompile.kernels.mixed_gemm_decode): choice
+names, the heuristic, candidates, what it takes, the libraries ``qcompile build`` makes,
+and how both mixed families offer it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompile.kernels import mixed_gemm as mg
+from qcompile.kernels import mixed_gemm_decode as dec
+from qcompile.kernels import mixed_gemm_sm80 as m80
+
+
+def test_names_round_trip_and_bad_names():
+    seen = set()
+    for t in (8, 16, 32):
+        for r in (16, 32):
+            for w in (1, 4, 8, 16):
+                c = dec.DecodeChoice(t, r, w)
+                if not c.valid():
+                    assert c.smem_bytes() > 48 * 1024  # only the reduction buffer limits
+                    continue
+                assert c.name == f"decode.t{t}.r{r}.w{w}" and c.name not in seen
+                seen.add(c.name)
+                assert dec.choice_from_name(c.name) == c
+                # both families hand decode names to this module
+                assert mg.choice_from_name(c.name) == c == m80.choice_from_name(c.name)
+    for bad in ("decode.", "decode.t8.r16", "decode.t12.r16.w8", "decode.t8.r48.w8",
+                "decode.t8.r16.w0", "decode.t8.r16.w17", "decode.r16.t8.w8", "decode.t8.r16.wx",
+                "decode.t32.r32.w16", "bf16.w4.gz.128x16x64.coop.sk/sk4"):
+        with pytest.raises(ValueError, match="no decode-kernel choice"):
+            dec.choice_from_name(bad)
+
+
+def test_fits():
+    assert dec.fits(1, 4096, 4096, 128, dec.MODE_GROUPZERO)
+    assert dec.fits(32, 16, 64, 64, dec.MODE_GROUPZERO)
+    assert not dec.fits(33, 4096, 4096, 128, dec.MODE_GROUPZERO)   # more tokens than it takes
+    assert not dec.fits(0, 4096, 4096, 128, dec.MODE_GROUPZERO)
+    assert not dec.fits(1, 4096, 4096, 32, dec.MODE_GROUPZERO)     # one group per 64-k chunk
+    assert not dec.fits(1, 4096, 4096 + 32, 4096 + 32, dec.MODE_ROWSCALE)
+    assert not dec.fits(1, 4104, 4096, 128, dec.MODE_GROUPZERO)    # N in 16-row tiles
+    assert dec.fits(1, 4096, 4096, 4096, dec.MODE_ROWSCALE)
+    assert dec.fits(1, 48, 64, 64, dec.MODE_GROUPZERO, dec.DecodeChoice(8, 16, 4))
+    assert not dec.fits(1, 48, 64, 64, dec.MODE_GROUPZERO, dec.DecodeChoice(8, 32, 4))
+
+
+def test_heuristic_and_candidates():
+    for m, tokens in ((1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (16, 64)):
+            h = dec.heuristic(m, n, k)
+            assert h.valid() and h.tokens == tokens and h.rows == 16, (m, n, k, h)
+            names = dec.candidates(m, n, k)
+            assert names[0] == h.name and len(set(names)) == len(names)
+            for name in names:
+                c = dec.choice_from_name(name)
+                assert c.tokens == tokens and n % c.rows == 0
+    # more K chunks: more warps, so each keeps a few chunks in flight
+    assert dec.heuristic(1, 4096, 14336 * 2).warps >= dec.heuristic(1, 4096, 4096).warps
+    assert dec.candidates(33, 4096, 4096) == []
+
+
+def test_builds_are_data_for_qcompile_build():
+    sm90 = dec.builds(dec.LAYOUT_SM90)
+    v2 = dec.builds(dec.LAYOUT_SM80_V2)
+    assert len(sm90) == 8 and len(v2) == 4  # act x bits (x rowscale / groupzero for sm90)
+    assert all(b.mode == dec.MODE_GROUPZERO for b in v2)
+    for b in sm90 + v2:
+        spec = dec.kernel_spec(b)
+        assert spec.source == "mixed_gemm_decode.cu" and spec.arch == "sm_80"
+        assert spec.defines == {"QC_ACT_FP16": int(b.act == "fp16"), "QC_WBITS": b.bits,
+                                "QC_LAYOUT": b.layout, "QC_MODE": b.mode}
+        assert b.info() == list(spec.defines[k] for k in
+                                ("QC_ACT_FP16", "QC_WBITS", "QC_LAYOUT", "QC_MODE"))
+
+
+def test_families_offer_it_where_it_reads_the_layout():
+    # Hopper: both layouts (rowscale and groupzero); sm80: the v2 group-wise layout only
+    for layout, group in ((mg.LAYOUT_ROWSCALE, 4096), (mg.LAYOUT_GROUPZERO, 128)):
+        for bits in (4, 8):
+            names = mg.candidates(1, 4096, 4096, "bf16", bits, group, layout, 132)
+            assert any(dec.is_name(c) for c in names)
+            assert not any(dec.is_name(c) for c in
+                           mg.candidates(64, 4096, 4096, "bf16", bits, group, layout, 132))
+    assert any(dec.is_name(c) for c in
+               m80.candidates(1, 4096, 4096, "bf16", 4, 128, m80.LAYOUT_GROUPZERO_V2, 132))
+    assert not any(dec.is_name(c) for c in
+                   m80.candidates(1, 4096, 4096, "bf16", 8, 4096, m80.LAYOUT_ROWSCALE, 132))
+
+
+def test_heuristic_threshold(monkeypatch):
+    # below DECODE_MAX_M the heuristic (and so the report and the run-time default) is the
+    # decode kernel where it takes the format, a CUTLASS config otherwise
+    monkeypatch.setattr(mg, "DECODE_MAX_M", 16)
+    assert mg.heuristic_choice(16, 4096, 4096, "bf16", 4, 2, 132, 128) == dec.heuristic(16, 4096, 4096)
+    assert isinstance(mg.heuristic_choice(17, 4096, 4096, "bf16", 4, 2, 132, 128), mg.Choice)
+    assert mg.heuristic_choice(1, 4096, 4096, "bf16", 8, 0, 132, None) == dec.heuristic(1, 4096, 4096)
+    monkeypatch.setattr(m80, "DECODE_MAX_M", 16)
+    assert m80.heuristic_choice(1, 4096, 4096, "bf16", 132, 4, "gz", 128) == dec.heuristic(1, 4096, 4096)
+    assert isinstance(m80.heuristic_choice(1, 4096, 4096, "bf16", 132, 4, "gz", 32), m80.Choice)
+    assert isinstance(m80.heuristic_choice(1, 4096, 4096, "bf16", 132, 8, "rs", 4096), m80.Choice)
+    line = m80.describe(m80.LAYOUT_GROUPZERO_V2, 1, 4096, 4096, torch.bfloat16, "cpu", 4, 128)
+    assert "decode.t8.r16" in line
