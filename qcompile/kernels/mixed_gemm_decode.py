@@ -170,7 +170,7 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     with _lock:
         lib = load(kernel_spec(b))
         lib.qc_mixed_gemm_decode.restype = _I
-        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 8 + [_P]
+        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 7 + [_P]
         info = (ctypes.c_int * 4)()
         lib.qc_mixed_gemm_decode_info(info, 4)
         if list(info) != b.info():
