@@ -175,7 +175,13 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--decode-max-m", default=None,
+                   help="comma list of token counts up to which the qcompile cells run the "
+                        "decode kernel (each value one qcompile cell; default: the library's)")
     args = p.parse_args()
+    from qcompile.kernels import mixed_gemm, mixed_gemm_sm80
+    decode_max_ms = ([int(v) for v in args.decode_max_m.split(",")] if args.decode_max_m
+                     else [mixed_gemm.DECODE_MAX_M])
     if args.models is None:
         try:
             import transformers  # noqa: F401
@@ -183,11 +189,14 @@ def main() -> int:
         except ImportError:
             args.models = "qcompile.llama"
     rows = []
-    for model_kind, batch, fmt, impl in itertools.product(
+    for model_kind, batch, fmt, impl, decode_max_m in itertools.product(
             args.models.split(","), [int(b) for b in args.batch.split(",")],
-            args.formats.split(","), args.impls.split(",")):
+            args.formats.split(","), args.impls.split(","), decode_max_ms):
         if fmt == "bf16" and impl == "qcompile":
             continue  # nothing to rewrite: the same as Inductor
+        if impl != "qcompile" and decode_max_m != decode_max_ms[0]:
+            continue  # the setting only changes qcompile cells
+        mixed_gemm.DECODE_MAX_M = mixed_gemm_sm80.DECODE_MAX_M = decode_max_m
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
@@ -202,10 +211,13 @@ def main() -> int:
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             continue
+        if impl == "qcompile":
+            row["decode_max_m"] = decode_max_m
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}: "
+        tag = f" decode<={decode_max_m}" if impl == "qcompile" else ""
+        print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}{tag}: "
               f"{row['tokens_per_s']:8.1f} tok/s "
               f"{row['ms_per_token']:7.2f} ms/step  peak {row['peak_mem_gb']:5.2f} GB  "
               f"compile {row['compile_s']:5.1f}s  matched {row['matched']}", flush=True)

@@ -124,14 +124,22 @@ def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | N
 
 
 def heuristic(m: int, n: int, k: int) -> DecodeChoice:
-    """The launch shape without measurements: the smallest token tile holding m, 16 rows per
-    CTA (N/16 CTAs), and enough warps that each keeps ~4 K chunks in flight (at least 4)."""
+    """The launch shape without measurements: the smallest token tile holding m, 32-row CTAs
+    where N allows, and warps so that about 2048 are in flight over the GPU (4 to 16 a CTA).
+
+    From one H100 sweep (bench_w4a16 --decode, bf16, 2026-11-25, L2 flushed): 32-row CTAs won
+    every cell; the best warp count was the one near 2048 warps in all: 14336x4096 (448 CTAs)
+    4 warps (int4 26.2 us vs 28.9 at 8), 4096x4096 and 4096x14336 (128 CTAs) 16 warps
+    (int8 15.5 / 35.5 us vs 17.5 / 42.5 at 8)."""
+    del k
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
-    chunks = k // TILE_K
-    warps = 16 if chunks >= 256 else 8 if chunks >= 32 else 4
-    while not DecodeChoice(tokens, 16, warps).valid():
+    rows = 32 if n % 32 == 0 else 16
+    warps = 16
+    while warps > 4 and (n // rows) * warps > 2048:
         warps //= 2
-    return DecodeChoice(tokens, 16, warps)
+    while not DecodeChoice(tokens, rows, warps).valid():
+        warps //= 2
+    return DecodeChoice(tokens, rows, warps)
 
 
 def candidates(m: int, n: int, k: int) -> list[str]:
