@@ -9,7 +9,7 @@ eagerly, then generate ``--new`` tokens greedily with the one-token step compile
 ``mode="reduce-overhead"`` (CUDA graphs) by the default Inductor backend ("inductor") or by
 ``backend="qcompile"`` (CUDA graphs too, and ``freezing_discard_parameters`` so the
 repacked weights are not held twice). Records tokens/s, ms per token, peak GPU memory
-during decoding (after compilation) beside the model's weight and KV-cache bytes, and
+during decoding (after compilation, above what earlier cells still hold) beside the model's weight and KV-cache bytes, and
 compile time, one JSON line per cell in benchmarks/results/bench_decode.jsonl.
 ``--device cpu --config tiny --prompt 8 --new 4`` is a smoke test, not a measurement.
 """
@@ -88,7 +88,7 @@ def _kv_bytes(model) -> int:
 
 
 def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, prompt: int,
-             new: int, device: str) -> dict:
+             new: int, device: str, profile: bool = False) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     # Inductor's code cache keeps the compiled modules of earlier cells, and with them the
@@ -98,6 +98,9 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
     PyCodeCache.cache_clear()
     gc.collect()
     cfg = CONFIGS[cfg_name]
+    # what earlier cells of this process still hold (CUDA-graph pools, caches) is not this
+    # cell's: its peak is measured above this baseline
+    baseline = torch.cuda.memory_allocated() if device == "cuda" else 0
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -139,8 +142,10 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
             out.append(tok)
         _sync(device)
         seconds = time.perf_counter() - start
+        if profile:
+            _profile(step, tok, prompt + new, device)
     report = qcompile.last_report() if impl == "qcompile" else None
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9 if device == "cuda" else 0.0
     released_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
                       if t.numel() and not t.untyped_storage().nbytes()) / 1e9
     return {
@@ -149,10 +154,24 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
         "ms_per_token": round(1e3 * seconds / new, 3),
         "peak_mem_gb": round(peak, 2), "weight_gb": round(weight_gb, 3),
         "kv_cache_gb": round(kv_gb, 3), "released_gb": round(released_gb, 3),
-        "compile_s": round(compile_s, 1),
+        "compile_s": round(compile_s, 1), "baseline_gb": round(baseline / 1e9, 3),
         "matched": None if report is None else f"{len(report.matched)}/{len(report)}",
         **_provenance(device),
     }
+
+
+def _profile(step, tok, pos: int, device: str, steps: int = 8) -> None:
+    """Print the GPU kernels of a few more decode steps by total time (CUDA-graph replays
+    included: CUPTI sees the kernels inside graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            step(tok, torch.tensor([pos - steps + i], device=device))
+        _sync(device)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60),
+          flush=True)
 
 
 def _provenance(device: str) -> dict:
@@ -175,6 +194,8 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--profile", action="store_true",
+                   help="print the kernels of 8 more decode steps per cell (torch.profiler)")
     p.add_argument("--decode-max-m", default=None,
                    help="comma list of token counts up to which the qcompile cells run the "
                         "decode kernel (each value one qcompile cell; default: the library's)")
@@ -200,7 +221,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device)
+                           args.device, args.profile)
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,

@@ -50,7 +50,7 @@ def test_heuristic_and_candidates():
     for m, tokens in ((1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32)):
         for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (16, 64)):
             h = dec.heuristic(m, n, k)
-            assert h.valid() and h.tokens == tokens and h.rows == (32 if n % 32 == 0 else 16)
+            assert h.valid() and h.tokens == tokens and h.rows == (32 if n >= 4096 else 16)
             assert 4 <= h.warps <= 16
             names = dec.candidates(m, n, k)
             assert names[0] == h.name and len(set(names)) == len(names)
@@ -62,6 +62,7 @@ def test_heuristic_and_candidates():
     assert dec.heuristic(1, 4096, 4096) == dec.DecodeChoice(8, 32, 16)
     assert dec.heuristic(32, 4096, 4096) == dec.DecodeChoice(32, 32, 8)  # 48 KB reduction
     assert dec.heuristic(1, 48, 64) == dec.DecodeChoice(8, 16, 16)
+    assert dec.heuristic(1, 1024, 4096) == dec.DecodeChoice(8, 16, 16)  # 64 CTAs, not 32
     assert dec.candidates(33, 4096, 4096) == []
 
 

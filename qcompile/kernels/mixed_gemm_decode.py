@@ -125,7 +125,7 @@ def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | N
 
 def heuristic(m: int, n: int, k: int) -> DecodeChoice:
     """The launch shape without measurements: the smallest token tile holding m, 32-row CTAs
-    where N allows, and warps so that about 2048 are in flight over the GPU (4 to 16 a CTA).
+    where N is large, and warps so that about 2048 are in flight over the GPU (4 to 16 a CTA).
 
     From one H100 sweep (bench_w4a16 --decode, bf16, 2026-11-25, L2 flushed): 32-row CTAs won
     every cell; the best warp count was the one near 2048 warps in all: 14336x4096 (448 CTAs)
@@ -133,7 +133,9 @@ def heuristic(m: int, n: int, k: int) -> DecodeChoice:
     (int8 15.5 / 35.5 us vs 17.5 / 42.5 at 8)."""
     del k
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
-    rows = 32 if n % 32 == 0 else 16
+    # 32-row CTAs only where that still gives every SM of an H100 about one (N >= 4096): for
+    # N = 1024 (k/v projections) 16-row CTAs double the CTAs, and SMs, reading the weight
+    rows = 32 if n % 32 == 0 and n // 32 >= 128 else 16
     warps = 16
     while warps > 4 and (n // rows) * warps > 2048:
         warps //= 2
