@@ -445,8 +445,11 @@ def test_describe():
     for layout, bits in ((m80.LAYOUT_ROWSCALE, 8), (V2, 4)):
         for m in (None, 1, 2048):
             line = m80.describe(layout, m, 4096, 4096, torch.bfloat16, "cpu", bits, 128)
-            assert line.startswith("cutlass sm80 ") and "sm80.bf16" in line
-    assert "w4.gz.16x128" in m80.describe(V2, 1, 4096, 4096, torch.bfloat16, "cpu", 4, 128)
+            assert line.startswith("cutlass sm80 ")
+            assert "sm80.bf16" in line or (m == 1 and layout == V2 and "decode." in line)
+    assert "w4.gz.16x128" in m80.describe(V2, 16, 4096, 4096, torch.bfloat16, "cpu", 4, 128)
+    line = m80.describe(V2, 1, 4096, 4096, torch.bfloat16, "cpu", 4, 128)
+    assert "decode.t8.r32" in line and "mma.sync decode kernel" in line  # M <= DECODE_MAX_M
 
 
 def test_run_falls_back_on_cpu():

@@ -219,8 +219,11 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
 
 
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) instead
-# of a CUTLASS config, where the format allows it. 0 until measured on the H100.
-DECODE_MAX_M = 0
+# of a CUTLASS config, where the format allows it. H100, Llama-3-8B shapes (8 layers), batch 1,
+# CUDA graphs (bench_decode, 2026-11-25): W4A16 781 tok/s with it vs 652 without, W8A16 680
+# vs 581. Beyond 8 tokens the 16-token tile lost to CUTLASS in the micro-benchmark (int4
+# 14336x4096 M=16: 34 vs 26 us).
+DECODE_MAX_M = 8
 
 
 def _decode_build(act: str, bits: int, mode: int) -> decode.DecodeBuild:
@@ -403,6 +406,8 @@ def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
     names = dict.fromkeys(_short_name(heuristic_choice(mm, n, k, act, bits, mode, sms, group))
                           for mm in ms)
     where = "main-loop group scale+zero" if mode else "epilogue per-channel scale"
+    if any(decode.is_name(name) for name in names):
+        where += "; decode.*: qcompile's mma.sync decode kernel on this layout"
     return f"cutlass sm90 {', '.join(names)} ({where})" if m is not None else \
         f"cutlass sm90 by M: {', '.join(names)} ({where})"
 
