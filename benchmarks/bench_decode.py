@@ -122,6 +122,7 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
     with torch.no_grad():
         logits = model(tokens, torch.arange(prompt, device=device))
         tok = logits[:, -1:].argmax(-1)
+        del logits  # the prompt's [batch, prompt, vocab] logits are not decode memory
     kv_gb = _kv_bytes(model) / 1e9
     with torch.no_grad():
         start = time.perf_counter()
