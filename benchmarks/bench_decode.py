@@ -201,7 +201,7 @@ def main() -> int:
                    help="comma list of token counts up to which the qcompile cells run the "
                         "decode kernel (each value one qcompile cell; default: the library's)")
     args = p.parse_args()
-    from qcompile.kernels import mixed_gemm, mixed_gemm_sm80
+    from qcompile.kernels import int8_gemm, mixed_gemm, mixed_gemm_sm80
     decode_max_ms = ([int(v) for v in args.decode_max_m.split(",")] if args.decode_max_m
                      else [mixed_gemm.DECODE_MAX_M])
     if args.models is None:
@@ -219,6 +219,7 @@ def main() -> int:
         if impl != "qcompile" and decode_max_m != decode_max_ms[0]:
             continue  # the setting only changes qcompile cells
         mixed_gemm.DECODE_MAX_M = mixed_gemm_sm80.DECODE_MAX_M = decode_max_m
+        int8_gemm.DECODE_MAX_M = decode_max_m
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,

@@ -63,6 +63,7 @@ def _build(args) -> int:
     from qcompile.kernels import build, int8_gemm, mixed_gemm, mixed_gemm_decode, mixed_gemm_sm80
     specs = [int8_gemm.kernel_spec(c, d) for c in int8_gemm.available_configs(args.arch)
              for d in int8_gemm._OUT_DTYPES]
+    specs += [int8_gemm.decode_spec(d) for d in int8_gemm._OUT_DTYPES]
     if args.arch == "sm_90a":
         specs += [build.KernelSpec(mixed_gemm.SOURCE, c.defines(), "sm_90a")
                   for c in mixed_gemm.CONFIGS]

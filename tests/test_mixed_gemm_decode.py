@@ -107,3 +107,27 @@ def test_heuristic_threshold(monkeypatch):
     assert isinstance(m80.heuristic_choice(1, 4096, 4096, "bf16", 132, 8, "rs", 4096), m80.Choice)
     line = m80.describe(m80.LAYOUT_GROUPZERO_V2, 1, 4096, 4096, torch.bfloat16, "cpu", 4, 128)
     assert "decode.t8.r32" in line
+
+
+def test_int8_family_offers_the_int8_decode_kernel(monkeypatch):
+    from qcompile.kernels import int8_gemm as ig
+    for arch in ("sm_90a", "sm_80"):
+        names = ig.candidates(1, 4096, 4096, torch.bfloat16, arch)
+        assert names[0] == dec.heuristic(1, 4096, 4096).name  # DECODE_MAX_M = 8
+        decode_names = [c for c in names if dec.is_name(c)]
+        assert decode_names == dec.candidates(1, 4096, 4096)
+        assert all(ig.choice_from_name(c) == dec.choice_from_name(c) for c in decode_names)
+        assert not any(dec.is_name(c) for c in ig.candidates(33, 4096, 4096, torch.bfloat16, arch))
+        assert not any(dec.is_name(c) for c in ig.candidates(1, 4096, 4096 + 32, torch.bfloat16, arch))
+        # beyond the threshold, and with it at 0, the CUTLASS configs as before
+        assert ig.heuristic_choice(9, 4096, 4096, torch.bfloat16, arch) == \
+            ig.choose_config(9, 4096, 4096, torch.bfloat16, arch)
+        monkeypatch.setattr(ig, "DECODE_MAX_M", 0)
+        assert ig.heuristic_choice(1, 4096, 4096, torch.bfloat16, arch) == \
+            ig.choose_config(1, 4096, 4096, torch.bfloat16, arch)
+        monkeypatch.undo()
+    spec = ig.decode_spec(torch.float16)
+    assert (spec.source, spec.arch, dict(spec.defines)) == ("int8_gemm_decode.cu", "sm_80",
+                                                            {"QC_OUT_BF16": 0})
+    assert ig.decode_fits(32, 48, 64) and not ig.decode_fits(32, 48, 64, dec.DecodeChoice(8, 32, 4))
+    assert not ig.decode_fits(0, 48, 64) and not ig.decode_fits(1, 40, 64)

@@ -10,6 +10,9 @@ the per-row and per-column scales, adding the bias and writing bf16 / fp16.
   tiles would leave SMs idle.
 - Ampere (sm_80 code, with Hopper machine code built from it too, so it also runs on an
   H100): ``csrc/int8_gemm_sm80.cu``, CUTLASS 2.x, stream-K.
+- Few tokens (both archs): ``csrc/int8_gemm_decode.cu``, mma.sync on the plain operands,
+  weights as the 16-row operand, K split over warps (the launch shapes and their names are
+  the mixed-GEMM decode kernel's, ``mixed_gemm_decode.DecodeChoice``).
 
 Configurations are data (:data:`SM90_CONFIGS`, :data:`SM80_CONFIGS`); :func:`choose_config`
 is the one heuristic; :func:`candidates` lists what the autotuner times. :func:`run` is the
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompile.kernels import mixed_gemm_decode as decode
 from qcompile.kernels.build import KernelBuildError, KernelSpec, build_many, load
 
 __all__ = [
@@ -36,6 +40,8 @@ __all__ = [
     "SM90_CONFIGS",
     "available_configs",
     "choose_config",
+    "decode_spec",
+    "heuristic_choice",
     "config_name",
     "device_arch",
     "int8_gemm_cuda",
@@ -134,6 +140,35 @@ def choose_config(M: int, N: int, K: int, out_dtype: torch.dtype, arch: str) -> 
     return _BY_NAME["sm80_32x128_sk"] if M <= 32 else _BY_NAME["sm80_128x128_sk"]
 
 
+# Token counts up to which the heuristic runs the decode kernel (int8_gemm_decode.cu).
+DECODE_MAX_M = 8
+DECODE_SOURCE = "int8_gemm_decode.cu"
+
+
+def decode_fits(m: int, n: int, k: int, choice: decode.DecodeChoice | None = None) -> bool:
+    """Whether the decode kernel takes this problem (and launch shape)."""
+    return (1 <= m <= decode.MAX_TOKENS and k % decode.TILE_K == 0 and n % 16 == 0
+            and (choice is None or (choice.valid() and n % choice.rows == 0)))
+
+
+def heuristic_choice(m: int, n: int, k: int, out_dtype: torch.dtype, arch: str
+                     ) -> Int8GemmConfig | decode.DecodeChoice:
+    """The kernel without measurements: the decode kernel up to DECODE_MAX_M tokens where
+    it takes the shape, else :func:`choose_config`."""
+    if m <= DECODE_MAX_M and decode_fits(m, n, k):
+        return decode.heuristic(m, n, k)
+    return choose_config(m, n, k, out_dtype, arch)
+
+
+def decode_spec(out_dtype: torch.dtype) -> KernelSpec:
+    """The decode kernel's library for an output dtype (sm_80 code, also run on Hopper)."""
+    return KernelSpec(DECODE_SOURCE, {"QC_OUT_BF16": int(out_dtype == torch.bfloat16)}, "sm_80")
+
+
+def _name(choice: Int8GemmConfig | decode.DecodeChoice) -> str:
+    return choice.name if isinstance(choice, decode.DecodeChoice) else config_name(choice)
+
+
 def device_arch(device: torch.device | int | None = None) -> str | None:
     """The kernel arch for a CUDA device: "sm_90a" on Hopper, "sm_80" on Ampere/Ada, else None."""
     if isinstance(device, int):
@@ -176,9 +211,31 @@ def kernel_spec(cfg: Int8GemmConfig, out_dtype: torch.dtype) -> KernelSpec:
 
 def prebuild(configs: Sequence[Int8GemmConfig] | None = None,
              out_dtypes: Sequence[torch.dtype] = _OUT_DTYPES, max_workers: int | None = None) -> None:
-    """Compile the libraries of `configs` (default: all) for `out_dtypes` into the cache."""
-    configs = available_configs() if configs is None else configs
-    build_many([kernel_spec(c, d) for c in configs for d in out_dtypes], max_workers=max_workers)
+    """Compile the libraries of `configs` (default: all, and the decode kernel) for
+    `out_dtypes` into the cache."""
+    specs = [kernel_spec(c, d) for c in (available_configs() if configs is None else configs)
+             for d in out_dtypes]
+    if configs is None:
+        specs += [decode_spec(d) for d in out_dtypes]
+    build_many(specs, max_workers=max_workers)
+
+
+_decode_fns: dict[torch.dtype, object] = {}
+
+
+def _decode_function(out_dtype: torch.dtype):
+    fn = _decode_fns.get(out_dtype)
+    if fn is None:
+        lib = load(decode_spec(out_dtype))
+        info = (ctypes.c_int * 1)()
+        lib.qc_int8_gemm_decode_info(info, 1)
+        if info[0] != int(out_dtype == torch.bfloat16):
+            raise KernelBuildError(f"int8 decode library reports out_bf16={info[0]}")
+        fn = lib.qc_int8_gemm_decode
+        fn.argtypes = [_vp] * 6 + [_i] * 8 + [_vp]
+        fn.restype = ctypes.c_int
+        _decode_fns[out_dtype] = fn
+    return fn
 
 
 _vp, _i, _sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
@@ -254,7 +311,7 @@ def _vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
                    bias: torch.Tensor | None, out_dtype: torch.dtype,
-                   config: Int8GemmConfig | None = None) -> torch.Tensor:
+                   config: Int8GemmConfig | decode.DecodeChoice | None = None) -> torch.Tensor:
     """qcompile::int8_gemm on the GPU through the CUTLASS kernels.
 
     Raises ValueError for inputs the kernels do not support (see :func:`supports`) and
@@ -267,7 +324,9 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
     m, k = xq.shape
     n = wq.shape[0]
     arch = device_arch(xq.device)
-    cfg = config if config is not None else choose_config(m, n, k, out_dtype, arch)
+    cfg = config if config is not None else heuristic_choice(m, n, k, out_dtype, arch)
+    if isinstance(cfg, decode.DecodeChoice):
+        return _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, cfg)
     if cfg.arch != arch and not (cfg.arch == "sm_80" and arch == "sm_90a"):
         raise ValueError(f"config {cfg.name} is for {cfg.arch}, device is {arch}")
     gemm, ws_size = _functions(cfg, out_dtype)
@@ -299,11 +358,37 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
     return out
 
 
+def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice):
+    m, k = xq.shape
+    n = wq.shape[0]
+    if not decode_fits(m, n, k, choice):
+        raise ValueError(f"int8_gemm_cuda: decode kernel {choice.name} does not take M={m} "
+                         f"N={n} K={k} (M <= {decode.MAX_TOKENS}, K % 64, N % {choice.rows})")
+    fn = _decode_function(out_dtype)
+    with torch.cuda.device(xq.device):
+        rs = _vector(row_scale, torch.float32)
+        cs = _vector(col_scale, torch.float32)
+        b = _vector(bias, out_dtype) if bias is not None else None
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+        stream = torch.cuda.current_stream(xq.device).cuda_stream
+        err = fn(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
+                 b.data_ptr() if b is not None else None, m, n, k, int(rs.numel() != 1),
+                 int(cs.numel() != 1), choice.tokens // 8, choice.rows // 16, choice.warps,
+                 stream)
+    if err != 0:
+        raise RuntimeError(f"int8 decode kernel {choice.name} failed with error {err} "
+                           f"(M={m}, N={n}, K={k})")
+    return out
+
+
 _disabled: list[str] = []  # the reason the kernels were turned off, once a build failed
 
 
-def choice_from_name(name: str) -> Int8GemmConfig:
-    """The config a :func:`config_name` names (``<config>_s<k>``: split-K into k slices)."""
+def choice_from_name(name: str) -> Int8GemmConfig | decode.DecodeChoice:
+    """The config a :func:`config_name` names (``<config>_s<k>``: split-K into k slices), or
+    a decode-kernel launch shape (``decode.t8.r32.w4``)."""
+    if decode.is_name(name):
+        return decode.choice_from_name(name)
     if name in _BY_NAME:
         return _BY_NAME[name]
     base, sep, splits = name.rpartition("_s")
@@ -314,10 +399,13 @@ def choice_from_name(name: str) -> Int8GemmConfig:
 
 
 def candidates(m: int, n: int, k: int, out_dtype: torch.dtype, arch: str) -> list[str]:
-    """Configs worth timing for one problem: the heuristic's first, then the swapped
-    (token-on-N) kernels for small M or the wide tiles for large M, split-K variants of the
-    stream-K ones, and on Hopper the sm_80 kernels too (they run there)."""
-    names = [config_name(choose_config(m, n, k, out_dtype, arch))]
+    """Configs worth timing for one problem: the heuristic's first, the decode kernel's
+    launch shapes (m <= 32), then the swapped (token-on-N) kernels for small M or the wide
+    tiles for large M, split-K variants of the stream-K ones, and on Hopper the sm_80
+    kernels too (they run there)."""
+    names = [_name(heuristic_choice(m, n, k, out_dtype, arch))]
+    if decode_fits(m, n, k):
+        names += decode.candidates(m, n, k)
     for cfg in available_configs():
         if cfg.arch != arch and not (cfg.arch == "sm_80" and arch == "sm_90a"):
             continue
@@ -372,9 +460,15 @@ def describe(m: int | None, n: int, k: int, out_dtype: torch.dtype,
     if k % 16 or n % 8:
         raise ValueError(f"alignment: needs K % 16 == 0 and N % 8 == 0 (K={k}, N={n})")
     ms = (m,) if m is not None else _M_PROBES
-    configs = list(dict.fromkeys(choose_config(mm, n, k, out_dtype, arch) for mm in ms))
-    build_many([kernel_spec(c, out_dtype) for c in configs])
+    picks = list(dict.fromkeys(heuristic_choice(mm, n, k, out_dtype, arch) for mm in ms))
+    configs = [c for c in picks if not isinstance(c, decode.DecodeChoice)]
+    uses_decode = len(configs) < len(picks)
+    build_many([kernel_spec(c, out_dtype) for c in configs]
+               + ([decode_spec(out_dtype)] if uses_decode else []))
     for c in configs:
         _functions(c, out_dtype)
-    names = ", ".join(config_name(c) for c in configs)
-    return f"cutlass {names}" if m is not None else f"cutlass by M: {names}"
+    if uses_decode:
+        _decode_function(out_dtype)
+    names = ", ".join(_name(c) for c in picks)
+    note = " (decode.*: qcompile's mma.sync decode kernel)" if uses_decode else ""
+    return (f"cutlass {names}" if m is not None else f"cutlass by M: {names}") + note

@@ -19,6 +19,7 @@ pytestmark = [
 ]
 
 from qcompile.kernels import int8_gemm as ig  # noqa: E402
+from qcompile.kernels import mixed_gemm_decode as dec  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
 SHAPES = {"small": (256, 512), "large": (4096, 4096)}
@@ -66,7 +67,7 @@ def _run(m, n, k, per_token, per_channel, with_bias, out_dtype, config=None, see
     _poison(m, n, out_dtype)
     out = ig.int8_gemm_cuda(xq, wq, rs, cs, bias, out_dtype, config=config)
     torch.cuda.synchronize()
-    name = ig.config_name(config) if config else "heuristic"
+    name = ig._name(config) if config else "heuristic"
     _check(out, _reference(xq, wq, rs, cs, bias), out_dtype,
            f"{name} M={m} N={n} K={k} per_token={per_token} per_channel={per_channel} bias={with_bias}")
 
@@ -183,3 +184,62 @@ def test_rejects_unsupported_inputs():
     xq, wq, rs, cs, _ = _inputs(4, 64, 1024, True, True, False, torch.bfloat16, seed=8)
     with pytest.raises(ValueError, match="out_dtype"):
         ig.int8_gemm_cuda(xq, wq, rs, cs, None, torch.float32)
+
+
+# --- the decode kernel (int8_gemm_decode.cu): M <= 32, plain int8 operands ---------------
+
+_DECODE_SHAPES = [dec.DecodeChoice(t, r, w) for t in (8, 16, 32) for r in (16, 32) for w in (1, 3, 16)
+                  if dec.DecodeChoice(t, r, w).valid()]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_every_launch_shape(out_dtype):
+    # K = 13 chunks of 64: no warp count divides it; every scale kind and bias appears
+    n, k = 96, 13 * 64
+    for choice in _DECODE_SHAPES:
+        if n % choice.rows:
+            continue
+        for m in sorted({1, choice.tokens - 1, choice.tokens}):
+            _run(m, n, k, m % 2 == 0, m % 3 != 0, m % 4 < 2, out_dtype, config=choice, seed=m)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 32])
+def test_decode_llama_shapes(m):
+    for n, k in ((14336, 4096), (1024, 4096), (4096, 14336)):
+        _run(m, n, k, True, True, m % 2 == 0, torch.bfloat16, config=dec.heuristic(m, n, k), seed=m)
+
+
+def test_decode_heuristic_names_and_refusals():
+    assert isinstance(ig.heuristic_choice(8, 4096, 4096, torch.bfloat16, _arch()), dec.DecodeChoice)
+    assert not isinstance(ig.heuristic_choice(9, 4096, 4096, torch.bfloat16, _arch()), dec.DecodeChoice)
+    names = ig.candidates(1, 4096, 4096, torch.bfloat16, _arch())
+    assert names[0].startswith("decode.") and ig.choice_from_name(names[0]) == dec.heuristic(1, 4096, 4096)
+    xq, wq, rs, cs, bias = _inputs(33, 48, 256, True, True, False, torch.bfloat16, 0)
+    with pytest.raises(ValueError, match="decode kernel"):  # more tokens than it takes
+        ig.int8_gemm_cuda(xq, wq, rs, cs, None, torch.bfloat16, dec.DecodeChoice(32, 16, 4))
+    with pytest.raises(ValueError, match="decode kernel"):  # 32-row tiles do not divide 48
+        ig.int8_gemm_cuda(xq[:1], wq, rs[:1], cs, None, torch.bfloat16, dec.DecodeChoice(8, 32, 4))
+    xq, wq, rs, cs, bias = _inputs(1, 64, 96, True, True, False, torch.bfloat16, 0)
+    with pytest.raises(ValueError, match="decode kernel"):  # K not a multiple of 64
+        ig.int8_gemm_cuda(xq, wq, rs, cs, None, torch.bfloat16, dec.DecodeChoice(8, 16, 4))
+    # the heuristic leaves K = 96 to CUTLASS
+    _run(1, 64, 96, True, True, True, torch.bfloat16)
+
+
+def test_decode_cuda_graph():
+    m, n, k = 4, 512, 1024
+    xq, wq, rs, cs, bias = _inputs(m, n, k, True, True, True, torch.bfloat16, 3)
+    choice = dec.heuristic(m, n, k)
+    ig.int8_gemm_cuda(xq, wq, rs, cs, bias, torch.bfloat16, choice)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ig.int8_gemm_cuda(xq, wq, rs, cs, bias, torch.bfloat16, choice)
+    for seed in (4, 5):
+        x2, _, r2, _, _ = _inputs(m, n, k, True, True, True, torch.bfloat16, seed)
+        xq.copy_(x2)
+        rs.copy_(r2)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, _reference(xq, wq, rs, cs, bias), torch.bfloat16, f"graph replay seed={seed}")

@@ -60,11 +60,13 @@
 #define QC_MODE 2
 #endif
 
+#include "decode_common.cuh"
 #include "sm80_mixed.cuh"
 
 namespace {
 
 using namespace qc_sm80;
+using namespace qc_decode;
 
 constexpr int kBits = QC_WBITS;
 constexpr int kWords = kBits / 4;        // 32-bit weight words per lane per 16-deep K step
@@ -87,25 +89,6 @@ struct Params {
   Act* out;
   int M, N, K, group;
 };
-
-// Streamed once: no L1 allocation for the weight.
-__device__ __forceinline__ uint32_t ld_stream32(const void* p) {
-  uint32_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint2 ld_stream64(const void* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint4 ld_stream128(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 // The raw words lane `lane` owns of 16-row tile `tile`, K chunk `chunk` (4 steps).
 __device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* w, int tile,
@@ -245,35 +228,18 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
-  constexpr int kTileFloats = kR * kNT * 4 * 32;
-#pragma unroll
-  for (int r = 0; r < kR; ++r)
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[warp * kTileFloats + ((r * kNT + j) * 4 + e) * 32 + lane] = acc[r][j][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTileFloats; i += blockDim.x) {
-    float v = 0.f;
-    for (int w = 0; w < warps; ++w) v += red[w * kTileFloats + i];
-    const int l = i & 31, e = (i >> 5) & 3, rj = i >> 7;
-    const int j = rj % kNT, r = rj / kNT;
-    // accumulator e of lane l: row (l / 4) + 8 (e / 2), token 2 (l % 4) + e % 2
-    const int n = (tile0 + r) * 16 + (l >> 2) + 8 * (e >> 1);
-    const int m = m0 + 8 * j + 2 * (l & 3) + (e & 1);
-    if (m < M) {
+  reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, float v) {
 #if QC_MODE == 0
-      v *= p.rowscale[n];
+    v *= p.rowscale[n];
 #endif
-      if (p.bias != nullptr) v += static_cast<float>(p.bias[n]);
-      p.out[(size_t)m * N + n] = Act(v);
-    }
-  }
+    if (p.bias != nullptr) v += static_cast<float>(p.bias[n]);
+    p.out[(size_t)m * N + n] = Act(v);
+  });
 }
 
 template <int kNT, int kR>
 cudaError_t launch(const Params& p, int warps, cudaStream_t s) {
-  const int smem = warps * kR * kNT * 4 * 32 * static_cast<int>(sizeof(float));
+  const int smem = reduce_smem_bytes<kR, kNT, float>(warps);
   if (smem > kMaxSmemBytes) return cudaErrorInvalidValue;
   const int tokens = 8 * kNT;
   dim3 grid(p.N / (16 * kR), (p.M + tokens - 1) / tokens);
