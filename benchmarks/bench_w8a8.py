@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qcompile.kernels import int8_gemm as ig  # noqa: E402
+from qcompile.kernels import mixed_gemm_decode as decode  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 MS = (1, 16, 64, 256, 2048, 8192)
@@ -126,6 +127,9 @@ def impls_for(pattern: str, m: int, n: int, k: int, args) -> dict[str, Callable[
             for splits in ((0, 1, 2, 4) if cfg.streamk else (0,)):
                 c = dataclasses.replace(cfg, splits=splits)
                 out[f"qcompile[{ig.config_name(c)}]"] = qcompile_fn(c)
+    if args.decode and ig.decode_fits(m, n, k):
+        for name in decode.candidates(m, n, k):
+            out[f"qcompile[{name}]"] = qcompile_fn(decode.choice_from_name(name))
     out["qcompile_sm80"] = qcompile_fn(ig.choose_config(m, n, k, torch.bfloat16, "sm_80"))
     if pattern == "w8a8_static":
         eager = lambda: unfused(xq_static, wq_t, xs_static, ws, bias)  # noqa: E731
@@ -156,6 +160,8 @@ def main() -> None:
                    help="also time these sm90 configs ('all' or comma-separated names), "
                         "stream-K ones with every split mode")
     p.add_argument("--patterns", default=",".join(PATTERNS))
+    p.add_argument("--decode", action="store_true",
+                   help="also time every decode-kernel launch shape (M <= 32): 'qcompile[decode...]'")
     p.add_argument("--ms", default=None, help="comma-separated M values")
     p.add_argument("--no-max-autotune", action="store_true")
     p.add_argument("--max-autotune-ms", default="1,16,64,256,2048,8192",
