@@ -1,0 +1,33 @@
+"""The decode benchmark's CPU smoke mode runs and writes the rows the notes read (on the GPU
+the same script is the measurement; here it only has to keep working)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_bench_decode_cpu_smoke(tmp_path):
+    out = tmp_path / "decode.jsonl"
+    res = subprocess.run(
+        [sys.executable, str(BENCH / "bench_decode.py"), "--device", "cpu", "--config", "tiny",
+         "--prompt", "8", "--new", "3", "--models", "qcompile.llama", "--batch", "1",
+         "--formats", "bf16,w4a16", "--impls", "inductor,qcompile", "--decode-max-m", "0,8",
+         "--profile", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cells = [(r["format"], r["impl"], r.get("decode_max_m")) for r in rows]
+    # bf16 has nothing to rewrite (no qcompile cell); each --decode-max-m value is one
+    # qcompile cell, the Inductor cells run once
+    assert cells == [("bf16", "inductor", None), ("w4a16", "inductor", None),
+                     ("w4a16", "qcompile", 0), ("w4a16", "qcompile", 8)], cells
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["batch"] == 1
+        assert {"baseline_gb", "weight_gb", "kv_cache_gb", "commit", "device"} <= r.keys()
+    assert rows[2]["matched"] == rows[3]["matched"] != "0/0"
+    assert "Self CPU time total" in res.stdout  # --profile printed its table
