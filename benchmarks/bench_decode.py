@@ -88,7 +88,7 @@ def _kv_bytes(model) -> int:
 
 
 def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, prompt: int,
-             new: int, device: str, profile: bool = False) -> dict:
+             new: int, device: str, profile: bool = False, fuse_linears: bool = False) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     # Inductor's code cache keeps the compiled modules of earlier cells, and with them the
@@ -116,7 +116,8 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
     if impl == "qcompile":
         # reduce-overhead (CUDA graphs), and free the originals of the repacked weights
         step = torch.compile(model, backend="qcompile", fullgraph=True, options={
-            "triton.cudagraphs": device == "cuda", "freezing_discard_parameters": True})
+            "triton.cudagraphs": device == "cuda", "freezing_discard_parameters": True,
+            "fuse_linears": fuse_linears})
     else:
         step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
@@ -195,6 +196,9 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--fuse-linears", action="store_true",
+                   help="qcompile cells with options={'fuse_linears': True} (q/k/v, gate/up as "
+                        "one launch each)")
     p.add_argument("--profile", action="store_true",
                    help="print the kernels of 8 more decode steps per cell (torch.profiler)")
     p.add_argument("--decode-max-m", default=None,
@@ -223,7 +227,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.profile)
+                           args.device, args.profile, args.fuse_linears)
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
@@ -236,6 +240,7 @@ def main() -> int:
             continue
         if impl == "qcompile":
             row["decode_max_m"] = decode_max_m
+            row["fuse_linears"] = args.fuse_linears
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

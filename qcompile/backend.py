@@ -10,7 +10,9 @@ Options (``options={...}``): ``"freezing"`` (default True) turns Inductor's free
 off; every other key is an Inductor config entry. ``"freezing_discard_parameters": True``
 (Inductor's name for it) also frees the original weight tensors that the compiled graph
 replaced by repacked copies, so the weights are not held twice; the eager model can no
-longer run, nor be traced again. ``mode`` is torch.compile's. Under ``max_autotune``
+longer run, nor be traced again. ``"fuse_linears": True`` runs the quantized linears that
+read one activation in one format (q/k/v, gate/up) as one launch (``lowering/rewrite.py``;
+off by default until measured on a GPU). ``mode`` is torch.compile's. Under ``max_autotune``
 (``mode="max-autotune"``) the kernels are chosen by timing, per token-count range.
 """
 
@@ -38,9 +40,10 @@ _collectors: list[Report] = []    # active explain()/collect() contexts
 class QcompilePass(_compat.CustomGraphPass):
     """The rewrite bound to one compile: knows the real values of its constant inputs."""
 
-    def __init__(self, flat_inputs: Sequence, report: Report):
+    def __init__(self, flat_inputs: Sequence, report: Report, fuse_linears: bool = False):
         self.flat_inputs = list(flat_inputs)
         self.report = report
+        self.fuse_linears = fuse_linears
         self.consumed: list[torch.Tensor] = []  # originals the compiled graph no longer reads
 
     def uuid(self):
@@ -58,7 +61,7 @@ class QcompilePass(_compat.CustomGraphPass):
         constants = self._constants(placeholders)
         used = [n for n in constants if n.users]
         with _compat.no_dispatch_modes():
-            rewrite_graph(graph, constants, self.report)
+            rewrite_graph(graph, constants, self.report, self.fuse_linears)
         # Weights whose only readers were rewritten (their repacked copies replace them),
         # unless their memory is shared with a tensor the graph still reads.
         kept = {constants[n].untyped_storage().data_ptr() for n in used if n.users}
@@ -155,6 +158,9 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     freezing = options.pop("freezing", True)
     if not isinstance(freezing, bool):
         raise TypeError(f"options['freezing'] must be a bool, got {type(freezing).__name__}")
+    fuse_linears = options.pop("fuse_linears", False)
+    if not isinstance(fuse_linears, bool):
+        raise TypeError(f"options['fuse_linears'] must be a bool, got {type(fuse_linears).__name__}")
     release = options.get("freezing_discard_parameters", False)
     if release and not freezing:
         raise ValueError("options['freezing_discard_parameters'] needs freezing (the default)")
@@ -165,7 +171,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     patches.update(options)
     patches["freezing"] = freezing
     flat = _flat_inputs(example_inputs)
-    qpass = QcompilePass(flat, report)
+    qpass = QcompilePass(flat, report, fuse_linears)
     patches["joint_custom_pre_pass"] = qpass
     kept: list[list[int]] = []  # the graph inputs freezing keeps, as indices into flat
     with torch._inductor.config.patch(patches), _recording_freeze(kept):

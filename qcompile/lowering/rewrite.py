@@ -9,6 +9,11 @@ For each matmul node (mm, addmm, _int_mm) the pass asks the recognisers in
 ``weight_only`` and ``int8_rescale``; a recognised subgraph becomes one call of
 ``qcompile::mixed_gemm`` or ``qcompile::int8_gemm`` with the repacked weight as a new
 constant, and the dead dequantization is removed; anything else stays exactly as it was.
+
+With ``fuse_linears`` the weight-only matmuls that read the same activation in the same
+format (attention's q/k/v, the MLP's gate/up) become one call on the weights concatenated
+along N, each consumer reading a contiguous copy of its columns (a pointwise copy Inductor
+can fuse into the consumer): fewer, larger launches, which matters at decode.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -78,12 +84,13 @@ class _Builder:
             node.meta["val"] = self.fake_mode.from_tensor(tensor, static_shapes=True)
         return node
 
-    def call(self, target, args, like: fx.Node | None = None) -> fx.Node:
-        node = self.graph.call_function(target, args)
+    def call(self, target, args, like: fx.Node | None = None, kwargs: dict | None = None
+             ) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs or {})
         if self.fake_mode is not None:
             fake_args = fx.node.map_arg(args, lambda a: a.meta["val"])
             with self.fake_mode:
-                node.meta["val"] = target(*fake_args)
+                node.meta["val"] = target(*fake_args, **(kwargs or {}))
         elif like is not None:
             node.meta["val"] = like.meta.get("val")
         return node
@@ -123,9 +130,42 @@ def _reuse_or_constant(b: _Builder, ev: ConstantEvaluator, w_node: fx.Node,
     return b.constant(packed, hint)
 
 
-def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: fx.Node | None,
-                   match: WeightOnlyMatch, ev: ConstantEvaluator, rec: MatchRecord) -> None:
-    n, k = match.q.shape
+@dataclass
+class _MixedSite:
+    """A recognised weight-only matmul, with a post-scale folded into its scales."""
+
+    mm: fx.Node
+    x: fx.Node
+    w: fx.Node
+    bias: fx.Node | None
+    match: WeightOnlyMatch
+    rec: MatchRecord
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    post: tuple | None
+
+    def fusion_key(self) -> tuple:
+        """Sites with equal keys can share one launch: same activation node, same format,
+        biases all absent or all constants (defined before any of the matmuls)."""
+        m = self.match
+        const_bias = self.bias is None or self.bias.op in ("placeholder", "get_attr")
+        return (_activation_key(self.x), m.bits, m.signed, m.group_size, m.zero_mode,
+                m.dequant_dtype, int(m.q.shape[1]), self.bias is None, const_bias or id(self))
+
+
+def _activation_key(x: fx.Node) -> tuple:
+    """What an activation is, up to views: each F.linear flattens its input with a view of
+    its own, so q/k/v read three view nodes of one tensor (equal when base and shape are)."""
+    base = x
+    while base.op == "call_function" and base.target in _VIEWS:
+        base = base.args[0]
+    v = _val(x)
+    return (base, str(tuple(v.shape)) if v is not None else x)
+
+
+def _mixed_site(mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: fx.Node | None,
+                match: WeightOnlyMatch, ev: ConstantEvaluator, rec: MatchRecord) -> _MixedSite:
+    n = match.q.shape[0]
     scales, zeros = match.scales, match.zeros
     post = _post_scale(mm, ev, n) if bias is None else None
     if post is not None:
@@ -134,24 +174,58 @@ def _rewrite_mixed(b: _Builder, mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: 
         if match.zero_mode == "add":
             zeros = (zeros.double() * c[:, None]).to(torch.float32)
         rec.format += " post-scale"
-    prep = kernels.prepare_mixed_gemm(match.q, scales, zeros, match.bits, match.signed,
-                                      match.group_size, match.zero_mode, _static_m(x),
-                                      _val(x).dtype, has_bias=bias is not None)
+    return _MixedSite(mm, x, w_node, bias, match, rec, scales, zeros, post)
+
+
+def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) -> None:
+    """One qcompile::mixed_gemm for sites sharing a fusion key (usually one site)."""
+    first, match = sites[0], sites[0].match
+    ns = [int(site.match.q.shape[0]) for site in sites]
+    n = sum(ns)
+
+    def cat(ts):
+        return ts[0] if len(ts) == 1 else torch.cat(ts)
+    zeros = cat([site.zeros for site in sites]) if first.zeros is not None else None
+    prep = kernels.prepare_mixed_gemm(cat([site.match.q for site in sites]),
+                                      cat([site.scales for site in sites]), zeros, match.bits,
+                                      match.signed, match.group_size, match.zero_mode,
+                                      _static_m(first.x), _val(first.x).dtype,
+                                      has_bias=first.bias is not None)
     qweight, scales, zeros = prep.tensors
-    rec.kernel = prep.description
-    with b.graph.inserting_before(mm):
-        qw = _reuse_or_constant(b, ev, w_node, qweight, "qweight")
+    with b.graph.inserting_before(first.mm):
+        if len(sites) == 1:
+            qw = _reuse_or_constant(b, ev, first.w, qweight, "qweight")
+        else:
+            qw = b.constant(qweight, "qweight")
         s = b.constant(scales, "scales")
         z = b.constant(zeros, "zeros") if zeros is not None else None
-        if bias is not None and tuple(_val(bias).shape) != (n,):
-            bias = b.call(aten.view.default, (bias, [n]))
+        bias = None
+        if first.bias is not None:
+            parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
+                     b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
+            bias = parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
         new = b.call(torch.ops.qcompile.mixed_gemm.default,
-                     (x, qw, s, z, bias, match.bits, match.signed, match.group_size,
-                      match.zero_mode, match.dequant_dtype, prep.layout, prep.config), like=mm)
-    mm.replace_all_uses_with(new)
-    if post is not None:
-        mul, _, index = post
-        mul.replace_all_uses_with(mul.args[index])
+                     (first.x, qw, s, z, bias, match.bits, match.signed, match.group_size,
+                      match.zero_mode, match.dequant_dtype, prep.layout, prep.config),
+                     like=first.mm)
+        outs, start = [], 0
+        for ni in ns:  # each consumer gets a contiguous [.., ni], as the matmul gave it
+            if len(sites) == 1:
+                outs.append(new)
+                break
+            part = b.call(aten.slice.Tensor, (new, -1, start, start + ni))
+            outs.append(b.call(aten.clone.default, (part,),
+                               kwargs={"memory_format": torch.contiguous_format}))
+            start += ni
+    for site, out in zip(sites, outs):
+        site.rec.kernel = prep.description
+        if len(sites) > 1:
+            others = ", ".join(o.rec.node for o in sites if o is not site)
+            site.rec.kernel += f"; one launch with {others} (N={n})"
+        site.mm.replace_all_uses_with(out)
+        if site.post is not None:
+            mul, _, index = site.post
+            mul.replace_all_uses_with(mul.args[index])
 
 
 def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, mm: fx.Node, match: Int8Match,
@@ -210,27 +284,46 @@ def _record(node: fx.Node, op: str) -> MatchRecord:
     return rec
 
 
-def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], report: Report) -> int:
-    """Rewrite every recognised matmul subgraph of ``graph``; return how many."""
+def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], report: Report,
+                  fuse_linears: bool = False) -> int:
+    """Rewrite every recognised matmul subgraph of ``graph``; return how many.
+
+    ``fuse_linears``: weight-only matmuls next to each other in the graph that share their
+    activation and format run as one launch (module docstring)."""
     gm = graph.owning_module
     dump_graph("before", gm.print_readable(print_output=False) if gm else str(graph))
     ev = ConstantEvaluator(gm, constants)
     builder = _Builder(graph)
     rewritten = 0
+    group: list[_MixedSite] = []  # consecutive sites with one fusion key (few weights held)
+
+    def flush() -> None:
+        if group:
+            _rewrite_mixed(builder, ev, group)
+            group.clear()
+
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in MATMULS:
             continue
         op = MATMULS[node.target]
         rec = _record(node, op)
         try:
-            _match_one(builder, ev, node, op, rec)
+            site = _match_one(builder, ev, node, op, rec)
             rec.matched = True
             rewritten += 1
+            if site is not None:
+                if group and (not fuse_linears or
+                              group[0].fusion_key() != site.fusion_key()):
+                    flush()
+                group.append(site)
+                if not fuse_linears:
+                    flush()
         except NoMatch as e:
             rec.reason = str(e)
         finally:
             ev.cache.clear()  # evaluated weights are large: keep one matmul's at a time
         report.add(rec)
+    flush()
     if rewritten:
         graph.eliminate_dead_code()
         graph.lint()
@@ -241,7 +334,9 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
 
 
 def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
-               rec: MatchRecord) -> None:
+               rec: MatchRecord) -> _MixedSite | None:
+    """Recognise one matmul: int8 ones are rewritten here (None), weight-only ones come back
+    as a site for :func:`_rewrite_mixed`; NoMatch says why not."""
     if builder.gm is None:
         raise NoMatch("graph has no owning module to hold new constants")
     if op == "_int_mm":
@@ -250,7 +345,7 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
         rec.n = int(match.wq.shape[0])
         rec.dtype = str(match.out_dtype).replace("torch.", "")
         _rewrite_int8(builder, ev, node, match, rec)
-        return
+        return None
     if op == "bmm":
         x, w3 = node.args[:2]
         w = _broadcast_source(w3)
@@ -276,4 +371,4 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     n, k = match.q.shape
     rec.format, rec.bits, rec.group_size, rec.n, rec.k = (
         match.format, match.bits, match.group_size, n, k)
-    _rewrite_mixed(builder, node, x, w, bias, match, ev, rec)
+    return _mixed_site(node, x, w, bias, match, ev, rec)

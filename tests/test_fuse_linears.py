@@ -1,0 +1,87 @@
+"""options={"fuse_linears": True}: quantized linears that read one activation in one format
+run as one qcompile op on the concatenated weights (CPU, reference kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qcompile
+from qcompile.llama import CONFIGS, Llama
+from test_backend import QC_OPS, GraphSpy, rel_err
+
+MIXED = torch.ops.qcompile.mixed_gemm.default
+
+
+def _llama(method):
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"]).to(torch.bfloat16)
+    qcompile.quantize(model, method, group_size=64)
+    model.setup_caches(1, 32)
+    return model
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16"])
+def test_decoder_runs_qkv_and_gate_up_as_one_launch_each(method):
+    model = _llama(method)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 6))
+    pos = torch.arange(6)
+    with torch.no_grad():
+        ref = model(tokens, pos)
+        outs = {}
+        for fuse in (False, True):
+            model.setup_caches(1, 32)
+            torch._dynamo.reset()
+            spy = GraphSpy()
+            with spy.installed():
+                compiled = torch.compile(model, backend="qcompile", options={"fuse_linears": fuse})
+                outs[fuse] = compiled(tokens, pos)
+            report = qcompile.last_report()
+            targets = spy.graphs[0][0]
+            # 2 layers x (q/k/v, o, gate/up, down) + the head when fused, 15 ops otherwise
+            assert sum(t is MIXED for t in targets) == (9 if fuse else 15)
+            assert len(report.matched) == len(report) == 15
+            together = [r for r in report.records if "one launch with" in r.kernel]
+            assert len(together) == (10 if fuse else 0), str(report)
+    assert rel_err(outs[True], ref) <= 2e-2
+    assert rel_err(outs[True], outs[False]) <= 1e-2
+
+
+class _Heads(nn.Module):
+    """Three linears on one input: a and b in one format (with biases), c in another."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(128, 64), nn.Linear(128, 32)
+        self.c = nn.Linear(128, 48, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x), self.c(x)], dim=-1).relu()
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_only_same_format_fuses_and_biases_are_concatenated(dynamic):
+    torch.manual_seed(0)
+    model = _Heads()
+    qcompile.quantize(model, "w4a16", group_size=64, skip=("c",))
+    qcompile.quantize(model, "w8a16", skip=("a", "b"))
+    spy = GraphSpy()
+    compiled = torch.compile(model, backend="qcompile", dynamic=dynamic,
+                             options={"fuse_linears": True})
+    with torch.no_grad(), spy.installed(), qcompile.collect() as report:
+        for m in ((3, 5) if dynamic else (3,)):
+            x = torch.randn(m, 128)
+            assert rel_err(compiled(x), model(x)) <= 2e-2, m
+    assert [r.matched for r in report.records] == [True] * 3
+    kernels = {r.source: r.kernel for r in report.records}
+    assert "one launch with" in kernels["a"] and "one launch with" in kernels["b"]
+    assert "one launch with" not in kernels["c"]  # w8a16: another format
+    assert sum(t in QC_OPS for t in spy.graphs[0][0]) == 2
+
+
+def test_option_is_checked():
+    # Dynamo wraps the backend's TypeError (BackendCompilerFailed)
+    with pytest.raises(Exception, match="options\\['fuse_linears'\\] must be a bool"):
+        torch.compile(nn.Linear(4, 4), backend="qcompile",
+                      options={"fuse_linears": "yes"})(torch.randn(2, 4))
