@@ -294,7 +294,7 @@ _DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk", DECOMP
 
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) on the v2
 # layout instead of the group-wise GEMM. Measured on an H100 only (sm_90 code of this sm_80
-# family, L2 flushed): int4 g128 M=1 14336x4096 26.2 us vs 30.1, 4096x4096 12.6 vs 16.7;
+# family, L2 flushed): int4 g128 M=1 14336x4096 26.2 us vs 30.1, 4096x4096 12.6 vs 16.6 (one run);
 # the same limit as the Hopper family, where it also won end to end.
 DECODE_MAX_M = 8
 _DECODE_GROUPZERO = {act: {bits: decode.DecodeBuild(act, bits, decode.LAYOUT_SM80_V2,
