@@ -158,8 +158,20 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
         "kv_cache_gb": round(kv_gb, 3), "released_gb": round(released_gb, 3),
         "compile_s": round(compile_s, 1), "baseline_gb": round(baseline / 1e9, 3),
         "matched": None if report is None else f"{len(report.matched)}/{len(report)}",
+        "ops": None if report is None else _launches(report),
         **_provenance(device),
     }
+
+
+def _launches(report) -> int:
+    """qcompile ops in the compiled model: matched matmuls, less those fused into one launch
+    (the report's kernel column says "; one launch with a, b (N=...)")."""
+    groups = set()
+    for r in report.matched:
+        _, sep, rest = r.kernel.partition("; one launch with ")
+        others = rest.rsplit(" (N=", 1)[0].split(", ") if sep else []
+        groups.add(frozenset([r.node, *others]))
+    return len(groups)
 
 
 def _profile(step, tok, pos: int, device: str, steps: int = 8) -> None:
@@ -196,9 +208,10 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--fuse-linears", action="store_true",
-                   help="qcompile cells with options={'fuse_linears': True} (q/k/v, gate/up as "
-                        "one launch each)")
+    p.add_argument("--fuse-linears", default="0",
+                   help="comma list of 0/1: qcompile cells without / with "
+                        "options={'fuse_linears': True} (q/k/v, gate/up as one launch each); "
+                        "each value one qcompile cell")
     p.add_argument("--profile", action="store_true",
                    help="print the kernels of 8 more decode steps per cell (torch.profiler)")
     p.add_argument("--decode-max-m", default=None,
@@ -214,20 +227,22 @@ def main() -> int:
             args.models = "qcompile.llama,transformers"
         except ImportError:
             args.models = "qcompile.llama"
+    fuse_settings = [bool(int(v)) for v in args.fuse_linears.split(",")]
     rows = []
-    for model_kind, batch, fmt, impl, decode_max_m in itertools.product(
+    for model_kind, batch, fmt, impl, decode_max_m, fuse_linears in itertools.product(
             args.models.split(","), [int(b) for b in args.batch.split(",")],
-            args.formats.split(","), args.impls.split(","), decode_max_ms):
+            args.formats.split(","), args.impls.split(","), decode_max_ms, fuse_settings):
         if fmt == "bf16" and impl == "qcompile":
             continue  # nothing to rewrite: the same as Inductor
-        if impl != "qcompile" and decode_max_m != decode_max_ms[0]:
-            continue  # the setting only changes qcompile cells
+        if impl != "qcompile" and (decode_max_m, fuse_linears) != (decode_max_ms[0],
+                                                                   fuse_settings[0]):
+            continue  # the settings only change qcompile cells
         mixed_gemm.DECODE_MAX_M = mixed_gemm_sm80.DECODE_MAX_M = decode_max_m
         int8_gemm.DECODE_MAX_M = decode_max_m
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.profile, args.fuse_linears)
+                           args.device, args.profile, fuse_linears)
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
@@ -240,11 +255,12 @@ def main() -> int:
             continue
         if impl == "qcompile":
             row["decode_max_m"] = decode_max_m
-            row["fuse_linears"] = args.fuse_linears
+            row["fuse_linears"] = fuse_linears
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tag = f" decode<={decode_max_m}" if impl == "qcompile" else ""
+        tag = (f" decode<={decode_max_m}{' fused' if fuse_linears else ''}"
+               if impl == "qcompile" else "")
         print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}{tag}: "
               f"{row['tokens_per_s']:8.1f} tok/s "
               f"{row['ms_per_token']:7.2f} ms/step  peak {row['peak_mem_gb']:5.2f} GB  "

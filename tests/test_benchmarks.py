@@ -17,17 +17,21 @@ def test_bench_decode_cpu_smoke(tmp_path):
         [sys.executable, str(BENCH / "bench_decode.py"), "--device", "cpu", "--config", "tiny",
          "--prompt", "8", "--new", "3", "--models", "qcompile.llama", "--batch", "1",
          "--formats", "bf16,w4a16", "--impls", "inductor,qcompile", "--decode-max-m", "0,8",
-         "--profile", "--out", str(out)],
+         "--fuse-linears", "0,1", "--profile", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    cells = [(r["format"], r["impl"], r.get("decode_max_m")) for r in rows]
-    # bf16 has nothing to rewrite (no qcompile cell); each --decode-max-m value is one
-    # qcompile cell, the Inductor cells run once
-    assert cells == [("bf16", "inductor", None), ("w4a16", "inductor", None),
-                     ("w4a16", "qcompile", 0), ("w4a16", "qcompile", 8)], cells
+    cells = [(r["format"], r["impl"], r.get("decode_max_m"), r.get("fuse_linears"))
+             for r in rows]
+    # bf16 has nothing to rewrite (no qcompile cell); each (--decode-max-m, --fuse-linears)
+    # pair is one qcompile cell, the Inductor cells run once
+    assert cells == [("bf16", "inductor", None, None), ("w4a16", "inductor", None, None),
+                     ("w4a16", "qcompile", 0, False), ("w4a16", "qcompile", 0, True),
+                     ("w4a16", "qcompile", 8, False), ("w4a16", "qcompile", 8, True)], cells
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["batch"] == 1
         assert {"baseline_gb", "weight_gb", "kv_cache_gb", "commit", "device"} <= r.keys()
-    assert rows[2]["matched"] == rows[3]["matched"] != "0/0"
+    assert rows[2]["matched"] == rows[4]["matched"] != "0/0"
+    # fusing q/k/v and gate/up leaves fewer qcompile ops for the same linears
+    assert int(rows[3]["ops"]) < int(rows[2]["ops"]), (rows[2], rows[3])
     assert "Self CPU time total" in res.stdout  # --profile printed its table
