@@ -152,8 +152,9 @@ def test_fuse_linears_decode_step_matches_eager(method):
     with torch.no_grad():
         tok = model(prompt, torch.arange(n, device="cuda"))[:, -1:].argmax(-1)
         eager = copy.deepcopy(model)
-        step = torch.compile(model, backend="qcompile", mode="reduce-overhead", fullgraph=True,
-                             options={"fuse_linears": True})
+        # torch.compile takes mode or options, not both: CUDA graphs through the option
+        step = torch.compile(model, backend="qcompile", fullgraph=True,
+                             options={"fuse_linears": True, "triton.cudagraphs": True})
         for i in range(5):
             pos = torch.tensor([n + i], device="cuda")
             out = step(tok, pos)
