@@ -10,9 +10,11 @@ Options (``options={...}``): ``"freezing"`` (default True) turns Inductor's free
 off; every other key is an Inductor config entry. ``"freezing_discard_parameters": True``
 (Inductor's name for it) also frees the original weight tensors that the compiled graph
 replaced by repacked copies, so the weights are not held twice; the eager model can no
-longer run, nor be traced again. ``"fuse_linears": True`` runs the quantized linears that
-read one activation in one format (q/k/v, gate/up) as one launch (``lowering/rewrite.py``;
-off by default until measured on a GPU). ``mode`` is torch.compile's. Under ``max_autotune``
+longer run, nor be traced again. ``"fuse_linears"`` (default True) runs the quantized
+linears that read one activation in one format (q/k/v, gate/up) as one launch
+(``lowering/rewrite.py``): on an H100, Llama-3-8B-shaped decode at batch 1 went from 811 to
+865 tokens/s in W4A16 and from 708 to 788 in W8A16 (one process); ``False`` keeps one launch
+per linear. ``mode`` is torch.compile's. Under ``max_autotune``
 (``mode="max-autotune"``) the kernels are chosen by timing, per token-count range.
 """
 
@@ -158,7 +160,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     freezing = options.pop("freezing", True)
     if not isinstance(freezing, bool):
         raise TypeError(f"options['freezing'] must be a bool, got {type(freezing).__name__}")
-    fuse_linears = options.pop("fuse_linears", False)
+    fuse_linears = options.pop("fuse_linears", True)
     if not isinstance(fuse_linears, bool):
         raise TypeError(f"options['fuse_linears'] must be a bool, got {type(fuse_linears).__name__}")
     release = options.get("freezing_discard_parameters", False)
