@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 METHODS = ("w8a16", "w4a16", "w8a8")
+ACT_MODES = ("dynamic", "static", "dynamic_asym")  # W8A8 activation quantization
 PACKINGS = ("uint8", "awq", "gptq")
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -212,30 +213,37 @@ class SmoothQuantLinear(nn.Module):
 
     ``y = (int_mm(quant(x / smooth), q.T) * x_scale * w_scale).to(x.dtype) + b`` where
     ``quant`` is per token (``act="dynamic"``, absmax of each row) or per tensor with a
-    calibrated scale (``act="static"``).
+    calibrated scale (``act="static"``). ``act="dynamic_asym"`` quantizes each token over
+    its [min, max] with a zero point (``xq = round(x / s) + zp``, all 256 levels used for
+    one-sided rows such as post-activation values) and corrects the integer sum exactly:
+    ``int_mm(xq, q.T) - zp * q.sum(1)`` in int32, before the rescale.
     """
 
     def __init__(self, qweight: torch.Tensor, w_scales: torch.Tensor,
                  bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
-                 act: Literal["dynamic", "static"] = "dynamic",
+                 act: Literal["dynamic", "static", "dynamic_asym"] = "dynamic",
                  act_scale: float | None = None):
         super().__init__()
         if qweight.dtype != torch.int8 or qweight.dim() != 2:
             raise TypeError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype}")
-        if act not in ("dynamic", "static"):
-            raise ValueError(f"act must be 'dynamic' or 'static', got {act!r}")
+        if act not in ACT_MODES:
+            raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
         if act == "static" and (act_scale is None or not act_scale > 0):
             raise ValueError(f"act='static' needs a positive act_scale, got {act_scale!r}")
         self.in_features, self.out_features, self.act = qweight.shape[1], qweight.shape[0], act
         self.register_buffer("qweight", qweight)
         self.register_buffer("w_scales", w_scales.float().reshape(1, -1))
         self.register_buffer("smooth", None if smooth is None else 1.0 / smooth)
-        self.register_buffer("act_scale", None if act == "dynamic"
+        self.register_buffer("act_scale", None if act != "static"
                              else torch.tensor(float(act_scale), dtype=torch.float32))
+        # the zero-point correction's weight side: column sums of q, exact in int32
+        self.register_buffer("azp_adj", qweight.sum(dim=1, dtype=torch.int32)
+                             if act == "dynamic_asym" else None)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, act: Literal["dynamic", "static"] = "dynamic",
+    def from_linear(cls, linear: nn.Linear,
+                    act: Literal["dynamic", "static", "dynamic_asym"] = "dynamic",
                     smooth: torch.Tensor | None = None, act_absmax: float | None = None):
         w = linear.weight.detach()
         if smooth is not None:
@@ -254,6 +262,15 @@ class SmoothQuantLinear(nn.Module):
             x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-5) / 127.0
             xq = torch.round(x.float() / x_scale).clamp(-128, 127).to(torch.int8)
             y = torch._int_mm(xq, self.qweight.t()).float() * x_scale * self.w_scales
+        elif self.act == "dynamic_asym":
+            # [min, max] of each token, widened to hold 0 so that 0 is exact
+            lo = x.amin(dim=-1, keepdim=True).float().clamp(max=0.0)
+            hi = x.amax(dim=-1, keepdim=True).float().clamp(min=0.0)
+            x_scale = ((hi - lo) / 255.0).clamp(min=1e-5)
+            zp = (-128.0 - torch.round(lo / x_scale)).clamp(-128, 127)
+            xq = (torch.round(x.float() / x_scale) + zp).clamp(-128, 127).to(torch.int8)
+            acc = torch._int_mm(xq, self.qweight.t()) - zp.to(torch.int32) * self.azp_adj
+            y = acc.float() * x_scale * self.w_scales
         else:
             xq = torch.round(x.float() / self.act_scale).clamp(-128, 127).to(torch.int8)
             y = torch._int_mm(xq, self.qweight.t()).float() * (self.act_scale * self.w_scales)
@@ -311,8 +328,9 @@ def quantize(
         zero_point: W4A16 asymmetric with zeros (True) or symmetric.
         packing: W4A16 storage: ``"uint8"``, ``"awq"`` or ``"gptq"``.
         style: W8A16 ``"pre"`` (dequantize the weight) or ``"post"`` (scale the output).
-        act: W8A8 activation quantization, ``"dynamic"`` (per token) or ``"static"``
-            (per tensor, needs ``calibration``).
+        act: W8A8 activation quantization, ``"dynamic"`` (per token, symmetric),
+            ``"dynamic_asym"`` (per token with a zero point) or ``"static"`` (per tensor,
+            needs ``calibration``).
         calibration: iterable of model inputs (a tensor or a tuple of arguments) used
             to measure activation ranges for ``act="static"``.
         skip: name prefixes of linears to leave in floating point (e.g. ``"lm_head"``).
@@ -327,8 +345,8 @@ def quantize(
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
     if style not in ("pre", "post"):
         raise ValueError(f"style must be 'pre' or 'post', got {style!r}")
-    if act not in ("dynamic", "static"):
-        raise ValueError(f"act must be 'dynamic' or 'static', got {act!r}")
+    if act not in ACT_MODES:
+        raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
     if method == "w8a8" and act == "static" and calibration is None:
         raise ValueError("act='static' needs calibration inputs (calibration=[...])")
     linears = _linears(model, skip)

@@ -35,6 +35,8 @@ FORMATS = {
     "w8a8_dynamic": (dict(method="w8a8"), "w8a8 int8 per-token x per-channel"),
     "w8a8_static": (dict(method="w8a8", act="static"), "w8a8 int8 per-tensor x per-channel"),
     "w8a8_smooth": ("smooth", "w8a8 int8 per-token x per-channel"),
+    "w8a8_asym": (dict(method="w8a8", act="dynamic_asym"),
+                  "w8a8 int8 per-token asymmetric x per-channel"),
 }
 
 
@@ -106,6 +108,32 @@ def test_compile_matches_eager_and_rewrites(fmt, dtype, freezing, dynamic):
         # the model's own int8 [N, K] tensors serve the kernels: no second copy
         copies = [k for k in consts if k.startswith(("_qcompile_wq", "_qcompile_qweight"))]
         assert not copies, copies
+
+
+class WideZeroPointCorrection(nn.Module):
+    """An asymmetric W8A8 linear whose zero-point correction is computed in int64: not the
+    int32 correction the kernels apply, so it must stay unmatched, with the reason."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("wq", torch.randint(-127, 128, (64, 256), dtype=torch.int8))
+        self.register_buffer("colsum", self.wq.sum(dim=1))  # int64
+
+    def forward(self, x):
+        xq = torch.round(x * 20).clamp(-128, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.wq.t()) - torch.full_like(x[:, :1], 3).long() * self.colsum
+        return acc.float() * 0.05
+
+
+def test_zero_point_correction_outside_int32_is_not_matched():
+    model = WideZeroPointCorrection()
+    x = torch.randn(5, 256)
+    with torch.no_grad(), qcompile.collect() as report:
+        out = torch.compile(model, backend="qcompile")(x)
+    assert [r.matched for r in report.records] == [False]
+    assert "zero-point correction computed in torch.int64" in report.records[0].reason
+    assert torch.allclose(out, model(x))
 
 
 class BroadcastMatmul(nn.Module):

@@ -67,7 +67,7 @@ def test_pack_unpack_roundtrip(bits, signed):
     assert torch.equal(unpack_nk(packed, bits, signed), q)
 
 
-@pytest.mark.parametrize("act", ["dynamic", "static"])
+@pytest.mark.parametrize("act", ["dynamic", "static", "dynamic_asym"])
 def test_smoothquant_close_to_float(act):
     lin = _linear(torch.float32)
     x = torch.randn(3, 7, 256)
@@ -76,6 +76,22 @@ def test_smoothquant_close_to_float(act):
                                         act_absmax=float((x / smooth).abs().max()))
     assert mod(x).shape == (3, 7, 64)
     assert rel_err(mod(x), lin(x)) < 3e-2
+
+
+def test_asymmetric_activations_use_all_levels_on_one_sided_rows():
+    """act="dynamic_asym" on non-negative inputs (after a ReLU/GELU): a zero point spends
+    all 256 levels on [0, max], so it is closer to float than the symmetric scheme, which
+    leaves the negative half unused."""
+    lin = _linear(torch.float32)
+    with torch.no_grad():  # a weight int8 per channel represents exactly: activation error only
+        q = torch.randint(-127, 128, lin.weight.shape).float()
+        q[:, 0] = 127
+        lin.weight.copy_(q * 0.01)
+    x = torch.rand(4, 256) * 3
+    sym = SmoothQuantLinear.from_linear(lin, act="dynamic")
+    asym = SmoothQuantLinear.from_linear(lin, act="dynamic_asym")
+    assert torch.equal(asym.azp_adj, asym.qweight.sum(dim=1, dtype=torch.int32))
+    assert rel_err(asym(x), lin(x)) < 0.7 * rel_err(sym(x), lin(x))
 
 
 def test_quantize_replaces_linears_in_place_and_skips():
@@ -98,6 +114,7 @@ def test_quantize_static_calibrates():
     (dict(method="w4a16", packing="marlin"), "packing must be one of"),
     (dict(method="w8a16", style="mid"), "style must be"),
     (dict(method="w8a8", act="static"), "act='static' needs calibration"),
+    (dict(method="w8a8", act="asym"), "act must be one of"),
 ])
 def test_quantize_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -62,6 +62,22 @@ def test_int8_gemm_reference_is_exact_int_then_float_rescale(m, per_token):
     assert out.dtype == torch.bfloat16 and out.shape == (m, 16)
 
 
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_int8_gemm_reference_subtracts_zero_points_in_int32(m):
+    """Asymmetric activations: (xq @ wq.T - azp * azp_adj) exactly, then the rescale; with
+    azp_adj the column sums this is the product of the dequantized operands."""
+    wq = torch.randint(-128, 128, (16, 64), dtype=torch.int8)
+    xq = torch.randint(-128, 128, (m, 64), dtype=torch.int8)
+    azp = torch.randint(-128, 128, (m, 1), dtype=torch.int32)
+    adj = wq.sum(dim=1, dtype=torch.int32)
+    row, col = torch.rand(m, 1) + 0.01, torch.rand(1, 16) + 0.01
+    out = int8_gemm(xq, wq, row, col, None, torch.float32, "", azp, adj)
+    ref = ((xq.double() - azp.double()) @ wq.double().t()) * row.double() * col.double()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-4)
+    with pytest.raises(ValueError, match="azp and azp_adj come together"):
+        int8_gemm(xq, wq, row, col, None, torch.float32, "", azp, None)
+
+
 def test_fake_impls_follow_symbolic_shapes():
     q, qw, s, z = _mixed_args()
 

@@ -116,11 +116,13 @@ def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, 
                                     zero_mode, dequant_dtype, layout)
 
 
-def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config=""):
+def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
+                    azp_adj=None):
     fam = cuda_family("int8_gemm")
     if fam is not None:
-        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config)
-    return ops.int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype)
+        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp, azp_adj)
+    return ops.int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp,
+                                   azp_adj)
 
 
 torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)

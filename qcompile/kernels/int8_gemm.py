@@ -1,8 +1,9 @@
 """CUDA implementation of ``qcompile::int8_gemm``: CUTLASS int8 GEMMs with a fused rescale.
 
-``out = ((xq @ wq.T).float() * row_scale * col_scale + bias).to(out_dtype)`` (docs/kernels.md)
-runs as one kernel: int8 tensor-core GEMM with int32 accumulation, the epilogue multiplying
-the per-row and per-column scales, adding the bias and writing bf16 / fp16.
+``out = ((xq @ wq.T - azp * azp_adj).float() * row_scale * col_scale + bias).to(out_dtype)``
+(docs/kernels.md) runs as one kernel: int8 tensor-core GEMM with int32 accumulation, the
+epilogue subtracting asymmetric activations' zero-point correction in int32 (exact; when
+given), multiplying the per-row and per-column scales, adding the bias and writing bf16 / fp16.
 
 - Hopper (sm_90): ``csrc/int8_gemm_sm90.cu``, CUTLASS 3.x, TMA + warp-specialized wgmma.
   Small M (decode) swaps the operands so the token dimension becomes a narrow (16-wide) N
@@ -232,7 +233,7 @@ def _decode_function(out_dtype: torch.dtype):
         if info[0] != int(out_dtype == torch.bfloat16):
             raise KernelBuildError(f"int8 decode library reports out_bf16={info[0]}")
         fn = lib.qc_int8_gemm_decode
-        fn.argtypes = [_vp] * 6 + [_i] * 8 + [_vp]
+        fn.argtypes = [_vp] * 8 + [_i] * 8 + [_vp]
         fn.restype = ctypes.c_int
         _decode_fns[out_dtype] = fn
     return fn
@@ -254,11 +255,11 @@ def _functions(cfg: Int8GemmConfig, out_dtype: torch.dtype) -> tuple:
         lib = load(kernel_spec(cfg, out_dtype))
         if cfg.arch == "sm_90a":
             gemm, ws = lib.qc_int8_gemm_sm90, lib.qc_int8_gemm_sm90_workspace_size
-            gemm.argtypes = [_vp, _vp, _vp, _vp, _vp, _vp, _i, _i, _i, _i, _i, _i, _vp, _sz, _vp]
+            gemm.argtypes = [_vp] * 8 + [_i, _i, _i, _i, _i, _i, _vp, _sz, _vp]
             ws.argtypes = [_i, _i, _i, _i]
         else:
             gemm, ws = lib.qc_int8_gemm_sm80, lib.qc_int8_gemm_sm80_workspace_size
-            gemm.argtypes = [_vp, _vp, _vp, _vp, _vp, _vp, _i, _i, _i, _i, _vp, _sz, _vp]
+            gemm.argtypes = [_vp] * 8 + [_i, _i, _i, _i, _vp, _sz, _vp]
             ws.argtypes = [_i, _i, _i]
         gemm.restype = ctypes.c_int
         ws.restype = ctypes.c_size_t
@@ -267,7 +268,8 @@ def _functions(cfg: Int8GemmConfig, out_dtype: torch.dtype) -> tuple:
 
 
 def supports(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-             bias: torch.Tensor | None, out_dtype: torch.dtype) -> str | None:
+             bias: torch.Tensor | None, out_dtype: torch.dtype, azp: torch.Tensor | None = None,
+             azp_adj: torch.Tensor | None = None) -> str | None:
     """None when the CUDA kernels can run these inputs, else the reason they cannot."""
     if xq.device.type != "cuda" or wq.device != xq.device:
         return "inputs not on one CUDA device"
@@ -296,6 +298,15 @@ def supports(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_sc
             return "scales must be floating-point tensors on the device of xq"
     if bias is not None and (bias.numel() != n or bias.device != xq.device or not bias.is_floating_point()):
         return f"bias shape {tuple(bias.shape)}"
+    if (azp is None) != (azp_adj is None):
+        return "azp and azp_adj come together"
+    if azp is not None:
+        # the zero points follow the row scale (one per token, or one for all)
+        if azp.numel() != row_scale.numel() or azp_adj.numel() != n:
+            return f"zero-point shapes {tuple(azp.shape)}, {tuple(azp_adj.shape)}"
+        for t in (azp, azp_adj):
+            if t.device != xq.device or t.dtype != torch.int32:
+                return "azp and azp_adj must be int32 tensors on the device of xq"
     return None
 
 
@@ -311,14 +322,16 @@ def _vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
                    bias: torch.Tensor | None, out_dtype: torch.dtype,
-                   config: Int8GemmConfig | decode.DecodeChoice | None = None) -> torch.Tensor:
+                   config: Int8GemmConfig | decode.DecodeChoice | None = None,
+                   azp: torch.Tensor | None = None,
+                   azp_adj: torch.Tensor | None = None) -> torch.Tensor:
     """qcompile::int8_gemm on the GPU through the CUTLASS kernels.
 
     Raises ValueError for inputs the kernels do not support (see :func:`supports`) and
     KernelBuildError when the library cannot be built. Launches on the current stream with
     no host synchronization, so it can be captured in a CUDA graph.
     """
-    reason = supports(xq, wq, row_scale, col_scale, bias, out_dtype)
+    reason = supports(xq, wq, row_scale, col_scale, bias, out_dtype, azp, azp_adj)
     if reason is not None:
         raise ValueError(f"int8_gemm_cuda: unsupported input: {reason}")
     m, k = xq.shape
@@ -326,7 +339,7 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
     arch = device_arch(xq.device)
     cfg = config if config is not None else heuristic_choice(m, n, k, out_dtype, arch)
     if isinstance(cfg, decode.DecodeChoice):
-        return _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, cfg)
+        return _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, cfg, azp, azp_adj)
     if cfg.arch != arch and not (cfg.arch == "sm_80" and arch == "sm_90a"):
         raise ValueError(f"config {cfg.name} is for {cfg.arch}, device is {arch}")
     gemm, ws_size = _functions(cfg, out_dtype)
@@ -337,6 +350,7 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
         if cfg.arch == "sm_80" and cs.numel() == 1 and n > 1:
             cs = cs.expand(n).contiguous()  # the 2.x row-broadcast visitor reads a full vector
         b = _vector(bias, out_dtype) if bias is not None else None
+        zp, adj = _zero_points(azp, azp_adj)
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
         stream = torch.cuda.current_stream(xq.device).cuda_stream
         if cfg.arch == "sm_90a":
@@ -346,11 +360,11 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
         ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=xq.device)
         if cfg.arch == "sm_90a":
             err = gemm(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
-                       b.data_ptr() if b is not None else None, m, n, k, int(rs.numel() != 1),
+                       _ptr(b), _ptr(zp), _ptr(adj), m, n, k, int(rs.numel() != 1),
                        int(cs.numel() != 1), cfg.splits, ws.data_ptr(), nbytes, stream)
         else:
             err = gemm(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
-                       b.data_ptr() if b is not None else None, m, n, k, int(rs.numel() != 1),
+                       _ptr(b), _ptr(zp), _ptr(adj), m, n, k, int(rs.numel() != 1),
                        ws.data_ptr(), nbytes, stream)
     if err != 0:
         raise RuntimeError(f"int8 GEMM kernel {config_name(cfg)} failed with error {err} "
@@ -358,7 +372,19 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
     return out
 
 
-def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice):
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _zero_points(azp, azp_adj):
+    """The kernels' int32 vectors for the zero-point correction, or (None, None)."""
+    if azp is None:
+        return None, None
+    return _vector(azp, torch.int32), _vector(azp_adj, torch.int32)
+
+
+def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice, azp=None,
+                      azp_adj=None):
     m, k = xq.shape
     n = wq.shape[0]
     if not decode_fits(m, n, k, choice):
@@ -369,10 +395,11 @@ def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice):
         rs = _vector(row_scale, torch.float32)
         cs = _vector(col_scale, torch.float32)
         b = _vector(bias, out_dtype) if bias is not None else None
+        zp, adj = _zero_points(azp, azp_adj)
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
         stream = torch.cuda.current_stream(xq.device).cuda_stream
         err = fn(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
-                 b.data_ptr() if b is not None else None, m, n, k, int(rs.numel() != 1),
+                 _ptr(b), _ptr(zp), _ptr(adj), m, n, k, int(rs.numel() != 1),
                  int(cs.numel() != 1), choice.tokens // 8, choice.rows // 16, choice.warps,
                  stream)
     if err != 0:
@@ -419,23 +446,26 @@ def candidates(m: int, n: int, k: int, out_dtype: torch.dtype, arch: str) -> lis
     return list(dict.fromkeys(names))
 
 
-def run(xq, wq, row_scale, col_scale, bias, out_dtype, config: str = ""):
+def run(xq, wq, row_scale, col_scale, bias, out_dtype, config: str = "", azp=None,
+        azp_adj=None):
     """``qcompile::int8_gemm`` on CUDA (the kernels package registers it): the CUTLASS
     kernel named by ``config`` for this M (a kernels.tuning table; "" = the heuristic),
     or the reference where the kernels do not support the call."""
     from qcompile.kernels import tuning
     from qcompile.kernels.ops import int8_gemm_reference
 
-    if not _disabled and supports(xq, wq, row_scale, col_scale, bias, out_dtype) is None:
+    if not _disabled and supports(xq, wq, row_scale, col_scale, bias, out_dtype, azp,
+                                  azp_adj) is None:
         name = tuning.lookup(config, xq.shape[0])
         try:
             return int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype,
-                                  choice_from_name(name) if name else None)
+                                  choice_from_name(name) if name else None, azp, azp_adj)
         except KernelBuildError as e:
             _disabled.append(str(e))
             log.warning("qcompile int8 GEMM kernels unavailable, using the reference "
                         "implementation: %s", e)
-    return int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype)
+    return int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp,
+                               azp_adj)
 
 
 # Token counts at which choose_config may change its pick; the report lists the configs

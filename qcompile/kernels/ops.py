@@ -142,12 +142,20 @@ def int8_gemm_reference(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: str = "",
+    azp: torch.Tensor | None = None,
+    azp_adj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch int8_gemm: exact int32 accumulation, then the float32 rescale.
 
+    ``out = ((xq @ wq.T - azp * azp_adj).float() * row_scale * col_scale + bias)``.
     ``config``: as for :func:`mixed_gemm_reference` (kernel choice only; ignored here).
+    ``azp`` / ``azp_adj`` (int32, both or neither): asymmetric activations' zero points,
+    [M, 1] per token or one value, and the weight's per-channel correction [N] (its column
+    sums when ``xq = round(x / s) + azp``); the product is subtracted from the int32 sum.
     """
     del config
+    if (azp is None) != (azp_adj is None):
+        raise ValueError("int8_gemm: azp and azp_adj come together")
     m, k = xq.shape
     if xq.device.type == "cuda" and k % 8 == 0 and wq.shape[0] % 8 == 0:
         # torch._int_mm refuses M <= 16: pad the rows (exact, the pad is discarded).
@@ -158,6 +166,8 @@ def int8_gemm_reference(
         acc = (xq.double() @ wq.double().t()).to(torch.int32)  # exact below 2**53
     else:
         acc = xq.to(torch.int32) @ wq.to(torch.int32).t()
+    if azp is not None:
+        acc = acc - azp.to(torch.int32).reshape(-1, 1) * azp_adj.to(torch.int32).reshape(1, -1)
     out = acc.to(torch.float32) * row_scale.to(torch.float32) * col_scale.to(torch.float32)
     if bias is not None:
         out = out + bias.to(torch.float32)
@@ -169,5 +179,6 @@ int8_gemm = torch.library.custom_op("qcompile::int8_gemm", mutates_args=())(
 
 
 @int8_gemm.register_fake
-def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype, config=""):
+def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
+                    azp_adj=None):
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)

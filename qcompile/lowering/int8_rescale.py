@@ -1,6 +1,8 @@
 """Recognise ``_int_mm(xq, wq)`` followed by its float rescale (SmoothQuant W8A8).
 
-Reads the single-user chain below the int matmul: the int32 -> float32 cast, multiplies
+Reads the single-user chain below the int matmul: for asymmetric activations first the
+int32 zero-point correction ``acc - zp * c`` (``zp`` a run-time [M, 1] or scalar int32, ``c``
+a constant int32 [N], the weight's column sums), then the int32 -> float32 cast, multiplies
 by per-row (per-token, a run-time [M, 1] tensor, or a run-time scalar) and per-column
 (per-channel, a constant [N] / [1, N], or a constant scalar) scales in any order, an
 optional constant bias, and the cast to the output dtype. The activation quantization
@@ -32,10 +34,14 @@ class Int8Match:
     end: fx.Node | None = None             # the node whose value the op replaces
     out_dtype: torch.dtype = torch.float32
     per_token: bool = False
+    azp: fx.Node | None = None             # run-time int32 zero points (asymmetric activations)
+    azp_adj: torch.Tensor | None = None    # int32 [N], subtracted times azp from the int32 sum
 
     @property
     def format(self) -> str:
         act = "per-token" if self.per_token else "per-tensor"
+        if self.azp is not None:
+            act += " asymmetric"
         return f"w8a8 int8 {act} x per-channel{' +bias' if self.bias is not None else ''}"
 
 
@@ -55,6 +61,27 @@ def _is_one(d) -> bool:
     return isinstance(d, int) and d == 1
 
 
+def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torch.Tensor]:
+    """(zero points, constant correction [N]) of ``zp * c``, or NoMatch."""
+    why = ("_int_mm result minus something other than zero points ([M, 1] or scalar, int32) "
+           "times a constant int32 [N] correction")
+    if not (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target is aten.mul.Tensor and len(node.args) == 2
+            and all(isinstance(a, fx.Node) for a in node.args)):
+        raise NoMatch(why)
+    consts = [a for a in node.args if ev.is_constant(a)]
+    if len(consts) != 1:
+        raise NoMatch(why)
+    zp = node.args[1] if consts[0] is node.args[0] else node.args[0]
+    adj = ev.value(consts[0])
+    zv, shp = zp.meta.get("val"), _shape(zp)
+    if adj.dtype != torch.int32 or tuple(adj.shape) not in ((n,), (1, n)) or \
+            not isinstance(zv, torch.Tensor) or zv.dtype != torch.int32 or shp is None or \
+            not (len(shp) == 2 and _is_one(shp[1]) or all(_is_one(d) for d in shp)):
+        raise NoMatch(why)
+    return zp, adj.reshape(n)
+
+
 def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
     """Read the rescale chain below ``mm`` (an ``aten._int_mm``) or raise NoMatch."""
     a, b = mm.args
@@ -72,6 +99,14 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
         u = value_users(cur)[0]
         if u.op != "call_function":
             break
+        if u.target is aten.sub.Tensor and not converted and match.azp is None \
+                and u.args[0] is cur and len(u.args) == 2 and u.kwargs.get("alpha", 1) == 1:
+            if u.meta["val"].dtype != torch.int32:
+                raise NoMatch(f"zero-point correction computed in {u.meta['val'].dtype} "
+                              "(qcompile corrects in int32)")
+            match.azp, match.azp_adj = _zero_point_term(ev, u.args[1], n)
+            cur = u
+            continue
         if u.target in _CASTS:
             dt = _cast_dtype(u)
             if not converted:
@@ -119,4 +154,9 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
     match.out_dtype = cur.meta["val"].dtype
     match.col_scale = col.to(torch.float32).reshape(1, n)
     match.per_token = any(not all(_is_one(d) for d in _shape(r)) for r in match.row_scales)
+    if match.azp is not None and \
+            match.per_token == all(_is_one(d) for d in _shape(match.azp)):
+        # the kernels read zero points like the row scale: one per token, or one for all
+        raise NoMatch("zero points and activation scales differ in granularity (one per "
+                      "token vs one per tensor)")
     return match

@@ -247,8 +247,13 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, mm: fx.Node, match: Int8Ma
         wq = _reuse_or_constant(b, ev, mm.args[1], match.wq, "wq")
         col = b.constant(match.col_scale, "col_scale")
         bias = b.constant(match.bias, "bias") if match.bias is not None else None
-        new = b.call(torch.ops.qcompile.int8_gemm.default,
-                     (xq, wq, row, col, bias, match.out_dtype, config), like=end)
+        args = (xq, wq, row, col, bias, match.out_dtype, config)
+        if match.azp is not None:
+            azp = match.azp
+            if _val(azp).dim() != 2:
+                azp = b.call(aten.view.default, (azp, [-1, 1]))
+            args += (azp, b.constant(match.azp_adj, "azp_adj"))
+        new = b.call(torch.ops.qcompile.int8_gemm.default, args, like=end)
     end.replace_all_uses_with(new)
 
 

@@ -36,6 +36,25 @@ def test_decoder_on_cuda(method, mode):
     assert _rel(out, ref) <= 2e-2
 
 
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_asymmetric_w8a8_decoder_on_cuda(mode):
+    """act="dynamic_asym": every linear matched with its zero-point correction, on the GPU
+    kernels, matching eager (which corrects in int32 the same way)."""
+    torch.manual_seed(0)
+    model = qcompile.quantize(Llama(CONFIG).to("cuda", torch.bfloat16), "w8a8",
+                              act="dynamic_asym")
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 32), device="cuda")
+    with torch.no_grad(), qcompile.collect() as report:
+        ref = model(tokens)
+        compiled = torch.compile(model, backend="qcompile", mode=mode)
+        for _ in range(3):
+            out = compiled(tokens)
+    assert len(report.matched) == len(report) == 15, str(report)
+    assert all("asymmetric" in r.format and r.kernel.startswith("cutlass")
+               for r in report.records), str(report)
+    assert _rel(out, ref) <= 2e-2
+
+
 def test_w8a8_decoder_runs_on_cutlass_kernels():
     torch.manual_seed(0)
     model = qcompile.quantize(Llama(CONFIG).to("cuda", torch.bfloat16), "w8a8")

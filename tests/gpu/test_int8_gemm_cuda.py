@@ -243,3 +243,56 @@ def test_decode_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         _check(out, _reference(xq, wq, rs, cs, bias), torch.bfloat16, f"graph replay seed={seed}")
+
+
+# --- asymmetric activations: acc - azp[m] * azp_adj[n] in int32 before the rescale ---
+
+
+def _run_azp(m, n, k, per_token, with_bias, out_dtype, config=None, seed=0):
+    xq, wq, rs, cs, bias = _inputs(m, n, k, per_token, True, with_bias, out_dtype, seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    azp = torch.randint(-128, 128, rs.shape, dtype=torch.int32, device="cuda", generator=g)
+    adj = wq.sum(dim=1, dtype=torch.int32)
+    _poison(m, n, out_dtype)
+    out = ig.int8_gemm_cuda(xq, wq, rs, cs, bias, out_dtype, config, azp, adj)
+    torch.cuda.synchronize()
+    # the dequantized product: (xq - zp) * s_x times q * s_w
+    ref = ((xq.double() - azp.double()) @ wq.double().t()) * rs.double() * cs.double()
+    if bias is not None:
+        ref = ref + bias.double()
+    name = ig._name(config) if config else "heuristic"
+    _check(out, ref, out_dtype, f"{name} azp M={m} N={n} K={k} per_token={per_token}")
+    # the correction is exact: the op's reference gives the same numbers
+    from qcompile.kernels.ops import int8_gemm_reference
+    expect = int8_gemm_reference(xq, wq, rs, cs, bias, out_dtype, "", azp, adj)
+    assert (out.double() - expect.double()).abs().max().item() <= \
+        4 * expect.double().abs().max().item() * torch.finfo(out_dtype).eps, name
+
+
+@pytest.mark.parametrize("cfg", [*_configs_for_device(), *_DECODE_SHAPES[:3]]
+                         if torch.cuda.is_available() else [], ids=lambda c: ig._name(c))
+def test_zero_points_every_config(cfg):
+    name = ig._name(cfg)
+    dims = ((1, 4096, 4096), (7, 1024, 1024)) if name.startswith("decode.") else \
+        ((1, 4096, 4096), (33, 1032, 1040), (517, 2056, 4096))
+    for m, n, k in dims:
+        _run_azp(m, n, k, True, m % 2 == 1, torch.bfloat16, config=cfg, seed=m + n)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 128, 2048])
+def test_zero_points_heuristic_all_m(m, out_dtype):
+    _run_azp(m, 4096, 4096, True, True, out_dtype, seed=m)
+    _run_azp(m, 1024, 512, False, False, out_dtype, seed=m)  # one zero point for all tokens
+
+
+def test_zero_points_are_checked():
+    xq, wq, rs, cs, _ = _inputs(5, 64, 128, True, True, False, torch.bfloat16, 0)
+    adj = wq.sum(dim=1, dtype=torch.int32)
+    azp = torch.zeros(5, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="azp and azp_adj come together"):
+        ig.int8_gemm_cuda(xq, wq, rs, cs, None, torch.bfloat16, None, azp, None)
+    with pytest.raises(ValueError, match="int32"):
+        ig.int8_gemm_cuda(xq, wq, rs, cs, None, torch.bfloat16, None, azp.long(), adj)
+    with pytest.raises(ValueError, match="zero-point shapes"):
+        ig.int8_gemm_cuda(xq, wq, rs, cs, None, torch.bfloat16, None, azp[:1], adj)

@@ -1,7 +1,11 @@
 // Decode kernel for qcompile::int8_gemm (W8A8): few tokens (M <= 32) of int8 activations x an
 // int8 weight, with the per-token x per-channel rescale and bias applied to the exact int32 sum:
 //
-//   out[m, n] = (sum_k xq[m, k] * wq[n, k]) * row_scale[m | 0] * col_scale[n | 0] + bias[n]
+//   out[m, n] = (sum_k xq[m, k] * wq[n, k] - azp[m | 0] * azp_adj[n]) * row_scale[m | 0]
+//               * col_scale[n | 0] + bias[n]
+//
+// azp / azp_adj (int32, both or neither; null: no correction) are asymmetric activations' zero
+// points and the weight's column sums: the correction is exact in int32, before the rescale.
 //
 // The weight-only decode kernel's plan (mixed_gemm_decode.cu) on the op's own operands: xq
 // [M, K] and wq [N, K] are plain row-major int8, and mma.sync.m16n8k32.s8 takes the weights as
@@ -53,6 +57,8 @@ struct Params {
   const float* row_scale;  // [M] or [1]
   const float* col_scale;  // [N] or [1]
   const Out* bias;         // [N] or null
+  const int* azp;          // [M] or [1], or null
+  const int* azp_adj;      // [N] (with azp)
   Out* out;
   int M, N, K, row_per_token, col_per_channel;
 };
@@ -134,6 +140,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) int8_gemm_decode_kernel(const 
   }
 
   reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, int sum) {
+    if (p.azp != nullptr) sum -= p.azp[p.row_per_token ? m : 0] * p.azp_adj[n];
     float v = static_cast<float>(sum) * p.row_scale[p.row_per_token ? m : 0] *
               p.col_scale[p.col_per_channel ? n : 0];
     if (p.bias != nullptr) v += static_cast<float>(p.bias[n]);
@@ -162,15 +169,18 @@ int qc_int8_gemm_decode_info(int* out, int n) {
 }
 
 // out [M, N]; xq [M, K], wq [N, K] int8 row-major, 16-byte aligned; row_scale [M] (per
-// token) or [1]; col_scale [N] or [1], float32; bias [N] in the output type or null.
+// token) or [1]; col_scale [N] or [1], float32; bias [N] in the output type or null; azp
+// int32 [M] or [1] (as row_scale) and azp_adj int32 [N], or both null.
 // K % 64 == 0, N % (16 * row_tiles) == 0; token_tiles in {1, 2, 4}, row_tiles in {1, 2},
 // warps 1..16.
 int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* row_scale,
-                        const void* col_scale, const void* bias, int M, int N, int K,
+                        const void* col_scale, const void* bias, const void* azp,
+                        const void* azp_adj, int M, int N, int K,
                         int row_per_token, int col_per_channel, int token_tiles, int row_tiles,
                         int warps, void* stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % kChunkK || warps < 1 || warps > kMaxWarps ||
-      (row_tiles != 1 && row_tiles != 2) || N % (16 * row_tiles))
+      (row_tiles != 1 && row_tiles != 2) || N % (16 * row_tiles) ||
+      (azp == nullptr) != (azp_adj == nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
   Params p;
   p.x = static_cast<const int8_t*>(xq);
@@ -178,6 +188,8 @@ int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* r
   p.row_scale = static_cast<const float*>(row_scale);
   p.col_scale = static_cast<const float*>(col_scale);
   p.bias = static_cast<const Out*>(bias);
+  p.azp = static_cast<const int*>(azp);
+  p.azp_adj = static_cast<const int*>(azp_adj);
   p.out = static_cast<Out*>(out);
   p.M = M;
   p.N = N;

@@ -1,12 +1,14 @@
 // int8 x int8 -> int32 GEMM for Ampere-class code (sm_80, also runs on Hopper), CUTLASS 2.x,
 // with the same fused rescale epilogue as int8_gemm_sm90.cu:
 //
-//   out[m, n] = (float(acc[m, n]) * row_scale[m] * col_scale[n] + bias[n])  -> bf16 / fp16
+//   out[m, n] = (float(acc[m, n] - azp[m] * azp_adj[n]) * row_scale[m] * col_scale[n] + bias[n])
 //
 // xq [M, K] int8 row-major, wq [N, K] int8 row-major, out [M, N] row-major. row_scale is a
 // float32 vector [M] or a scalar (run-time flag); col_scale must be a float32 vector [N] (the
 // caller expands a scalar: the 2.x row-broadcast visitor loads it with vector loads); bias is
-// a vector [N] of the output dtype or null. Stream-K threadblock swizzle, so small-M problems
+// a vector [N] of the output dtype or null. azp (int32 [M] or a scalar, same flag as
+// row_scale) and azp_adj (int32 [N]) correct asymmetric activations exactly in int32; null
+// reads as 0 (no correction). Stream-K threadblock swizzle, so small-M problems
 // with few output tiles still spread over all SMs.
 //
 // Configuration by -D defines only: QC_TILE_M/N/K, QC_WARP_M/N/K, QC_STAGES, QC_OUT_BF16.
@@ -77,9 +79,16 @@ using ThreadMap = tb::OutputTileThreadLayout<TileShape, WarpShape, ElementOut, k
 using RowScale = tb::VisitorColBroadcast<ThreadMap, float, Stride<int, _0, _0>>;
 using ColScale = tb::VisitorRowBroadcast<ThreadMap, float, Stride<_0, _1, _0>>;
 using Bias = tb::VisitorRowBroadcast<ThreadMap, ElementOut, Stride<_0, _1, _0>>;  // null -> 0
+using Azp = tb::VisitorColBroadcast<ThreadMap, ElementAcc, Stride<int, _0, _0>>;     // null -> 0
+using AzpAdj = tb::VisitorRowBroadcast<ThreadMap, ElementAcc, Stride<_0, _1, _0>>;  // null -> 0
 
+// acc - azp * azp_adj in int32 (exact), then the float rescale
+using AzpTerm = tb::Sm80EVT<tb::VisitorCompute<cutlass::multiplies, ElementAcc, ElementAcc, kRound>,
+                           Azp, AzpAdj>;
+using CorrectedAcc = tb::Sm80EVT<tb::VisitorCompute<cutlass::minus, ElementAcc, ElementAcc, kRound>,
+                                tb::VisitorAccFetch, AzpTerm>;
 using ScaledAcc = tb::Sm80EVT<tb::VisitorCompute<cutlass::multiplies, ElementCompute, ElementCompute, kRound>,
-                             tb::VisitorAccFetch, ColScale>;
+                             CorrectedAcc, ColScale>;
 using Result = tb::Sm80EVT<
     tb::VisitorCompute<cutlass::homogeneous_multiply_add, ElementOut, ElementCompute, kRound>,
     RowScale, ScaledAcc, Bias>;
@@ -109,14 +118,21 @@ int sm_count_for_current_device() {
 }
 
 typename Gemm::Arguments make_arguments(void* out, const void* xq, const void* wq, const float* row_scale,
-                                        const float* col_scale, const void* bias, int M, int N, int K,
+                                        const float* col_scale, const void* bias, const int32_t* azp,
+                                        const int32_t* azp_adj, int M, int N, int K,
                                         int row_scale_is_vector) {
   cutlass::gemm::GemmCoord problem(M, N, K);
   typename EVT::Arguments evt_args{
       {                                                             // Result
           {row_scale, 0.f, {row_scale_is_vector ? 1 : 0, _0{}, _0{}}},  // RowScale
           {                                                         // ScaledAcc
-              {},                                                   //   AccFetch
+              {                                                     //   CorrectedAcc
+                  {},                                               //     AccFetch
+                  {                                                 //     AzpTerm
+                      {azp, 0, {row_scale_is_vector ? 1 : 0, _0{}, _0{}}},  // Azp
+                      {azp_adj, 0, {}},                             //       AzpAdj
+                      {}},                                          //       multiplies
+                  {}},                                              //     minus
               {col_scale, 0.f, {}},                                 //   ColScale
               {}},                                                  //   multiplies
           {static_cast<const ElementOut*>(bias), ElementOut(0.f), {}},  // Bias
@@ -132,14 +148,18 @@ typename Gemm::Arguments make_arguments(void* out, const void* xq, const void* w
 extern "C" {
 
 size_t qc_int8_gemm_sm80_workspace_size(int M, int N, int K) {
-  auto args = make_arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, 1);
+  auto args = make_arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N,
+                             K, 1);
   return Gemm::get_workspace_size(args);
 }
 
 int qc_int8_gemm_sm80(void* out, const void* xq, const void* wq, const float* row_scale,
-                      const float* col_scale, const void* bias, int M, int N, int K,
-                      int row_scale_is_vector, void* workspace, size_t workspace_size, void* stream) {
-  auto args = make_arguments(out, xq, wq, row_scale, col_scale, bias, M, N, K, row_scale_is_vector);
+                      const float* col_scale, const void* bias, const int32_t* azp,
+                      const int32_t* azp_adj, int M, int N, int K, int row_scale_is_vector,
+                      void* workspace, size_t workspace_size, void* stream) {
+  if ((azp == nullptr) != (azp_adj == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
+  auto args = make_arguments(out, xq, wq, row_scale, col_scale, bias, azp, azp_adj, M, N, K,
+                             row_scale_is_vector);
   if (Gemm::get_workspace_size(args) > workspace_size) return static_cast<int>(cudaErrorInvalidValue);
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return static_cast<int>(cudaErrorInvalidValue);

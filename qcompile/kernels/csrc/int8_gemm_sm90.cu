@@ -1,10 +1,12 @@
 // int8 x int8 -> int32 GEMM for Hopper (sm_90a), CUTLASS 3.x, with a fused rescale epilogue:
 //
-//   out[m, n] = (float(acc[m, n]) * row_scale[m] * col_scale[n] + bias[n])  -> bf16 / fp16
+//   out[m, n] = (float(acc[m, n] - azp[m] * azp_adj[n]) * row_scale[m] * col_scale[n] + bias[n])
 //
 // xq [M, K] int8 row-major, wq [N, K] int8 row-major (both K-major), out [M, N] row-major.
 // row_scale is a float32 vector [M] or a scalar, col_scale a float32 vector [N] or a scalar
-// (chosen at run time), bias a vector [N] of the output dtype or null.
+// (chosen at run time), bias a vector [N] of the output dtype or null. azp (int32 [M] or a
+// scalar, as row_scale) and azp_adj (int32 [N]) correct asymmetric activations exactly in
+// int32 before the rescale; null reads as 0 (no correction).
 //
 // One configuration per compiled library, chosen by -D defines only:
 //   QC_TILE_M, QC_TILE_N, QC_TILE_K   CTA tile of the GEMM the kernel runs (after any swap)
@@ -118,15 +120,25 @@ using ScaleGemmCol = fusion::Sm90RowBroadcast<0, TileShape, ElementScale, Elemen
 // GEMM rows are the weight's N, GEMM columns the tokens: out^T is column-major [N, M].
 using LayoutOut = cutlass::layout::ColumnMajor;
 using Bias = fusion::Sm90ColBroadcast<0, TileShape, ElementOut, ElementCompute, Stride<_1, _0, _0>>;
+using Azp = fusion::Sm90RowBroadcast<0, TileShape, ElementAcc, ElementAcc, Stride<_0, bool, _0>>;
+using AzpAdj = fusion::Sm90ColBroadcast<0, TileShape, ElementAcc, ElementAcc, Stride<_1, _0, _0>>;
 #else
 using LayoutOut = cutlass::layout::RowMajor;
 using Bias = fusion::Sm90RowBroadcast<0, TileShape, ElementOut, ElementCompute, Stride<_0, _1, _0>>;
+using Azp = fusion::Sm90ColBroadcast<0, TileShape, ElementAcc, ElementAcc, Stride<bool, _0, _0>>;
+using AzpAdj = fusion::Sm90RowBroadcast<0, TileShape, ElementAcc, ElementAcc, Stride<_0, _1, _0>>;
 #endif
 
-// out = gemm_row_scale * (gemm_col_scale * float(acc)) + bias; a null bias reads as zeros.
+// acc - azp (per token) * azp_adj (per channel) in int32, exact; null pointers read as zeros.
+using AzpTerm = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, ElementAcc, ElementAcc, kRound>,
+                                Azp, AzpAdj>;
+using CorrectedAcc = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::minus, ElementAcc, ElementAcc, kRound>,
+                                     fusion::Sm90AccFetch, AzpTerm>;
+
+// out = gemm_row_scale * (gemm_col_scale * float(acc')) + bias; a null bias reads as zeros.
 using ScaledAcc = fusion::Sm90EVT<
     fusion::Sm90Compute<cutlass::multiplies, ElementCompute, ElementCompute, kRound>,
-    ScaleGemmCol, fusion::Sm90AccFetch>;
+    ScaleGemmCol, CorrectedAcc>;
 using EpilogueEVT = fusion::Sm90EVT<
     fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementOut, ElementCompute, kRound>,
     ScaleGemmRow, ScaledAcc, Bias>;
@@ -168,8 +180,10 @@ int sm_count_for_current_device() {
 }
 
 typename Gemm::Arguments make_arguments(void* out, const void* xq, const void* wq, const float* row_scale,
-                                        const float* col_scale, const void* bias, int M, int N, int K,
+                                        const float* col_scale, const void* bias, const int32_t* azp,
+                                        const int32_t* azp_adj, int M, int N, int K,
                                         int row_scale_is_vector, int col_scale_is_vector, int splits) {
+  const bool azp_vec = row_scale_is_vector != 0;  // zero points are per token like the scale
 #if QC_SWAP_AB
   const int gm = N, gn = M;
   const ElementAB* ptr_a = static_cast<const ElementAB*>(wq);
@@ -204,7 +218,18 @@ typename Gemm::Arguments make_arguments(void* out, const void* xq, const void* w
       {gemm_row_scale, 0.f, {gemm_row_vec, _0{}, _0{}}},    // ScaleGemmRow
       {                                                      // ScaledAcc
           {gemm_col_scale, 0.f, {_0{}, gemm_col_vec, _0{}}}, //   ScaleGemmCol
-          {},                                                //   AccFetch
+          {                                                  //   CorrectedAcc
+              {},                                            //     AccFetch
+              {                                              //     AzpTerm
+#if QC_SWAP_AB
+                  {azp, 0, {_0{}, azp_vec, _0{}}},           //       Azp (GEMM columns)
+                  {azp_adj, 0, {}},                          //       AzpAdj (GEMM rows)
+#else
+                  {azp, 0, {azp_vec, _0{}, _0{}}},           //       Azp (GEMM rows)
+                  {azp_adj, 0, {}},                          //       AzpAdj (GEMM columns)
+#endif
+                  {}},                                       //       multiplies
+              {}},                                           //     minus
           {}},                                               //   multiplies
       {static_cast<const ElementOut*>(bias), ElementOut(0.f), {}},  // Bias (null reads as 0)
       {}};                                                   // multiply_add
@@ -239,22 +264,26 @@ extern "C" {
 
 // Bytes of scratch memory the call with these arguments needs (stream-K partial sums).
 size_t qc_int8_gemm_sm90_workspace_size(int M, int N, int K, int splits) {
-  auto args = make_arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, 1, 1, splits);
+  auto args = make_arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N,
+                             K, 1, 1, splits);
   return Gemm::get_workspace_size(args);
 }
 
 // 0 when this configuration can run the problem (alignment, sizes), else nonzero.
 int qc_int8_gemm_sm90_can_implement(int M, int N, int K) {
-  auto args = make_arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, 1, 1, 0);
+  auto args = make_arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N,
+                             K, 1, 1, 0);
   return Gemm::can_implement(args) == cutlass::Status::kSuccess ? 0 : 1;
 }
 
 int qc_int8_gemm_sm90(void* out, const void* xq, const void* wq, const float* row_scale,
-                      const float* col_scale, const void* bias, int M, int N, int K,
-                      int row_scale_is_vector, int col_scale_is_vector, int splits,
-                      void* workspace, size_t workspace_size, void* stream) {
-  auto args = make_arguments(out, xq, wq, row_scale, col_scale, bias, M, N, K, row_scale_is_vector,
-                             col_scale_is_vector, splits);
+                      const float* col_scale, const void* bias, const int32_t* azp,
+                      const int32_t* azp_adj, int M, int N, int K, int row_scale_is_vector,
+                      int col_scale_is_vector, int splits, void* workspace, size_t workspace_size,
+                      void* stream) {
+  if ((azp == nullptr) != (azp_adj == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
+  auto args = make_arguments(out, xq, wq, row_scale, col_scale, bias, azp, azp_adj, M, N, K,
+                             row_scale_is_vector, col_scale_is_vector, splits);
   if (Gemm::get_workspace_size(args) > workspace_size) return static_cast<int>(cudaErrorInvalidValue);
   Gemm gemm;
   cutlass::Status s = gemm.can_implement(args);
