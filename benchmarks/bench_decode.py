@@ -88,7 +88,8 @@ def _kv_bytes(model) -> int:
 
 
 def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, prompt: int,
-             new: int, device: str, profile: bool = False, fuse_linears: bool = False) -> dict:
+             new: int, device: str, profile: bool = False,
+             fuse_linears: bool | None = None) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     # Inductor's code cache keeps the compiled modules of earlier cells, and with them the
@@ -115,9 +116,10 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
     if impl == "qcompile":
         # reduce-overhead (CUDA graphs), and free the originals of the repacked weights
-        step = torch.compile(model, backend="qcompile", fullgraph=True, options={
-            "triton.cudagraphs": device == "cuda", "freezing_discard_parameters": True,
-            "fuse_linears": fuse_linears})
+        options = {"triton.cudagraphs": device == "cuda", "freezing_discard_parameters": True}
+        if fuse_linears is not None:  # else the backend's default
+            options["fuse_linears"] = fuse_linears
+        step = torch.compile(model, backend="qcompile", fullgraph=True, options=options)
     else:
         step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
@@ -208,10 +210,10 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--fuse-linears", default="0",
-                   help="comma list of 0/1: qcompile cells without / with "
-                        "options={'fuse_linears': True} (q/k/v, gate/up as one launch each); "
-                        "each value one qcompile cell")
+    p.add_argument("--fuse-linears", default=None,
+                   help="comma list of 0/1: qcompile cells with options={'fuse_linears': "
+                        "False / True} (q/k/v, gate/up as one launch each), each value one "
+                        "qcompile cell; default: the backend's default (fused)")
     p.add_argument("--profile", action="store_true",
                    help="print the kernels of 8 more decode steps per cell (torch.profiler)")
     p.add_argument("--decode-max-m", default=None,
@@ -227,7 +229,8 @@ def main() -> int:
             args.models = "qcompile.llama,transformers"
         except ImportError:
             args.models = "qcompile.llama"
-    fuse_settings = [bool(int(v)) for v in args.fuse_linears.split(",")]
+    fuse_settings = ([None] if args.fuse_linears is None
+                     else [bool(int(v)) for v in args.fuse_linears.split(",")])
     rows = []
     for model_kind, batch, fmt, impl, decode_max_m, fuse_linears in itertools.product(
             args.models.split(","), [int(b) for b in args.batch.split(",")],
@@ -255,11 +258,12 @@ def main() -> int:
             continue
         if impl == "qcompile":
             row["decode_max_m"] = decode_max_m
-            row["fuse_linears"] = fuse_linears
+            row["fuse_linears"] = "default" if fuse_linears is None else fuse_linears
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tag = (f" decode<={decode_max_m}{' fused' if fuse_linears else ''}"
+        tag = (f" decode<={decode_max_m}"
+               f"{'' if fuse_linears is None else ' fused' if fuse_linears else ' unfused'}"
                if impl == "qcompile" else "")
         print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}{tag}: "
               f"{row['tokens_per_s']:8.1f} tok/s "
@@ -269,7 +273,8 @@ def main() -> int:
     for r in rows:
         key = (r["model"], r["batch"])
         if key in base and r["tokens_per_s"]:
-            print(f"{r['model']:14s} {r['format']:6s} {r['impl']:9s} bs={r['batch']}: "
+            fused = f" fuse_linears={r['fuse_linears']}" if "fuse_linears" in r else ""
+            print(f"{r['model']:14s} {r['format']:6s} {r['impl']:9s} bs={r['batch']}{fused}: "
                   f"{r['tokens_per_s'] / base[key]:.2f}x bf16")
     return 0
 
