@@ -11,7 +11,8 @@ off; every other key is an Inductor config entry. ``"freezing_discard_parameters
 (Inductor's name for it) also frees the original weight tensors that the compiled graph
 replaced by repacked copies, so the weights are not held twice; the eager model can no
 longer run, nor be traced again. ``"fuse_linears"`` (default True) runs the quantized
-linears that read one activation in one format (q/k/v, gate/up) as one launch
+linears that read one activation in one format (q/k/v, gate/up; W8A8 ones when their
+activation quantizations are the same value) as one launch
 (``lowering/rewrite.py``): on an H100, Llama-3-8B-shaped decode at batch 1 went from 811 to
 865 tokens/s in W4A16 and from 708 to 788 in W8A16 (one process); ``False`` keeps one launch
 per linear. ``mode`` is torch.compile's. Under ``max_autotune``

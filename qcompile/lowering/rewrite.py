@@ -10,10 +10,14 @@ For each matmul node (mm, addmm, _int_mm) the pass asks the recognisers in
 ``qcompile::mixed_gemm`` or ``qcompile::int8_gemm`` with the repacked weight as a new
 constant, and the dead dequantization is removed; anything else stays exactly as it was.
 
-With ``fuse_linears`` the weight-only matmuls that read the same activation in the same
-format (attention's q/k/v, the MLP's gate/up) become one call on the weights concatenated
-along N, each consumer reading a contiguous copy of its columns (a pointwise copy Inductor
-can fuse into the consumer): fewer, larger launches, which matters at decode.
+With ``fuse_linears`` the matmuls that read the same activation in the same format
+(attention's q/k/v, the MLP's gate/up) become one call on the weights concatenated along N,
+each consumer reading a contiguous copy of its columns (a pointwise copy Inductor can fuse
+into the consumer): fewer, larger launches, which matters at decode. Weight-only matmuls
+read the same activation when it is one tensor up to views; W8A8 ones when their quantized
+activations (and row scales, zero points) are the same value, which each linear computes
+for itself: a value numbering of the graph (equal op on equal inputs, as CSE would merge)
+says so, and the duplicate quantizations die with the matmuls they fed.
 """
 
 from __future__ import annotations
@@ -208,32 +212,83 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                      (first.x, qw, s, z, bias, match.bits, match.signed, match.group_size,
                       match.zero_mode, match.dequant_dtype, prep.layout, prep.config),
                      like=first.mm)
-        outs, start = [], 0
-        for ni in ns:  # each consumer gets a contiguous [.., ni], as the matmul gave it
-            if len(sites) == 1:
-                outs.append(new)
-                break
-            part = b.call(aten.slice.Tensor, (new, -1, start, start + ni))
-            outs.append(b.call(aten.clone.default, (part,),
-                               kwargs={"memory_format": torch.contiguous_format}))
-            start += ni
+        outs = _column_parts(b, new, ns)
+    _note_launch(sites, prep.description, n)
     for site, out in zip(sites, outs):
-        site.rec.kernel = prep.description
-        if len(sites) > 1:
-            others = ", ".join(o.rec.node for o in sites if o is not site)
-            site.rec.kernel += f"; one launch with {others} (N={n})"
         site.mm.replace_all_uses_with(out)
         if site.post is not None:
             mul, _, index = site.post
             mul.replace_all_uses_with(mul.args[index])
 
 
-def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, mm: fx.Node, match: Int8Match,
-                  rec: MatchRecord) -> None:
-    xq = mm.args[0]
-    config, rec.kernel = kernels.prepare_int8_gemm(match.wq, _static_m(xq), match.out_dtype,
-                                                   has_bias=match.bias is not None)
-    end = match.end
+@dataclass
+class _Int8Site:
+    """A recognised ``_int_mm`` + rescale, and the value numbers of what it reads."""
+
+    mm: fx.Node
+    match: Int8Match
+    rec: MatchRecord
+    numbers: dict[fx.Node, int]
+
+    def fusion_key(self) -> tuple:
+        """Sites with equal keys can share one launch: the same quantized activation, row
+        scales and zero points (as values), output dtype and K, biases all present or not."""
+        m, num = self.match, self.numbers
+        return ("int8", num[self.mm.args[0]], tuple(num[r] for r in m.row_scales),
+                None if m.azp is None else num[m.azp], m.out_dtype, int(m.wq.shape[1]),
+                m.bias is None)
+
+
+def _value_numbers(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Number every node so that nodes computing the same value share a number: the same
+    pure op on arguments with the same numbers (placeholders, constants and random or
+    side-effecting ops are their own values). What CSE would merge, without merging."""
+    table: dict[tuple, int] = {}
+    numbers: dict[fx.Node, int] = {}
+    fresh = itertools.count()
+
+    def arg_key(a):
+        if isinstance(a, fx.Node):
+            return ("node", numbers[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, *map(arg_key, a))
+        try:
+            hash(a)
+            return a
+        except TypeError:
+            return repr(a)
+
+    for node in graph.nodes:
+        key = None
+        if node.op == "call_function" and not node.is_impure() and \
+                torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+            key = (node.target, arg_key(node.args), arg_key(tuple(sorted(node.kwargs.items()))))
+        if key is None:
+            numbers[node] = -1 - next(fresh)  # unique, never equal to a table entry
+        else:
+            numbers[node] = table.setdefault(key, len(table))
+    return numbers
+
+
+def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) -> None:
+    """One qcompile::int8_gemm for sites sharing a fusion key (usually one site): the first
+    site's quantized activation, row scales and zero points, the weights concatenated."""
+    first, match = sites[0], sites[0].match
+    ns = [int(site.match.wq.shape[0]) for site in sites]
+
+    def cat(ts, dim=0):
+        return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+    wq_all = cat([site.match.wq for site in sites])
+    xq = first.mm.args[0]
+    config, desc = kernels.prepare_int8_gemm(wq_all, _static_m(xq), match.out_dtype,
+                                             has_bias=match.bias is not None)
+    order = {n: i for i, n in enumerate(b.graph.nodes)}
+    end = min((site.match.end for site in sites), key=order.__getitem__)
+    inputs = [xq, *match.row_scales, *([match.azp] if match.azp is not None else [])]
+    if len(sites) > 1 and any(order[i] >= order[end] for i in inputs):
+        for site in sites:  # a later site's result is used before the first's inputs exist
+            _rewrite_int8(b, ev, [site])
+        return
     with b.graph.inserting_before(end):
         row = None
         for r in match.row_scales:
@@ -244,17 +299,47 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, mm: fx.Node, match: Int8Ma
             row = b.constant(torch.ones(1, 1, dtype=torch.float32, device=match.wq.device), "one")
         elif _val(row).dim() != 2:
             row = b.call(aten.view.default, (row, [-1, 1]))
-        wq = _reuse_or_constant(b, ev, mm.args[1], match.wq, "wq")
-        col = b.constant(match.col_scale, "col_scale")
-        bias = b.constant(match.bias, "bias") if match.bias is not None else None
+        if len(sites) == 1:
+            wq = _reuse_or_constant(b, ev, first.mm.args[1], match.wq, "wq")
+        else:
+            wq = b.constant(wq_all, "wq")
+        col = b.constant(cat([site.match.col_scale for site in sites], 1), "col_scale")
+        bias = (b.constant(cat([site.match.bias for site in sites]), "bias")
+                if match.bias is not None else None)
         args = (xq, wq, row, col, bias, match.out_dtype, config)
         if match.azp is not None:
             azp = match.azp
             if _val(azp).dim() != 2:
                 azp = b.call(aten.view.default, (azp, [-1, 1]))
-            args += (azp, b.constant(match.azp_adj, "azp_adj"))
+            args += (azp, b.constant(cat([site.match.azp_adj for site in sites]), "azp_adj"))
         new = b.call(torch.ops.qcompile.int8_gemm.default, args, like=end)
-    end.replace_all_uses_with(new)
+        outs = _column_parts(b, new, ns)
+    _note_launch(sites, desc, sum(ns))
+    for site, out in zip(sites, outs):
+        site.match.end.replace_all_uses_with(out)
+
+
+def _column_parts(b: _Builder, new: fx.Node, ns: list[int]) -> list[fx.Node]:
+    """Each site's columns of a fused op's output, as the contiguous [.., n] its matmul
+    gave (the op's output itself for a single site)."""
+    if len(ns) == 1:
+        return [new]
+    outs, start = [], 0
+    for ni in ns:
+        part = b.call(aten.slice.Tensor, (new, -1, start, start + ni))
+        outs.append(b.call(aten.clone.default, (part,),
+                           kwargs={"memory_format": torch.contiguous_format}))
+        start += ni
+    return outs
+
+
+def _note_launch(sites, desc: str, n: int) -> None:
+    """The report's kernel column: what runs, and which matmuls share the launch."""
+    for site in sites:
+        site.rec.kernel = desc
+        if len(sites) > 1:
+            others = ", ".join(o.rec.node for o in sites if o is not site)
+            site.rec.kernel += f"; one launch with {others} (N={n})"
 
 
 _BROADCASTS = {aten.expand.default, aten.unsqueeze.default} | _VIEWS
@@ -299,12 +384,14 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
     dump_graph("before", gm.print_readable(print_output=False) if gm else str(graph))
     ev = ConstantEvaluator(gm, constants)
     builder = _Builder(graph)
+    numbers = _value_numbers(graph) if fuse_linears else {}
     rewritten = 0
-    group: list[_MixedSite] = []  # consecutive sites with one fusion key (few weights held)
+    group: list = []  # consecutive sites with one fusion key (few weights held)
 
     def flush() -> None:
         if group:
-            _rewrite_mixed(builder, ev, group)
+            rewrite = _rewrite_int8 if isinstance(group[0], _Int8Site) else _rewrite_mixed
+            rewrite(builder, ev, group)
             group.clear()
 
     for node in list(graph.nodes):
@@ -313,16 +400,14 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
         op = MATMULS[node.target]
         rec = _record(node, op)
         try:
-            site = _match_one(builder, ev, node, op, rec)
+            site = _match_one(builder, ev, node, op, rec, numbers)
             rec.matched = True
             rewritten += 1
-            if site is not None:
-                if group and (not fuse_linears or
-                              group[0].fusion_key() != site.fusion_key()):
-                    flush()
-                group.append(site)
-                if not fuse_linears:
-                    flush()
+            if group and (not fuse_linears or group[0].fusion_key() != site.fusion_key()):
+                flush()
+            group.append(site)
+            if not fuse_linears:
+                flush()
         except NoMatch as e:
             rec.reason = str(e)
         finally:
@@ -339,9 +424,9 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
 
 
 def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
-               rec: MatchRecord) -> _MixedSite | None:
-    """Recognise one matmul: int8 ones are rewritten here (None), weight-only ones come back
-    as a site for :func:`_rewrite_mixed`; NoMatch says why not."""
+               rec: MatchRecord, numbers: dict[fx.Node, int]) -> _MixedSite | _Int8Site:
+    """Recognise one matmul as a site for :func:`_rewrite_int8` / :func:`_rewrite_mixed`;
+    NoMatch says why not."""
     if builder.gm is None:
         raise NoMatch("graph has no owning module to hold new constants")
     if op == "_int_mm":
@@ -349,8 +434,7 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
         rec.format, rec.bits, rec.k = match.format, 8, int(match.wq.shape[1])
         rec.n = int(match.wq.shape[0])
         rec.dtype = str(match.out_dtype).replace("torch.", "")
-        _rewrite_int8(builder, ev, node, match, rec)
-        return None
+        return _Int8Site(node, match, rec, numbers)
     if op == "bmm":
         x, w3 = node.args[:2]
         w = _broadcast_source(w3)
