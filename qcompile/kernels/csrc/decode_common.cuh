@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <type_traits>
 
 namespace qc_decode {
 
@@ -60,6 +61,45 @@ __device__ __forceinline__ void reduce_and_store(const Acc (&acc)[kR][kNT][4], A
     const int m = m0 + 8 * j + 2 * (l & 3) + (e & 1);
     if (m < M) store(n, m, v);
   }
+}
+
+// The checks every decode launch makes: sizes, K in whole chunks, the warp count, and row
+// tiles (1 or 2 x 16 rows) dividing N.
+inline bool launch_shape_ok(int M, int N, int K, int chunk_k, int warps, int max_warps,
+                            int row_tiles) {
+  return M > 0 && N > 0 && K > 0 && K % chunk_k == 0 && warps >= 1 && warps <= max_warps &&
+         (row_tiles == 1 || row_tiles == 2) && N % (16 * row_tiles) == 0;
+}
+
+// Run f(integral_constant<int, kNT>, integral_constant<int, kR>) for a launch's run-time
+// token tiles (1, 2, 4) and row tiles (1, 2); anything else is cudaErrorInvalidValue.
+template <typename F>
+cudaError_t dispatch_tiles(int token_tiles, int row_tiles, F&& f) {
+  using std::integral_constant;
+  if (row_tiles == 1) {
+    if (token_tiles == 1) return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
+    if (token_tiles == 2) return f(integral_constant<int, 2>{}, integral_constant<int, 1>{});
+    if (token_tiles == 4) return f(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+  } else if (row_tiles == 2) {
+    if (token_tiles == 1) return f(integral_constant<int, 1>{}, integral_constant<int, 2>{});
+    if (token_tiles == 2) return f(integral_constant<int, 2>{}, integral_constant<int, 2>{});
+    if (token_tiles == 4) return f(integral_constant<int, 4>{}, integral_constant<int, 2>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Launch a decode kernel over the [p.M, p.N] output: p.N / (16 kR) CTAs of `warps` warps by
+// ceil(p.M / (8 kNT)) token tiles, with `smem` bytes of dynamic shared memory (at most the
+// 48 KB that need no opt-in).
+template <int kNT, int kR, typename P>
+cudaError_t launch_decode(void (*kernel)(const P), const P& p, int warps, int smem,
+                          cudaStream_t s) {
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;
+  const int tokens = 8 * kNT;
+  dim3 grid(p.N / (16 * kR), (p.M + tokens - 1) / tokens);
+  if (grid.y > 65535) return cudaErrorInvalidValue;
+  kernel<<<grid, 32 * warps, smem, s>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace qc_decode

@@ -49,7 +49,6 @@ using Out = __half;
 
 constexpr int kChunkK = 64;
 constexpr int kMaxWarps = 16;
-constexpr int kMaxSmemBytes = 48 * 1024;
 
 struct Params {
   const int8_t* x;
@@ -148,17 +147,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) int8_gemm_decode_kernel(const 
   });
 }
 
-template <int kNT, int kR>
-cudaError_t launch(const Params& p, int warps, cudaStream_t s) {
-  const int smem = reduce_smem_bytes<kR, kNT, int>(warps);
-  if (smem > kMaxSmemBytes) return cudaErrorInvalidValue;
-  const int tokens = 8 * kNT;
-  dim3 grid(p.N / (16 * kR), (p.M + tokens - 1) / tokens);
-  if (grid.y > 65535) return cudaErrorInvalidValue;
-  int8_gemm_decode_kernel<kNT, kR><<<grid, 32 * warps, smem, s>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 extern "C" {
@@ -178,8 +166,7 @@ int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* r
                         const void* azp_adj, int M, int N, int K,
                         int row_per_token, int col_per_channel, int token_tiles, int row_tiles,
                         int warps, void* stream) {
-  if (M <= 0 || N <= 0 || K <= 0 || K % kChunkK || warps < 1 || warps > kMaxWarps ||
-      (row_tiles != 1 && row_tiles != 2) || N % (16 * row_tiles) ||
+  if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (azp == nullptr) != (azp_adj == nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
   Params p;
@@ -197,17 +184,11 @@ int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* r
   p.row_per_token = row_per_token;
   p.col_per_channel = col_per_channel;
   auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaErrorInvalidValue;
-  if (row_tiles == 1) {
-    if (token_tiles == 1) err = launch<1, 1>(p, warps, s);
-    if (token_tiles == 2) err = launch<2, 1>(p, warps, s);
-    if (token_tiles == 4) err = launch<4, 1>(p, warps, s);
-  } else {
-    if (token_tiles == 1) err = launch<1, 2>(p, warps, s);
-    if (token_tiles == 2) err = launch<2, 2>(p, warps, s);
-    if (token_tiles == 4) err = launch<4, 2>(p, warps, s);
-  }
-  return static_cast<int>(err);
+  return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
+    constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
+    return launch_decode<kNT, kR>(int8_gemm_decode_kernel<kNT, kR>, p, warps,
+                                  reduce_smem_bytes<kR, kNT, int>(warps), s);
+  }));
 }
 
 }  // extern "C"

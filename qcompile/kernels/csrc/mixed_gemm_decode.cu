@@ -72,7 +72,6 @@ constexpr int kBits = QC_WBITS;
 constexpr int kWords = kBits / 4;        // 32-bit weight words per lane per 16-deep K step
 constexpr int kChunkK = 64;              // K per chunk (4 MMA steps)
 constexpr int kMaxWarps = 16;
-constexpr int kMaxSmemBytes = 48 * 1024; // no opt-in needed below this
 
 static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
 static_assert(QC_LAYOUT == 0 || QC_LAYOUT == 1, "QC_LAYOUT must be 0 (sm90) or 1 (sm80 v2)");
@@ -237,17 +236,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   });
 }
 
-template <int kNT, int kR>
-cudaError_t launch(const Params& p, int warps, cudaStream_t s) {
-  const int smem = reduce_smem_bytes<kR, kNT, float>(warps);
-  if (smem > kMaxSmemBytes) return cudaErrorInvalidValue;
-  const int tokens = 8 * kNT;
-  dim3 grid(p.N / (16 * kR), (p.M + tokens - 1) / tokens);
-  if (grid.y > 65535) return cudaErrorInvalidValue;
-  mixed_gemm_decode_kernel<kNT, kR><<<grid, 32 * warps, smem, s>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 extern "C" {
@@ -266,8 +254,7 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, int M, int N, int K,
                          int group, int token_tiles, int row_tiles, int warps, void* stream) {
-  if (M <= 0 || N <= 0 || K <= 0 || K % kChunkK || warps < 1 || warps > kMaxWarps ||
-      (row_tiles != 1 && row_tiles != 2) || N % (16 * row_tiles))
+  if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
   if (group <= 0 || group % kChunkK || K % group || scales == nullptr || zeros == nullptr)
@@ -288,17 +275,11 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.K = K;
   p.group = group;
   auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaErrorInvalidValue;
-  if (row_tiles == 1) {
-    if (token_tiles == 1) err = launch<1, 1>(p, warps, s);
-    if (token_tiles == 2) err = launch<2, 1>(p, warps, s);
-    if (token_tiles == 4) err = launch<4, 1>(p, warps, s);
-  } else {
-    if (token_tiles == 1) err = launch<1, 2>(p, warps, s);
-    if (token_tiles == 2) err = launch<2, 2>(p, warps, s);
-    if (token_tiles == 4) err = launch<4, 2>(p, warps, s);
-  }
-  return static_cast<int>(err);
+  return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
+    constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
+    return launch_decode<kNT, kR>(mixed_gemm_decode_kernel<kNT, kR>, p, warps,
+                                  reduce_smem_bytes<kR, kNT, float>(warps), s);
+  }));
 }
 
 }  // extern "C"
