@@ -48,6 +48,15 @@ def test_cache_key_depends_on_defines_arch_and_versions(tiny_csrc):
     assert _key(a) != build.cache_key(a, "release 13.0", "4.1.0")
 
 
+def test_cache_key_depends_on_the_nvcc_flags(tiny_csrc, monkeypatch):
+    spec = KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_80")
+    before = _key(spec)
+    monkeypatch.setattr(build, "NVCC_FLAGS", build.NVCC_FLAGS + ("-lineinfo",))
+    after_flags = _key(spec)
+    monkeypatch.setitem(build._GENCODE, "sm_80", ("-gencode=arch=compute_80,code=sm_80",))
+    assert len({before, after_flags, _key(spec)}) == 3
+
+
 def test_cache_key_depends_on_source_and_included_headers(tiny_csrc):
     spec = KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_80")
     before = _key(spec)

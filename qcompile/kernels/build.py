@@ -4,8 +4,8 @@ Each source in ``qcompile/kernels/csrc`` is a template filled only by ``-D`` def
 :class:`KernelSpec` names a source, its defines and the target architecture. Libraries are
 compiled by ``nvcc`` against the CUTLASS headers of the installed ``nvidia-cutlass`` package
 and cached on disk under ``$QCOMPILE_CACHE_DIR`` (default ``~/.cache/qcompile``), keyed by a
-hash of the source text, the csrc headers it includes, the defines, the architecture, the
-nvcc version and the CUTLASS version. Writes are atomic (compile to a temporary name, then
+hash of the source text, the csrc headers it includes, the defines, the architecture and
+the nvcc flags it is built with, the nvcc version and the CUTLASS version. Writes are atomic (compile to a temporary name, then
 rename), so several processes may build the same cache at once.
 
 A cached library is found without nvcc or the CUTLASS headers: the nvcc and CUTLASS
@@ -194,6 +194,8 @@ def _source_digest(spec: KernelSpec) -> str:
         h.update(hdr.read_bytes())
     h.update(json.dumps(sorted((k, str(v)) for k, v in spec.defines.items())).encode())
     h.update(spec.arch.encode())
+    # the flags too: a library built with other code generation must not be taken for this one
+    h.update(" ".join((*NVCC_FLAGS, *_GENCODE.get(spec.arch, ()))).encode())
     return h.hexdigest()
 
 
