@@ -130,7 +130,10 @@ def heuristic(m: int, n: int, k: int) -> DecodeChoice:
     From one H100 sweep (bench_w4a16 --decode, bf16, 2026-11-25, L2 flushed): 32-row CTAs won
     every cell; the best warp count was the one near 2048 warps in all: 14336x4096 (448 CTAs)
     4 warps (int4 26.2 us vs 28.9 at 8), 4096x4096 and 4096x14336 (128 CTAs) 16 warps
-    (int8 15.5 / 35.5 us vs 17.5 / 42.5 at 8)."""
+    (int8 15.5 / 35.5 us vs 17.5 / 42.5 at 8). A later sweep on another H100 (ea75c2d,
+    2026-11-26), 10-20% slower throughout, ranked 16-row CTAs of 16 warps first or within 2%
+    in all six int4/int8 cells, the shapes above 2-12% behind: the rankings are not stable
+    across machines, so this stays until an end-to-end comparison decides."""
     del k
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
     # 32-row CTAs only where that still gives every SM of an H100 about one (N >= 4096): for
