@@ -92,3 +92,26 @@ def test_option_is_checked():
     with pytest.raises(Exception, match="options\\['fuse_linears'\\] must be a bool"):
         torch.compile(nn.Linear(4, 4), backend="qcompile",
                       options={"fuse_linears": "yes"})(torch.randn(2, 4))
+
+
+def test_value_numbers_merge_pure_ops_only():
+    """The numbering W8A8 fusion relies on: the same pure op on the same inputs is one value
+    (also through a chain), random ops and placeholders are each their own."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qcompile.lowering.rewrite import _value_numbers
+
+    def f(x, y):
+        a, b = (x * 2).abs(), (x * 2).abs()      # one value, computed twice
+        c = (y * 2).abs()                        # another input: another value
+        r1, r2 = torch.rand_like(x), torch.rand_like(x)  # never merged
+        return a, b, c, r1, r2
+
+    gm = make_fx(f)(torch.randn(4), torch.randn(4))
+    num = _value_numbers(gm.graph)
+    a, b, c, r1, r2 = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert num[a] == num[b]
+    assert num[c] != num[a]
+    assert num[r1] != num[r2]
+    x, y = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert num[x] != num[y]
