@@ -147,9 +147,9 @@ DECODE_SOURCE = "int8_gemm_decode.cu"
 
 
 def decode_fits(m: int, n: int, k: int, choice: decode.DecodeChoice | None = None) -> bool:
-    """Whether the decode kernel takes this problem (and launch shape)."""
-    return (1 <= m <= decode.MAX_TOKENS and k % decode.TILE_K == 0 and n % 16 == 0
-            and (choice is None or (choice.valid() and n % choice.rows == 0)))
+    """Whether the decode kernel takes this problem (and launch shape): the mixed decode
+    kernel's rule for a scale applied after the sum (no groups)."""
+    return decode.fits(m, n, k, k, decode.MODE_ROWSCALE, choice)
 
 
 def heuristic_choice(m: int, n: int, k: int, out_dtype: torch.dtype, arch: str

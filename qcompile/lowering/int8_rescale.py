@@ -61,6 +61,16 @@ def _is_one(d) -> bool:
     return isinstance(d, int) and d == 1
 
 
+def _one_value(shp: tuple) -> bool:
+    """A shape of one element (a per-tensor value)."""
+    return all(_is_one(d) for d in shp)
+
+
+def _per_row(shp: tuple | None) -> bool:
+    """A shape that gives each row one value: [M, 1], or one value for all."""
+    return shp is not None and (len(shp) == 2 and _is_one(shp[1]) or _one_value(shp))
+
+
 def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torch.Tensor]:
     """(zero points, constant correction [N]) of ``zp * c``, or NoMatch."""
     why = ("_int_mm result minus something other than zero points ([M, 1] or scalar, int32) "
@@ -76,8 +86,7 @@ def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torc
     adj = ev.value(consts[0])
     zv, shp = zp.meta.get("val"), _shape(zp)
     if adj.dtype != torch.int32 or tuple(adj.shape) not in ((n,), (1, n)) or \
-            not isinstance(zv, torch.Tensor) or zv.dtype != torch.int32 or shp is None or \
-            not (len(shp) == 2 and _is_one(shp[1]) or all(_is_one(d) for d in shp)):
+            not isinstance(zv, torch.Tensor) or zv.dtype != torch.int32 or not _per_row(shp):
         raise NoMatch(why)
     return zp, adj.reshape(n)
 
@@ -133,8 +142,7 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
                 col = col * v.reshape(-1)
             else:
                 shp = _shape(other)
-                if shp is None or not (len(shp) == 2 and _is_one(shp[1])
-                                       or all(_is_one(d) for d in shp)):
+                if not _per_row(shp):
                     break
                 match.row_scales.append(other)
             cur = u
@@ -153,9 +161,8 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
     match.end = cur
     match.out_dtype = cur.meta["val"].dtype
     match.col_scale = col.to(torch.float32).reshape(1, n)
-    match.per_token = any(not all(_is_one(d) for d in _shape(r)) for r in match.row_scales)
-    if match.azp is not None and \
-            match.per_token == all(_is_one(d) for d in _shape(match.azp)):
+    match.per_token = any(not _one_value(_shape(r)) for r in match.row_scales)
+    if match.azp is not None and match.per_token == _one_value(_shape(match.azp)):
         # the kernels read zero points like the row scale: one per token, or one for all
         raise NoMatch("zero points and activation scales differ in granularity (one per "
                       "token vs one per tensor)")

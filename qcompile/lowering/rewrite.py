@@ -186,12 +186,9 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
     first, match = sites[0], sites[0].match
     ns = [int(site.match.q.shape[0]) for site in sites]
     n = sum(ns)
-
-    def cat(ts):
-        return ts[0] if len(ts) == 1 else torch.cat(ts)
-    zeros = cat([site.zeros for site in sites]) if first.zeros is not None else None
-    prep = kernels.prepare_mixed_gemm(cat([site.match.q for site in sites]),
-                                      cat([site.scales for site in sites]), zeros, match.bits,
+    zeros = _cat([site.zeros for site in sites]) if first.zeros is not None else None
+    prep = kernels.prepare_mixed_gemm(_cat([site.match.q for site in sites]),
+                                      _cat([site.scales for site in sites]), zeros, match.bits,
                                       match.signed, match.group_size, match.zero_mode,
                                       _static_m(first.x), _val(first.x).dtype,
                                       has_bias=first.bias is not None)
@@ -275,20 +272,18 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) ->
     site's quantized activation, row scales and zero points, the weights concatenated."""
     first, match = sites[0], sites[0].match
     ns = [int(site.match.wq.shape[0]) for site in sites]
-
-    def cat(ts, dim=0):
-        return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
-    wq_all = cat([site.match.wq for site in sites])
-    xq = first.mm.args[0]
+    xq, end = first.mm.args[0], first.match.end
+    if len(sites) > 1:  # the op goes before the earliest result it replaces
+        order = {node: i for i, node in enumerate(b.graph.nodes)}
+        end = min((site.match.end for site in sites), key=order.__getitem__)
+        inputs = [xq, *match.row_scales, *([match.azp] if match.azp is not None else [])]
+        if any(order[i] >= order[end] for i in inputs):
+            for site in sites:  # a later site's result is used before the first's inputs exist
+                _rewrite_int8(b, ev, [site])
+            return
+    wq_all = _cat([site.match.wq for site in sites])
     config, desc = kernels.prepare_int8_gemm(wq_all, _static_m(xq), match.out_dtype,
                                              has_bias=match.bias is not None)
-    order = {n: i for i, n in enumerate(b.graph.nodes)}
-    end = min((site.match.end for site in sites), key=order.__getitem__)
-    inputs = [xq, *match.row_scales, *([match.azp] if match.azp is not None else [])]
-    if len(sites) > 1 and any(order[i] >= order[end] for i in inputs):
-        for site in sites:  # a later site's result is used before the first's inputs exist
-            _rewrite_int8(b, ev, [site])
-        return
     with b.graph.inserting_before(end):
         row = None
         for r in match.row_scales:
@@ -303,20 +298,25 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) ->
             wq = _reuse_or_constant(b, ev, first.mm.args[1], match.wq, "wq")
         else:
             wq = b.constant(wq_all, "wq")
-        col = b.constant(cat([site.match.col_scale for site in sites], 1), "col_scale")
-        bias = (b.constant(cat([site.match.bias for site in sites]), "bias")
+        col = b.constant(_cat([site.match.col_scale for site in sites], 1), "col_scale")
+        bias = (b.constant(_cat([site.match.bias for site in sites]), "bias")
                 if match.bias is not None else None)
         args = (xq, wq, row, col, bias, match.out_dtype, config)
         if match.azp is not None:
             azp = match.azp
             if _val(azp).dim() != 2:
                 azp = b.call(aten.view.default, (azp, [-1, 1]))
-            args += (azp, b.constant(cat([site.match.azp_adj for site in sites]), "azp_adj"))
+            args += (azp, b.constant(_cat([site.match.azp_adj for site in sites]), "azp_adj"))
         new = b.call(torch.ops.qcompile.int8_gemm.default, args, like=end)
         outs = _column_parts(b, new, ns)
     _note_launch(sites, desc, sum(ns))
     for site, out in zip(sites, outs):
         site.match.end.replace_all_uses_with(out)
+
+
+def _cat(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """The fused sites' tensors end to end (the one tensor itself for a single site)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
 
 def _column_parts(b: _Builder, new: fx.Node, ns: list[int]) -> list[fx.Node]:
@@ -378,8 +378,8 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
                   fuse_linears: bool = False) -> int:
     """Rewrite every recognised matmul subgraph of ``graph``; return how many.
 
-    ``fuse_linears``: weight-only matmuls next to each other in the graph that share their
-    activation and format run as one launch (module docstring)."""
+    ``fuse_linears``: matmuls next to each other in the graph that share their activation
+    and format run as one launch (module docstring)."""
     gm = graph.owning_module
     dump_graph("before", gm.print_readable(print_output=False) if gm else str(graph))
     ev = ConstantEvaluator(gm, constants)
