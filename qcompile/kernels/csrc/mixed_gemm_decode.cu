@@ -120,18 +120,42 @@ __device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uin
 #endif
 }
 
-// q' of the A fragment {a0, a1, a2, a3} from one K step's raw words.
-__device__ __forceinline__ void fragment(Act2 (&a)[4], const uint32_t (&r)[kWords]) {
+// The weights as exact integers in the activation type, h = q' + kBiasH, without the
+// subtract that would make them q': the MMA sums x * h and the bias comes off once per chunk
+// (kBiasH * sum(x), the sum from an MMA with an all-ones A) instead of once per weight pair.
+// int4: 0x4300 | u is 128 + u in bf16, 0x6400 | u is 1024 + u in fp16 (u = q' + 8); int8:
+// 1024 + u in fp16 (u = q' + 128), and q' itself in bf16 (whose 8-bit significand cannot hold
+// a biased byte, so the float conversion of unpack_pair, exact, is used as is).
+#if QC_WBITS == 4
+constexpr float kBiasH = QC_ACT_FP16 ? 1032.f : 136.f;
+#else
+constexpr float kBiasH = QC_ACT_FP16 ? 1152.f : 0.f;
+#endif
+constexpr uint32_t kOnes2 = QC_ACT_FP16 ? 0x3c003c00u : 0x3f803f80u;  // (1, 1)
+
+template <int I>
+__device__ __forceinline__ uint32_t biased_pair(uint32_t w) {
+#if QC_WBITS == 4
+  return and_or(w >> (4 * I), 0x000f000fu, QC_ACT_FP16 ? 0x64006400u : 0x43004300u);
+#elif QC_ACT_FP16
+  return prmt(w, 0x64646464u, I == 0 ? 0x5250u : 0x5351u);
+#else
+  return as_u32(unpack_pair<I>(w));
+#endif
+}
+
+// h of the A fragment {a0, a1, a2, a3} from one K step's raw words.
+__device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[kWords]) {
 #if QC_LAYOUT == 0 && QC_WBITS == 4
   const uint32_t w = r[0] ^ 0x88888888u;  // two's complement -> biased
-  a[0] = unpack_pair<0>(w); a[1] = unpack_pair<1>(w); a[2] = unpack_pair<2>(w); a[3] = unpack_pair<3>(w);
+  a[0] = biased_pair<0>(w); a[1] = biased_pair<1>(w); a[2] = biased_pair<2>(w); a[3] = biased_pair<3>(w);
 #elif QC_LAYOUT == 0
   const uint32_t w0 = r[0] ^ 0x80808080u, w1 = r[1] ^ 0x80808080u;
-  a[0] = unpack_pair<0>(w0); a[1] = unpack_pair<1>(w0); a[2] = unpack_pair<0>(w1); a[3] = unpack_pair<1>(w1);
+  a[0] = biased_pair<0>(w0); a[1] = biased_pair<1>(w0); a[2] = biased_pair<0>(w1); a[3] = biased_pair<1>(w1);
 #elif QC_WBITS == 4
-  a[0] = unpack_pair<0>(r[0]); a[1] = unpack_pair<2>(r[0]); a[2] = unpack_pair<1>(r[0]); a[3] = unpack_pair<3>(r[0]);
+  a[0] = biased_pair<0>(r[0]); a[1] = biased_pair<2>(r[0]); a[2] = biased_pair<1>(r[0]); a[3] = biased_pair<3>(r[0]);
 #else
-  a[0] = unpack_pair<0>(r[0]); a[1] = unpack_pair<0>(r[1]); a[2] = unpack_pair<1>(r[0]); a[3] = unpack_pair<1>(r[1]);
+  a[0] = biased_pair<0>(r[0]); a[1] = biased_pair<0>(r[1]); a[2] = biased_pair<1>(r[0]); a[3] = biased_pair<1>(r[1]);
 #endif
 }
 
@@ -168,10 +192,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     xrow[j] = p.x + (size_t)(xok[j] ? m : 0) * K + 2 * t;
   }
 
+  // rowscale: the bias comes off the final sums, sum(x) accumulates over all chunks; groupzero:
+  // each chunk's sums are scaled and the zero added in fp32, sum(x) per chunk
+  constexpr bool kRowBias = QC_MODE == 0 && kBiasH != 0.f;
+  float sx_all[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sx_all[j][e] = 0.f;
+  const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
+
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
     uint32_t raw[kUnroll][kR][4][kWords];
 #if QC_MODE == 2
-    Act2 s2[kUnroll][kR][2], z2[kUnroll][kR][2];  // rows g, g + 8
+    Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
 #endif
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -184,9 +218,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
           const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const Act s = p.scales[off + 8 * h], z = p.zeros[off + 8 * h];
-            s2[u][r][h] = Act2(s, s);
-            z2[u][r][h] = Act2(z, z);
+            sz[u][r][0][h] = p.scales[off + 8 * h];
+            sz[u][r][1][h] = p.zeros[off + 8 * h];
           }
 #endif
         }
@@ -196,6 +229,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
       if (c >= chunks) continue;
+#if QC_MODE == 2
+      float part[kR][kNT][4], sx[kNT][4];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sx[j][e] = 0.f;
+#pragma unroll
+          for (int r = 0; r < kR; ++r) part[r][j][e] = 0.f;
+        }
+#else
+      auto& part = acc;
+      auto& sx = sx_all;
+#endif
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         const int k = c * kChunkK + ks * 16;
@@ -204,26 +251,42 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
         for (int j = 0; j < kNT; ++j) {
           b[j][0] = ld_act2(xrow[j] + k, xok[j]);
           b[j][1] = ld_act2(xrow[j] + k + 8, xok[j]);
+          if (QC_MODE == 2 || kRowBias) mma16816(sx[j], ones, b[j][0], b[j][1]);
         }
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
-          Act2 q[4];
-          fragment(q, raw[u][r][ks]);
           uint32_t a[4];
-#if QC_MODE == 2
-          a[0] = as_u32(__hfma2(q[0], s2[u][r][0], z2[u][r][0]));
-          a[1] = as_u32(__hfma2(q[1], s2[u][r][1], z2[u][r][1]));
-          a[2] = as_u32(__hfma2(q[2], s2[u][r][0], z2[u][r][0]));
-          a[3] = as_u32(__hfma2(q[3], s2[u][r][1], z2[u][r][1]));
-#else
+          fragment(a, raw[u][r][ks]);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = as_u32(q[i]);
-#endif
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) mma16816(acc[r][j], a, b[j][0], b[j][1]);
+          for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][0], b[j][1]);
         }
       }
+#if QC_MODE == 2
+      // W = (h - kBiasH) * s + z' over the chunk's one group: s * sum(x h) + (z' - kBiasH s) * sum(x)
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        float s[2], zz[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          s[h] = static_cast<float>(sz[u][r][0][h]);
+          zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(sz[u][r][1][h]));
+        }
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc[r][j][e] = fmaf(s[e >> 1], part[r][j][e], fmaf(zz[e >> 1], sx[j][e], acc[r][j][e]));
+      }
+#endif
     }
+  }
+  if (kRowBias) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[r][j][e] = fmaf(-kBiasH, sx_all[j][e], acc[r][j][e]);
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
