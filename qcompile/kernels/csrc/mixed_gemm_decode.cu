@@ -89,22 +89,31 @@ struct Params {
   int M, N, K, group;
 };
 
-// The raw words lane `lane` owns of 16-row tile `tile`, K chunk `chunk` (4 steps).
+// Which K a lane's MMA slots stand for is free as long as A (weights) and B (activations)
+// agree: the MMA sums over its 16 k slots. So a chunk's 4 MMA steps need not be the layout's
+// 4 K steps. For the sm90 layout, lane (g, t) loads with one 16-byte load the four words of
+// quad g (rows g, g + 8) in K step t of the chunk -- int4: 16 k, all of one step; int8: two
+// loads, steps 2q + t/2, half of a step's k each -- and MMA step s takes word s; its
+// activations are then 16 contiguous k (int4) or 4 + 4 (int8), loaded wide too. The sm80 v2
+// layout already gives a lane its own words of the 4 steps in one 16-byte load.
+//
+// load_chunk: the raw words of 16-row tile `tile`, chunk `chunk`, for MMA steps 0..3.
 __device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* w, int tile,
                                            int chunk, int lane, int N, int K) {
+  const int g = lane >> 2, t = lane & 3;
 #if QC_LAYOUT == 0
   const size_t tiles_n = N / 16;
-#pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-    const size_t block = tile + tiles_n * (chunk * 4 + ks);
 #if QC_WBITS == 4
-    raw[ks][0] = ld_stream32(w + block * 128 + lane * 4);
+  const uint4 v = ld_stream128(w + (tile + tiles_n * (chunk * 4 + t)) * 128 + g * 16);
+  raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
 #else
-    const uint2 v = ld_stream64(w + block * 256 + lane * 8);
-    raw[ks][0] = v.x;
-    raw[ks][1] = v.y;
-#endif
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint4 v = ld_stream128(w + (tile + tiles_n * (chunk * 4 + 2 * q + (t >> 1))) * 256 +
+                                 g * 32 + (t & 1) * 16);
+    raw[2 * q][0] = v.x; raw[2 * q][1] = v.y; raw[2 * q + 1][0] = v.z; raw[2 * q + 1][1] = v.w;
   }
+#endif
 #else
   const size_t chunks = K / kChunkK;
 #if QC_WBITS == 4
@@ -117,6 +126,40 @@ __device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uin
   raw[0][0] = lo.x; raw[1][0] = lo.y; raw[2][0] = lo.z; raw[3][0] = lo.w;
   raw[0][1] = hi.x; raw[1][1] = hi.y; raw[2][1] = hi.z; raw[3][1] = hi.w;
 #endif
+#endif
+}
+
+// The B fragments {b0, b1} of MMA steps 0..3 of a chunk for one token row x (chunk start),
+// matching load_chunk's k: b0 holds k, k + 1 and b1 k + 8, k + 9 of step s's k.
+__device__ __forceinline__ void load_x(uint32_t (&b)[4][2], const Act* x, int t, bool ok) {
+  if (!ok) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) b[s][0] = b[s][1] = 0u;
+    return;
+  }
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);  // pairs of k
+#if QC_LAYOUT == 0 && QC_WBITS == 4
+  // step s: k 16 t + 2 s (+ 8)
+  const uint4 lo = __ldg(reinterpret_cast<const uint4*>(x32 + 8 * t));
+  const uint4 hi = __ldg(reinterpret_cast<const uint4*>(x32 + 8 * t + 4));
+  b[0][0] = lo.x; b[1][0] = lo.y; b[2][0] = lo.z; b[3][0] = lo.w;
+  b[0][1] = hi.x; b[1][1] = hi.y; b[2][1] = hi.z; b[3][1] = hi.w;
+#elif QC_LAYOUT == 0
+  // step 2q + h: k 32 q + 16 (t / 2) + 4 (t % 2) + 2 h (+ 8)
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int base = 16 * q + 8 * (t >> 1) + 2 * (t & 1);
+    const uint2 lo = __ldg(reinterpret_cast<const uint2*>(x32 + base));
+    const uint2 hi = __ldg(reinterpret_cast<const uint2*>(x32 + base + 4));
+    b[2 * q][0] = lo.x; b[2 * q + 1][0] = lo.y; b[2 * q][1] = hi.x; b[2 * q + 1][1] = hi.y;
+  }
+#else
+  // step s: k 16 s + 2 t (+ 8), the layout's own K steps
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    b[s][0] = __ldg(x32 + 8 * s + t);
+    b[s][1] = __ldg(x32 + 8 * s + t + 4);
+  }
 #endif
 }
 
@@ -159,10 +202,6 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 #endif
 }
 
-__device__ __forceinline__ uint32_t ld_act2(const Act* p, bool ok) {
-  return ok ? __ldg(reinterpret_cast<const unsigned int*>(p)) : 0u;
-}
-
 template <int kNT, int kR>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
   constexpr int kUnroll = 4 / kR;  // chunks per warp per round (x kR tiles: 4 loads in flight)
@@ -182,14 +221,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][j][e] = 0.f;
 
-  // B fragments: lane (g, t) feeds token m0 + 8j + g, k 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1)
+  // B fragments: lane (g, t) feeds token m0 + 8j + g (load_x says which k)
   const Act* xrow[kNT];
   bool xok[kNT];
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
     const int m = m0 + 8 * j + g;
     xok[j] = m < M;
-    xrow[j] = p.x + (size_t)(xok[j] ? m : 0) * K + 2 * t;
+    xrow[j] = p.x + (size_t)(xok[j] ? m : 0) * K;
   }
 
   // rowscale: the bias comes off the final sums, sum(x) accumulates over all chunks; groupzero:
@@ -243,22 +282,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       auto& part = acc;
       auto& sx = sx_all;
 #endif
+      uint32_t b[kNT][4][2];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) load_x(b[j], xrow[j] + c * kChunkK, t, xok[j]);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
-        const int k = c * kChunkK + ks * 16;
-        uint32_t b[kNT][2];
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          b[j][0] = ld_act2(xrow[j] + k, xok[j]);
-          b[j][1] = ld_act2(xrow[j] + k + 8, xok[j]);
-          if (QC_MODE == 2 || kRowBias) mma16816(sx[j], ones, b[j][0], b[j][1]);
-        }
+        for (int j = 0; j < kNT; ++j)
+          if (QC_MODE == 2 || kRowBias) mma16816(sx[j], ones, b[j][ks][0], b[j][ks][1]);
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           uint32_t a[4];
           fragment(a, raw[u][r][ks]);
 #pragma unroll
-          for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][0], b[j][1]);
+          for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
         }
       }
 #if QC_MODE == 2
