@@ -57,8 +57,9 @@ def test_heuristic_and_candidates():
             for name in names:
                 c = dec.choice_from_name(name)
                 assert c.tokens == tokens and n % c.rows == 0
-    # about 2048 warps over the GPU: fewer per CTA when there are many CTAs
-    assert dec.heuristic(1, 14336, 4096) == dec.DecodeChoice(8, 32, 4)
+    # 16 warps a CTA while the CTAs fit one to an SM, else 8
+    assert dec.heuristic(1, 14336, 4096) == dec.DecodeChoice(8, 32, 8)  # 448 CTAs > 132 SMs
+    assert dec.heuristic(1, 14336, 4096, sm_count=448) == dec.DecodeChoice(8, 32, 16)
     assert dec.heuristic(1, 4096, 4096) == dec.DecodeChoice(8, 32, 16)
     assert dec.heuristic(32, 4096, 4096) == dec.DecodeChoice(32, 32, 8)  # 48 KB reduction
     assert dec.heuristic(1, 48, 64) == dec.DecodeChoice(8, 16, 16)

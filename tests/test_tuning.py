@@ -53,6 +53,15 @@ def test_autotune_keeps_the_fastest_per_bucket(monkeypatch):
     assert tuned.config == "big" and list(tuned.timings) == [300]
     # nothing runs: no table, the heuristic stays
     assert tuning.autotune(run, lambda m: ["broken"], lambda m: torch.empty(m, 8), 4, "t").config == ""
+    # token counts up to heuristic_max_m (the decode kernel's) are neither timed nor tabled
+    tuned = tuning.autotune(run, lambda m: ["small", "big"], lambda m: torch.empty(m, 8), None,
+                            "t", heuristic_max_m=8)
+    assert tuned.config == "9-64:small,65-:big" and 1 not in tuned.timings
+    assert tuning.lookup(tuned.config, 8) is None and tuning.lookup(tuned.config, 9) == "small"
+    timed = []
+    tuned = tuning.autotune(lambda c, x: timed.append(c) or run(c, x), lambda m: ["small"],
+                            lambda m: torch.empty(m, 8), 4, "t", heuristic_max_m=8)
+    assert tuned.config == "" and not tuned.timings and not timed
 
 
 def test_pick_family_by_relative_time():

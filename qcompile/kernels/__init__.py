@@ -213,7 +213,8 @@ def prepare_mixed_gemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
         tuned = tuning.autotune(run, cands, lambda mm: torch.randn(mm, k, device=device,
                                                                    dtype=act_dtype),
-                                m, f"mixed_gemm {name} N={n} K={k} w{bits} g{group_size}")
+                                m, f"mixed_gemm {name} N={n} K={k} w{bits} g{group_size}",
+                                fam.DECODE_MAX_M)
         if tuned.config:
             results[name] = (tuned, layout, tensors)
     best = _pick({f: r[0] for f, r in results.items()})
@@ -255,7 +256,7 @@ def prepare_int8_gemm(wq: torch.Tensor, m: int | None, out_dtype: torch.dtype,
         return torch.randint(-127, 128, (mm, k), device=device, dtype=torch.int8)
 
     tuned = tuning.autotune(run, lambda mm: fam.candidates(mm, n, k, out_dtype, arch), make_x, m,
-                            f"int8_gemm N={n} K={k}")
+                            f"int8_gemm N={n} K={k}", fam.DECODE_MAX_M)
     if not tuned.config:
         return "", desc
     return tuned.config, f"cutlass autotuned: {_pretty(tuned.config)}"

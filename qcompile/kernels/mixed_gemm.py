@@ -236,7 +236,7 @@ def heuristic_choice(m: int, n: int, k: int, act: str, bits: int, mode: int,
     """The kernel for m tokens without measurements: the decode kernel up to DECODE_MAX_M
     tokens where it takes the format, else :func:`choose_config`."""
     if m <= DECODE_MAX_M and decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
-        return decode.heuristic(m, n, k)
+        return decode.heuristic(m, n, k, sm_count)
     return choose_config(m, n, k, act, bits, mode, sm_count, group_size)
 
 
@@ -293,7 +293,7 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
     first = choice_name(heuristic_choice(m, n, k, act, bits, mode, sm_count, group_size))
     names = [first]
     if decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
-        names += decode.candidates(m, n, k)
+        names += decode.candidates(m, n, k, sm_count)
     family = sorted(_family(act, bits, mode, group_size, k), key=lambda c: c.tile_n)
     smallest_fit = next((c.tile_n for c in family if c.tile_n >= m), family[-1].tile_n)
     for cfg in family:

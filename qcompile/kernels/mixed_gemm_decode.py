@@ -123,36 +123,33 @@ def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | N
     return choice is None or (choice.valid() and n % choice.rows == 0)
 
 
-def heuristic(m: int, n: int, k: int) -> DecodeChoice:
+def heuristic(m: int, n: int, k: int, sm_count: int = 132) -> DecodeChoice:
     """The launch shape without measurements: the smallest token tile holding m, 32-row CTAs
-    where N is large, and warps so that about 2048 are in flight over the GPU (4 to 16 a CTA).
+    where N is large, 16 warps a CTA while the CTAs fit one to an SM, else 8.
 
-    From one H100 sweep (bench_w4a16 --decode, bf16, 2026-11-25, L2 flushed): 32-row CTAs won
-    every cell; the best warp count was the one near 2048 warps in all: 14336x4096 (448 CTAs)
-    4 warps (int4 26.2 us vs 28.9 at 8), 4096x4096 and 4096x14336 (128 CTAs) 16 warps
-    (int8 15.5 / 35.5 us vs 17.5 / 42.5 at 8). A later sweep on another H100 (ea75c2d,
-    2026-11-26), 10-20% slower throughout, ranked 16-row CTAs of 16 warps first or within 2%
-    in all six int4/int8 cells, the shapes above 2-12% behind: the rankings are not stable
-    across machines, so this stays until an end-to-end comparison decides."""
+    From the GEMMs of a decode step run in sequence (bench_stream --shapes-sweep, H100,
+    db5afc8, M = 1, us a GEMM): int4 g128 6144x4096 r32.w8 11.1 (r32.w16 13.2), 4096x4096
+    r32.w16 8.3 (w8 9.7), 28672x4096 r32.w8 32.1 (w4 35.8, w16 39.7), 4096x14336 r32.w16 18.8
+    (w8 25.8); int8 per-channel within 2% of its best shape in all four with the same rule.
+    With more CTAs than SMs, 16-warp CTAs run one to an SM (registers) and leave a tail
+    wave; 4-warp CTAs each stream too little of K to hide the latency."""
     del k
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
     # 32-row CTAs only where that still gives every SM of an H100 about one (N >= 4096): for
     # N = 1024 (k/v projections) 16-row CTAs double the CTAs, and SMs, reading the weight
     rows = 32 if n % 32 == 0 and n // 32 >= 128 else 16
-    warps = 16
-    while warps > 4 and (n // rows) * warps > 2048:
-        warps //= 2
+    warps = 16 if n // rows <= sm_count else 8
     while not DecodeChoice(tokens, rows, warps).valid():
         warps //= 2
     return DecodeChoice(tokens, rows, warps)
 
 
-def candidates(m: int, n: int, k: int) -> list[str]:
+def candidates(m: int, n: int, k: int, sm_count: int = 132) -> list[str]:
     """Launch shapes worth timing for m tokens: the heuristic's first, then the token tile
     holding m with every row tile and warp count."""
     if m > MAX_TOKENS:
         return []
-    first = heuristic(m, n, k)
+    first = heuristic(m, n, k, sm_count)
     names = [first.name]
     for rows in _ROW_TILES:
         for warps in _WARPS:

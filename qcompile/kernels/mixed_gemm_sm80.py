@@ -313,7 +313,7 @@ def heuristic_choice(m: int, n: int, k: int, act: str, sm_count: int = 108, bits
     tokens where it takes the format (v2 layout, group a multiple of 64), else
     :func:`choose_config`."""
     if m <= DECODE_MAX_M and _decode_fits(m, n, k, mode, group_size):
-        return decode.heuristic(m, n, k)
+        return decode.heuristic(m, n, k, sm_count)
     return choose_config(m, n, k, act, sm_count, bits, mode)
 
 
@@ -367,7 +367,7 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
     if not family:
         return []
     first = choice_name(heuristic_choice(m, n, k, act, sm_count, bits, mode, group_size))
-    decode_names = decode.candidates(m, n, k) if _decode_fits(m, n, k, mode, group_size) else []
+    decode_names = decode.candidates(m, n, k, sm_count) if _decode_fits(m, n, k, mode, group_size) else []
     names = [choice_name(choose_config(m, n, k, act, sm_count, bits, mode))]
     smallest_fit = next((c.tile[0] for c in family if c.tile[0] >= m), family[-1].tile[0])
     if m <= 64:

@@ -104,16 +104,24 @@ class Tuned:
 def autotune(run: Callable[[str, torch.Tensor], object],
              candidates: Callable[[int], Sequence[str]],
              make_x: Callable[[int], torch.Tensor],
-             m: int | None, what: str) -> Tuned:
+             m: int | None, what: str, heuristic_max_m: int = 0) -> Tuned:
     """Time ``run(choice, x)`` for every candidate at each bucket's M; keep the fastest.
 
     ``m`` None tunes every bucket (symbolic token count), else m alone. A candidate that
     raises is skipped (logged at debug level); a bucket where every candidate fails keeps
-    the heuristic (no table row).
+    the heuristic (no table row). Token counts up to ``heuristic_max_m`` keep the heuristic
+    untimed (no row): the family's decode kernel, whose launch shapes timed one call alone
+    (L2 flushed, idle GPU) rank otherwise than inside a model's step, where each GEMM
+    follows another kernel (benchmarks/NOTES.md: tuned decode steps ran slower).
     """
+    if m is not None and m <= heuristic_max_m:
+        return Tuned("", {})
     buckets = BUCKETS if m is None else ((1, None, m),)
     rows, timings = [], {}
     for lo, hi, mm in buckets:
+        if hi is not None and hi <= heuristic_max_m:
+            continue
+        lo = max(lo, heuristic_max_m + 1)
         x = make_x(mm)
         timed = []
         for name in dict.fromkeys(candidates(mm)):
