@@ -111,9 +111,10 @@ def test_max_autotune_dispatches_by_token_count_without_recompiling(method):
     print(report)
     assert report.graphs == 1  # one compile served every M
     assert len(report.matched) == 2
-    # symbolic M: a table by token-count range, measured per bucket
-    assert all(r.kernel.startswith(("cutlass sm90 autotuned: 1-", "cutlass sm80 autotuned: 1-",
-                                    "cutlass autotuned: 1-")) for r in report.matched), str(report)
+    # symbolic M: a table by token-count range, measured per bucket above the decode kernel's
+    # token counts (M <= 8 keeps the heuristic, untimed)
+    assert all(r.kernel.startswith(("cutlass sm90 autotuned: 9-", "cutlass sm80 autotuned: 9-",
+                                    "cutlass autotuned: 9-")) for r in report.matched), str(report)
 
 
 @pytest.mark.parametrize("method", ["w4a16", "w8a16"])
