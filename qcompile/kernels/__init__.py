@@ -83,7 +83,7 @@ _warned: set[str] = set()
 
 
 def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-               dequant_dtype, layout, config=""):
+               dequant_dtype, layout, config="", prefetch=None):
     """``qcompile::mixed_gemm`` for a weight in one of ``fam.LAYOUTS``: the family's kernel
     where ``fam.supports`` says it runs (the kernel for this M from the ``config`` table),
     else the PyTorch path of the prepared weight, also when the kernels cannot be built
@@ -97,7 +97,8 @@ def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, z
         m = x.numel() // x.shape[-1]
         try:
             return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                       zero_mode, layout, tuning.lookup(config, m))
+                                       zero_mode, layout, tuning.lookup(config, m),
+                                       prefetch=prefetch)
         except KernelBuildError as e:
             if fam.__name__ not in _warned:
                 _warned.add(fam.__name__)
@@ -106,21 +107,22 @@ def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, z
 
 
 def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-                     dequant_dtype, layout, config=""):
+                     dequant_dtype, layout, config="", prefetch=None):
     for name in MIXED_FAMILIES:
         fam = cuda_family(name)
         if fam is not None and layout in fam.LAYOUTS:
             return run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size,
-                              zero_mode, dequant_dtype, layout, config)
+                              zero_mode, dequant_dtype, layout, config, prefetch)
     return ops.mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed, group_size,
                                     zero_mode, dequant_dtype, layout)
 
 
 def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
-                    azp_adj=None):
+                    azp_adj=None, prefetch=None):
     fam = cuda_family("int8_gemm")
     if fam is not None:
-        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp, azp_adj)
+        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp, azp_adj,
+                       prefetch)
     return ops.int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp,
                                    azp_adj)
 
