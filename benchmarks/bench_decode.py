@@ -89,8 +89,7 @@ def _kv_bytes(model) -> int:
 
 def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, prompt: int,
              new: int, device: str, profile: bool = False,
-             fuse_linears: bool | None = None, autotune: bool = False,
-             prefetch_weights: bool | None = None) -> dict:
+             fuse_linears: bool | None = None, autotune: bool = False) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     # Inductor's code cache keeps the compiled modules of earlier cells, and with them the
@@ -120,8 +119,6 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
         options = {"triton.cudagraphs": device == "cuda", "freezing_discard_parameters": True}
         if fuse_linears is not None:  # else the backend's default
             options["fuse_linears"] = fuse_linears
-        if prefetch_weights is not None:  # else the backend's default
-            options["prefetch_weights"] = prefetch_weights
         if autotune:  # qcompile times its kernel choices per GEMM (Inductor's GEMM autotuning)
             options["max_autotune_gemm"] = True
         step = torch.compile(model, backend="qcompile", fullgraph=True, options=options)
@@ -219,10 +216,6 @@ def main() -> int:
                    help="comma list of 0/1: qcompile cells with options={'fuse_linears': "
                         "False / True} (q/k/v, gate/up as one launch each), each value one "
                         "qcompile cell; default: the backend's default (fused)")
-    p.add_argument("--prefetch-weights", default=None,
-                   help="comma list of 0/1: qcompile cells with options={'prefetch_weights': "
-                        "False / True} (each decode kernel has the L2 fetch the start of the "
-                        "next GEMM's weight), each value one cell; default: the backend's")
     p.add_argument("--autotune", default="0",
                    help="comma list of 0/1: qcompile cells without / with max_autotune_gemm "
                         "(each GEMM's kernel timed at compile time), each value one cell")
@@ -243,26 +236,23 @@ def main() -> int:
             args.models = "qcompile.llama"
     fuse_settings = ([None] if args.fuse_linears is None
                      else [bool(int(v)) for v in args.fuse_linears.split(",")])
-    prefetch_settings = ([None] if args.prefetch_weights is None
-                         else [bool(int(v)) for v in args.prefetch_weights.split(",")])
     rows = []
     autotunes = [bool(int(v)) for v in args.autotune.split(",")]
-    for (model_kind, batch, fmt, impl, decode_max_m, fuse_linears, autotune,
-         prefetch) in itertools.product(
+    for model_kind, batch, fmt, impl, decode_max_m, fuse_linears, autotune in itertools.product(
             args.models.split(","), [int(b) for b in args.batch.split(",")],
             args.formats.split(","), args.impls.split(","), decode_max_ms, fuse_settings,
-            autotunes, prefetch_settings):
+            autotunes):
         if fmt == "bf16" and impl == "qcompile":
             continue  # nothing to rewrite: the same as Inductor
-        if impl != "qcompile" and (decode_max_m, fuse_linears, autotune, prefetch) != (
-                decode_max_ms[0], fuse_settings[0], autotunes[0], prefetch_settings[0]):
+        if impl != "qcompile" and (decode_max_m, fuse_linears, autotune) != (
+                decode_max_ms[0], fuse_settings[0], autotunes[0]):
             continue  # the settings only change qcompile cells
         mixed_gemm.DECODE_MAX_M = mixed_gemm_sm80.DECODE_MAX_M = decode_max_m
         int8_gemm.DECODE_MAX_M = decode_max_m
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.profile, fuse_linears, autotune, prefetch)
+                           args.device, args.profile, fuse_linears, autotune)
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
@@ -277,14 +267,12 @@ def main() -> int:
             row["decode_max_m"] = decode_max_m
             row["fuse_linears"] = "default" if fuse_linears is None else fuse_linears
             row["autotune"] = autotune
-            row["prefetch_weights"] = "default" if prefetch is None else prefetch
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         tag = (f" decode<={decode_max_m}"
                f"{'' if fuse_linears is None else ' fused' if fuse_linears else ' unfused'}"
                f"{' autotuned' if autotune else ''}"
-               f"{'' if prefetch is None else ' prefetch' if prefetch else ' no-prefetch'}"
                if impl == "qcompile" else "")
         print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}{tag}: "
               f"{row['tokens_per_s']:8.1f} tok/s "
@@ -294,8 +282,8 @@ def main() -> int:
     for r in rows:
         key = (r["model"], r["batch"])
         if key in base and r["tokens_per_s"]:
-            fused = (f" fuse_linears={r['fuse_linears']} autotune={r['autotune']} "
-                     f"prefetch={r['prefetch_weights']}" if "fuse_linears" in r else "")
+            fused = (f" fuse_linears={r['fuse_linears']} autotune={r['autotune']}"
+                     if "fuse_linears" in r else "")
             print(f"{r['model']:14s} {r['format']:6s} {r['impl']:9s} bs={r['batch']}{fused}: "
                   f"{r['tokens_per_s'] / base[key]:.2f}x bf16")
     return 0

@@ -15,9 +15,7 @@ linears that read one activation in one format (q/k/v, gate/up; W8A8 ones when t
 activation quantizations are the same value) as one launch
 (``lowering/rewrite.py``): on an H100, Llama-3-8B-shaped decode at batch 1 went from 811 to
 865 tokens/s in W4A16 and from 708 to 788 in W8A16 (one process); ``False`` keeps one launch
-per linear. ``"prefetch_weights"`` (default True) hands each qcompile op the next one's
-weight, whose start the decode kernels have the L2 fetch as they finish
-(``rewrite.link_prefetch``); ``False`` turns that off. ``mode`` is torch.compile's. Under ``max_autotune``
+per linear. ``mode`` is torch.compile's. Under ``max_autotune``
 (``mode="max-autotune"``) the kernels are chosen by timing, per token-count range.
 """
 
@@ -45,12 +43,10 @@ _collectors: list[Report] = []    # active explain()/collect() contexts
 class QcompilePass(_compat.CustomGraphPass):
     """The rewrite bound to one compile: knows the real values of its constant inputs."""
 
-    def __init__(self, flat_inputs: Sequence, report: Report, fuse_linears: bool = False,
-                 prefetch_weights: bool = False):
+    def __init__(self, flat_inputs: Sequence, report: Report, fuse_linears: bool = False):
         self.flat_inputs = list(flat_inputs)
         self.report = report
         self.fuse_linears = fuse_linears
-        self.prefetch_weights = prefetch_weights
         self.consumed: list[torch.Tensor] = []  # originals the compiled graph no longer reads
 
     def uuid(self):
@@ -68,8 +64,7 @@ class QcompilePass(_compat.CustomGraphPass):
         constants = self._constants(placeholders)
         used = [n for n in constants if n.users]
         with _compat.no_dispatch_modes():
-            rewrite_graph(graph, constants, self.report, self.fuse_linears,
-                          self.prefetch_weights)
+            rewrite_graph(graph, constants, self.report, self.fuse_linears)
         # Weights whose only readers were rewritten (their repacked copies replace them),
         # unless their memory is shared with a tensor the graph still reads.
         kept = {constants[n].untyped_storage().data_ptr() for n in used if n.users}
@@ -169,10 +164,6 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     fuse_linears = options.pop("fuse_linears", True)
     if not isinstance(fuse_linears, bool):
         raise TypeError(f"options['fuse_linears'] must be a bool, got {type(fuse_linears).__name__}")
-    prefetch_weights = options.pop("prefetch_weights", True)
-    if not isinstance(prefetch_weights, bool):
-        raise TypeError("options['prefetch_weights'] must be a bool, got "
-                        f"{type(prefetch_weights).__name__}")
     release = options.get("freezing_discard_parameters", False)
     if release and not freezing:
         raise ValueError("options['freezing_discard_parameters'] needs freezing (the default)")
@@ -183,7 +174,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     patches.update(options)
     patches["freezing"] = freezing
     flat = _flat_inputs(example_inputs)
-    qpass = QcompilePass(flat, report, fuse_linears, prefetch_weights)
+    qpass = QcompilePass(flat, report, fuse_linears)
     patches["joint_custom_pre_pass"] = qpass
     kept: list[list[int]] = []  # the graph inputs freezing keeps, as indices into flat
     with torch._inductor.config.patch(patches), _recording_freeze(kept):

@@ -83,7 +83,7 @@ _warned: set[str] = set()
 
 
 def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-               dequant_dtype, layout, config="", prefetch=None):
+               dequant_dtype, layout, config=""):
     """``qcompile::mixed_gemm`` for a weight in one of ``fam.LAYOUTS``: the family's kernel
     where ``fam.supports`` says it runs (the kernel for this M from the ``config`` table),
     else the PyTorch path of the prepared weight, also when the kernels cannot be built
@@ -97,8 +97,7 @@ def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, z
         m = x.numel() // x.shape[-1]
         try:
             return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                       zero_mode, layout, tuning.lookup(config, m),
-                                       prefetch=prefetch)
+                                       zero_mode, layout, tuning.lookup(config, m))
         except KernelBuildError as e:
             if fam.__name__ not in _warned:
                 _warned.add(fam.__name__)
@@ -107,22 +106,21 @@ def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, z
 
 
 def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-                     dequant_dtype, layout, config="", prefetch=None):
+                     dequant_dtype, layout, config=""):
     for name in MIXED_FAMILIES:
         fam = cuda_family(name)
         if fam is not None and layout in fam.LAYOUTS:
             return run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size,
-                              zero_mode, dequant_dtype, layout, config, prefetch)
+                              zero_mode, dequant_dtype, layout, config)
     return ops.mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed, group_size,
                                     zero_mode, dequant_dtype, layout)
 
 
 def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
-                    azp_adj=None, prefetch=None):
+                    azp_adj=None):
     fam = cuda_family("int8_gemm")
     if fam is not None:
-        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp, azp_adj,
-                       prefetch)
+        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp, azp_adj)
     return ops.int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp,
                                    azp_adj)
 

@@ -233,7 +233,7 @@ def _decode_function(out_dtype: torch.dtype):
         if info[0] != int(out_dtype == torch.bfloat16):
             raise KernelBuildError(f"int8 decode library reports out_bf16={info[0]}")
         fn = lib.qc_int8_gemm_decode
-        fn.argtypes = [_vp] * 8 + [_i] * 8 + [_vp, ctypes.c_longlong, _vp]
+        fn.argtypes = [_vp] * 8 + [_i] * 8 + [_vp]
         fn.restype = ctypes.c_int
         _decode_fns[out_dtype] = fn
     return fn
@@ -324,12 +324,8 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
                    bias: torch.Tensor | None, out_dtype: torch.dtype,
                    config: Int8GemmConfig | decode.DecodeChoice | None = None,
                    azp: torch.Tensor | None = None,
-                   azp_adj: torch.Tensor | None = None,
-                   prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                   azp_adj: torch.Tensor | None = None) -> torch.Tensor:
     """qcompile::int8_gemm on the GPU through the CUTLASS kernels.
-
-    ``prefetch``: the next GEMM's weight, part of which the decode kernel has the L2 fetch
-    (the GEMM kernels ignore it).
 
     Raises ValueError for inputs the kernels do not support (see :func:`supports`) and
     KernelBuildError when the library cannot be built. Launches on the current stream with
@@ -343,8 +339,7 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
     arch = device_arch(xq.device)
     cfg = config if config is not None else heuristic_choice(m, n, k, out_dtype, arch)
     if isinstance(cfg, decode.DecodeChoice):
-        return _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, cfg, azp, azp_adj,
-                                 prefetch)
+        return _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, cfg, azp, azp_adj)
     if cfg.arch != arch and not (cfg.arch == "sm_80" and arch == "sm_90a"):
         raise ValueError(f"config {cfg.name} is for {cfg.arch}, device is {arch}")
     gemm, ws_size = _functions(cfg, out_dtype)
@@ -389,7 +384,7 @@ def _zero_points(azp, azp_adj):
 
 
 def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice, azp=None,
-                      azp_adj=None, prefetch=None):
+                      azp_adj=None):
     m, k = xq.shape
     n = wq.shape[0]
     if not decode_fits(m, n, k, choice):
@@ -406,7 +401,7 @@ def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice, azp
         err = fn(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
                  _ptr(b), _ptr(zp), _ptr(adj), m, n, k, int(rs.numel() != 1),
                  int(cs.numel() != 1), choice.tokens // 8, choice.rows // 16, choice.warps,
-                 *decode.prefetch_args(prefetch), stream)
+                 stream)
     if err != 0:
         raise RuntimeError(f"int8 decode kernel {choice.name} failed with error {err} "
                            f"(M={m}, N={n}, K={k})")
@@ -452,7 +447,7 @@ def candidates(m: int, n: int, k: int, out_dtype: torch.dtype, arch: str) -> lis
 
 
 def run(xq, wq, row_scale, col_scale, bias, out_dtype, config: str = "", azp=None,
-        azp_adj=None, prefetch=None):
+        azp_adj=None):
     """``qcompile::int8_gemm`` on CUDA (the kernels package registers it): the CUTLASS
     kernel named by ``config`` for this M (a kernels.tuning table; "" = the heuristic),
     or the reference where the kernels do not support the call."""
@@ -464,8 +459,7 @@ def run(xq, wq, row_scale, col_scale, bias, out_dtype, config: str = "", azp=Non
         name = tuning.lookup(config, xq.shape[0])
         try:
             return int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype,
-                                  choice_from_name(name) if name else None, azp, azp_adj,
-                                  prefetch)
+                                  choice_from_name(name) if name else None, azp, azp_adj)
         except KernelBuildError as e:
             _disabled.append(str(e))
             log.warning("qcompile int8 GEMM kernels unavailable, using the reference "

@@ -594,15 +594,12 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                     signed: bool, group_size: int, zero_mode: str, layout: str,
                     config: MixedGemmConfig | Choice | decode.DecodeChoice | str | None = None,
-                    out: torch.Tensor | None = None,
-                    prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Run the CUTLASS kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
     ``signed`` and ``zero_mode`` describe the original format; prepare_weight already folded
     them into the operands, so they are not needed here. ``out`` (optional, [M, N]
-    contiguous, x.dtype) receives the result. ``prefetch``: the next GEMM's weight, part of
-    which the decode kernel has the L2 fetch (the GEMM kernels ignore it). No host syncs:
-    safe to capture in a CUDA graph.
+    contiguous, x.dtype) receives the result. No host syncs: safe to capture in a CUDA graph.
     """
     del signed, zero_mode
     _check(layout in LAYOUTS, f"layout {layout!r} is not one of {LAYOUTS}")
@@ -655,7 +652,7 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                                                      scales, zeros, bias)
         with torch.cuda.device(dev):
             decode.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,
-                       out, group, prefetch)
+                       out, group)
         return out.reshape(*lead, n)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config

@@ -33,7 +33,6 @@ __all__ = [
     "fits",
     "is_name",
     "kernel_spec",
-    "prefetch_args",
     "run",
 ]
 
@@ -41,10 +40,6 @@ SOURCE = "mixed_gemm_decode.cu"
 ARCH = "sm_80"      # mma.sync code; with the sm_90 machine code built from the same PTX
 PREFIX = "decode."
 MAX_TOKENS = 32     # beyond this the GEMM kernels win (more tokens per converted fragment)
-# How much of the next GEMM's weight a decode launch asks the L2 to fetch (``run``'s
-# prefetch): about half the H100's 50 MB L2, so what is fetched is still there when the
-# next GEMM starts
-PREFETCH_MAX_BYTES = 24 << 20
 TILE_K = 64         # K chunk; group sizes must be multiples of it
 LAYOUT_SM90, LAYOUT_SM80_V2 = 0, 1
 MODE_ROWSCALE, MODE_GROUPZERO = 0, 2
@@ -166,15 +161,6 @@ def candidates(m: int, n: int, k: int, sm_count: int = 132) -> list[str]:
 
 # --- the call -------------------------------------------------------------------------------
 
-def prefetch_args(prefetch: torch.Tensor | None) -> tuple[int | None, int]:
-    """(pointer, bytes) of the part of the next GEMM's weight a launch prefetches into the
-    L2 (at most PREFETCH_MAX_BYTES of its start); (None, 0) for none."""
-    if prefetch is None or not prefetch.is_cuda:
-        return None, 0
-    return prefetch.data_ptr(), min(prefetch.numel() * prefetch.element_size(),
-                                    PREFETCH_MAX_BYTES)
-
-
 _libs: dict[DecodeBuild, ctypes.CDLL] = {}
 _lock = threading.Lock()
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -194,7 +180,7 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     with _lock:
         lib = load(kernel_spec(b))
         lib.qc_mixed_gemm_decode.restype = _I
-        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 7 + [_P, ctypes.c_longlong, _P]
+        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 7 + [_P]
         info = (ctypes.c_int * 4)()
         lib.qc_mixed_gemm_decode_info(info, 4)
         if list(info) != b.info():
@@ -205,12 +191,10 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
 
 def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: torch.Tensor,
         scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
-        out: torch.Tensor, group: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor, group: int) -> torch.Tensor:
     """Launch on operands the calling family already checked and staged: x2 [M, K] and out
     [M, N] aligned in the activation type, the weight in ``build.layout``, scales float32 [N]
-    (rowscale) or [K/g, N] with zeros (groupzero); ``prefetch``: the next GEMM's weight,
-    whose start the CTAs ask the L2 for once their own loads are in (``prefetch_args``). No
-    host syncs (CUDA-graph safe)."""
+    (rowscale) or [K/g, N] with zeros (groupzero). No host syncs (CUDA-graph safe)."""
     m, k = x2.shape
     n = out.shape[1]
     if not fits(m, n, k, group, build.mode, choice):
@@ -224,7 +208,7 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
         scales.data_ptr() if rowscale else None,
         bias.data_ptr() if bias is not None else None,
         out.data_ptr(), m, n, k, k if rowscale else group,
-        choice.tokens // 8, choice.rows // 16, choice.warps, *prefetch_args(prefetch), stream)
+        choice.tokens // 8, choice.rows // 16, choice.warps, stream)
     if rc != 0:
         raise RuntimeError(f"qc_mixed_gemm_decode ({choice.name}, {build}, M={m} N={n} K={k} "
                            f"g={group}) failed with CUDA error {rc}")

@@ -707,8 +707,7 @@ def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
                          zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                          signed: bool, group_size: int, zero_mode: str, layout: str,
                          config: MixedGemmSm80Config | Choice | decode.DecodeChoice | str | None = None,
-                         out: torch.Tensor | None = None,
-                         prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Run a kernel of this family: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
     ``signed`` / ``zero_mode`` describe the original format; prepare_weight folded them in.
@@ -768,7 +767,7 @@ def mixed_gemm_sm80_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
             "mixed_gemm_sm80_cuda", n, x.dtype, qweight, scales, zeros, bias)
         with torch.cuda.device(dev):
             decode.run(_DECODE_GROUPZERO[act][bits], config, x2, qweight, scales, zeros, bias,
-                       out, group_size, prefetch)
+                       out, group_size)
         return out.reshape(*lead, n)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config

@@ -105,16 +105,14 @@ def mixed_gemm_reference(
     dequant_dtype: torch.dtype,
     layout: str,
     config: str = "",
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch mixed_gemm for the reference "nk" layout.
 
     ``config`` names the kernel(s) a CUDA implementation runs (a dispatch table by token
-    count, see :mod:`qcompile.kernels.tuning`; "" = its heuristic); ``prefetch`` is the
-    weight of the GEMM that follows, part of which a CUDA decode kernel has the L2 fetch
-    while its own work ends. The numbers depend on neither, so the reference ignores them.
+    count, see :mod:`qcompile.kernels.tuning`; "" = its heuristic); the numbers do not
+    depend on it, so the reference ignores it.
     """
-    del config, prefetch
+    del config
     if layout != REFERENCE_LAYOUT:
         raise ValueError(
             f"the reference mixed_gemm reads layout {REFERENCE_LAYOUT!r}, got {layout!r}; "
@@ -131,7 +129,7 @@ mixed_gemm = torch.library.custom_op("qcompile::mixed_gemm", mutates_args=())(
 
 @mixed_gemm.register_fake
 def _mixed_gemm_fake(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-                     dequant_dtype, layout, config="", prefetch=None):
+                     dequant_dtype, layout, config=""):
     # Every layout keeps N as the leading dimension of qweight.
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -146,17 +144,16 @@ def int8_gemm_reference(
     config: str = "",
     azp: torch.Tensor | None = None,
     azp_adj: torch.Tensor | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch int8_gemm: exact int32 accumulation, then the float32 rescale.
 
     ``out = ((xq @ wq.T - azp * azp_adj).float() * row_scale * col_scale + bias)``.
-    ``config``, ``prefetch``: as for :func:`mixed_gemm_reference` (ignored here).
+    ``config``: as for :func:`mixed_gemm_reference` (kernel choice only; ignored here).
     ``azp`` / ``azp_adj`` (int32, both or neither): asymmetric activations' zero points,
     [M, 1] per token or one value, and the weight's per-channel correction [N] (its column
     sums when ``xq = round(x / s) + azp``); the product is subtracted from the int32 sum.
     """
-    del config, prefetch
+    del config
     if (azp is None) != (azp_adj is None):
         raise ValueError("int8_gemm: azp and azp_adj come together")
     m, k = xq.shape
@@ -183,5 +180,5 @@ int8_gemm = torch.library.custom_op("qcompile::int8_gemm", mutates_args=())(
 
 @int8_gemm.register_fake
 def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
-                    azp_adj=None, prefetch=None):
+                    azp_adj=None):
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)

@@ -375,12 +375,11 @@ def _record(node: fx.Node, op: str) -> MatchRecord:
 
 
 def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], report: Report,
-                  fuse_linears: bool = False, prefetch_weights: bool = False) -> int:
+                  fuse_linears: bool = False) -> int:
     """Rewrite every recognised matmul subgraph of ``graph``; return how many.
 
     ``fuse_linears``: matmuls next to each other in the graph that share their activation
-    and format run as one launch (module docstring). ``prefetch_weights``: each qcompile op
-    is given the next one's weight to prefetch (:func:`link_prefetch`)."""
+    and format run as one launch (module docstring)."""
     gm = graph.owning_module
     dump_graph("before", gm.print_readable(print_output=False) if gm else str(graph))
     ev = ConstantEvaluator(gm, constants)
@@ -417,39 +416,11 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
     flush()
     if rewritten:
         graph.eliminate_dead_code()
-        if prefetch_weights:
-            link_prefetch(graph)
         graph.lint()
         if gm is not None:
             gm.recompile()
     dump_graph("after", gm.print_readable(print_output=False) if gm else str(graph))
     return rewritten
-
-
-def link_prefetch(graph: fx.Graph) -> int:
-    """Pass each qcompile op the weight of the qcompile op after it (graph order) as its
-    ``prefetch`` argument; return how many were linked.
-
-    At decode the kernels between two GEMMs (norms, rotary, attention) barely touch memory,
-    and a GEMM's last wave leaves most of the bandwidth idle; a decode kernel given the next
-    weight has the L2 fetch its start as its CTAs finish, so the next GEMM streams that much
-    less from memory. The weight is read through a get_attr of its own placed before the op
-    (a placeholder is used as is), which keeps the graph in topological order."""
-    ops = (torch.ops.qcompile.mixed_gemm.default, torch.ops.qcompile.int8_gemm.default)
-    calls = [n for n in graph.nodes if n.op == "call_function" and n.target in ops]
-    linked = 0
-    for cur, nxt in zip(calls, calls[1:]):
-        w = nxt.args[1]
-        if not isinstance(w, fx.Node) or w.op not in ("get_attr", "placeholder"):
-            continue
-        if w.op == "get_attr":
-            with graph.inserting_before(cur):
-                ref = graph.get_attr(w.target)
-            ref.meta.update(w.meta)
-            w = ref
-        cur.kwargs = {**cur.kwargs, "prefetch": w}
-        linked += 1
-    return linked
 
 
 def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,

@@ -32,19 +32,6 @@ __device__ __forceinline__ uint4 ld_stream128(const void* p) {
   return v;
 }
 
-// This CTA's share of the first `bytes` of the next GEMM's weight, asked of the L2 once the
-// CTA's own loads are in: at decode the kernels between two GEMMs (norms, attention) leave
-// the memory idle, and so does a GEMM's last wave; the next GEMM then finds that part of its
-// weight in the L2. A prefetch has no destination register, so nothing waits for it.
-__device__ __forceinline__ void prefetch_l2_share(const uint8_t* p, long long bytes) {
-  if (p == nullptr || bytes <= 0 || blockIdx.y != 0) return;
-  const long long lines = (bytes + 127) / 128;
-  const long long per = (lines + gridDim.x - 1) / gridDim.x;
-  const long long lo = blockIdx.x * per, hi = lines < lo + per ? lines : lo + per;
-  for (long long l = lo + threadIdx.x; l < hi; l += blockDim.x)
-    asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p + l * 128));
-}
-
 // Shared-memory bytes the reduction needs for `warps` warps.
 template <int kR, int kNT, typename Acc>
 constexpr int reduce_smem_bytes(int warps) {

@@ -59,8 +59,6 @@ struct Params {
   const int* azp;          // [M] or [1], or null
   const int* azp_adj;      // [N] (with azp)
   Out* out;
-  const uint8_t* prefetch;  // the next GEMM's weight, or null
-  long long prefetch_bytes;
   int M, N, K, row_per_token, col_per_channel;
 };
 
@@ -140,7 +138,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) int8_gemm_decode_kernel(const 
     }
   }
 
-  prefetch_l2_share(p.prefetch, p.prefetch_bytes);
   reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, int sum) {
     if (p.azp != nullptr) sum -= p.azp[p.row_per_token ? m : 0] * p.azp_adj[n];
     float v = static_cast<float>(sum) * p.row_scale[p.row_per_token ? m : 0] *
@@ -168,8 +165,7 @@ int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* r
                         const void* col_scale, const void* bias, const void* azp,
                         const void* azp_adj, int M, int N, int K,
                         int row_per_token, int col_per_channel, int token_tiles, int row_tiles,
-                        int warps, const void* prefetch, long long prefetch_bytes,
-                        void* stream) {
+                        int warps, void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (azp == nullptr) != (azp_adj == nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
@@ -187,8 +183,6 @@ int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* r
   p.K = K;
   p.row_per_token = row_per_token;
   p.col_per_channel = col_per_channel;
-  p.prefetch = static_cast<const uint8_t*>(prefetch);
-  p.prefetch_bytes = prefetch_bytes;
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;

@@ -86,8 +86,6 @@ struct Params {
   const float* rowscale;  // rowscale: [N]
   const Act* bias;        // [N] or null
   Act* out;
-  const uint8_t* prefetch;  // the next GEMM's weight, or null
-  long long prefetch_bytes;
   int M, N, K, group;
 };
 
@@ -319,7 +317,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #endif
     }
   }
-  prefetch_l2_share(p.prefetch, p.prefetch_bytes);
   if (kRowBias) {
 #pragma unroll
     for (int r = 0; r < kR; ++r)
@@ -354,11 +351,9 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N]. All
 // 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group % 64 == 0 dividing K
 // (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
-// prefetch (or null): prefetch_bytes of it are asked of the L2 for the GEMM that follows.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, int M, int N, int K,
-                         int group, int token_tiles, int row_tiles, int warps,
-                         const void* prefetch, long long prefetch_bytes, void* stream) {
+                         int group, int token_tiles, int row_tiles, int warps, void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
@@ -379,8 +374,6 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.N = N;
   p.K = K;
   p.group = group;
-  p.prefetch = static_cast<const uint8_t*>(prefetch);
-  p.prefetch_bytes = prefetch_bytes;
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
