@@ -3,10 +3,12 @@ weight, none of them in the L2 -- the setting the end-to-end decode sees, which 
 one-kernel benchmarks (bench_w4a16, L2 flushed by a 256 MB zero-fill before every call)
 do not show.
 
-For each (N, K) of a Llama-3-8B layer (fused q/k/v, o, fused gate/up, down) it builds
-`--layers` distinct weights, captures the calls in one CUDA graph and times its replay
-(`triton.testing.do_bench` medians); a `step` row runs the four shapes of every layer in
-model order. Each row says the time per GEMM and the bytes of weight read per second.
+Patterns: w4a16_g128_zp and w8a16_pc (bench_w4a16's), w8a8_static (qcompile::int8_gemm on
+an int8 activation, per-channel weight scales). For each (N, K) of a Llama-3-8B layer
+(fused q/k/v, o, fused gate/up, down) it builds `--layers` distinct weights, captures the
+calls in one CUDA graph and times its replay (`triton.testing.do_bench` medians); a `step`
+row runs the four shapes of every layer in model order. Each row says the time per GEMM and
+the bytes of weight read per second.
 
 Implementations: `qcompile` (the heuristic's choice; `qcompile[decode.t8.r32.w4]` forces a
 launch shape on every GEMM with `--shapes-sweep`), `cublas_bf16` (F.linear on the
@@ -19,7 +21,7 @@ written back while the kernel reads, and a flush by reading, which leaves it cle
 
 Appends one JSON line per cell to benchmarks/results/bench_stream.jsonl (or --out).
 
-  python benchmarks/bench_stream.py [--patterns w4a16_g128_zp,w8a16_pc] [--ms 1,8]
+  python benchmarks/bench_stream.py [--patterns w4a16_g128_zp,w8a16_pc,w8a8_static] [--ms 1,8]
       [--layers 8] [--shapes-sweep] [--flush-check]
 """
 
@@ -109,7 +111,11 @@ class Layerset:
         self.calls: dict[str, list] = {i: [] for i in impls}
         self.bytes: dict[str, int] = {i: 0 for i in impls}
         self.check = None
+        self.floor_make = floor_make
         for _ in range(layers):
+            if pattern == "w8a8_static":
+                self._add_int8(n, k)
+                continue
             fmt, w, _mod = make_weights(pattern, n, k)
             layout = mg.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
                                       n, k, DT, "cuda")
@@ -134,6 +140,31 @@ class Layerset:
                 self.calls["read_floor"].append(lambda x, config=None, f=f: f(x))
                 self.bytes["read_floor"] += prep[0].numel() * prep[0].element_size()
             del fmt
+
+
+    def _add_int8(self, n: int, k: int) -> None:
+        """A W8A8 layer: int8 weight, per-channel scales, one per-tensor activation scale
+        (the calls take the int8 activation)."""
+        from qcompile.kernels import int8_gemm as i8
+        wq = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int16).to(torch.int8)
+        col = torch.rand(n, device="cuda") * 0.01 + 0.001
+        row = torch.full((1,), 0.02, device="cuda")
+
+        def call(x, config=None, wq=wq, col=col, row=row):
+            return i8.int8_gemm_cuda(x, wq, row, col, None, DT,
+                                     i8.choice_from_name(config) if config else None)
+        nbytes = wq.numel()
+        if "qcompile" in self.calls:
+            self.calls["qcompile"].append(call)
+            self.bytes["qcompile"] += nbytes
+        if "cublas_bf16" in self.calls:
+            w = wq.to(DT) * col[:, None].to(DT)
+            self.calls["cublas_bf16"].append(lambda x, config=None, w=w: F.linear(x.to(DT), w))
+            self.bytes["cublas_bf16"] += w.numel() * w.element_size()
+        if "read_floor" in self.calls:
+            f = self.floor_make(wq)
+            self.calls["read_floor"].append(lambda x, config=None, f=f: f(x))
+            self.bytes["read_floor"] += nbytes
 
 
 def main(argv=None) -> int:
@@ -180,7 +211,9 @@ def main(argv=None) -> int:
             sets = [Layerset(pattern, n, k, args.layers, impls, floor_make)
                     for n, k in LAYER_SHAPES]
             for m in (int(v) for v in args.ms.split(",")):
-                xs = {k: torch.randn(m, k, device="cuda", dtype=DT) for _, k in LAYER_SHAPES}
+                xs = {k: (torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+                          if pattern == "w8a8_static" else
+                          torch.randn(m, k, device="cuda", dtype=DT)) for _, k in LAYER_SHAPES}
                 variants = [(i, None) for i in impls]
                 if args.shapes_sweep and "qcompile" in impls:
                     names = {c for n, k in LAYER_SHAPES for c in decode.candidates(m, n, k)}

@@ -60,6 +60,7 @@
 #define QC_MODE 2
 #endif
 
+
 #include "decode_common.cuh"
 #include "sm80_mixed.cuh"
 
@@ -72,6 +73,11 @@ constexpr int kBits = QC_WBITS;
 constexpr int kWords = kBits / 4;        // 32-bit weight words per lane per 16-deep K step
 constexpr int kChunkK = 64;              // K per chunk (4 MMA steps)
 constexpr int kMaxWarps = 16;
+// Chunk-tile loads a warp issues before converting any (a round): 4 for int4, 2 for int8,
+// whose chunk-tiles are twice the bytes (in the GEMM sequence of a decode step on an H100,
+// bench_stream: int8 per-channel 22.6 vs 23.9 us a GEMM with 2 instead of 4, int4 17.1 vs
+// 18.5 with 4; holding two rounds in registers to overlap them was slower for both).
+constexpr int kRoundLoads = kBits == 8 ? 2 : 4;
 
 static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
 static_assert(QC_LAYOUT == 0 || QC_LAYOUT == 1, "QC_LAYOUT must be 0 (sm90) or 1 (sm80 v2)");
@@ -204,7 +210,7 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 
 template <int kNT, int kR>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
-  constexpr int kUnroll = 4 / kR;  // chunks per warp per round (x kR tiles: 4 loads in flight)
+  constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -241,29 +247,34 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int e = 0; e < 4; ++e) sx_all[j][e] = 0.f;
   const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
 
-  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
+  // A round: the loads of kUnroll chunks x kR row tiles, issued together.
+  struct Round {
     uint32_t raw[kUnroll][kR][4][kWords];
 #if QC_MODE == 2
     Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
 #endif
+  };
+  auto issue = [&](Round& rd, int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
       if (c < chunks) {
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
-          load_chunk(raw[u][r], p.w, tile0 + r, c, lane, N, K);
+          load_chunk(rd.raw[u][r], p.w, tile0 + r, c, lane, N, K);
 #if QC_MODE == 2
           const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            sz[u][r][0][h] = p.scales[off + 8 * h];
-            sz[u][r][1][h] = p.zeros[off + 8 * h];
+            rd.sz[u][r][0][h] = p.scales[off + 8 * h];
+            rd.sz[u][r][1][h] = p.zeros[off + 8 * h];
           }
 #endif
         }
       }
     }
+  };
+  auto consume = [&](const Round& rd, int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -293,7 +304,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           uint32_t a[4];
-          fragment(a, raw[u][r][ks]);
+          fragment(a, rd.raw[u][r][ks]);
 #pragma unroll
           for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
         }
@@ -305,8 +316,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
         float s[2], zz[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          s[h] = static_cast<float>(sz[u][r][0][h]);
-          zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(sz[u][r][1][h]));
+          s[h] = static_cast<float>(rd.sz[u][r][0][h]);
+          zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(rd.sz[u][r][1][h]));
         }
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
@@ -316,6 +327,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       }
 #endif
     }
+  };
+  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
+    Round rd;
+    issue(rd, c0);
+    consume(rd, c0);
   }
   if (kRowBias) {
 #pragma unroll
