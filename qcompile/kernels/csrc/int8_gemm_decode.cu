@@ -34,9 +34,6 @@
 #ifndef QC_OUT_BF16
 #define QC_OUT_BF16 1
 #endif
-#ifndef QC_ROUND_LOADS
-#define QC_ROUND_LOADS 4
-#endif
 
 #include "decode_common.cuh"
 
@@ -76,7 +73,7 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
 
 template <int kNT, int kR>
 __global__ void __launch_bounds__(32 * kMaxWarps) int8_gemm_decode_kernel(const Params p) {
-  constexpr int kUnroll = QC_ROUND_LOADS / kR;  // chunks per warp per round
+  constexpr int kUnroll = 4 / kR;  // chunks per warp per round (x kR tiles: 4 chunk-tiles)
   extern __shared__ int red[];     // [warps][kR][kNT][4][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
