@@ -88,7 +88,7 @@ def _kv_bytes(model) -> int:
 
 
 def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, prompt: int,
-             new: int, device: str, profile: bool = False,
+             new: int, device: str, profile: bool | str = False,
              fuse_linears: bool | None = None, autotune: bool = False) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -149,7 +149,9 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
         _sync(device)
         seconds = time.perf_counter() - start
         if profile:
-            _profile(step, tok, prompt + new, device)
+            trace = (f"{profile}-{model_kind}-{fmt}-{impl}-bs{batch}.json"
+                     if isinstance(profile, str) else None)
+            _profile(step, tok, prompt + new, device, trace=trace)
     report = qcompile.last_report() if impl == "qcompile" else None
     peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9 if device == "cuda" else 0.0
     released_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
@@ -178,9 +180,9 @@ def _launches(report) -> int:
     return len(groups)
 
 
-def _profile(step, tok, pos: int, device: str, steps: int = 8) -> None:
+def _profile(step, tok, pos: int, device: str, steps: int = 8, trace: str | None = None) -> None:
     """Print the GPU kernels of a few more decode steps by total time (CUDA-graph replays
-    included: CUPTI sees the kernels inside graphs)."""
+    included: CUPTI sees the kernels inside graphs); ``trace``: also write a Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -190,6 +192,8 @@ def _profile(step, tok, pos: int, device: str, steps: int = 8) -> None:
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60),
           flush=True)
+    if trace:
+        prof.export_chrome_trace(trace)
 
 
 def _provenance(device: str) -> dict:
@@ -221,6 +225,9 @@ def main() -> int:
                         "(each GEMM's kernel timed at compile time), each value one cell")
     p.add_argument("--profile", action="store_true",
                    help="print the kernels of 8 more decode steps per cell (torch.profiler)")
+    p.add_argument("--trace", default=None, metavar="PREFIX",
+                   help="profile as --profile and write each cell's Chrome trace to "
+                        "PREFIX-<model>-<format>-<impl>-bs<batch>.json")
     p.add_argument("--decode-max-m", default=None,
                    help="comma list of token counts up to which the qcompile cells run the "
                         "decode kernel (each value one qcompile cell; default: the library's)")
@@ -252,7 +259,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.profile, fuse_linears, autotune)
+                           args.device, args.trace or args.profile, fuse_linears, autotune)
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
