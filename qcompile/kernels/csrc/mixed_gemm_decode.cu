@@ -17,8 +17,8 @@
 //
 // Work split: a CTA owns kR 16-row tiles of W and 8 * kNT tokens; its warps stride over the
 // 64-deep K chunks (warp w takes chunks w, w + warps, ...), so a CTA reads a contiguous run of
-// the weight. Each warp issues the loads of kUnroll chunks before converting any of them. The
-// warps' fp32 partial tiles are summed through shared memory in warp order (deterministic, no
+// the weight. Each warp issues the loads of a round (kRoundLoads chunk-tiles) before
+// converting any of them. The warps' fp32 partial tiles are summed through shared memory in warp order (deterministic, no
 // atomics, no workspace), then scaled, biased and stored.
 //
 // Layouts (QC_LAYOUT), lane l = 4g + t of a warp, a 16-row tile nt, a 16-deep K step j:
@@ -29,11 +29,15 @@
 //   1  "sm80 v2" (mixed_gemm_sm80.py, biased unsigned): 512-byte blocks of 16 rows (int4) or
 //      8 rows (int8) x 64 k; lane l's 16 bytes hold its fragments of the block's 4 K steps.
 // Both become the A fragment {a0: row g, k 2t..2t+1; a1: row g+8; a2: row g, k 2t+8..9;
-// a3: row g+8, k 2t+8..9} with the bias trick of sm80_mixed.cuh.
+// a3: row g+8, k 2t+8..9} of biased integers h = q' + kBiasH (the magic-number conversion of
+// sm80_mixed.cuh without its subtract); load_chunk says how the sm90 layout is read with
+// 16-byte loads (the MMA's k slots relabelled, load_x loading the activations to match).
 //
 // Scales (QC_MODE): 0 "rowscale": float32 [N] applied to the fp32 sum (the sm90 rowscale
-// layout); 2 "groupzero": W = q' * s + z' with s, z' [K/g, N] in the activation type applied
-// to the fragment before the MMA (g a multiple of 64, so one group per chunk).
+// layout); 2 "groupzero": W = q' * s + z' with s, z' [K/g, N] in the activation type (g a
+// multiple of 64, so one group per chunk), applied per chunk in fp32 after the MMAs:
+// s * sum(x h) + (z' - kBiasH s) * sum(x), sum(x) from an MMA with an all-ones A. In
+// rowscale mode the bias comes off once at the end (kBiasH * sum(x) over all chunks).
 //
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
