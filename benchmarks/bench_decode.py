@@ -9,8 +9,9 @@ eagerly, then generate ``--new`` tokens greedily with the one-token step compile
 ``mode="reduce-overhead"`` (CUDA graphs) by the default Inductor backend ("inductor") or by
 ``backend="qcompile"`` (CUDA graphs too, and ``freezing_discard_parameters`` so the
 repacked weights are not held twice). Records tokens/s, ms per token, peak GPU memory
-during decoding (after compilation, above what earlier cells still hold) beside the model's weight and KV-cache bytes, and
-compile time, one JSON line per cell in benchmarks/results/bench_decode.jsonl.
+during decoding (after compilation, above what earlier cells still hold) beside the model's
+weight and KV-cache bytes, and compile time, one JSON line per cell in
+benchmarks/results/bench_decode.jsonl.
 ``--device cpu --config tiny --prompt 8 --new 4`` is a smoke test, not a measurement.
 """
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from test_backend import QC_OPS, GraphSpy, rel_err
 
 import qcompile
 from qcompile.llama import CONFIGS, Llama
-from test_backend import QC_OPS, GraphSpy, rel_err
 
 MIXED = torch.ops.qcompile.mixed_gemm.default
 

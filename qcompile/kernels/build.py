@@ -5,8 +5,9 @@ Each source in ``qcompile/kernels/csrc`` is a template filled only by ``-D`` def
 compiled by ``nvcc`` against the CUTLASS headers of the installed ``nvidia-cutlass`` package
 and cached on disk under ``$QCOMPILE_CACHE_DIR`` (default ``~/.cache/qcompile``), keyed by a
 hash of the source text, the csrc headers it includes, the defines, the architecture and
-the nvcc flags it is built with, the nvcc version and the CUTLASS version. Writes are atomic (compile to a temporary name, then
-rename), so several processes may build the same cache at once.
+the nvcc flags it is built with, the nvcc version and the CUTLASS version. Writes are atomic
+(compile to a temporary name, then rename), so several processes may build the same cache
+at once.
 
 A cached library is found without nvcc or the CUTLASS headers: the nvcc and CUTLASS
 versions that went into its key are recorded in a small index next to it (``versions.json``),

@@ -19,10 +19,11 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+from test_mixed_gemm_cuda import ACTS, _check, _poisoned, _problem, _ref, _x  # noqa: E402
+
 from qcompile.kernels import mixed_gemm as mg  # noqa: E402
 from qcompile.kernels import mixed_gemm_decode as dec  # noqa: E402
 from qcompile.kernels import mixed_gemm_sm80 as m80  # noqa: E402
-from test_mixed_gemm_cuda import ACTS, _check, _poisoned, _problem, _ref, _x  # noqa: E402
 
 FAMILIES = {"sm90": mg, "sm80": m80}
 
