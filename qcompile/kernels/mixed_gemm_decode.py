@@ -44,7 +44,7 @@ TILE_K = 64         # K chunk; group sizes must be multiples of it
 LAYOUT_SM90, LAYOUT_SM80_V2 = 0, 1
 MODE_ROWSCALE, MODE_GROUPZERO = 0, 2
 _TOKEN_TILES = (8, 16, 32)
-_ROW_TILES = (16, 32, 64)
+_ROW_TILES = (16, 32)
 _WARPS = (4, 8, 16)
 _SMEM_LIMIT = 48 * 1024
 
@@ -77,8 +77,8 @@ def builds(layout: int) -> tuple[DecodeBuild, ...]:
 
 @dataclass(frozen=True)
 class DecodeChoice:
-    """A launch shape: tokens per CTA (8/16/32), weight rows per CTA (16/32; 64 with 8
-    tokens), warps per CTA (they split K)."""
+    """A launch shape: tokens per CTA (8/16/32), weight rows per CTA (16/32), warps per CTA
+    (they split K)."""
 
     tokens: int = 8
     rows: int = 16
@@ -92,9 +92,7 @@ class DecodeChoice:
         return self.warps * (self.rows // 16) * (self.tokens // 8) * 4 * 32 * 4
 
     def valid(self) -> bool:
-        # 64-row CTAs are built for the 8-token tile only (decode_common.cuh)
         return (self.tokens in _TOKEN_TILES and self.rows in _ROW_TILES
-                and (self.rows < 64 or self.tokens == 8)
                 and 1 <= self.warps <= 16 and self.smem_bytes() <= _SMEM_LIMIT)
 
 

@@ -203,15 +203,6 @@ def test_decode_every_launch_shape(out_dtype):
             _run(m, n, k, m % 2 == 0, m % 3 != 0, m % 4 < 2, out_dtype, config=choice, seed=m)
 
 
-def test_decode_64_row_tiles():
-    # 64-row CTAs (8-token tile only), N a multiple of 64, K = 13 chunks
-    n, k = 192, 13 * 64
-    for warps in (1, 4, 16):
-        for m in (1, 5, 8):
-            _run(m, n, k, m % 2 == 0, True, m % 4 < 2, torch.bfloat16,
-                 config=dec.DecodeChoice(8, 64, warps), seed=m)
-
-
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 32])
 def test_decode_llama_shapes(m):
     for n, k in ((14336, 4096), (1024, 4096), (4096, 14336)):

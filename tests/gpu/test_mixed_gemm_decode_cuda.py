@@ -117,22 +117,6 @@ def test_every_launch_shape(fam_name, bits):
 
 
 @pytest.mark.parametrize("fam_name", list(FAMILIES))
-@pytest.mark.parametrize("bits", [4, 8])
-def test_64_row_tiles(fam_name, bits):
-    # 64-row CTAs (8-token tile only): N a multiple of 64, K = 13 chunks
-    fam = FAMILIES[fam_name]
-    n, k = 192, 13 * 64
-    layout, tensors, w = _prepared(fam, n, k, bits, False, 64, "sub", "bf16")
-    for warps in (1, 4, 16):
-        choice = dec.DecodeChoice(8, 64, warps)
-        assert choice.valid() and not dec.DecodeChoice(16, 64, warps).valid()
-        for m in (1, 7, 8):
-            x = _x(m, k, torch.bfloat16, seed=m)
-            out = _run(fam, x, layout, tensors, bits, 64, choice)
-            _check(out, _ref(x, w), torch.bfloat16, f"{fam_name} w{bits} {choice.name} M={m}")
-
-
-@pytest.mark.parametrize("fam_name", list(FAMILIES))
 @pytest.mark.parametrize("m", [1, 3, 9, 17, 31, 32])
 def test_odd_m_with_small_token_tiles_and_bias(fam_name, m):
     # the 8-token tile at m > 8 runs several CTA rows over the same weight

@@ -159,8 +159,8 @@ int qc_int8_gemm_decode_info(int* out, int n) {
 // out [M, N]; xq [M, K], wq [N, K] int8 row-major, 16-byte aligned; row_scale [M] (per
 // token) or [1]; col_scale [N] or [1], float32; bias [N] in the output type or null; azp
 // int32 [M] or [1] (as row_scale) and azp_adj int32 [N], or both null.
-// K % 64 == 0, N % (16 * row_tiles) == 0; token_tiles in {1, 2, 4}, row_tiles in {1, 2}
-// (or 4 with one token tile), warps 1..16.
+// K % 64 == 0, N % (16 * row_tiles) == 0; token_tiles in {1, 2, 4}, row_tiles in {1, 2},
+// warps 1..16.
 int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* row_scale,
                         const void* col_scale, const void* bias, const void* azp,
                         const void* azp_adj, int M, int N, int K,

@@ -214,7 +214,7 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 
 template <int kNT, int kR>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
-  constexpr int kUnroll = kRoundLoads / kR > 0 ? kRoundLoads / kR : 1;  // chunks a round
+  constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -370,8 +370,7 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // x [M, K]; w the prepared weight (layout QC_LAYOUT); groupzero: scales / zeros [K/group, N]
 // (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N]. All
 // 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group % 64 == 0 dividing K
-// (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2} (or 4 with one
-// token tile), warps 1..16.
+// (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, int M, int N, int K,
                          int group, int token_tiles, int row_tiles, int warps, void* stream) {
