@@ -16,9 +16,8 @@
 // their limit either way).
 //
 // Work split: a CTA owns kR 16-row tiles of W and 8 * kNT tokens; its warps stride over the
-// 64-deep K chunks in runs of kUnroll (warp w takes chunks w kUnroll .. w kUnroll + kUnroll - 1,
-// then the same a CTA's worth further on), so a CTA reads a contiguous run of the weight and
-// a warp's consecutive chunks share their group's scales and zeros (loaded once). Each warp issues the loads of a round (kRoundLoads chunk-tiles) before
+// 64-deep K chunks (warp w takes chunks w, w + warps, ...), so a CTA reads a contiguous run of
+// the weight. Each warp issues the loads of a round (kRoundLoads chunk-tiles) before
 // converting any of them. The warps' fp32 partial tiles are summed through shared memory in warp order (deterministic, no
 // atomics, no workspace), then scaled, biased and stored.
 //
@@ -262,27 +261,17 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   auto issue = [&](Round& rd, int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u;
+      const int c = c0 + u * warps;
       if (c < chunks) {
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           load_chunk(rd.raw[u][r], p.w, tile0 + r, c, lane, N, K);
 #if QC_MODE == 2
-          // a round's chunks are consecutive: one that continues the previous chunk's group
-          // takes its scales and zeros instead of loading them again
-          if (u > 0 && (c * kChunkK) % p.group != 0) {
+          const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              rd.sz[u][r][0][h] = rd.sz[u > 0 ? u - 1 : 0][r][0][h];
-              rd.sz[u][r][1][h] = rd.sz[u > 0 ? u - 1 : 0][r][1][h];
-            }
-          } else {
-            const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              rd.sz[u][r][0][h] = p.scales[off + 8 * h];
-              rd.sz[u][r][1][h] = p.zeros[off + 8 * h];
-            }
+          for (int h = 0; h < 2; ++h) {
+            rd.sz[u][r][0][h] = p.scales[off + 8 * h];
+            rd.sz[u][r][1][h] = p.zeros[off + 8 * h];
           }
 #endif
         }
@@ -292,7 +281,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   auto consume = [&](const Round& rd, int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u;
+      const int c = c0 + u * warps;
       if (c >= chunks) continue;
 #if QC_MODE == 2
       float part[kR][kNT][4], sx[kNT][4];
@@ -343,8 +332,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #endif
     }
   };
-  // warp w's rounds: kUnroll consecutive chunks from (w + i * warps) * kUnroll
-  for (int c0 = warp * kUnroll; c0 < chunks; c0 += kUnroll * warps) {
+  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
     Round rd;
     issue(rd, c0);
     consume(rd, c0);
