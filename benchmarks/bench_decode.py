@@ -89,8 +89,9 @@ def _kv_bytes(model) -> int:
 
 
 def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, prompt: int,
-             new: int, device: str, profile: bool | str = False,
-             fuse_linears: bool | None = None, autotune: bool = False) -> dict:
+             new: int, device: str, profile: bool = False,
+             fuse_linears: bool | None = None, autotune: bool = False,
+             trace: str | None = None) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     # Inductor's code cache keeps the compiled modules of earlier cells, and with them the
@@ -149,10 +150,9 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
             out.append(tok)
         _sync(device)
         seconds = time.perf_counter() - start
-        if profile:
-            trace = (f"{profile}-{model_kind}-{fmt}-{impl}-bs{batch}.json"
-                     if isinstance(profile, str) else None)
-            _profile(step, tok, prompt + new, device, trace=trace)
+        if profile or trace:
+            path = f"{trace}-{model_kind}-{fmt}-{impl}-bs{batch}.json" if trace else None
+            _profile(step, tok, prompt + new, device, trace=path)
     report = qcompile.last_report() if impl == "qcompile" else None
     peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9 if device == "cuda" else 0.0
     released_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
@@ -260,7 +260,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.trace or args.profile, fuse_linears, autotune)
+                           args.device, args.profile, fuse_linears, autotune, args.trace)
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,

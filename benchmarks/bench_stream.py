@@ -106,65 +106,58 @@ class Layerset:
     """`layers` distinct weights of one (N, K): the callables of every implementation."""
 
     def __init__(self, pattern: str, n: int, k: int, layers: int, impls, floor_make):
-        from qcompile.kernels import mixed_gemm as mg
         self.n, self.k = n, k
         self.calls: dict[str, list] = {i: [] for i in impls}
         self.bytes: dict[str, int] = {i: 0 for i in impls}
-        self.check = None
-        self.floor_make = floor_make
         for _ in range(layers):
             if pattern == "w8a8_static":
-                self._add_int8(n, k)
-                continue
-            fmt, w, _mod = make_weights(pattern, n, k)
-            layout = mg.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
-                                      n, k, DT, "cuda")
-            prep = mg.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"], fmt["signed"],
-                                     fmt["group"], fmt["zero_mode"], layout, DT)
-            args = (*prep, None, fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
-                    layout)
-            qbytes = sum(t.numel() * t.element_size() for t in prep if t is not None)
-            if "qcompile" in self.calls:
-                self.calls["qcompile"].append(
-                    lambda x, config=None, a=args: mg.mixed_gemm_cuda(x, *a, config=config))
-                self.bytes["qcompile"] += qbytes
-            if "cublas_bf16" in self.calls:
-                self.calls["cublas_bf16"].append(lambda x, config=None, w=w: F.linear(x, w))
-                self.bytes["cublas_bf16"] += w.numel() * w.element_size()
+                qweight, nbytes, call, dequant = self._int8_layer(n, k)
             else:
-                if self.check is None:
-                    self.check = (args, w)
-                del w
+                qweight, nbytes, call, dequant = self._mixed_layer(pattern, n, k)
+            self._add("qcompile", call, nbytes)
+            if "cublas_bf16" in self.calls:
+                w = dequant()
+                self._add("cublas_bf16", lambda x, config=None, w=w: F.linear(x, w),
+                          w.numel() * w.element_size())
             if "read_floor" in self.calls:
-                f = floor_make(prep[0])
-                self.calls["read_floor"].append(lambda x, config=None, f=f: f(x))
-                self.bytes["read_floor"] += prep[0].numel() * prep[0].element_size()
-            del fmt
+                f = floor_make(qweight)
+                self._add("read_floor", lambda x, config=None, f=f: f(x),
+                          qweight.numel() * qweight.element_size())
 
+    def _add(self, impl: str, call, nbytes: int) -> None:
+        if impl in self.calls:
+            self.calls[impl].append(call)
+            self.bytes[impl] += nbytes
 
-    def _add_int8(self, n: int, k: int) -> None:
-        """A W8A8 layer: int8 weight, per-channel scales, one per-tensor activation scale
-        (the calls take the int8 activation)."""
+    @staticmethod
+    def _mixed_layer(pattern: str, n: int, k: int):
+        """(packed weight, bytes qcompile reads, its call, the bf16 weight) of a weight-only
+        layer prepared for the Hopper family."""
+        from qcompile.kernels import mixed_gemm as mg
+        fmt, w, _mod = make_weights(pattern, n, k)
+        layout = mg.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
+                                  n, k, DT, "cuda")
+        prep = mg.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"], fmt["signed"],
+                                 fmt["group"], fmt["zero_mode"], layout, DT)
+        args = (*prep, None, fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"], layout)
+        nbytes = sum(t.numel() * t.element_size() for t in prep if t is not None)
+        return (prep[0], nbytes,
+                lambda x, config=None, a=args: mg.mixed_gemm_cuda(x, *a, config=config),
+                lambda: w)
+
+    @staticmethod
+    def _int8_layer(n: int, k: int):
+        """The same for a W8A8 layer: int8 weight, per-channel scales, one per-tensor
+        activation scale (its call takes the int8 activation)."""
         from qcompile.kernels import int8_gemm as i8
         wq = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int16).to(torch.int8)
         col = torch.rand(n, device="cuda") * 0.01 + 0.001
         row = torch.full((1,), 0.02, device="cuda")
 
-        def call(x, config=None, wq=wq, col=col, row=row):
+        def call(x, config=None):
             return i8.int8_gemm_cuda(x, wq, row, col, None, DT,
                                      i8.choice_from_name(config) if config else None)
-        nbytes = wq.numel()
-        if "qcompile" in self.calls:
-            self.calls["qcompile"].append(call)
-            self.bytes["qcompile"] += nbytes
-        if "cublas_bf16" in self.calls:
-            w = wq.to(DT) * col[:, None].to(DT)
-            self.calls["cublas_bf16"].append(lambda x, config=None, w=w: F.linear(x.to(DT), w))
-            self.bytes["cublas_bf16"] += w.numel() * w.element_size()
-        if "read_floor" in self.calls:
-            f = self.floor_make(wq)
-            self.calls["read_floor"].append(lambda x, config=None, f=f: f(x))
-            self.bytes["read_floor"] += nbytes
+        return wq, wq.numel(), call, lambda: wq.to(DT) * col[:, None].to(DT)
 
 
 def main(argv=None) -> int:
@@ -178,7 +171,6 @@ def main(argv=None) -> int:
     ap.add_argument("--flush-check", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_stream.jsonl"))
     args = ap.parse_args(argv)
-    from qcompile.kernels import mixed_gemm as mg
     from qcompile.kernels import mixed_gemm_decode as decode
 
     impls = args.impls.split(",")
@@ -211,9 +203,10 @@ def main(argv=None) -> int:
             sets = [Layerset(pattern, n, k, args.layers, impls, floor_make)
                     for n, k in LAYER_SHAPES]
             for m in (int(v) for v in args.ms.split(",")):
-                xs = {k: (torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
-                          if pattern == "w8a8_static" else
-                          torch.randn(m, k, device="cuda", dtype=DT)) for _, k in LAYER_SHAPES}
+                xs = {k: torch.randn(m, k, device="cuda", dtype=DT) for _, k in LAYER_SHAPES}
+                # W8A8's qcompile call takes the int8 activation; cuBLAS and the floor bf16
+                xq = {k: torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+                      for _, k in LAYER_SHAPES}
                 variants = [(i, None) for i in impls]
                 if args.shapes_sweep and "qcompile" in impls:
                     names = {c for n, k in LAYER_SHAPES for c in decode.candidates(m, n, k)}
@@ -223,10 +216,12 @@ def main(argv=None) -> int:
                     rows = [(f"{s.n}x{s.k}", [s]) for s in sets] + [("step", sets)]
                     for name, group in rows:
                         if config is not None and any(
-                                not decode.fits(m, s.n, s.k, 128, 2, decode.choice_from_name(config))
+                                not decode.fits(m, s.n, s.k, 128, decode.MODE_GROUPZERO,
+                                                decode.choice_from_name(config))
                                 for s in group):
                             continue
-                        calls = [functools.partial(s.calls[impl][li], xs[s.k], config)
+                        x_of = xq if pattern == "w8a8_static" and impl == "qcompile" else xs
+                        calls = [functools.partial(s.calls[impl][li], x_of[s.k], config)
                                  for li in range(args.layers) for s in group]
                         nbytes = sum(s.bytes[impl] for s in group)
                         try:
@@ -244,7 +239,6 @@ def main(argv=None) -> int:
                                tb_per_s=round(nbytes / us / 1e6, 3))
             del sets
             torch.cuda.empty_cache()
-    del mg
     return 0
 
 
