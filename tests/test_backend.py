@@ -186,3 +186,40 @@ def test_discard_parameters_needs_freezing():
                              options={"freezing": False, "freezing_discard_parameters": True})
     with pytest.raises(Exception, match="needs freezing"):
         compiled(torch.randn(2, 64))
+
+
+def test_row_reductions_stay_unsplit_only_while_compiling(monkeypatch):
+    """The backend compiles with Inductor's split heuristic replaced for rows of at most
+    UNSPLIT_ROW_REDUCTION_MAX elements (decode's 14336-wide int8 quantization: one kernel);
+    longer or outer reductions keep Inductor's choice, and the handler is restored after."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    from qcompile import _compat
+    from qcompile.backend import UNSPLIT_ROW_REDUCTION_MAX
+
+    cpu = torch.device("cpu")
+    before = V.choices
+    with _compat.unsplit_row_reductions(UNSPLIT_ROW_REDUCTION_MAX):
+        split = V.choices.reduction_split_factor
+        assert split(cpu, 14336, 1, True) == 1
+        assert split(cpu, 1 << 22, 1, True) == InductorChoices.reduction_split_factor(
+            cpu, 1 << 22, 1, True)
+        assert split(cpu, 14336, 1, False) == InductorChoices.reduction_split_factor(
+            cpu, 14336, 1, False)
+        assert V.choices.should_use_persistent_reduction is not None  # the rest delegated
+    assert V.choices is before
+
+    seen, original = [], _compat.unsplit_row_reductions
+
+    def spy(max_numel):
+        seen.append(max_numel)
+        return original(max_numel)
+
+    monkeypatch.setattr(_compat, "unsplit_row_reductions", spy)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 64))
+    qcompile.quantize(model, "w8a16")
+    with torch.no_grad():
+        torch.compile(model, backend="qcompile")(torch.randn(2, 64))
+    assert seen == [UNSPLIT_ROW_REDUCTION_MAX]

@@ -18,8 +18,8 @@
 // Work split: a CTA owns kR 16-row tiles of W and 8 * kNT tokens; its warps stride over the
 // 64-deep K chunks (warp w takes chunks w, w + warps, ...), so a CTA reads a contiguous run of
 // the weight. Each warp issues the loads of a round (kRoundLoads chunk-tiles) before
-// converting any of them. The warps' fp32 partial tiles are summed through shared memory in warp order (deterministic, no
-// atomics, no workspace), then scaled, biased and stored.
+// converting any of them. The warps' fp32 partial tiles are summed through shared memory in
+// warp order (deterministic, no atomics, no workspace), then scaled, biased and stored.
 //
 // Layouts (QC_LAYOUT), lane l = 4g + t of a warp, a 16-row tile nt, a 16-deep K step j:
 //   0  "sm90" (mixed_gemm.py reorder_weight, signed two's complement): the tile's 16x16 block
@@ -63,7 +63,6 @@
 #ifndef QC_MODE
 #define QC_MODE 2
 #endif
-
 
 #include "decode_common.cuh"
 #include "sm80_mixed.cuh"
@@ -201,14 +200,18 @@ __device__ __forceinline__ uint32_t biased_pair(uint32_t w) {
 __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[kWords]) {
 #if QC_LAYOUT == 0 && QC_WBITS == 4
   const uint32_t w = r[0] ^ 0x88888888u;  // two's complement -> biased
-  a[0] = biased_pair<0>(w); a[1] = biased_pair<1>(w); a[2] = biased_pair<2>(w); a[3] = biased_pair<3>(w);
+  a[0] = biased_pair<0>(w); a[1] = biased_pair<1>(w);
+  a[2] = biased_pair<2>(w); a[3] = biased_pair<3>(w);
 #elif QC_LAYOUT == 0
   const uint32_t w0 = r[0] ^ 0x80808080u, w1 = r[1] ^ 0x80808080u;
-  a[0] = biased_pair<0>(w0); a[1] = biased_pair<1>(w0); a[2] = biased_pair<0>(w1); a[3] = biased_pair<1>(w1);
+  a[0] = biased_pair<0>(w0); a[1] = biased_pair<1>(w0);
+  a[2] = biased_pair<0>(w1); a[3] = biased_pair<1>(w1);
 #elif QC_WBITS == 4
-  a[0] = biased_pair<0>(r[0]); a[1] = biased_pair<2>(r[0]); a[2] = biased_pair<1>(r[0]); a[3] = biased_pair<3>(r[0]);
+  a[0] = biased_pair<0>(r[0]); a[1] = biased_pair<2>(r[0]);
+  a[2] = biased_pair<1>(r[0]); a[3] = biased_pair<3>(r[0]);
 #else
-  a[0] = biased_pair<0>(r[0]); a[1] = biased_pair<0>(r[1]); a[2] = biased_pair<1>(r[0]); a[3] = biased_pair<1>(r[1]);
+  a[0] = biased_pair<0>(r[0]); a[1] = biased_pair<0>(r[1]);
+  a[2] = biased_pair<1>(r[0]); a[3] = biased_pair<1>(r[1]);
 #endif
 }
 
@@ -251,34 +254,27 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int e = 0; e < 4; ++e) sx_all[j][e] = 0.f;
   const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
 
-  // A round: the loads of kUnroll chunks x kR row tiles, issued together.
-  struct Round {
+  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
+    // a round: the loads of kUnroll chunks x kR row tiles, all issued before any is used
     uint32_t raw[kUnroll][kR][4][kWords];
 #if QC_MODE == 2
-    Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
+    Act sz[kUnroll][kR];  // lane l < 16: the scale of the tile's row l, else the zero of row l - 16
 #endif
-  };
-  auto issue = [&](Round& rd, int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
-      if (c < chunks) {
+      if (c >= chunks) continue;
 #pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          load_chunk(rd.raw[u][r], p.w, tile0 + r, c, lane, N, K);
+      for (int r = 0; r < kR; ++r) {
+        load_chunk(raw[u][r], p.w, tile0 + r, c, lane, N, K);
 #if QC_MODE == 2
-          const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            rd.sz[u][r][0][h] = p.scales[off + 8 * h];
-            rd.sz[u][r][1][h] = p.zeros[off + 8 * h];
-          }
+        // one 2-byte load a lane brings the tile's 16 scales and 16 zeros of this group, and
+        // shuffles below hand each lane its rows' (four loads a lane otherwise)
+        const size_t row0 = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16;
+        sz[u][r] = lane < 16 ? p.scales[row0 + lane] : p.zeros[row0 + lane - 16];
 #endif
-        }
       }
     }
-  };
-  auto consume = [&](const Round& rd, int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -308,20 +304,21 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           uint32_t a[4];
-          fragment(a, rd.raw[u][r][ks]);
+          fragment(a, raw[u][r][ks]);
 #pragma unroll
           for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
         }
       }
 #if QC_MODE == 2
-      // W = (h - kBiasH) * s + z' over the chunk's one group: s * sum(x h) + (z' - kBiasH s) * sum(x)
+      // W = (h - kBiasH) s + z' over the chunk's one group: s sum(x h) + (z' - kBiasH s) sum(x)
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
+        const float v = static_cast<float>(sz[u][r]);
         float s[2], zz[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          s[h] = static_cast<float>(rd.sz[u][r][0][h]);
-          zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(rd.sz[u][r][1][h]));
+        for (int h = 0; h < 2; ++h) {  // rows g, g + 8 (no lane has left: all 32 shuffle)
+          s[h] = __shfl_sync(0xffffffffu, v, g + 8 * h);
+          zz[h] = fmaf(-kBiasH, s[h], __shfl_sync(0xffffffffu, v, 16 + g + 8 * h));
         }
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
@@ -331,11 +328,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       }
 #endif
     }
-  };
-  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
-    Round rd;
-    issue(rd, c0);
-    consume(rd, c0);
   }
   if (kRowBias) {
 #pragma unroll
