@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     // a round: the loads of kUnroll chunks x kR row tiles, all issued before any is used
     uint32_t raw[kUnroll][kR][4][kWords];
 #if QC_MODE == 2
-    Act sz[kUnroll][kR];  // lane l < 16: the scale of the tile's row l, else the zero of row l - 16
+    Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
 #endif
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -268,10 +268,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       for (int r = 0; r < kR; ++r) {
         load_chunk(raw[u][r], p.w, tile0 + r, c, lane, N, K);
 #if QC_MODE == 2
-        // one 2-byte load a lane brings the tile's 16 scales and 16 zeros of this group, and
-        // shuffles below hand each lane its rows' (four loads a lane otherwise)
-        const size_t row0 = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16;
-        sz[u][r] = lane < 16 ? p.scales[row0 + lane] : p.zeros[row0 + lane - 16];
+        // (one 2-byte load a lane for the tile's 16 scales and 16 zeros, handed out by
+        // shuffles, was faster at 28672x4096 but slower over a decode step's four shapes)
+        const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          sz[u][r][0][h] = p.scales[off + 8 * h];
+          sz[u][r][1][h] = p.zeros[off + 8 * h];
+        }
 #endif
       }
     }
@@ -313,12 +317,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       // W = (h - kBiasH) s + z' over the chunk's one group: s sum(x h) + (z' - kBiasH s) sum(x)
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        const float v = static_cast<float>(sz[u][r]);
         float s[2], zz[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {  // rows g, g + 8 (no lane has left: all 32 shuffle)
-          s[h] = __shfl_sync(0xffffffffu, v, g + 8 * h);
-          zz[h] = fmaf(-kBiasH, s[h], __shfl_sync(0xffffffffu, v, 16 + g + 8 * h));
+        for (int h = 0; h < 2; ++h) {  // rows g, g + 8
+          s[h] = static_cast<float>(sz[u][r][0][h]);
+          zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(sz[u][r][1][h]));
         }
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
