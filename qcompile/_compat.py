@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -74,38 +73,3 @@ def benchmark_gpu(fn) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 20
-
-
-class _UnsplitRowReductions:
-    """Inductor's choices handler with one heuristic replaced (everything else delegated)."""
-
-    def __init__(self, inner, max_numel: int):
-        self._inner = inner
-        self._max_numel = max_numel
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name == "_inner":  # copy/pickle probes before __init__
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-    def reduction_split_factor(self, device, reduction_numel_hint: int, numel_hint: int,
-                               inner_reduction: bool) -> int:
-        if inner_reduction and reduction_numel_hint <= self._max_numel:
-            return 1
-        return self._inner.reduction_split_factor(device, reduction_numel_hint, numel_hint,
-                                                  inner_reduction)
-
-
-def unsplit_row_reductions(max_numel: int):
-    """A context in which Inductor keeps every row reduction of at most ``max_numel``
-    elements in one kernel, however few rows there are. Inductor's heuristic splits a
-    reduction with few outputs into a partial and a final kernel, and the pointwise that
-    reads the result then needs a third; the choices handler (``V.choices``) is where Inductor
-    takes that decision from. A no-op context where the handler is missing."""
-    try:
-        from torch._inductor.virtualized import V
-        inner = V.choices
-        inner.reduction_split_factor  # noqa: B018  (present since the handler exists)
-    except (ImportError, AttributeError):  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return V.set_choices_handler(_UnsplitRowReductions(inner, max_numel))

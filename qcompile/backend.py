@@ -36,12 +36,6 @@ from .lowering.rewrite import rewrite_graph
 
 log = logging.getLogger("qcompile")
 
-# Row reductions of up to this many elements stay one Triton kernel however few the rows
-# (_compat.unsplit_row_reductions). Inductor splits those above 8192 elements with few outputs
-# (on GPUs before sm_100): at decode the per-token int8 quantization of the down projection's
-# 14336-wide input became three kernels (partial absmax, final absmax, quantize) instead of one.
-UNSPLIT_ROW_REDUCTION_MAX = 32768
-
 _last: list[Report] = []          # reports of the most recent compile calls
 _collectors: list[Report] = []    # active explain()/collect() contexts
 
@@ -183,8 +177,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     qpass = QcompilePass(flat, report, fuse_linears)
     patches["joint_custom_pre_pass"] = qpass
     kept: list[list[int]] = []  # the graph inputs freezing keeps, as indices into flat
-    with (torch._inductor.config.patch(patches), _recording_freeze(kept),
-          _compat.unsplit_row_reductions(UNSPLIT_ROW_REDUCTION_MAX)):
+    with torch._inductor.config.patch(patches), _recording_freeze(kept):
         compiled = compile_fx(gm, example_inputs, inner_compile=functools.partial(
             _inner_compile, static=[i for i, (_, const) in enumerate(flat) if const],
             kept=kept))

@@ -76,9 +76,8 @@ class _SiluMul(torch.nn.Module):
                                           ("silu_mul", 14336, 8)])
 def test_activation_quantization_is_one_triton_kernel(before, dim, m):
     """RMSNorm (or the MLP's silu * up) + per-token int8 quantization before the GEMM: one
-    fused kernel, and no float32 copy of the activation written to memory. At decode the
-    14336-wide row is one kernel too (Inductor alone would split its absmax in two and
-    quantize in a third)."""
+    fused kernel, and no float32 copy of the activation written to memory; also at decode,
+    where the down projection's 14336-wide rows are one or eight."""
     import re
 
     from torch._inductor.utils import run_and_get_code
