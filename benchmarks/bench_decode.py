@@ -141,11 +141,14 @@ def run_cell(model_kind: str, cfg_name: str, fmt: str, impl: str, batch: int, pr
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()  # steady-state decode, not compilation
         out = []
+        # the positions made on the device beforehand: a tensor made from a Python number
+        # in the loop is a host-to-device copy, which waits for the GPU to finish the previous
+        # step, so the host's share of every step (graph launch, argmax) would idle the GPU
+        positions = torch.arange(prompt, prompt + new, device=device)
         _sync(device)
         start = time.perf_counter()
         for i in range(new):
-            pos = torch.tensor([prompt + i], device=device)
-            logits = step(tok, pos)
+            logits = step(tok, positions[i:i + 1])
             tok = logits[:, -1:].argmax(-1)
             out.append(tok)
         _sync(device)
