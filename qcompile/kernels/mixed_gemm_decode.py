@@ -118,7 +118,8 @@ def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | N
     """Whether the decode kernel takes this problem (and launch shape)."""
     if m < 1 or m > MAX_TOKENS or k % TILE_K or n % 16:
         return False
-    if mode == MODE_GROUPZERO and (group % TILE_K or k % group):
+    per_group = group // TILE_K  # chunks a group: a power of two (the kernel shifts by it)
+    if mode == MODE_GROUPZERO and (group % TILE_K or k % group or per_group & (per_group - 1)):
         return False
     return choice is None or (choice.valid() and n % choice.rows == 0)
 

@@ -35,7 +35,7 @@
 //
 // Scales (QC_MODE): 0 "rowscale": float32 [N] applied to the fp32 sum (the sm90 rowscale
 // layout); 2 "groupzero": W = q' * s + z' with s, z' [K/g, N] in the activation type (g a
-// multiple of 64, so one group per chunk), applied per chunk in fp32 after the MMAs:
+// power-of-two multiple of 64, so one group per chunk), applied per chunk in fp32 after the MMAs:
 // s * sum(x h) + (z' - kBiasH s) * sum(x), sum(x) from an MMA with an all-ones A. In
 // rowscale mode the bias comes off once at the end (kBiasH * sum(x) over all chunks).
 //
@@ -95,7 +95,8 @@ struct Params {
   const float* rowscale;  // rowscale: [N]
   const Act* bias;        // [N] or null
   Act* out;
-  int M, N, K, group;
+  int M, N, K;
+  int group_shift;        // groupzero: group = kChunkK << group_shift
 };
 
 // Which K a lane's MMA slots stand for is free as long as A (weights) and B (activations)
@@ -106,35 +107,47 @@ struct Params {
 // activations are then 16 contiguous k (int4) or 4 + 4 (int8), loaded wide too. The sm80 v2
 // layout already gives a lane its own words of the 4 steps in one 16-byte load.
 //
-// load_chunk: the raw words of 16-row tile `tile`, chunk `chunk`, for MMA steps 0..3.
-__device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* w, int tile,
-                                           int chunk, int lane, int N, int K) {
+// Where a lane's weight bytes are: those of chunk c of 16-row tile `tile` start at
+// lane + c * stride bytes into the prepared weight (`second` further for an int8 lane's second
+// load). Computed once per tile, so the loop's addresses are one multiply-add each.
+struct WeightWalk {
+  size_t lane, second, stride;
+};
+
+__device__ __forceinline__ WeightWalk weight_walk(int tile, int lane, int N, int K) {
   const int g = lane >> 2, t = lane & 3;
 #if QC_LAYOUT == 0
-  const size_t tiles_n = N / 16;
+  // block (tile, K step j) at byte (tile + N/16 * j) * 16 * kBits; chunk c holds steps 4c..4c+3
+  const size_t tiles_n = N / 16, block = 16 * kBits;
 #if QC_WBITS == 4
-  const uint4 v = ld_stream128(w + (tile + tiles_n * (chunk * 4 + t)) * 128 + g * 16);
-  raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
+  return {tile * block + t * tiles_n * block + g * 16, 0, 4 * tiles_n * block};
 #else
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    const uint4 v = ld_stream128(w + (tile + tiles_n * (chunk * 4 + 2 * q + (t >> 1))) * 256 +
-                                 g * 32 + (t & 1) * 16);
-    raw[2 * q][0] = v.x; raw[2 * q][1] = v.y; raw[2 * q + 1][0] = v.z; raw[2 * q + 1][1] = v.w;
-  }
+  return {tile * block + (t >> 1) * tiles_n * block + g * 32 + (t & 1) * 16,
+          2 * tiles_n * block, 4 * tiles_n * block};
 #endif
 #else
-  const size_t chunks = K / kChunkK;
+  // 512-byte blocks (16 int4 rows, or 8 int8 rows, x 64 k), a row tile's chunks consecutive
+  const size_t chunks = K / kChunkK, tile_bytes = chunks * 512 * (kBits / 4);
+  return {tile * tile_bytes + lane * 16, chunks * 512, 512};
+#endif
+}
+
+// The raw words of one chunk-tile for MMA steps 0..3; `at` = this lane's first 16 bytes.
+__device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* at,
+                                           size_t second) {
+  const uint4 v = ld_stream128(at);
 #if QC_WBITS == 4
-  const uint4 v = ld_stream128(w + (tile * chunks + chunk) * 512 + lane * 16);
   raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
+#elif QC_LAYOUT == 0
+  // two half steps a load: steps 0, 1 from the first, 2, 3 from the second
+  const uint4 u = ld_stream128(at + second);
+  raw[0][0] = v.x; raw[0][1] = v.y; raw[1][0] = v.z; raw[1][1] = v.w;
+  raw[2][0] = u.x; raw[2][1] = u.y; raw[3][0] = u.z; raw[3][1] = u.w;
 #else
   // rows g from block 2 * tile, rows g + 8 from block 2 * tile + 1
-  const uint4 lo = ld_stream128(w + ((2 * tile) * chunks + chunk) * 512 + lane * 16);
-  const uint4 hi = ld_stream128(w + ((2 * tile + 1) * chunks + chunk) * 512 + lane * 16);
-  raw[0][0] = lo.x; raw[1][0] = lo.y; raw[2][0] = lo.z; raw[3][0] = lo.w;
-  raw[0][1] = hi.x; raw[1][1] = hi.y; raw[2][1] = hi.z; raw[3][1] = hi.w;
-#endif
+  const uint4 u = ld_stream128(at + second);
+  raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
+  raw[0][1] = u.x; raw[1][1] = u.y; raw[2][1] = u.z; raw[3][1] = u.w;
 #endif
 }
 
@@ -254,6 +267,15 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int e = 0; e < 4; ++e) sx_all[j][e] = 0.f;
   const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
 
+  // per row tile: this lane's weight bytes and its scale/zero column (rows g, g + 8)
+  WeightWalk walk[kR];
+  int sz_col[kR];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    walk[r] = weight_walk(tile0 + r, lane, N, K);
+    sz_col[r] = (tile0 + r) * 16 + g;
+  }
+
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
     // a round: the loads of kUnroll chunks x kR row tiles, all issued before any is used
     uint32_t raw[kUnroll][kR][4][kWords];
@@ -266,11 +288,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       if (c >= chunks) continue;
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        load_chunk(raw[u][r], p.w, tile0 + r, c, lane, N, K);
+        load_chunk(raw[u][r], p.w + walk[r].lane + c * walk[r].stride, walk[r].second);
 #if QC_MODE == 2
-        // (one 2-byte load a lane for the tile's 16 scales and 16 zeros, handed out by
-        // shuffles, was faster at 28672x4096 but slower over a decode step's four shapes)
-        const size_t off = (size_t)(c * kChunkK / p.group) * N + (tile0 + r) * 16 + g;
+        // chunk c's group is c >> group_shift (a shift: a division here was ~25 instructions
+        // a chunk-tile). (One 2-byte load a lane for the tile's 16 scales and 16 zeros, handed
+        // out by shuffles, was faster at 28672x4096 but slower over a decode step's shapes.)
+        const size_t off = (size_t)(c >> p.group_shift) * N + sz_col[r];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           sz[u][r][0][h] = p.scales[off + 8 * h];
@@ -364,7 +387,7 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 
 // x [M, K]; w the prepared weight (layout QC_LAYOUT); groupzero: scales / zeros [K/group, N]
 // (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N]. All
-// 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group % 64 == 0 dividing K
+// 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group 64 x 2^i dividing K
 // (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, int M, int N, int K,
@@ -372,7 +395,10 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
-  if (group <= 0 || group % kChunkK || K % group || scales == nullptr || zeros == nullptr)
+  // group: 64 times a power of two, dividing K
+  const int per_group = group / kChunkK;
+  if (group <= 0 || group % kChunkK || (per_group & (per_group - 1)) || K % group ||
+      scales == nullptr || zeros == nullptr)
     return static_cast<int>(cudaErrorInvalidValue);
 #else
   if (rowscale == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -388,7 +414,11 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.M = M;
   p.N = N;
   p.K = K;
-  p.group = group;
+#if QC_MODE == 2
+  p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
+#else
+  p.group_shift = 0;
+#endif
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
