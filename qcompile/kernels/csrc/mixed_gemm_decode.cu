@@ -117,8 +117,9 @@ struct WeightWalk {
 __device__ __forceinline__ WeightWalk weight_walk(int tile, int lane, int N, int K) {
   const int g = lane >> 2, t = lane & 3;
 #if QC_LAYOUT == 0
-  // block (tile, K step j) at byte (tile + N/16 * j) * 16 * kBits; chunk c holds steps 4c..4c+3
-  const size_t tiles_n = N / 16, block = 16 * kBits;
+  // block (tile, K step j), 256 values, at byte (tile + N/16 * j) * 32 * kBits; chunk c holds
+  // steps 4c..4c+3
+  const size_t tiles_n = N / 16, block = 32 * kBits;
 #if QC_WBITS == 4
   return {tile * block + t * tiles_n * block + g * 16, 0, 4 * tiles_n * block};
 #else
