@@ -116,7 +116,7 @@ def choice_from_name(name: str) -> DecodeChoice:
 
 def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | None = None) -> bool:
     """Whether the decode kernel takes this problem (and launch shape)."""
-    if m < 1 or m > MAX_TOKENS or k % TILE_K or n % 16:
+    if m < 1 or m > MAX_TOKENS or k % TILE_K or n % 16 or n * k >= 2**32:
         return False
     per_group = group // TILE_K  # chunks a group: a power of two (the kernel shifts by it)
     if mode == MODE_GROUPZERO and (group % TILE_K or k % group or per_group & (per_group - 1)):

@@ -109,9 +109,10 @@ struct Params {
 //
 // Where a lane's weight bytes are: those of chunk c of 16-row tile `tile` start at
 // lane + c * stride bytes into the prepared weight (`second` further for an int8 lane's second
-// load). Computed once per tile, so the loop's addresses are one multiply-add each.
+// load). Computed once per tile, in 32 bits (the launch checks the weight is under 4 GB), so
+// the loop's addresses are one multiply-add each.
 struct WeightWalk {
-  size_t lane, second, stride;
+  uint32_t lane, second, stride;
 };
 
 __device__ __forceinline__ WeightWalk weight_walk(int tile, int lane, int N, int K) {
@@ -119,7 +120,7 @@ __device__ __forceinline__ WeightWalk weight_walk(int tile, int lane, int N, int
 #if QC_LAYOUT == 0
   // block (tile, K step j), 256 values, at byte (tile + N/16 * j) * 32 * kBits; chunk c holds
   // steps 4c..4c+3
-  const size_t tiles_n = N / 16, block = 32 * kBits;
+  const uint32_t tiles_n = N / 16, block = 32 * kBits;
 #if QC_WBITS == 4
   return {tile * block + t * tiles_n * block + g * 16, 0, 4 * tiles_n * block};
 #else
@@ -128,14 +129,14 @@ __device__ __forceinline__ WeightWalk weight_walk(int tile, int lane, int N, int
 #endif
 #else
   // 512-byte blocks (16 int4 rows, or 8 int8 rows, x 64 k), a row tile's chunks consecutive
-  const size_t chunks = K / kChunkK, tile_bytes = chunks * 512 * (kBits / 4);
+  const uint32_t chunks = K / kChunkK, tile_bytes = chunks * 512 * (kBits / 4);
   return {tile * tile_bytes + lane * 16, chunks * 512, 512};
 #endif
 }
 
 // The raw words of one chunk-tile for MMA steps 0..3; `at` = this lane's first 16 bytes.
 __device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* at,
-                                           size_t second) {
+                                           uint32_t second) {
   const uint4 v = ld_stream128(at);
 #if QC_WBITS == 4
   raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
@@ -289,12 +290,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       if (c >= chunks) continue;
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        load_chunk(raw[u][r], p.w + walk[r].lane + c * walk[r].stride, walk[r].second);
+        load_chunk(raw[u][r], p.w + (walk[r].lane + c * walk[r].stride), walk[r].second);
 #if QC_MODE == 2
         // chunk c's group is c >> group_shift (a shift: a division here was ~25 instructions
         // a chunk-tile). (One 2-byte load a lane for the tile's 16 scales and 16 zeros, handed
         // out by shuffles, was faster at 28672x4096 but slower over a decode step's shapes.)
-        const size_t off = (size_t)(c >> p.group_shift) * N + sz_col[r];
+        const uint32_t off = (c >> p.group_shift) * N + sz_col[r];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           sz[u][r][0][h] = p.scales[off + 8 * h];
@@ -393,7 +394,8 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, int M, int N, int K,
                          int group, int token_tiles, int row_tiles, int warps, void* stream) {
-  if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles))
+  if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
+      (uint64_t)N * K >= (1ull << 32))  // byte offsets in 32 bits (WeightWalk)
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
   // group: 64 times a power of two, dividing K
