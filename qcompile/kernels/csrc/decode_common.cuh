@@ -97,4 +97,28 @@ cudaError_t launch_decode(void (*kernel)(const P), const P& p, int warps, int sm
   return cudaGetLastError();
 }
 
+// Dynamic shared memory for a launch that uses `smem` bytes and keeps at most
+// `max_warps_per_sm` warps of `kernel` resident on an SM: where registers would let more CTAs
+// in, a larger request keeps them out (only there: the carveout it takes comes out of the L1).
+// `cached` (one per kernel, zeroed) keeps the answer per warp count: the process's first
+// device is taken for all.
+template <int kMaxWarps, typename K>
+int capped_smem(K kernel, int warps, int smem, int max_warps_per_sm,
+                int (&cached)[kMaxWarps + 1]) {
+  if (warps < 1 || warps > kMaxWarps) return smem;
+  if (cached[warps] == 0) {
+    int blocks = 0, dev = 0, per_sm = 0, reserved = 0, need = smem;
+    const int cap = max_warps_per_sm / warps > 1 ? max_warps_per_sm / warps : 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, 32 * warps, smem) ==
+            cudaSuccess && blocks > cap && cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) ==
+            cudaSuccess &&
+        cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) ==
+            cudaSuccess)
+      need = per_sm / (cap + 1) - reserved + 1;  // cap + 1 CTAs no longer fit
+    cached[warps] = need > 48 * 1024 ? 48 * 1024 : need;
+  }
+  return cached[warps] > smem ? cached[warps] : smem;
+}
+
 }  // namespace qc_decode
