@@ -42,6 +42,9 @@ def test_fits():
     assert not dec.fits(1, 4096, 4096 + 32, 4096 + 32, dec.MODE_ROWSCALE)
     assert not dec.fits(1, 4104, 4096, 128, dec.MODE_GROUPZERO)    # N in 16-row tiles
     assert dec.fits(1, 4096, 4096, 4096, dec.MODE_ROWSCALE)
+    assert dec.fits(1, 4096, 4096, 256, dec.MODE_GROUPZERO)
+    assert not dec.fits(1, 4096, 3072, 192, dec.MODE_GROUPZERO)    # 3 chunks a group: no shift
+    assert not dec.fits(1, 2**17, 2**15, 128, dec.MODE_GROUPZERO)  # byte offsets in 32 bits
     assert dec.fits(1, 48, 64, 64, dec.MODE_GROUPZERO, dec.DecodeChoice(8, 16, 4))
     assert not dec.fits(1, 48, 64, 64, dec.MODE_GROUPZERO, dec.DecodeChoice(8, 32, 4))
 
