@@ -34,6 +34,7 @@ import torch
 
 from qcompile.kernels import mixed_gemm_decode as decode
 from qcompile.kernels.build import KernelBuildError, KernelSpec, build_many, load
+from qcompile.kernels.mixed_gemm import aligned
 
 __all__ = [
     "Int8GemmConfig",
@@ -312,12 +313,20 @@ def supports(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_sc
 
 def _vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # No-ops (no kernel launch) for the usual contiguous float32 scales / matching bias.
-    t = t.reshape(-1)
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    if not t.is_contiguous() or t.data_ptr() % 16:
-        t = t.contiguous().clone()
-    return t
+    return aligned(t.reshape(-1).to(dtype))
+
+
+def _epilogue_operands(xq, row_scale, col_scale, bias, out_dtype, azp, azp_adj, n: int):
+    """What every int8 kernel's epilogue reads, as the kernels take it: float32 row and
+    column scales, the bias in the output type, the int32 zero points and their column
+    correction (None, None when symmetric), and the output [M, N]."""
+    rs = _vector(row_scale, torch.float32)
+    cs = _vector(col_scale, torch.float32)
+    b = _vector(bias, out_dtype) if bias is not None else None
+    zp, adj = (None, None) if azp is None else (_vector(azp, torch.int32),
+                                                _vector(azp_adj, torch.int32))
+    out = torch.empty((xq.shape[0], n), dtype=out_dtype, device=xq.device)
+    return rs, cs, b, zp, adj, out
 
 
 def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
@@ -345,13 +354,10 @@ def int8_gemm_cuda(xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, 
     gemm, ws_size = _functions(cfg, out_dtype)
 
     with torch.cuda.device(xq.device):
-        rs = _vector(row_scale, torch.float32)
-        cs = _vector(col_scale, torch.float32)
+        rs, cs, b, zp, adj, out = _epilogue_operands(xq, row_scale, col_scale, bias, out_dtype,
+                                                     azp, azp_adj, n)
         if cfg.arch == "sm_80" and cs.numel() == 1 and n > 1:
             cs = cs.expand(n).contiguous()  # the 2.x row-broadcast visitor reads a full vector
-        b = _vector(bias, out_dtype) if bias is not None else None
-        zp, adj = _zero_points(azp, azp_adj)
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
         stream = torch.cuda.current_stream(xq.device).cuda_stream
         if cfg.arch == "sm_90a":
             nbytes = ws_size(m, n, k, cfg.splits)
@@ -376,13 +382,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
-def _zero_points(azp, azp_adj):
-    """The kernels' int32 vectors for the zero-point correction, or (None, None)."""
-    if azp is None:
-        return None, None
-    return _vector(azp, torch.int32), _vector(azp_adj, torch.int32)
-
-
 def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice, azp=None,
                       azp_adj=None):
     m, k = xq.shape
@@ -392,11 +391,8 @@ def _int8_gemm_decode(xq, wq, row_scale, col_scale, bias, out_dtype, choice, azp
                          f"N={n} K={k} (M <= {decode.MAX_TOKENS}, K % 64, N % {choice.rows})")
     fn = _decode_function(out_dtype)
     with torch.cuda.device(xq.device):
-        rs = _vector(row_scale, torch.float32)
-        cs = _vector(col_scale, torch.float32)
-        b = _vector(bias, out_dtype) if bias is not None else None
-        zp, adj = _zero_points(azp, azp_adj)
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+        rs, cs, b, zp, adj, out = _epilogue_operands(xq, row_scale, col_scale, bias, out_dtype,
+                                                     azp, azp_adj, n)
         stream = torch.cuda.current_stream(xq.device).cuda_stream
         err = fn(out.data_ptr(), xq.data_ptr(), wq.data_ptr(), rs.data_ptr(), cs.data_ptr(),
                  _ptr(b), _ptr(zp), _ptr(adj), m, n, k, int(rs.numel() != 1),
