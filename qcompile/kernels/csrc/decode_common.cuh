@@ -109,12 +109,17 @@ int capped_smem(K kernel, int warps, int smem, int max_warps_per_sm,
   if (cached[warps] == 0) {
     int blocks = 0, dev = 0, per_sm = 0, reserved = 0, need = smem;
     const int cap = max_warps_per_sm / warps > 1 ? max_warps_per_sm / warps : 1;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, 32 * warps, smem) ==
-            cudaSuccess && blocks > cap && cudaGetDevice(&dev) == cudaSuccess &&
+    const bool asked =
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, 32 * warps, smem) ==
+            cudaSuccess &&
+        cudaGetDevice(&dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) ==
             cudaSuccess &&
         cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) ==
-            cudaSuccess)
+            cudaSuccess;
+    if (!asked)
+      (void)cudaGetLastError();  // no cap then, and no stale error for the launch to report
+    else if (blocks > cap)
       need = per_sm / (cap + 1) - reserved + 1;  // cap + 1 CTAs no longer fit
     cached[warps] = need > 48 * 1024 ? 48 * 1024 : need;
   }
