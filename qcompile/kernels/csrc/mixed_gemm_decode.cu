@@ -295,11 +295,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
         // chunk c's group is c >> group_shift (a shift: a division here was ~25 instructions
         // a chunk-tile). (One 2-byte load a lane for the tile's 16 scales and 16 zeros, handed
         // out by shuffles, was faster at 28672x4096 but slower over a decode step's shapes.)
+        // one 64-bit address per tensor, rows g + 8 at an immediate offset from rows g
         const uint32_t off = (c >> p.group_shift) * N + sz_col[r];
+        const Act* sc = p.scales + off;
+        const Act* zr = p.zeros + off;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          sz[u][r][0][h] = p.scales[off + 8 * h];
-          sz[u][r][1][h] = p.zeros[off + 8 * h];
+          sz[u][r][0][h] = sc[8 * h];
+          sz[u][r][1][h] = zr[8 * h];
         }
 #endif
       }
