@@ -91,7 +91,9 @@ def _kernels():
             n_ok = n < end
             k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * sm_scale
+            # (in fp32 whatever type the scale argument arrives as: under Inductor a Python
+            # float may come in as a float64 constant)
+            scores = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)
             scores = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), scores,
                               float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
