@@ -10,7 +10,6 @@
 
 #include <cuda_runtime.h>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 namespace qc_decode {
@@ -26,48 +25,6 @@ __device__ __forceinline__ uint4 ld_stream128(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-// Programmatic dependent launch (sm_90 on): a decode kernel is launched allowed to start
-// before the kernel ahead of it in the stream has finished. Its weights do not depend on that
-// kernel, its activations and output buffer may: so a CTA asks the L2 for its first weight
-// loads, then waits (griddepcontrol.wait returns once the grid before it has completed and
-// its writes are visible; at once when launched without the attribute), and only then
-// touches x or out. After its main loop it lets the next kernel launch in turn (that
-// kernel's own wait still orders it after this grid's writes).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p));
-}
-
-__device__ __forceinline__ void wait_for_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" : : : "memory");
-#endif
-}
-
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" : : :);
-#endif
-}
-
-// Whether `kernel` is launched with the programmatic-serialization attribute: only where its
-// code was compiled for sm_90 or later (PTX version >= 90, so the wait above is in it: the
-// sm_80 builds also run on an H100, from compute_80 code without it), unless the
-// environment has QCOMPILE_DECODE_PDL=0 at the launch (a CUDA graph keeps what it captured).
-template <typename K>
-bool programmatic_launch(K kernel) {
-  // asked once: every kernel of a library is compiled for the same architecture
-  static const bool compiled_for_it = [&] {
-    cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    return attr.ptxVersion >= 90;
-  }();
-  const char* env = std::getenv("QCOMPILE_DECODE_PDL");
-  return compiled_for_it && !(env != nullptr && env[0] == '0');
 }
 
 // Shared-memory bytes the reduction needs for `warps` warps.
@@ -128,7 +85,7 @@ cudaError_t dispatch_tiles(int token_tiles, int row_tiles, F&& f) {
 
 // Launch a decode kernel over the [p.M, p.N] output: p.N / (16 kR) CTAs of `warps` warps by
 // ceil(p.M / (8 kNT)) token tiles, with `smem` bytes of dynamic shared memory (at most the
-// 48 KB that need no opt-in), as a programmatic dependent launch where programmatic_launch(kernel).
+// 48 KB that need no opt-in).
 template <int kNT, int kR, typename P>
 cudaError_t launch_decode(void (*kernel)(const P), const P& p, int warps, int smem,
                           cudaStream_t s) {
@@ -136,17 +93,8 @@ cudaError_t launch_decode(void (*kernel)(const P), const P& p, int warps, int sm
   const int tokens = 8 * kNT;
   dim3 grid(p.N / (16 * kR), (p.M + tokens - 1) / tokens);
   if (grid.y > 65535) return cudaErrorInvalidValue;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(32 * warps);
-  config.dynamicSmemBytes = smem;
-  config.stream = s;
-  config.attrs = attr;
-  config.numAttrs = programmatic_launch(kernel) ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  kernel<<<grid, 32 * warps, smem, s>>>(p);
+  return cudaGetLastError();
 }
 
 // Dynamic shared memory for a launch that uses `smem` bytes and keeps at most

@@ -105,19 +105,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) int8_gemm_decode_kernel(const 
     xrow[j] = p.x + (size_t)(xok[j] ? m : 0) * K + 16 * t;
   }
 
-  // the first round's weights into L2 while the kernel ahead may still run; x and out only
-  // after it completed (decode_common.cuh)
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int c = warp + u * warps;
-#pragma unroll
-    for (int r = 0; r < kR; ++r)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (c < chunks) prefetch_l2(wrow[r][h] + (size_t)c * kChunkK);
-  }
-  wait_for_prior_grid();
-
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
     uint4 wv[kUnroll][kR][2];
 #pragma unroll
@@ -151,7 +138,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) int8_gemm_decode_kernel(const 
     }
   }
 
-  allow_next_grid();
   reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, int sum) {
     if (p.azp != nullptr) sum -= p.azp[p.row_per_token ? m : 0] * p.azp_adj[n];
     float v = static_cast<float>(sum) * p.row_scale[p.row_per_token ? m : 0] *

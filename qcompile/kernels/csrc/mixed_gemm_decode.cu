@@ -290,21 +290,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     sz_col[r] = (tile0 + r) * 16 + g;
   }
 
-  // the first round's weights (this warp's chunks warp + u * warps) into L2 while the kernel
-  // ahead may still run; x and out only after it completed (decode_common.cuh)
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int c = warp + u * warps;
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      if (c >= chunks) continue;
-      const uint8_t* at = p.w + (walk[r].lane + c * walk[r].stride);
-      prefetch_l2(at);
-      if (kWords == 2) prefetch_l2(at + walk[r].second);
-    }
-  }
-  wait_for_prior_grid();
-
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
     // a round: the loads of kUnroll chunks x kR row tiles, all issued before any is used
     uint32_t raw[kUnroll][kR][4][kWords];
@@ -387,7 +372,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #endif
     }
   }
-  allow_next_grid();
   if (kRowBias) {
 #pragma unroll
     for (int r = 0; r < kR; ++r)
