@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcompile import attention
+
 __all__ = ["LlamaConfig", "Llama", "CONFIGS"]
 
 
@@ -103,8 +105,12 @@ class Attention(nn.Module):
         rep = c.n_heads // c.n_kv_heads
         t = k.shape[2]
         q = q.reshape(b, c.n_kv_heads, rep * s, c.head_dim)
-        mask = mask[:, :, None].expand(mask.shape[0], 1, rep, s, t).reshape(-1, 1, rep * s, t)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.k_cache is not None and attention.kernel_takes(q, k, v):
+            # decode steps on a GPU: keys split over CTAs (qcompile/attention.py)
+            y = attention.cached_attention(q, k, v, input_pos)
+        else:
+            mask = mask[:, :, None].expand(mask.shape[0], 1, rep, s, t).reshape(-1, 1, rep * s, t)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.reshape(b, c.n_heads, s, c.head_dim)
         return self.wo(y.transpose(1, 2).reshape(b, s, c.dim))
 

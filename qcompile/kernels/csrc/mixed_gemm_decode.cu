@@ -211,12 +211,24 @@ __device__ __forceinline__ uint32_t biased_pair(uint32_t w) {
 #endif
 }
 
+// biased_pair of two's complement int4 nibbles (the sm90 layout) in one lop3 a pair:
+// (w >> 4I) & 0x000f000f picks the two nibbles, and the xor with the magic exponent or'ed with
+// 0x00080008 both sets the exponent (the masked bits are zero there) and flips each nibble's
+// sign bit (u = q' + 8), the xor of the whole word that took one more instruction.
+template <int I>
+__device__ __forceinline__ uint32_t signed_pair(uint32_t w) {
+  constexpr uint32_t kMagicSigned = (QC_ACT_FP16 ? 0x64006400u : 0x43004300u) | 0x00080008u;
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;\n"  // (a & b) ^ c
+      : "=r"(d) : "r"(w >> (4 * I)), "r"(0x000f000fu), "r"(kMagicSigned));
+  return d;
+}
+
 // h of the A fragment {a0, a1, a2, a3} from one K step's raw words.
 __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[kWords]) {
 #if QC_LAYOUT == 0 && QC_WBITS == 4
-  const uint32_t w = r[0] ^ 0x88888888u;  // two's complement -> biased
-  a[0] = biased_pair<0>(w); a[1] = biased_pair<1>(w);
-  a[2] = biased_pair<2>(w); a[3] = biased_pair<3>(w);
+  a[0] = signed_pair<0>(r[0]); a[1] = signed_pair<1>(r[0]);
+  a[2] = signed_pair<2>(r[0]); a[3] = signed_pair<3>(r[0]);
 #elif QC_LAYOUT == 0
   const uint32_t w0 = r[0] ^ 0x80808080u, w1 = r[1] ^ 0x80808080u;
   a[0] = biased_pair<0>(w0); a[1] = biased_pair<1>(w0);
@@ -295,11 +307,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
         // chunk c's group is c >> group_shift (a shift: a division here was ~25 instructions
         // a chunk-tile). (One 2-byte load a lane for the tile's 16 scales and 16 zeros, handed
         // out by shuffles, was faster at 28672x4096 but slower over a decode step's shapes.)
+        // one 64-bit address per tensor, rows g + 8 at an immediate offset from rows g
         const uint32_t off = (c >> p.group_shift) * N + sz_col[r];
+        const Act* sc = p.scales + off;
+        const Act* zr = p.zeros + off;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          sz[u][r][0][h] = p.scales[off + 8 * h];
-          sz[u][r][1][h] = p.zeros[off + 8 * h];
+          sz[u][r][0][h] = sc[8 * h];
+          sz[u][r][1][h] = zr[8 * h];
         }
 #endif
       }
