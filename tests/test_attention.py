@@ -34,6 +34,14 @@ def test_reference_matches_explicit_softmax(b, h, rep, s, t, pos0):
     torch.testing.assert_close(got.double(), _explicit(q, k, v, pos), rtol=1e-5, atol=1e-5)
 
 
+def test_bad_shapes_are_refused_with_what_was_given():
+    q, k = torch.randn(1, 2, 3, 64), torch.randn(1, 2, 16, 64)
+    with pytest.raises(ValueError, match=r"S dividing q's rows; got q \(1, 2, 3, 64\)"):
+        attention.cached_attention(q, k, k, torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="integer input_pos"):
+        attention.cached_attention(q, k, k, torch.tensor([4.0]))
+
+
 def test_cpu_tensors_are_not_for_the_kernels():
     q = torch.randn(1, 8, 4, 128, dtype=torch.bfloat16)
     k = torch.randn(1, 8, 64, 128, dtype=torch.bfloat16)
