@@ -170,11 +170,13 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Attention of q's rows over the cache up to each row's position (module docstring)."""
     if (q.dim() != 4 or k_cache.dim() != 4 or input_pos.dim() != 1
             or input_pos.is_floating_point() or input_pos.shape[0] == 0
-            or q.shape[2] % input_pos.shape[0]):
+            or q.shape[2] % input_pos.shape[0]
+            or len({q.device, k_cache.device, v_cache.device, input_pos.device}) != 1):
         raise ValueError(
             "cached_attention: q [B, H, R * S, D], caches [B, H, T, D] and integer input_pos "
-            f"[S] with S dividing q's rows; got q {tuple(q.shape)}, k_cache "
-            f"{tuple(k_cache.shape)}, input_pos {tuple(input_pos.shape)} {input_pos.dtype}")
+            f"[S] with S dividing q's rows, all on one device; got q {tuple(q.shape)} on "
+            f"{q.device}, k_cache {tuple(k_cache.shape)} on {k_cache.device}, input_pos "
+            f"{tuple(input_pos.shape)} {input_pos.dtype} on {input_pos.device}")
     if not kernel_takes(q, k_cache, v_cache):
         return cached_attention_reference(q, k_cache, v_cache, input_pos)
     from torch.library import wrap_triton

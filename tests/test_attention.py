@@ -36,10 +36,12 @@ def test_reference_matches_explicit_softmax(b, h, rep, s, t, pos0):
 
 def test_bad_shapes_are_refused_with_what_was_given():
     q, k = torch.randn(1, 2, 3, 64), torch.randn(1, 2, 16, 64)
-    with pytest.raises(ValueError, match=r"S dividing q's rows; got q \(1, 2, 3, 64\)"):
+    with pytest.raises(ValueError, match=r"S dividing q's rows, all on one device; got q \(1, 2, 3, 64\)"):
         attention.cached_attention(q, k, k, torch.tensor([4, 5]))
     with pytest.raises(ValueError, match="integer input_pos"):
         attention.cached_attention(q, k, k, torch.tensor([4.0]))
+    with pytest.raises(ValueError, match="input_pos .* on cpu"):  # positions off q's device
+        attention.cached_attention(q.to("meta"), k.to("meta"), k.to("meta"), torch.tensor([4]))
 
 
 def test_cpu_tensors_are_not_for_the_kernels():
