@@ -194,12 +194,16 @@ def _through_views(node: fx.Node) -> fx.Node:
 
 
 def _silu_of(x: fx.Node) -> fx.Node | None:
-    """The node computing silu(x) as x's only use: aten.silu, or its decomposition
-    x / (1 + exp(-x)) (what AOTAutograd hands the pass)."""
+    """The node computing silu(x) as x's only use: aten.silu, or a decomposition of it,
+    x * sigmoid(x) or x / (1 + exp(-x)) (what AOTAutograd hands the pass)."""
     silu = _single_user(x, aten.silu.default)
     if silu is not None:
         return silu
     users = list(x.users)
+    sigmoid = next((u for u in users if u.target == aten.sigmoid.default), None)
+    if len(users) == 2 and sigmoid is not None:  # x * sigmoid(x)
+        mul = _single_user(sigmoid, aten.mul.Tensor)
+        return mul if mul is not None and set(mul.args) == {x, sigmoid} and mul in users else None
     neg = next((u for u in users if u.target == aten.neg.default), None)
     div = next((u for u in users if u.target == aten.div.Tensor and u.args[0] is x), None)
     if len(users) != 2 or neg is None or div is None:
