@@ -181,6 +181,9 @@ def _mixed_site(mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: fx.Node | None,
     return _MixedSite(mm, x, w_node, bias, match, rec, scales, zeros, post)
 
 
+_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
 def _single_user(node: fx.Node, *targets) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 and users[0].target in targets else None
@@ -220,8 +223,13 @@ def _gated_product(gate: _MixedSite, up: _MixedSite) -> fx.Node | None:
     if gate.post is not None or up.post is not None or gate.bias is not None or up.bias is not None:
         return None
     g, u = _through_views(gate.mm), _through_views(up.mm)
+    # a low-precision model's silu runs in float32 between two casts
+    g = _single_user(g, *_CASTS) or g
     silu = _silu_of(g)
-    mul = _single_user(silu, aten.mul.Tensor) if silu is not None else None
+    if silu is None:
+        return None
+    silu = _single_user(silu, *_CASTS) or silu
+    mul = _single_user(silu, aten.mul.Tensor)
     if mul is None or set(mul.args) != {silu, u} or _single_user(u, aten.mul.Tensor) is not mul:
         return None
     return mul
