@@ -39,6 +39,10 @@
 // s * sum(x h) + (z' - kBiasH s) * sum(x), sum(x) from an MMA with an all-ones A. In
 // rowscale mode the bias comes off once at the end (kBiasH * sum(x) over all chunks).
 //
+// Gated (the `gated` launch argument, 32-row CTAs): the weight's 16-row tiles alternate a
+// gated MLP's gate and up rows (ops.interleave_gate_up), so a CTA's two row tiles are the gate
+// and up rows of the same 16 outputs; its epilogue writes silu(gate) * up, [M, N/2].
+//
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
 // Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info,
