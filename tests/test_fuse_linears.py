@@ -115,3 +115,27 @@ def test_value_numbers_merge_pure_ops_only():
     assert num[r1] != num[r2]
     x, y = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert num[x] != num[y]
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16"])
+def test_decode_step_gate_and_up_become_one_gated_op(method):
+    """At decode token counts a weight-only SwiGLU MLP's gate and up projections run as one
+    qcompile::mixed_gemm_gated (rows interleaved; silu(gate) * up inside), not one GEMM and a
+    pointwise kernel; the prompt (more tokens) keeps the plain fused GEMM."""
+    model = _llama(method).to(torch.bfloat16)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 12))
+    with torch.no_grad():
+        for s, gated in ((1, True), (12, False)):
+            model.setup_caches(1, 32)
+            torch._dynamo.reset()
+            spy = GraphSpy()
+            with spy.installed():
+                out = torch.compile(model, backend="qcompile")(tokens[:, :s], torch.arange(s))
+            model.setup_caches(1, 32)
+            ref = model(tokens[:, :s], torch.arange(s))
+            targets = spy.graphs[0][0]
+            n_gated = sum(t is torch.ops.qcompile.mixed_gemm_gated.default for t in targets)
+            assert n_gated == (2 if gated else 0)  # one a layer
+            lines = [r for r in qcompile.last_report().records if "silu(gate) * up" in r.kernel]
+            assert len(lines) == (4 if gated else 0)
+            assert rel_err(out, ref) <= 2e-2

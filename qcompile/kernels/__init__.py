@@ -116,6 +116,25 @@ def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, 
                                     zero_mode, dequant_dtype, layout)
 
 
+def _mixed_gemm_gated_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                           zero_mode, dequant_dtype, layout, config=""):
+    """``qcompile::mixed_gemm_gated``: the sm90 family's kernels take the gating into the
+    decode kernel's epilogue; any other weight runs ``qcompile::mixed_gemm`` and gates after."""
+    from .build import KernelBuildError
+
+    fam = cuda_family("mixed_gemm")
+    if (fam is not None and layout in fam.LAYOUTS
+            and fam.supports(x, qweight, scales, bits, group_size, layout)):
+        m = x.numel() // x.shape[-1]
+        try:
+            return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                                       zero_mode, layout, tuning.lookup(config, m), gated=True)
+        except KernelBuildError:
+            pass  # the plain op below warns and runs PyTorch
+    return ops.gate_up(_mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed,
+                                        group_size, zero_mode, dequant_dtype, layout, config))
+
+
 def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
                     azp_adj=None):
     fam = cuda_family("int8_gemm")
@@ -127,6 +146,7 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
 
 torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)
 torch.library.register_kernel("qcompile::int8_gemm", "cuda", _int8_gemm_cuda)
+torch.library.register_kernel("qcompile::mixed_gemm_gated", "cuda", _mixed_gemm_gated_cuda)
 
 
 # --- planning (compile time) ------------------------------------------------------------

@@ -594,14 +594,19 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                     signed: bool, group_size: int, zero_mode: str, layout: str,
                     config: MixedGemmConfig | Choice | decode.DecodeChoice | str | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """Run the CUTLASS kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
     ``signed`` and ``zero_mode`` describe the original format; prepare_weight already folded
     them into the operands, so they are not needed here. ``out`` (optional, [M, N]
-    contiguous, x.dtype) receives the result. No host syncs: safe to capture in a CUDA graph.
+    contiguous, x.dtype) receives the result. ``gated``: the weight's 16-row tiles alternate
+    a gated MLP's gate and up rows (``ops.interleave_gate_up``) and the result is [..., N/2]
+    = silu(gate) * up, in the decode kernel's epilogue where it runs with 32-row CTAs, else
+    after the GEMM (``ops.gate_up``). No host syncs: safe to capture in a CUDA graph.
     """
     del signed, zero_mode
+    _check(not gated or (out is None and qweight.shape[0] % 32 == 0),
+           "gated: N must be a multiple of 32 and the result is returned, not written to out")
     _check(layout in LAYOUTS, f"layout {layout!r} is not one of {LAYOUTS}")
     _check(x.is_cuda, "x must be a CUDA tensor")
     _check(x.dtype in _ACT_NAMES, f"x must be bfloat16 or float16, got {x.dtype}")
@@ -645,15 +650,20 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         config = choice_from_name(config) if config else None
     if config is None:
         config = heuristic_choice(m, n, k, act, bits, mode, sm_count(dev), group)
+    if gated and not (isinstance(config, decode.DecodeChoice) and config.rows == 32):
+        return ops.gate_up(mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, True,
+                                           group_size, "none", layout, config))
     if isinstance(config, decode.DecodeChoice):
         _check(decode.fits(m, n, k, group, _decode_mode(mode), config),
                f"decode kernel {config.name} does not take M={m} N={n} K={k} g={group}")
         qweight, scales, zeros, bias = stage_weights("mixed_gemm_cuda", n, x.dtype, qweight,
                                                      scales, zeros, bias)
+        if gated:
+            out = x2.new_empty((m, n // 2))
         with torch.cuda.device(dev):
             decode.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,
-                       out, group)
-        return out.reshape(*lead, n)
+                       out, group, gated)
+        return out.reshape(*lead, out.shape[1])
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config
     _check(_fits(cfg, act, bits, mode, group, k),

@@ -181,7 +181,7 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     with _lock:
         lib = load(kernel_spec(b))
         lib.qc_mixed_gemm_decode.restype = _I
-        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 7 + [_P]
+        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 8 + [_P]
         info = (ctypes.c_int * 4)()
         lib.qc_mixed_gemm_decode_info(info, 4)
         if list(info) != b.info():
@@ -192,14 +192,17 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
 
 def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: torch.Tensor,
         scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
-        out: torch.Tensor, group: int) -> torch.Tensor:
+        out: torch.Tensor, group: int, gated: bool = False) -> torch.Tensor:
     """Launch on operands the calling family already checked and staged: x2 [M, K] and out
     [M, N] aligned in the activation type, the weight in ``build.layout``, scales float32 [N]
-    (rowscale) or [K/g, N] with zeros (groupzero). No host syncs (CUDA-graph safe)."""
+    (rowscale) or [K/g, N] with zeros (groupzero). ``gated``: the weight's 16-row tiles
+    alternate gate and up rows and out is [M, N/2] = silu(gate) * up (32-row CTAs only).
+    No host syncs (CUDA-graph safe)."""
     m, k = x2.shape
-    n = out.shape[1]
-    if not fits(m, n, k, group, build.mode, choice):
-        raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}")
+    n = out.shape[1] * (2 if gated else 1)
+    if not fits(m, n, k, group, build.mode, choice) or (gated and choice.rows != 32):
+        raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}"
+                         + (" gated" if gated else ""))
     rowscale = build.mode == MODE_ROWSCALE
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     rc = _lib(build).qc_mixed_gemm_decode(
@@ -209,7 +212,7 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
         scales.data_ptr() if rowscale else None,
         bias.data_ptr() if bias is not None else None,
         out.data_ptr(), m, n, k, k if rowscale else group,
-        choice.tokens // 8, choice.rows // 16, choice.warps, stream)
+        choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), stream)
     if rc != 0:
         raise RuntimeError(f"qc_mixed_gemm_decode ({choice.name}, {build}, M={m} N={n} K={k} "
                            f"g={group}) failed with CUDA error {rc}")

@@ -134,6 +134,54 @@ def _mixed_gemm_fake(x, qweight, scales, zeros, bias, bits, signed, group_size, 
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+def gate_up(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a gated MLP's two projections computed as one [.., N] result whose
+    16-column tiles alternate gate and up (tile 2i: gate columns 16i..16i+15, tile 2i + 1:
+    the same up columns): [.., N/2], in fp32 and rounded once to y's type."""
+    tiles = y.reshape(*y.shape[:-1], y.shape[-1] // 32, 2, 16).float()
+    out = torch.nn.functional.silu(tiles[..., 0, :]) * tiles[..., 1, :]
+    return out.reshape(*y.shape[:-1], y.shape[-1] // 2).to(y.dtype)
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """gate and up (same shape, 16 | size along ``dim``) as alternating 16-row tiles along
+    ``dim``: the operand order `gate_up` undoes."""
+    g = gate.movedim(dim, 0)
+    u = up.movedim(dim, 0)
+    both = torch.stack((g.reshape(-1, 16, *g.shape[1:]), u.reshape(-1, 16, *u.shape[1:])), 1)
+    return both.reshape(-1, *g.shape[1:]).movedim(0, dim).contiguous()
+
+
+def mixed_gemm_gated_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    signed: bool,
+    group_size: int,
+    zero_mode: str,
+    dequant_dtype: torch.dtype,
+    layout: str,
+    config: str = "",
+) -> torch.Tensor:
+    """``qcompile::mixed_gemm_gated``: silu(x W_gate^T) * (x W_up^T) for a weight (and its
+    scales, zeros, bias) whose rows interleave the two projections in 16-row tiles."""
+    return gate_up(mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed,
+                                        group_size, zero_mode, dequant_dtype, layout, config))
+
+
+mixed_gemm_gated = torch.library.custom_op("qcompile::mixed_gemm_gated", mutates_args=())(
+    mixed_gemm_gated_reference)
+
+
+@mixed_gemm_gated.register_fake
+def _mixed_gemm_gated_fake(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                           zero_mode, dequant_dtype, layout, config=""):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
+
+
 def int8_gemm_reference(
     xq: torch.Tensor,
     wq: torch.Tensor,

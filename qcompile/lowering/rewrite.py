@@ -181,14 +181,93 @@ def _mixed_site(mm: fx.Node, x: fx.Node, w_node: fx.Node, bias: fx.Node | None,
     return _MixedSite(mm, x, w_node, bias, match, rec, scales, zeros, post)
 
 
+_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
+def _single_user(node: fx.Node, *targets) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 and users[0].target in targets else None
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    """node, or the end of the chain of single-user views after it."""
+    while (user := _single_user(node, *_VIEWS)) is not None:
+        node = user
+    return node
+
+
+def _silu_of(x: fx.Node) -> fx.Node | None:
+    """The node computing silu(x) as x's only use: aten.silu, or a decomposition of it,
+    x * sigmoid(x) or x / (1 + exp(-x)) (what AOTAutograd hands the pass)."""
+    silu = _single_user(x, aten.silu.default)
+    if silu is not None:
+        return silu
+    users = list(x.users)
+    sigmoid = next((u for u in users if u.target == aten.sigmoid.default), None)
+    if len(users) == 2 and sigmoid is not None:  # x * sigmoid(x)
+        mul = _single_user(sigmoid, aten.mul.Tensor)
+        return mul if mul is not None and set(mul.args) == {x, sigmoid} and mul in users else None
+    neg = next((u for u in users if u.target == aten.neg.default), None)
+    div = next((u for u in users if u.target == aten.div.Tensor and u.args[0] is x), None)
+    if len(users) != 2 or neg is None or div is None:
+        return None
+    exp = _single_user(neg, aten.exp.default)
+    add = _single_user(exp, aten.add.Tensor) if exp is not None else None
+    if add is None or add.args[0] is not exp or add.args[1] != 1 or div.args[1] is not add:
+        return None
+    return div
+
+
+def _gated_product(gate: _MixedSite, up: _MixedSite) -> fx.Node | None:
+    """The ``silu(gate) * up`` node of a gated MLP, when the two matmuls feed nothing else."""
+    if gate.post is not None or up.post is not None or gate.bias is not None or up.bias is not None:
+        return None
+    g, u = _through_views(gate.mm), _through_views(up.mm)
+    # a low-precision model's silu runs in float32 between two casts
+    g = _single_user(g, *_CASTS) or g
+    silu = _silu_of(g)
+    if silu is None:
+        return None
+    silu = _single_user(silu, *_CASTS) or silu
+    mul = _single_user(silu, aten.mul.Tensor)
+    if mul is None or set(mul.args) != {silu, u} or _single_user(u, aten.mul.Tensor) is not mul:
+        return None
+    return mul
+
+
+def _gated_pair(sites: list[_MixedSite]) -> tuple[_MixedSite, _MixedSite, fx.Node] | None:
+    """(gate, up, product) where two fused sites are a decode step's gated MLP: equal widths
+    in whole 16-row tiles, few tokens (the decode kernels' range, where the gating runs in
+    the GEMM's epilogue; more tokens keep Inductor's fused pointwise kernel)."""
+    from ..kernels.mixed_gemm import DECODE_MAX_M
+
+    if len(sites) != 2 or sites[0].match.q.shape[0] != sites[1].match.q.shape[0]:
+        return None
+    m = _static_m(sites[0].x)
+    if m is None or m > DECODE_MAX_M or sites[0].match.q.shape[0] % 16:
+        return None
+    for gate, up in (sites, sites[::-1]):
+        mul = _gated_product(gate, up)
+        if mul is not None:
+            return gate, up, mul
+    return None
+
+
 def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) -> None:
-    """One qcompile::mixed_gemm for sites sharing a fusion key (usually one site)."""
+    """One qcompile::mixed_gemm for sites sharing a fusion key (usually one site); a gated
+    MLP's gate and up projections as one qcompile::mixed_gemm_gated (their rows interleaved
+    in 16-row tiles, silu(gate) * up computed by the op)."""
+    gated = _gated_pair(sites)
+    if gated is not None:
+        gate, up, product = gated
+        sites = [gate, up]
     first, match = sites[0], sites[0].match
     ns = [int(site.match.q.shape[0]) for site in sites]
     n = sum(ns)
-    zeros = _cat([site.zeros for site in sites]) if first.zeros is not None else None
-    prep = kernels.prepare_mixed_gemm(_cat([site.match.q for site in sites]),
-                                      _cat([site.scales for site in sites]), zeros, match.bits,
+    rows = _interleave if gated is not None else _cat
+    zeros = rows([site.zeros for site in sites]) if first.zeros is not None else None
+    prep = kernels.prepare_mixed_gemm(rows([site.match.q for site in sites]),
+                                      rows([site.scales for site in sites]), zeros, match.bits,
                                       match.signed, match.group_size, match.zero_mode,
                                       _static_m(first.x), _val(first.x).dtype,
                                       has_bias=first.bias is not None)
@@ -196,6 +275,18 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
     with b.graph.inserting_before(first.mm):
         if len(sites) == 1:
             qw = _reuse_or_constant(b, ev, first.w, qweight, "qweight")
+        elif gated is not None:
+            qw = b.constant(qweight, "qweight")
+            s = b.constant(scales, "scales")
+            z = b.constant(zeros, "zeros") if zeros is not None else None
+            new = b.call(torch.ops.qcompile.mixed_gemm_gated.default,
+                         (first.x, qw, s, z, None, match.bits, match.signed, match.group_size,
+                          match.zero_mode, match.dequant_dtype, prep.layout, prep.config),
+                         like=product)
+            out = b.call(aten.view.default, (new, list(_val(product).shape)), like=product)
+            product.replace_all_uses_with(out)
+            _note_launch(sites, prep.description + "; silu(gate) * up in the op", n)
+            return
         else:
             qw = b.constant(qweight, "qweight")
         s = b.constant(scales, "scales")
@@ -312,6 +403,11 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) ->
     _note_launch(sites, desc, sum(ns))
     for site, out in zip(sites, outs):
         site.match.end.replace_all_uses_with(out)
+
+
+def _interleave(ts: list[torch.Tensor]) -> torch.Tensor:
+    """A gated MLP's gate and up tensors as alternating 16-row tiles (ops.interleave_gate_up)."""
+    return kernels.ops.interleave_gate_up(ts[0], ts[1])
 
 
 def _cat(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:

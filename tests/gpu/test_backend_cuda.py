@@ -191,3 +191,33 @@ def test_fuse_linears_decode_step_matches_eager(method):
     assert len(report.matched) == len(report) == 15
     fused = [r for r in report.records if "one launch with" in r.kernel]
     assert len(fused) == 10 and all(not r.kernel.startswith("reference") for r in fused), str(report)
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16"])
+@pytest.mark.parametrize("m", [1, 8, 24])
+def test_gated_mlp_runs_as_one_gated_op_at_decode(method, m):
+    """A SwiGLU MLP's gate and up projections become one qcompile::mixed_gemm_gated for the
+    decode kernels' token counts (silu(gate) * up in its epilogue), plain fused GEMMs beyond."""
+    import qcompile
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Linear(512, 1024, bias=False)
+            self.w3 = torch.nn.Linear(512, 1024, bias=False)
+            self.w2 = torch.nn.Linear(1024, 512, bias=False)
+
+        def forward(self, x):
+            return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+    torch.manual_seed(0)
+    model = MLP().cuda().to(torch.bfloat16)
+    qcompile.quantize(model, method, group_size=128)
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x).double()
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="qcompile")(x).double()
+    gated = [line for line in str(qcompile.last_report()).splitlines() if "silu(gate)" in line]
+    assert len(gated) == (2 if m <= 8 else 0)
+    assert float((out - ref).norm() / ref.norm()) <= 1e-2

@@ -203,3 +203,35 @@ def test_refusals(fam_name):
                                                               layout, 132))
         with pytest.raises(ValueError, match="decode"):
             _run(fam, _x(1, 256, torch.bfloat16), layout, tensors, 4, 32, "decode.t8.r16.w8")
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bits,signed,group,zero_mode", [(4, False, 128, "sub"),
+                                                         (8, True, 0, "none")])
+@pytest.mark.parametrize("m,config", [(1, "decode.t8.r32.w8"), (8, "decode.t8.r32.w16"),
+                                      (3, "decode.t8.r16.w8"), (5, None), (17, None)])
+def test_gated_mlp_epilogue(act, bits, signed, group, zero_mode, m, config):
+    """qcompile::mixed_gemm_gated on gate and up rows interleaved in 16-row tiles: the decode
+    kernel's epilogue with 32-row CTAs, the GEMM then the gating otherwise (16-row CTAs, a
+    GEMM config for 17 tokens), against float64 silu(x Wg^T) * (x Wu^T)."""
+    from qcompile.kernels import ops
+
+    n, k = 512, 1024
+    dtype = ACTS[act]
+    group = group or k
+    gate = _problem(n, k, bits, signed, group, zero_mode, seed=3)
+    up = _problem(n, k, bits, signed, group, zero_mode, seed=4)
+    q, s, z = (ops.interleave_gate_up(a, b) if a is not None else None
+               for a, b in zip(gate[:3], up[:3]))
+    layout = mg.select_layout(bits, signed, group, zero_mode, 2 * n, k, dtype, "cuda")
+    tensors = mg.prepare_weight(q.cuda(), s.cuda(), z.cuda() if z is not None else None,
+                                bits, signed, group, zero_mode, layout, dtype)
+    x = _x(m, k, dtype)
+    ref = torch.nn.functional.silu(_ref(x, gate[3])) * _ref(x, up[3])
+    out = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, group, "none", layout,
+                             config=config, gated=True)
+    _check(out, ref, dtype, f"gated {config} M={m}")
+    # the op through the dispatcher, its config a token table
+    op_out = torch.ops.qcompile.mixed_gemm_gated(x, *tensors, None, bits, True, group, "none",
+                                                 dtype, layout, config or "")
+    _check(op_out, ref, dtype, f"op gated {config} M={m}")

@@ -58,6 +58,35 @@ __device__ __forceinline__ void reduce_and_store(const Acc (&acc)[kR][kNT][4], A
   }
 }
 
+// reduce_and_store for CTAs of two row tiles whose rows pair up (kR = 2: tile0 holds rows
+// that go with the same rows of tile0 + 1, as the gate and up projections of a gated MLP laid
+// out by interleaving 16-row tiles): store(n0, n1, m, v0, v1) gets both sums of row n0 of the
+// first tile and row n1 = n0 + 16 of the second, for token m < M.
+template <int kNT, typename Acc, typename Store>
+__device__ __forceinline__ void reduce_and_store_pairs(const Acc (&acc)[2][kNT][4], Acc* red,
+                                                       int tile0, int m0, int M, Store&& store) {
+  constexpr int kHalf = kNT * 4 * 32, kTile = 2 * kHalf;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp * kTile + ((r * kNT + j) * 4 + e) * 32 + lane] = acc[r][j][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < kHalf; i += blockDim.x) {
+    Acc v0 = 0, v1 = 0;
+    for (int w = 0; w < warps; ++w) {
+      v0 += red[w * kTile + i];
+      v1 += red[w * kTile + kHalf + i];
+    }
+    const int l = i & 31, e = (i >> 5) & 3, j = i >> 7;
+    const int n0 = tile0 * 16 + (l >> 2) + 8 * (e >> 1);
+    const int m = m0 + 8 * j + 2 * (l & 3) + (e & 1);
+    if (m < M) store(n0, n0 + 16, m, v0, v1);
+  }
+}
+
 // The checks every decode launch makes: sizes, K in whole chunks, the warp count, and row
 // tiles (1 or 2 x 16 rows) dividing N.
 inline bool launch_shape_ok(int M, int N, int K, int chunk_k, int warps, int max_warps,

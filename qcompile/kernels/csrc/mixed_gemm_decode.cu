@@ -39,6 +39,10 @@
 // s * sum(x h) + (z' - kBiasH s) * sum(x), sum(x) from an MMA with an all-ones A. In
 // rowscale mode the bias comes off once at the end (kBiasH * sum(x) over all chunks).
 //
+// Gated (the `gated` launch argument, 32-row CTAs): the weight's 16-row tiles alternate a
+// gated MLP's gate and up rows (ops.interleave_gate_up), so a CTA's two row tiles are the gate
+// and up rows of the same 16 outputs; its epilogue writes silu(gate) * up, [M, N/2].
+//
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
 // Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info,
@@ -97,6 +101,7 @@ struct Params {
   Act* out;
   int M, N, K;
   int group_shift;        // groupzero: group = kChunkK << group_shift
+  int gated;              // out [M, N/2] = silu(gate) * up, gate and up in alternate 16-row tiles
 };
 
 // Which K a lane's MMA slots stand for is free as long as A (weights) and B (activations)
@@ -382,12 +387,28 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
-  reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, float v) {
+  const auto finish = [&](int n, float v) {
 #if QC_MODE == 0
     v *= p.rowscale[n];
 #endif
     if (p.bias != nullptr) v += static_cast<float>(p.bias[n]);
-    p.out[(size_t)m * N + n] = Act(v);
+    return v;
+  };
+  if constexpr (kR == 2) {
+    if (p.gated) {
+      // the gated-MLP epilogue: rows n0 (gate) and n0 + 16 (up) of this CTA's tile pair give
+      // output column tile0 / 2 * 16 + (n0 % 16) of the N/2-wide result, silu(gate) * up in fp32
+      reduce_and_store_pairs<kNT>(acc, red, tile0, m0, M, [&](int n0, int n1, int m, float g,
+                                                             float u) {
+        g = finish(n0, g);
+        u = finish(n1, u);
+        p.out[(size_t)m * (N / 2) + tile0 * 8 + (n0 - tile0 * 16)] = Act(g / (1.f + __expf(-g)) * u);
+      });
+      return;
+    }
+  }
+  reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, float v) {
+    p.out[(size_t)m * N + n] = Act(finish(n, v));
   });
 }
 
@@ -403,14 +424,17 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 }
 
 // x [M, K]; w the prepared weight (layout QC_LAYOUT); groupzero: scales / zeros [K/group, N]
-// (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N]. All
+// (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N], or with
+// gated (row_tiles 2: even 16-row tiles the gate, odd ones the up rows) [M, N/2]. All
 // 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group 64 x 2^i dividing K
 // (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, int M, int N, int K,
-                         int group, int token_tiles, int row_tiles, int warps, void* stream) {
+                         int group, int token_tiles, int row_tiles, int warps, int gated,
+                         void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
-      (uint64_t)N * K >= (1ull << 32))  // byte offsets in 32 bits (WeightWalk)
+      (uint64_t)N * K >= (1ull << 32) ||  // byte offsets in 32 bits (WeightWalk)
+      (gated && row_tiles != 2))          // a CTA must hold a gate tile and its up tile
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
   // group: 64 times a power of two, dividing K
@@ -432,6 +456,7 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.M = M;
   p.N = N;
   p.K = K;
+  p.gated = gated;
 #if QC_MODE == 2
   p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
 #else
