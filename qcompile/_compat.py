@@ -42,6 +42,13 @@ def flatten_subclass(t):
     return [t]
 
 
+def default_inductor_options() -> dict:
+    """The Inductor config the qcompile backend starts from (before mode and user options):
+    horizontal fusion of independent kernels, where this Inductor has it."""
+    import torch._inductor.config as config
+    return {"combo_kernels": True} if hasattr(config, "combo_kernels") else {}
+
+
 def mode_options(mode: str | None) -> dict:
     """Inductor config for a torch.compile ``mode`` string."""
     if mode in (None, "default"):
