@@ -187,3 +187,26 @@ def test_discard_parameters_needs_freezing():
                              options={"freezing": False, "freezing_discard_parameters": True})
     with pytest.raises(Exception, match="needs freezing"):
         compiled(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("options, expected", [({}, True), ({"combo_kernels": False}, False)])
+def test_combo_kernels_default_and_override(monkeypatch, options, expected):
+    """The backend compiles with Inductor's combo_kernels on unless the user turns it off."""
+    import torch._inductor.compile_fx as compile_fx_module
+    seen = []
+    real = compile_fx_module.compile_fx
+
+    def spy(*args, **kwargs):
+        seen.append(torch._inductor.config.combo_kernels)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 32))
+    qcompile.quantize(model, "w8a16")
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="qcompile", options=options)(x)
+        assert rel_err(out, model(x)) <= 1e-5
+    assert seen == [expected]
+    assert torch._inductor.config.combo_kernels is False  # only inside the compile
