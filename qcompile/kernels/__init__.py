@@ -27,7 +27,7 @@ from .ops import pack_nk
 log = logging.getLogger("qcompile.kernels")
 
 __all__ = ["ops", "tuning", "PreparedGemm", "prepare_mixed_gemm", "prepare_int8_gemm",
-           "cuda_family", "device_capability", "mixed_families", "run_family"]
+           "cuda_family", "device_capability", "mixed_families", "run_family", "fuses_in_kernel"]
 
 MIXED_FAMILIES = ("mixed_gemm", "mixed_gemm_sm80")
 
@@ -105,8 +105,54 @@ def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, z
     return fam.reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)
 
 
+def _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config):
+    """The sm90 family, where its kernel takes this call (the decode kernel then applies an
+    RMSNorm before, a residual after, or the gating); else None."""
+    fam = cuda_family("mixed_gemm")
+    if (fam is not None and layout in fam.LAYOUTS
+            and fam.supports(x, qweight, scales, bits, group_size, layout)):
+        return fam
+    return None
+
+
+def fuses_in_kernel(layout: str) -> bool:
+    """Whether mixed_gemm's ``norm_weight`` / ``residual`` arguments run inside the kernel for
+    weights in ``layout`` (the sm90 family's decode kernel; the reference computes them too).
+    Other families would run them as separate PyTorch ops inside the op, slower than the one
+    kernel Inductor makes of an RMSNorm, so the rewrite leaves them out there."""
+    if layout == ops.REFERENCE_LAYOUT:
+        return True
+    fam = cuda_family("mixed_gemm")
+    return fam is not None and layout in fam.LAYOUTS
+
+
+def _unfused(run, x, norm_weight, norm_eps, residual=None):
+    """run(x) with the RMSNorm before and the residual after it as PyTorch ops."""
+    y = run(x if norm_weight is None else ops.rms_norm(x, norm_weight, norm_eps))
+    return y if residual is None else ops.add_residual(y, residual)
+
+
 def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-                     dequant_dtype, layout, config=""):
+                     dequant_dtype, layout, config="", norm_weight=None, norm_eps=0.0,
+                     residual=None):
+    if norm_weight is not None or residual is not None:
+        from .build import KernelBuildError
+
+        ops._check_fused(x, qweight.shape[0], norm_weight, norm_eps, residual)
+        fam = _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config)
+        if fam is not None:
+            m = x.numel() // x.shape[-1]
+            try:
+                return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed,
+                                           group_size, zero_mode, layout,
+                                           tuning.lookup(config, m), norm=norm_weight,
+                                           eps=norm_eps, residual=residual)
+            except KernelBuildError:
+                pass  # the plain op below warns and runs PyTorch
+        return _unfused(lambda xi: _mixed_gemm_cuda(xi, qweight, scales, zeros, bias, bits, signed,
+                                                    group_size, zero_mode, dequant_dtype, layout,
+                                                    config),
+                        x, norm_weight, norm_eps, residual)
     for name in MIXED_FAMILIES:
         fam = cuda_family(name)
         if fam is not None and layout in fam.LAYOUTS:
@@ -117,22 +163,26 @@ def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, 
 
 
 def _mixed_gemm_gated_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                           zero_mode, dequant_dtype, layout, config=""):
-    """``qcompile::mixed_gemm_gated``: the sm90 family's kernels take the gating into the
-    decode kernel's epilogue; any other weight runs ``qcompile::mixed_gemm`` and gates after."""
+                           zero_mode, dequant_dtype, layout, config="", norm_weight=None,
+                           norm_eps=0.0):
+    """``qcompile::mixed_gemm_gated``: the sm90 family's kernels take the gating (and the
+    RMSNorm before it) into the decode kernel; any other weight runs ``qcompile::mixed_gemm``
+    and gates after."""
     from .build import KernelBuildError
 
-    fam = cuda_family("mixed_gemm")
-    if (fam is not None and layout in fam.LAYOUTS
-            and fam.supports(x, qweight, scales, bits, group_size, layout)):
+    ops._check_fused(x, qweight.shape[0], norm_weight, norm_eps, None)
+    fam = _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config)
+    if fam is not None:
         m = x.numel() // x.shape[-1]
         try:
             return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                       zero_mode, layout, tuning.lookup(config, m), gated=True)
+                                       zero_mode, layout, tuning.lookup(config, m), gated=True,
+                                       norm=norm_weight, eps=norm_eps)
         except KernelBuildError:
             pass  # the plain op below warns and runs PyTorch
     return ops.gate_up(_mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed,
-                                        group_size, zero_mode, dequant_dtype, layout, config))
+                                        group_size, zero_mode, dequant_dtype, layout, config,
+                                        norm_weight, norm_eps))
 
 
 def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,

@@ -594,7 +594,9 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                     signed: bool, group_size: int, zero_mode: str, layout: str,
                     config: MixedGemmConfig | Choice | decode.DecodeChoice | str | None = None,
-                    out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+                    out: torch.Tensor | None = None, gated: bool = False,
+                    norm: torch.Tensor | None = None, eps: float = 0.0,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """Run the CUTLASS kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
     ``signed`` and ``zero_mode`` describe the original format; prepare_weight already folded
@@ -602,11 +604,17 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     contiguous, x.dtype) receives the result. ``gated``: the weight's 16-row tiles alternate
     a gated MLP's gate and up rows (``ops.interleave_gate_up``) and the result is [..., N/2]
     = silu(gate) * up, in the decode kernel's epilogue where it runs with 32-row CTAs, else
-    after the GEMM (``ops.gate_up``). No host syncs: safe to capture in a CUDA graph.
+    after the GEMM (``ops.gate_up``). ``norm`` ([K]) and ``eps``: x is an RMSNorm's input
+    (``ops.rms_norm``); ``residual`` (the output's shape, not with gated) is added to the
+    result; both inside the decode kernel where it runs, else as PyTorch ops around the GEMM.
+    No host syncs: safe to capture in a CUDA graph.
     """
     del signed, zero_mode
     _check(not gated or (out is None and qweight.shape[0] % 32 == 0),
            "gated: N must be a multiple of 32 and the result is returned, not written to out")
+    _check((norm is None and residual is None) or out is None,
+           "with norm or residual the result is returned, not written to out")
+    _check(residual is None or not gated, "residual does not go with gated")
     _check(layout in LAYOUTS, f"layout {layout!r} is not one of {LAYOUTS}")
     _check(x.is_cuda, "x must be a CUDA tensor")
     _check(x.dtype in _ACT_NAMES, f"x must be bfloat16 or float16, got {x.dtype}")
@@ -652,7 +660,13 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         config = heuristic_choice(m, n, k, act, bits, mode, sm_count(dev), group)
     if gated and not (isinstance(config, decode.DecodeChoice) and config.rows == 32):
         return ops.gate_up(mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, True,
-                                           group_size, "none", layout, config))
+                                           group_size, "none", layout, config, norm=norm,
+                                           eps=eps))
+    if (norm is not None or residual is not None) and not isinstance(config, decode.DecodeChoice):
+        # the GEMM kernels take neither: the norm and the add as PyTorch ops around them
+        y = mixed_gemm_cuda(x if norm is None else ops.rms_norm(x, norm, eps), qweight, scales,
+                            zeros, bias, bits, True, group_size, "none", layout, config)
+        return y if residual is None else ops.add_residual(y, residual)
     if isinstance(config, decode.DecodeChoice):
         _check(decode.fits(m, n, k, group, _decode_mode(mode), config),
                f"decode kernel {config.name} does not take M={m} N={n} K={k} g={group}")
@@ -660,9 +674,16 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                                                      scales, zeros, bias)
         if gated:
             out = x2.new_empty((m, n // 2))
+        if norm is not None:
+            _check(norm.shape == (k,), f"norm must be [K={k}], got {tuple(norm.shape)}")
+            norm = norm.to(x.dtype).contiguous()
+        if residual is not None:
+            _check(residual.numel() == m * n, f"residual must hold M x N = {m} x {n} values, "
+                   f"got {tuple(residual.shape)}")
+            residual = residual.to(x.dtype).reshape(m, n).contiguous()
         with torch.cuda.device(dev):
             decode.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,
-                       out, group, gated)
+                       out, group, gated, norm, eps, residual)
         return out.reshape(*lead, out.shape[1])
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config

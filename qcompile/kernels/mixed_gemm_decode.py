@@ -181,7 +181,7 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     with _lock:
         lib = load(kernel_spec(b))
         lib.qc_mixed_gemm_decode.restype = _I
-        lib.qc_mixed_gemm_decode.argtypes = [_P] * 7 + [_I] * 8 + [_P]
+        lib.qc_mixed_gemm_decode.argtypes = [_P] * 9 + [_I] * 8 + [ctypes.c_float, _P]
         info = (ctypes.c_int * 4)()
         lib.qc_mixed_gemm_decode_info(info, 4)
         if list(info) != b.info():
@@ -192,17 +192,28 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
 
 def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: torch.Tensor,
         scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
-        out: torch.Tensor, group: int, gated: bool = False) -> torch.Tensor:
+        out: torch.Tensor, group: int, gated: bool = False, norm: torch.Tensor | None = None,
+        eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Launch on operands the calling family already checked and staged: x2 [M, K] and out
     [M, N] aligned in the activation type, the weight in ``build.layout``, scales float32 [N]
     (rowscale) or [K/g, N] with zeros (groupzero). ``gated``: the weight's 16-row tiles
     alternate gate and up rows and out is [M, N/2] = silu(gate) * up (32-row CTAs only).
-    No host syncs (CUDA-graph safe)."""
+    ``norm`` ([K], activation type): x2 is an RMSNorm's input (weight ``norm``, epsilon
+    ``eps``), normalized inside the kernel; ``residual`` ([M, N] like out, not with gated):
+    added to the result. No host syncs (CUDA-graph safe)."""
     m, k = x2.shape
     n = out.shape[1] * (2 if gated else 1)
     if not fits(m, n, k, group, build.mode, choice) or (gated and choice.rows != 32):
         raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}"
                          + (" gated" if gated else ""))
+    if norm is not None and (norm.shape != (k,) or norm.dtype != x2.dtype
+                             or not norm.is_contiguous()):
+        raise ValueError(f"norm must be a contiguous [{k}] {x2.dtype} tensor, got "
+                         f"{tuple(norm.shape)} {norm.dtype}")
+    if residual is not None and (gated or residual.shape != out.shape
+                                 or residual.dtype != out.dtype or not residual.is_contiguous()):
+        raise ValueError(f"residual must be a contiguous {tuple(out.shape)} {out.dtype} tensor "
+                         f"(and not gated), got {tuple(residual.shape)} {residual.dtype}")
     rowscale = build.mode == MODE_ROWSCALE
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     rc = _lib(build).qc_mixed_gemm_decode(
@@ -211,8 +222,11 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
         None if rowscale else zeros.data_ptr(),
         scales.data_ptr() if rowscale else None,
         bias.data_ptr() if bias is not None else None,
-        out.data_ptr(), m, n, k, k if rowscale else group,
-        choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), stream)
+        out.data_ptr(),
+        norm.data_ptr() if norm is not None else None,
+        residual.data_ptr() if residual is not None else None,
+        m, n, k, k if rowscale else group,
+        choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), float(eps), stream)
     if rc != 0:
         raise RuntimeError(f"qc_mixed_gemm_decode ({choice.name}, {build}, M={m} N={n} K={k} "
                            f"g={group}) failed with CUDA error {rc}")

@@ -16,6 +16,9 @@ __all__ = [
     "mixed_gemm",
     "int8_gemm",
     "mixed_gemm_reference",
+    "mixed_gemm_gated",
+    "rms_norm",
+    "add_residual",
     "int8_gemm_reference",
     "unpack_nk",
     "pack_nk",
@@ -92,6 +95,28 @@ def dequantize(
     return w.reshape(n, k)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, in float32, rounded once to x's type:
+    ``x * rsqrt(mean(x^2) + eps) * weight``."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def add_residual(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """y + residual in float32, rounded once to y's type."""
+    return (y.float() + residual.float()).to(y.dtype)
+
+
+def _check_fused(x: torch.Tensor, n: int, norm_weight: torch.Tensor | None, norm_eps: float,
+                 residual: torch.Tensor | None) -> None:
+    if norm_weight is not None and (norm_weight.shape != (x.shape[-1],) or not norm_eps >= 0):
+        raise ValueError(f"norm_weight must be [{x.shape[-1]}] (K) and norm_eps >= 0, got "
+                         f"{tuple(norm_weight.shape)} and {norm_eps}")
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ValueError(f"residual must have the output's shape {(*x.shape[:-1], n)}, got "
+                         f"{tuple(residual.shape)}")
+
+
 def mixed_gemm_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -105,12 +130,19 @@ def mixed_gemm_reference(
     dequant_dtype: torch.dtype,
     layout: str,
     config: str = "",
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch mixed_gemm for the reference "nk" layout.
 
     ``config`` names the kernel(s) a CUDA implementation runs (a dispatch table by token
     count, see :mod:`qcompile.kernels.tuning`; "" = its heuristic); the numbers do not
     depend on it, so the reference ignores it.
+
+    ``norm_weight`` ([K]) and ``norm_eps``: x is the input of an RMSNorm whose output the
+    matmul reads, ``linear(rms_norm(x), W)``; ``residual`` (the output's shape) is added to the
+    result. With either, the reference computes in float32 and rounds once.
     """
     del config
     if layout != REFERENCE_LAYOUT:
@@ -119,7 +151,16 @@ def mixed_gemm_reference(
             "a weight packed for a kernel runs only where that kernel is available"
         )
     w = dequantize(qweight, scales, zeros, bits, signed, group_size, zero_mode, dequant_dtype)
-    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+    if norm_weight is None and residual is None:
+        return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+    _check_fused(x, w.shape[0], norm_weight, norm_eps, residual)
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
+    y = torch.nn.functional.linear(xf, w.float(), None if bias is None else bias.float())
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
 
 
 # The op is its reference implementation: same signature, same numbers.
@@ -129,7 +170,8 @@ mixed_gemm = torch.library.custom_op("qcompile::mixed_gemm", mutates_args=())(
 
 @mixed_gemm.register_fake
 def _mixed_gemm_fake(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
-                     dequant_dtype, layout, config=""):
+                     dequant_dtype, layout, config="", norm_weight=None, norm_eps=0.0,
+                     residual=None):
     # Every layout keeps N as the leading dimension of qweight.
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -165,11 +207,15 @@ def mixed_gemm_gated_reference(
     dequant_dtype: torch.dtype,
     layout: str,
     config: str = "",
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """``qcompile::mixed_gemm_gated``: silu(x W_gate^T) * (x W_up^T) for a weight (and its
-    scales, zeros, bias) whose rows interleave the two projections in 16-row tiles."""
+    scales, zeros, bias) whose rows interleave the two projections in 16-row tiles; x the
+    input of an RMSNorm (``norm_weight``, ``norm_eps``) as in ``mixed_gemm``."""
     return gate_up(mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed,
-                                        group_size, zero_mode, dequant_dtype, layout, config))
+                                        group_size, zero_mode, dequant_dtype, layout, config,
+                                        norm_weight, norm_eps))
 
 
 mixed_gemm_gated = torch.library.custom_op("qcompile::mixed_gemm_gated", mutates_args=())(
@@ -178,7 +224,8 @@ mixed_gemm_gated = torch.library.custom_op("qcompile::mixed_gemm_gated", mutates
 
 @mixed_gemm_gated.register_fake
 def _mixed_gemm_gated_fake(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                           zero_mode, dequant_dtype, layout, config=""):
+                           zero_mode, dequant_dtype, layout, config="", norm_weight=None,
+                           norm_eps=0.0):
     return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 

@@ -253,6 +253,84 @@ def _gated_pair(sites: list[_MixedSite]) -> tuple[_MixedSite, _MixedSite, fx.Nod
     return None
 
 
+def _terminal_users(node: fx.Node) -> list[fx.Node]:
+    """The users of node's value past any chain of views."""
+    out = []
+    for u in node.users:
+        out.extend(_terminal_users(u) if u.target in _VIEWS else [u])
+    return out
+
+
+def _rms_norm_of(x: fx.Node, ev: ConstantEvaluator, sites: list[_MixedSite]
+                 ) -> tuple[fx.Node, fx.Node, float] | None:
+    """(h, weight, eps) when the activation x (up to views) is an RMSNorm of h that only these
+    sites' matmuls read: ``(h32 * rsqrt(mean(h32^2, -1, keepdim) + eps)).to(h.dtype) * weight``
+    with h32 = h.float() (the Llama / gpt-fast form; the casts absent in a float32 model) and
+    weight a constant [K] of h's type (the node itself: the op reads the model's tensor, so
+    it is neither copied nor released as a weight only rewritten matmuls read)."""
+    base = x
+    while base.op == "call_function" and base.target in _VIEWS:
+        base = base.args[0]
+    if base.op != "call_function" or base.target is not aten.mul.Tensor or len(base.args) != 2:
+        return None
+    normed, w = base.args
+    if not (isinstance(w, fx.Node) and ev.is_constant(w)):
+        normed, w = w, normed
+    if not (isinstance(normed, fx.Node) and isinstance(w, fx.Node) and ev.is_constant(w)):
+        return None
+    inner = normed.args[0] if normed.target in _CASTS else normed
+    if inner.op != "call_function" or inner.target is not aten.mul.Tensor:
+        return None
+    x32, rs = inner.args
+    if getattr(x32, "target", None) is aten.rsqrt.default:
+        x32, rs = rs, x32
+    if getattr(rs, "target", None) is not aten.rsqrt.default:
+        return None
+    add = rs.args[0]
+    if add.target is not aten.add.Tensor or not isinstance(add.args[1], (int, float)):
+        return None
+    mean = add.args[0]
+    if mean.target is not aten.mean.dim or not isinstance(mean.args[0], fx.Node):
+        return None
+    sq = mean.args[0]
+    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    v32 = _val(x32)
+    if (v32 is None or v32.dtype != torch.float32 or not keepdim
+            or list(mean.args[1]) not in ([-1], [v32.dim() - 1])
+            or not ((sq.target is aten.pow.Tensor_Scalar and sq.args[0] is x32 and sq.args[1] == 2)
+                    or (sq.target is aten.mul.Tensor and sq.args == (x32, x32)))):
+        return None
+    h = x32.args[0] if x32.op == "call_function" and x32.target in _CASTS else x32
+    vh, vout, vw = _val(h), _val(base), _val(w)
+    if (vh is None or vout is None or vw is None or vh.dtype != vout.dtype
+            or vw.dtype != vh.dtype or vh.shape != v32.shape or tuple(vw.shape) != (vh.shape[-1],)):
+        return None
+    if set(_terminal_users(base)) != {site.mm for site in sites}:
+        return None  # the normalized activation is read elsewhere too: keep it
+    return h, w, float(add.args[1])
+
+
+def _residual_of(site: _MixedSite) -> tuple[fx.Node, fx.Node] | None:
+    """(add, other) when the site's result (after views and its folded post-scale) only
+    feeds ``add(result, other)`` with other of the same shape and type: a skip connection."""
+    end = _through_views(site.mm)
+    if site.post is not None:
+        if end is not site.post[0] and _single_user(end, aten.mul.Tensor) is not site.post[0]:
+            return None
+        end = _through_views(site.post[0])
+    add = _single_user(end, aten.add.Tensor)
+    if add is None or len(add.args) != 2 or add.kwargs:
+        return None
+    other = add.args[1] if add.args[0] is end else add.args[0]
+    if other is end or not isinstance(other, fx.Node):
+        return None
+    vo, va, ve = _val(other), _val(add), _val(end)
+    if vo is None or va is None or ve is None or not (vo.shape == va.shape == ve.shape) or \
+            not (vo.dtype == va.dtype == ve.dtype):
+        return None
+    return add, other
+
+
 def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) -> None:
     """One qcompile::mixed_gemm for sites sharing a fusion key (usually one site); a gated
     MLP's gate and up projections as one qcompile::mixed_gemm_gated (their rows interleaved
@@ -272,7 +350,20 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                                       _static_m(first.x), _val(first.x).dtype,
                                       has_bias=first.bias is not None)
     qweight, scales, zeros = prep.tensors
-    with b.graph.inserting_before(first.mm):
+    # a decode step's RMSNorm before and skip connection after go into the decode kernel
+    m = _static_m(first.x)
+    from ..kernels.mixed_gemm import DECODE_MAX_M
+    fuse = m is not None and m <= DECODE_MAX_M and kernels.fuses_in_kernel(prep.layout)
+    norm = _rms_norm_of(first.x, ev, sites) if fuse else None
+    residual = _residual_of(first) if fuse and len(sites) == 1 else None
+    where = residual[0] if residual is not None else first.mm  # other may follow the mm
+    with b.graph.inserting_before(where):
+        x_arg, fused_args, notes = first.x, (), ""
+        if norm is not None:
+            h, weight, eps = norm
+            x_arg = b.call(aten.reshape.default, (h, list(_val(first.x).shape)))
+            fused_args = (weight, eps)
+            notes += "; RMSNorm in the op"
         if len(sites) == 1:
             qw = _reuse_or_constant(b, ev, first.w, qweight, "qweight")
         elif gated is not None:
@@ -280,12 +371,13 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             s = b.constant(scales, "scales")
             z = b.constant(zeros, "zeros") if zeros is not None else None
             new = b.call(torch.ops.qcompile.mixed_gemm_gated.default,
-                         (first.x, qw, s, z, None, match.bits, match.signed, match.group_size,
-                          match.zero_mode, match.dequant_dtype, prep.layout, prep.config),
+                         (x_arg, qw, s, z, None, match.bits, match.signed, match.group_size,
+                          match.zero_mode, match.dequant_dtype, prep.layout, prep.config,
+                          *fused_args),
                          like=product)
             out = b.call(aten.view.default, (new, list(_val(product).shape)), like=product)
             product.replace_all_uses_with(out)
-            _note_launch(sites, prep.description + "; silu(gate) * up in the op", n)
+            _note_launch(sites, prep.description + "; silu(gate) * up in the op" + notes, n)
             return
         else:
             qw = b.constant(qweight, "qweight")
@@ -296,12 +388,22 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
                      b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
             bias = parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
+        if residual is not None:
+            add, other = residual
+            fused_args = (fused_args or (None, 0.0)) + (
+                b.call(aten.reshape.default, (other, list(_val(first.mm).shape))),)
+            notes += "; + residual in the op"
         new = b.call(torch.ops.qcompile.mixed_gemm.default,
-                     (first.x, qw, s, z, bias, match.bits, match.signed, match.group_size,
-                      match.zero_mode, match.dequant_dtype, prep.layout, prep.config),
+                     (x_arg, qw, s, z, bias, match.bits, match.signed, match.group_size,
+                      match.zero_mode, match.dequant_dtype, prep.layout, prep.config,
+                      *fused_args),
                      like=first.mm)
+        if residual is not None:
+            add.replace_all_uses_with(b.call(aten.view.default, (new, list(_val(add).shape))))
+            _note_launch(sites, prep.description + notes, n)
+            return
         outs = _column_parts(b, new, ns)
-    _note_launch(sites, prep.description, n)
+    _note_launch(sites, prep.description + notes, n)
     for site, out in zip(sites, outs):
         site.mm.replace_all_uses_with(out)
         if site.post is not None:

@@ -43,6 +43,16 @@
 // gated MLP's gate and up rows (ops.interleave_gate_up), so a CTA's two row tiles are the gate
 // and up rows of the same 16 outputs; its epilogue writes silu(gate) * up, [M, N/2].
 //
+// RMSNorm in front (`norm` given, [K] in the activation type): x is the norm's input and the
+// kernel computes out = r_m * sum_k (x[m, k] * norm[k]) W[n, k] with r_m = rsqrt(mean_k x[m,
+// k]^2 + eps): x * norm is rounded to the activation type for the MMA (the norm weight goes
+// on the B fragments as they are loaded), the sum of squares is taken in fp32 from the same
+// fragments (a lane's 16 values a chunk, its quad's 4 lanes cover the chunk, the warps the
+// chunks), and r_m scales the fp32 sums before the row scale and bias. Every CTA reads all of
+// x anyway, so the norm costs no extra pass over it, and no normalized copy is written.
+// Residual after (`residual` given, [M, N] like out): out = Act(sum + residual), the add of a
+// transformer block's skip connection, in fp32 and rounded once.
+//
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
 // Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info,
@@ -102,6 +112,9 @@ struct Params {
   int M, N, K;
   int group_shift;        // groupzero: group = kChunkK << group_shift
   int gated;              // out [M, N/2] = silu(gate) * up, gate and up in alternate 16-row tiles
+  const Act* norm;        // [K] RMSNorm weight, or null
+  float eps;              // RMSNorm epsilon
+  const Act* residual;    // [M, N] added to the result, or null
 };
 
 // Which K a lane's MMA slots stand for is free as long as A (weights) and B (activations)
@@ -190,6 +203,23 @@ __device__ __forceinline__ void load_x(uint32_t (&b)[4][2], const Act* x, int t,
     b[s][1] = __ldg(x32 + 8 * s + t + 4);
   }
 #endif
+}
+
+// x * norm for a chunk's B fragments (b as load_x gives them, nb the norm weight's fragments
+// loaded the same way), and the sum of the squares of x's values added to ss.
+__device__ __forceinline__ void apply_norm(uint32_t (&b)[4][2], const uint32_t (&nb)[4][2],
+                                           float& ss) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      Act2 v = *reinterpret_cast<const Act2*>(&b[s][i]);
+      const Act2 w = *reinterpret_cast<const Act2*>(&nb[s][i]);
+      const float lo = static_cast<float>(v.x), hi = static_cast<float>(v.y);
+      ss = fmaf(lo, lo, fmaf(hi, hi, ss));
+      v = __hmul2(v, w);
+      b[s][i] = as_u32(v);
+    }
 }
 
 // The weights as exact integers in the activation type, h = q' + kBiasH, without the
@@ -286,6 +316,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int e = 0; e < 4; ++e) sx_all[j][e] = 0.f;
   const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
 
+  // RMSNorm: this lane's sum of squares of token m0 + 8j + g over the k it loads
+  const bool norm = p.norm != nullptr;
+  float ss[kNT];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) ss[j] = 0.f;
+
   // per row tile: this lane's weight bytes and its scale/zero column (rows g, g + 8)
   WeightWalk walk[kR];
   int sz_col[kR];
@@ -345,6 +381,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       uint32_t b[kNT][4][2];
 #pragma unroll
       for (int j = 0; j < kNT; ++j) load_x(b[j], xrow[j] + c * kChunkK, t, xok[j]);
+      if (norm) {
+        uint32_t nb[4][2];
+        load_x(nb, p.norm + c * kChunkK, t, true);
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) apply_norm(b[j], nb, ss[j]);
+      }
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
 #pragma unroll
@@ -387,7 +429,25 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
-  const auto finish = [&](int n, float v) {
+  // RMSNorm: the quad's sums of squares, then the warps' through shared memory after the
+  // reduction's tiles (the reduction's barrier orders the writes before the reads)
+  float* ss_red = red + warps * kR * kNT * 4 * 32;  // past reduce_smem_bytes<kR, kNT, float>
+  if (norm) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 1);
+      ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 2);
+      if (t == 0) ss_red[warp * 8 * kNT + 8 * j + g] = ss[j];
+    }
+  }
+  const float inv_k = 1.f / static_cast<float>(K);
+  const auto rms = [&](int m) {  // r_m for token m of this CTA
+    float v = 0.f;
+    for (int w = 0; w < warps; ++w) v += ss_red[w * 8 * kNT + (m - m0)];
+    return rsqrtf(fmaf(v, inv_k, p.eps));
+  };
+  const auto finish = [&](int n, int m, float v) {
+    if (norm) v *= rms(m);
 #if QC_MODE == 0
     v *= p.rowscale[n];
 #endif
@@ -400,15 +460,17 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       // output column tile0 / 2 * 16 + (n0 % 16) of the N/2-wide result, silu(gate) * up in fp32
       reduce_and_store_pairs<kNT>(acc, red, tile0, m0, M, [&](int n0, int n1, int m, float g,
                                                              float u) {
-        g = finish(n0, g);
-        u = finish(n1, u);
+        g = finish(n0, m, g);
+        u = finish(n1, m, u);
         p.out[(size_t)m * (N / 2) + tile0 * 8 + (n0 - tile0 * 16)] = Act(g / (1.f + __expf(-g)) * u);
       });
       return;
     }
   }
   reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, float v) {
-    p.out[(size_t)m * N + n] = Act(finish(n, v));
+    v = finish(n, m, v);
+    if (p.residual != nullptr) v += static_cast<float>(p.residual[(size_t)m * N + n]);
+    p.out[(size_t)m * N + n] = Act(v);
   });
 }
 
@@ -428,13 +490,16 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // gated (row_tiles 2: even 16-row tiles the gate, odd ones the up rows) [M, N/2]. All
 // 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group 64 x 2^i dividing K
 // (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
+// norm ([K], activation type) or null: x is an RMSNorm's input, eps its epsilon; residual
+// ([M, N] like out, not with gated) or null: added to the result.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
-                         const void* rowscale, const void* bias, void* out, int M, int N, int K,
-                         int group, int token_tiles, int row_tiles, int warps, int gated,
-                         void* stream) {
+                         const void* rowscale, const void* bias, void* out, const void* norm,
+                         const void* residual, int M, int N, int K, int group, int token_tiles,
+                         int row_tiles, int warps, int gated, float eps, void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (uint64_t)N * K >= (1ull << 32) ||  // byte offsets in 32 bits (WeightWalk)
-      (gated && row_tiles != 2))          // a CTA must hold a gate tile and its up tile
+      (gated && row_tiles != 2) ||        // a CTA must hold a gate tile and its up tile
+      (gated && residual != nullptr) || !(eps >= 0.f))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
   // group: 64 times a power of two, dividing K
@@ -457,6 +522,9 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.N = N;
   p.K = K;
   p.gated = gated;
+  p.norm = static_cast<const Act*>(norm);
+  p.eps = eps;
+  p.residual = static_cast<const Act*>(residual);
 #if QC_MODE == 2
   p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
 #else
@@ -470,7 +538,10 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
     // 48.8 vs 45.0 us)
     const auto kernel = mixed_gemm_decode_kernel<kNT, kR>;
     static int cached[kMaxWarps + 1] = {};  // a benign race: every writer writes the same
-    const int smem = capped_smem<kMaxWarps>(kernel, warps, reduce_smem_bytes<kR, kNT, float>(warps),
+    // (the norm's per-warp sums of squares after the reduction's tiles)
+    const int ss_bytes = norm != nullptr ? warps * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+    const int smem = capped_smem<kMaxWarps>(kernel, warps,
+                                            reduce_smem_bytes<kR, kNT, float>(warps) + ss_bytes,
                                             32, cached);
     return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
   }));
