@@ -148,6 +148,11 @@ class _MixedSite:
     zeros: torch.Tensor | None
     post: tuple | None
 
+    def activation(self) -> fx.Node:
+        """The matmul's activation operand now: ``x`` as matched, unless a rewrite since
+        replaced that node (a linear reading the previous linear's 2-D result directly)."""
+        return self.mm.args[1] if self.mm.target is aten.addmm.default else self.mm.args[0]
+
     def fusion_key(self) -> tuple:
         """Sites with equal keys can share one launch: same activation node, same format,
         biases all absent or all constants (defined before any of the matmuls)."""
@@ -272,6 +277,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                                       _static_m(first.x), _val(first.x).dtype,
                                       has_bias=first.bias is not None)
     qweight, scales, zeros = prep.tensors
+    x = first.activation()
     with b.graph.inserting_before(first.mm):
         if len(sites) == 1:
             qw = _reuse_or_constant(b, ev, first.w, qweight, "qweight")
@@ -280,7 +286,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             s = b.constant(scales, "scales")
             z = b.constant(zeros, "zeros") if zeros is not None else None
             new = b.call(torch.ops.qcompile.mixed_gemm_gated.default,
-                         (first.x, qw, s, z, None, match.bits, match.signed, match.group_size,
+                         (x, qw, s, z, None, match.bits, match.signed, match.group_size,
                           match.zero_mode, match.dequant_dtype, prep.layout, prep.config),
                          like=product)
             out = b.call(aten.view.default, (new, list(_val(product).shape)), like=product)
@@ -297,7 +303,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                      b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
             bias = parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
         new = b.call(torch.ops.qcompile.mixed_gemm.default,
-                     (first.x, qw, s, z, bias, match.bits, match.signed, match.group_size,
+                     (x, qw, s, z, bias, match.bits, match.signed, match.group_size,
                       match.zero_mode, match.dequant_dtype, prep.layout, prep.config),
                      like=first.mm)
         outs = _column_parts(b, new, ns)
