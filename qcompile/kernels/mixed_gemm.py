@@ -651,6 +651,11 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         "mixed_gemm_cuda", x, n, out,
         {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias})
     m = x2.shape[0]
+    _check(norm is None or tuple(norm.shape) == (k,),
+           f"norm must be [K={k}], got {None if norm is None else tuple(norm.shape)}")
+    _check(residual is None or tuple(residual.shape) == (*lead, n),
+           f"residual must have the output's shape {(*lead, n)}, got "
+           f"{None if residual is None else tuple(residual.shape)}")
     if m == 0:
         return out.reshape(*lead, n)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -662,10 +667,14 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         return ops.gate_up(mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, True,
                                            group_size, "none", layout, config, norm=norm,
                                            eps=eps))
-    if (norm is not None or residual is not None) and not isinstance(config, decode.DecodeChoice):
-        # the GEMM kernels take neither: the norm and the add as PyTorch ops around them
+    if (norm is not None or residual is not None) and (
+            not isinstance(config, decode.DecodeChoice)
+            or (norm is not None and not config.takes_norm())):
+        # the GEMM kernels take neither (nor a decode launch with no shared memory left for
+        # the norm's sums): the norm and the add as PyTorch ops around the GEMM
         y = mixed_gemm_cuda(x if norm is None else ops.rms_norm(x, norm, eps), qweight, scales,
-                            zeros, bias, bits, True, group_size, "none", layout, config)
+                            zeros, bias, bits, True, group_size, "none", layout, config,
+                            gated=gated)
         return y if residual is None else ops.add_residual(y, residual)
     if isinstance(config, decode.DecodeChoice):
         _check(decode.fits(m, n, k, group, _decode_mode(mode), config),
@@ -675,11 +684,8 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if gated:
             out = x2.new_empty((m, n // 2))
         if norm is not None:
-            _check(norm.shape == (k,), f"norm must be [K={k}], got {tuple(norm.shape)}")
             norm = norm.to(x.dtype).contiguous()
         if residual is not None:
-            _check(residual.numel() == m * n, f"residual must hold M x N = {m} x {n} values, "
-                   f"got {tuple(residual.shape)}")
             residual = residual.to(x.dtype).reshape(m, n).contiguous()
         with torch.cuda.device(dev):
             decode.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,

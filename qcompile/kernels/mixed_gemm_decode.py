@@ -91,6 +91,11 @@ class DecodeChoice:
     def smem_bytes(self) -> int:
         return self.warps * (self.rows // 16) * (self.tokens // 8) * 4 * 32 * 4
 
+    def takes_norm(self) -> bool:
+        """Whether shared memory also holds the RMSNorm's per-warp sums of squares (a launch
+        with ``norm``)."""
+        return self.smem_bytes() + self.warps * self.tokens * 4 <= _SMEM_LIMIT
+
     def valid(self) -> bool:
         return (self.tokens in _TOKEN_TILES and self.rows in _ROW_TILES
                 and 1 <= self.warps <= 16 and self.smem_bytes() <= _SMEM_LIMIT)
@@ -203,7 +208,8 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
     added to the result. No host syncs (CUDA-graph safe)."""
     m, k = x2.shape
     n = out.shape[1] * (2 if gated else 1)
-    if not fits(m, n, k, group, build.mode, choice) or (gated and choice.rows != 32):
+    if (not fits(m, n, k, group, build.mode, choice) or (gated and choice.rows != 32)
+            or (norm is not None and not choice.takes_norm())):
         raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}"
                          + (" gated" if gated else ""))
     if norm is not None and (norm.shape != (k,) or norm.dtype != x2.dtype

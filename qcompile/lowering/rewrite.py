@@ -148,6 +148,11 @@ class _MixedSite:
     zeros: torch.Tensor | None
     post: tuple | None
 
+    def activation(self) -> fx.Node:
+        """The matmul's activation operand now: ``x`` as matched, unless a rewrite since
+        replaced that node (a linear reading the previous linear's 2-D result directly)."""
+        return self.mm.args[1] if self.mm.target is aten.addmm.default else self.mm.args[0]
+
     def fusion_key(self) -> tuple:
         """Sites with equal keys can share one launch: same activation node, same format,
         biases all absent or all constants (defined before any of the matmuls)."""
@@ -354,14 +359,15 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
     m = _static_m(first.x)
     from ..kernels.mixed_gemm import DECODE_MAX_M
     fuse = m is not None and m <= DECODE_MAX_M and kernels.fuses_in_kernel(prep.layout)
-    norm = _rms_norm_of(first.x, ev, sites) if fuse else None
+    x = first.activation()
+    norm = _rms_norm_of(x, ev, sites) if fuse else None
     residual = _residual_of(first) if fuse and len(sites) == 1 else None
     where = residual[0] if residual is not None else first.mm  # other may follow the mm
     with b.graph.inserting_before(where):
-        x_arg, fused_args, notes = first.x, (), ""
+        x_arg, fused_args, notes = x, (), ""
         if norm is not None:
             h, weight, eps = norm
-            x_arg = b.call(aten.reshape.default, (h, list(_val(first.x).shape)))
+            x_arg = b.call(aten.reshape.default, (h, list(_val(x).shape)))
             fused_args = (weight, eps)
             notes += "; RMSNorm in the op"
         if len(sites) == 1:

@@ -235,3 +235,89 @@ def test_gated_mlp_epilogue(act, bits, signed, group, zero_mode, m, config):
     op_out = torch.ops.qcompile.mixed_gemm_gated(x, *tensors, None, bits, True, group, "none",
                                                  dtype, layout, config or "")
     _check(op_out, ref, dtype, f"op gated {config} M={m}")
+
+
+def _rms64(x, weight, eps):
+    """float64 RMSNorm of x (CUDA, activation type) on the CPU."""
+    xd = x.double().cpu()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * weight.double().cpu()
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bits,signed,group,zero_mode", [(4, False, 128, "sub"),
+                                                         (4, True, 64, "add"),
+                                                         (8, True, 0, "none")])
+@pytest.mark.parametrize("m,config", [(1, "decode.t8.r32.w8"), (3, "decode.t8.r16.w16"),
+                                      (8, "decode.t8.r32.w4"), (11, "decode.t16.r16.w8"),
+                                      (5, None), (17, None)])
+def test_rms_norm_and_residual_in_the_kernel(act, bits, signed, group, zero_mode, m, config):
+    """mixed_gemm with an RMSNorm before (norm weight on the B fragments, sum of squares from
+    the same fragments, r_m after the MMA) and a residual after, in the decode kernel for few
+    tokens and as PyTorch ops around a GEMM config (17 tokens), against float64
+    rms_norm(x) W^T + residual; x scaled up so that the norm matters (rms ~ 6)."""
+    n, k = 512, 1024
+    dtype = ACTS[act]
+    layout, tensors, w = _prepared(mg, n, k, bits, signed, group or k, zero_mode, act, seed=5)
+    x = (_x(m, k, dtype) * 6).to(dtype)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    weight = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype)
+    residual = torch.randn(m, n, device="cuda", generator=g).to(dtype)
+    eps = 1e-5
+    normed = _rms64(x, weight, eps)
+    ref = normed @ w.t()
+    grp = group or k
+    out = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, grp, "none", layout, config=config,
+                             norm=weight, eps=eps)
+    _check(out, ref, dtype, f"norm {config} M={m}")
+    out = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, grp, "none", layout, config=config,
+                             residual=residual)
+    _check(out, _ref(x, w) + residual.double().cpu(), dtype, f"residual {config} M={m}")
+    out = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, grp, "none", layout, config=config,
+                             norm=weight, eps=eps, residual=residual)
+    _check(out, ref + residual.double().cpu(), dtype, f"norm + residual {config} M={m}")
+    # the op through the dispatcher, its config a token table
+    op_out = torch.ops.qcompile.mixed_gemm(x, *tensors, None, bits, True, grp, "none", dtype,
+                                           layout, config or "", weight, eps, residual)
+    _check(op_out, ref + residual.double().cpu(), dtype, f"op norm + residual {config} M={m}")
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("m,config", [(1, "decode.t8.r32.w8"), (4, "decode.t8.r16.w8"),
+                                      (17, None)])
+def test_rms_norm_in_the_gated_kernel(act, m, config):
+    """mixed_gemm_gated with an RMSNorm before: silu(n(x) Wg^T) * (n(x) Wu^T), n the RMSNorm,
+    in the 32-row gated epilogue, the 16-row kernel then the gating, and a GEMM config."""
+    from qcompile.kernels import ops
+
+    n, k, bits, group = 512, 1024, 4, 128
+    dtype = ACTS[act]
+    gate = _problem(n, k, bits, False, group, "sub", seed=3)
+    up = _problem(n, k, bits, False, group, "sub", seed=4)
+    q, s, z = (ops.interleave_gate_up(a, b) for a, b in zip(gate[:3], up[:3]))
+    layout = mg.select_layout(bits, False, group, "sub", 2 * n, k, dtype, "cuda")
+    tensors = mg.prepare_weight(q.cuda(), s.cuda(), z.cuda(), bits, False, group, "sub",
+                                layout, dtype)
+    x = (_x(m, k, dtype) * 3).to(dtype)
+    weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    normed = _rms64(x, weight, 1e-6)
+    ref = torch.nn.functional.silu(normed @ gate[3].t()) * (normed @ up[3].t())
+    out = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, group, "none", layout,
+                             config=config, gated=True, norm=weight, eps=1e-6)
+    _check(out, ref, dtype, f"gated norm {config} M={m}")
+    op_out = torch.ops.qcompile.mixed_gemm_gated(x, *tensors, None, bits, True, group, "none",
+                                                 dtype, layout, config or "", weight, 1e-6)
+    _check(op_out, ref, dtype, f"op gated norm {config} M={m}")
+
+
+def test_rms_norm_and_residual_refusals():
+    """Wrong norm / residual shapes are ValueErrors, not a wrong read."""
+    layout, tensors, _ = _prepared(mg, 256, 512, 4, False, 128, "sub", "bf16")
+    x = _x(2, 512, torch.bfloat16)
+    with pytest.raises(ValueError, match="norm"):
+        mg.mixed_gemm_cuda(x, *tensors, None, 4, True, 128, "none", layout,
+                           config="decode.t8.r16.w8", norm=torch.ones(256, device="cuda",
+                                                                      dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="residual"):
+        torch.ops.qcompile.mixed_gemm(x, *tensors, None, 4, True, 128, "none", torch.bfloat16,
+                                      layout, "", None, 0.0,
+                                      torch.zeros(2, 128, device="cuda", dtype=torch.bfloat16))

@@ -1,0 +1,165 @@
+"""A decode step's RMSNorm and skip connections in the qcompile ops (CPU, reference kernels):
+at decode token counts the rewrite hands the norm's input and weight to the op that reads the
+normalized activation (``norm_weight``, ``norm_eps``) and the skip connection's other operand
+to the op whose result it is added to (``residual``); the prompt keeps Inductor's kernels."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import rel_err
+
+import qcompile
+from qcompile.kernels import ops
+from qcompile.llama import CONFIGS, Llama
+
+MIXED = torch.ops.qcompile.mixed_gemm.default
+GATED = torch.ops.qcompile.mixed_gemm_gated.default
+
+
+class OpSpy:
+    """The post-grad graph's qcompile ops with whether each got a norm and a residual, and
+    whether any rsqrt is left (an RMSNorm Inductor still computes)."""
+
+    def __init__(self):
+        self.ops: list[tuple[str, bool, bool]] = []
+        self.rsqrt = 0
+
+    def __call__(self, graph):
+        for n in graph.nodes:
+            if n.op != "call_function":
+                continue
+            if n.target is torch.ops.aten.rsqrt.default:
+                self.rsqrt += 1
+            if n.target in (MIXED, GATED):
+                args = list(n.args) + [None] * 15
+                norm = args[12] if len(n.args) > 12 else n.kwargs.get("norm_weight")
+                res = args[14] if len(n.args) > 14 else n.kwargs.get("residual")
+                self.ops.append(("gated" if n.target is GATED else "mixed",
+                                 norm is not None, res is not None))
+
+    @contextlib.contextmanager
+    def installed(self):
+        with torch._inductor.config.patch(post_grad_custom_post_pass=self):
+            yield self
+
+
+def _llama(method, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"]).to(dtype)
+    qcompile.quantize(model, method, group_size=64)
+    return model
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16"])
+def test_decode_step_norms_and_skips_go_into_the_ops(method):
+    """Tiny Llama (2 layers), one token: q/k/v, gate/up and the output head read their
+    RMSNorm inside the op (no rsqrt left), o and down add the skip connection; 12 tokens
+    keep every norm with Inductor. Both match eager within bf16 tolerance."""
+    model = _llama(method)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 12))
+    with torch.no_grad():
+        for s, fused in ((1, True), (12, False)):
+            model.setup_caches(1, 32)
+            torch._dynamo.reset()
+            spy = OpSpy()
+            with spy.installed():
+                out = torch.compile(model, backend="qcompile")(tokens[:, :s], torch.arange(s))
+            model.setup_caches(1, 32)
+            ref = model(tokens[:, :s], torch.arange(s))
+            assert rel_err(out, ref) <= 2e-2
+            records = qcompile.last_report().records
+            normed = [r.node for r in records if "RMSNorm in the op" in r.kernel]
+            skips = [r.node for r in records if "+ residual in the op" in r.kernel]
+            if fused:
+                # per layer: qkv (one op), gate/up (one gated op), o and down; then the head
+                assert sorted(spy.ops) == sorted([("mixed", True, False), ("gated", True, False),
+                                                  ("mixed", False, True), ("mixed", False, True)]
+                                                 * 2 + [("mixed", True, False)]), spy.ops
+                assert spy.rsqrt == 0
+                assert len(normed) == 2 * (3 + 2) + 1 and len(skips) == 2 * 2
+            else:
+                assert all(op == ("mixed", False, False) for op in spy.ops), spy.ops
+                assert spy.rsqrt == 2 * 2 + 1
+                assert normed == [] and skips == []
+
+
+def test_float32_model_norms_fuse_without_casts():
+    """A float32 model's RMSNorm has no casts around it; it is found all the same, and the
+    result matches eager closely (the reference computes in float32 either way)."""
+    model = _llama("w4a16", torch.float32)
+    model.setup_caches(1, 16)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 1))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        spy = OpSpy()
+        with spy.installed():
+            out = torch.compile(model, backend="qcompile")(tokens, torch.arange(1))
+        model.setup_caches(1, 16)
+        ref = model(tokens, torch.arange(1))
+    assert spy.rsqrt == 0 and sum(norm for _, norm, _ in spy.ops) == 2 * 2 + 1
+    assert rel_err(out, ref) <= 1e-4
+
+
+class NormReadTwice(nn.Module):
+    """An RMSNorm whose output a linear reads and the module also returns, plus a linear whose
+    result is added to a tensor of another shape (broadcast): neither may be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(128) + 0.5)
+        self.proj = nn.Linear(128, 64, bias=False)
+        self.out = nn.Linear(64, 64, bias=False)
+
+    def forward(self, x, b):
+        x32 = x.float()
+        n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.weight
+        return n, self.out(self.proj(n)) + b
+
+
+def test_norm_read_elsewhere_and_broadcast_add_are_left_alone():
+    torch.manual_seed(0)
+    model = NormReadTwice().to(torch.bfloat16)
+    qcompile.quantize(model, "w4a16", group_size=64)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    b = torch.randn(64, dtype=torch.bfloat16)  # [N] against the result's [1, N]
+    with torch.no_grad():
+        torch._dynamo.reset()
+        spy = OpSpy()
+        with spy.installed():
+            n, y = torch.compile(model, backend="qcompile")(x, b)
+        n_ref, y_ref = model(x, b)
+    assert spy.ops == [("mixed", False, False)] * 2 and spy.rsqrt == 1
+    assert rel_err(y, y_ref) <= 2e-2 and torch.equal(n, n_ref)
+
+
+def test_op_reference_with_norm_and_residual():
+    """The op's meaning: linear(rms_norm(x)) + residual, computed in float32, rounded once;
+    bad norm / residual shapes are ValueErrors."""
+    torch.manual_seed(0)
+    n, k, group = 96, 256, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.int16)
+    scales = torch.rand(n, k // group) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (n, k // group)).float()
+    x = (torch.randn(3, k) * 4).to(torch.bfloat16)
+    weight = (torch.rand(k) + 0.5).to(torch.bfloat16)
+    residual = torch.randn(3, n).to(torch.bfloat16)
+    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", torch.float32, "nk")
+    w = ops.dequantize(*args[:3], 4, False, group, "sub", torch.float64)
+    xd = x.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    ref = normed @ w.t() + residual.double()
+    out = torch.ops.qcompile.mixed_gemm(x, *args, "", weight, 1e-5, residual)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) <= 1e-2
+    gated = torch.ops.qcompile.mixed_gemm_gated(x, *args, "", weight, 1e-5)
+    g = ops.gate_up((normed @ w.t()).to(torch.bfloat16))
+    assert rel_err(gated, g) <= 2e-2
+    with pytest.raises(ValueError, match="norm_weight"):
+        torch.ops.qcompile.mixed_gemm(x, *args, "", weight[:10], 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        torch.ops.qcompile.mixed_gemm(x, *args, "", None, 0.0, residual[:, :5])
+    plain = torch.ops.qcompile.mixed_gemm(x, *args)
+    assert rel_err(plain, xd @ w.t()) <= 1e-2
