@@ -221,3 +221,30 @@ def test_gated_mlp_runs_as_one_gated_op_at_decode(method, m):
     gated = [line for line in str(qcompile.last_report()).splitlines() if "silu(gate)" in line]
     assert len(gated) == (2 if m <= 8 else 0)
     assert float((out - ref).norm() / ref.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_norms_and_skips_in_the_decode_kernel(method, batch):
+    """The reference Llama's decode step on the GPU: every RMSNorm goes into the op that reads
+    it and every skip connection into the op whose result it adds (the report says so), the
+    ops run the decode kernel (no "reference" line), and the logits match eager's."""
+    import qcompile
+    from qcompile.llama import CONFIGS, Llama
+
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"]).cuda().to(torch.bfloat16)
+    qcompile.quantize(model, method, group_size=64)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (batch, 1), device="cuda")
+    pos = torch.tensor([5], device="cuda")
+    with torch.no_grad():
+        model.setup_caches(batch, 16)
+        ref = model(tokens, pos).double()
+        model.setup_caches(batch, 16)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="qcompile")(tokens, pos).double()
+    records = qcompile.last_report().records
+    assert sum("RMSNorm in the op" in r.kernel for r in records) == 2 * 5 + 1
+    assert sum("+ residual in the op" in r.kernel for r in records) == 2 * 2
+    assert not any(r.kernel.startswith("reference") for r in records), str(qcompile.last_report())
+    assert float((out - ref).norm() / ref.norm()) <= 2e-2
