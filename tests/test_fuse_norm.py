@@ -10,6 +10,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import rel_err
 
 import qcompile
@@ -163,3 +164,32 @@ def test_op_reference_with_norm_and_residual():
         torch.ops.qcompile.mixed_gemm(x, *args, "", None, 0.0, residual[:, :5])
     plain = torch.ops.qcompile.mixed_gemm(x, *args)
     assert rel_err(plain, xd @ w.t()) <= 1e-2
+
+
+class Int8PostScaleSkip(nn.Module):
+    """gpt-fast's int8 linear (``linear(x, q.to(dtype)) * s``) inside a skip connection."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("q", torch.randint(-127, 128, (128, 128), generator=g,
+                                                dtype=torch.int8))
+        self.register_buffer("s", (torch.rand(128, generator=g) * 0.01 + 0.001).to(torch.bfloat16))
+
+    def forward(self, x):
+        return x + F.linear(x, self.q.to(x.dtype)) * self.s
+
+
+def test_skip_connection_after_a_post_scale():
+    """The post-scale folds into the scales and the add into the op: one op, no add left."""
+    model = Int8PostScaleSkip()
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        spy = OpSpy()
+        with spy.installed():
+            out = torch.compile(model, backend="qcompile")(x)
+        ref = model(x)
+    assert spy.ops == [("mixed", False, True)]
+    assert [r.kernel.endswith("+ residual in the op") for r in qcompile.last_report().records] == [True]
+    assert rel_err(out, ref) <= 2e-2

@@ -319,8 +319,8 @@ def _residual_of(site: _MixedSite) -> tuple[fx.Node, fx.Node] | None:
     """(add, other) when the site's result (after views and its folded post-scale) only
     feeds ``add(result, other)`` with other of the same shape and type: a skip connection."""
     end = _through_views(site.mm)
-    if site.post is not None:
-        if end is not site.post[0] and _single_user(end, aten.mul.Tensor) is not site.post[0]:
+    if site.post is not None:  # the post-scale's mul, folded into the scales, goes too
+        if _single_user(end, aten.mul.Tensor) is not site.post[0]:
             return None
         end = _through_views(site.post[0])
     add = _single_user(end, aten.add.Tensor)
