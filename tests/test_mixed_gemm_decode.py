@@ -135,3 +135,19 @@ def test_int8_family_offers_the_int8_decode_kernel(monkeypatch):
                                                             {"QC_OUT_BF16": 0})
     assert ig.decode_fits(32, 48, 64) and not ig.decode_fits(32, 48, 64, dec.DecodeChoice(8, 32, 4))
     assert not ig.decode_fits(0, 48, 64) and not ig.decode_fits(1, 40, 64)
+
+
+def test_takes_norm_where_shared_memory_holds_the_sums():
+    """A launch with an RMSNorm also keeps each warp's sums of squares (4 bytes a token) in
+    shared memory: the shapes at the 48 KB limit run the norm outside the kernel, and every
+    shape the heuristic picks for decode token counts takes it."""
+    for t in (8, 16, 32):
+        for r in (16, 32):
+            for w in range(1, 17):
+                c = dec.DecodeChoice(t, r, w)
+                if c.valid():
+                    assert c.takes_norm() == (c.smem_bytes() + w * t * 4 <= 48 * 1024), c.name
+    assert not dec.DecodeChoice(32, 32, 12).takes_norm() and dec.DecodeChoice(32, 32, 12).valid()
+    for m in range(1, 9):
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)):
+            assert dec.heuristic(m, n, k).takes_norm(), (m, n, k)
