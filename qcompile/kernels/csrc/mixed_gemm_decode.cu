@@ -46,9 +46,10 @@
 // RMSNorm in front (`norm` given, [K] in the activation type): x is the norm's input and the
 // kernel computes out = r_m * sum_k (x[m, k] * norm[k]) W[n, k] with r_m = rsqrt(mean_k x[m,
 // k]^2 + eps): x * norm is rounded to the activation type for the MMA (the norm weight goes
-// on the B fragments as they are loaded), the sum of squares is taken in fp32 from the same
-// fragments (a lane's 16 values a chunk, its quad's 4 lanes cover the chunk, the warps the
-// chunks), and r_m scales the fp32 sums before the row scale and bias. Every CTA reads all of
+// on the B fragments as they are loaded), the sum of squares comes from the same fragments
+// by one more MMA a step (x times itself, fp32 sums: apply_norm), and r_m scales the fp32
+// sums before the row scale and bias (a template flag: without a norm the kernel is the
+// code it was before). Every CTA reads all of
 // x anyway, so the norm costs no extra pass over it, and no normalized copy is written.
 // Residual after (`residual` given, [M, N] like out): out = Act(sum + residual), the add of a
 // transformer block's skip connection, in fp32 and rounded once.
@@ -205,21 +206,22 @@ __device__ __forceinline__ void load_x(uint32_t (&b)[4][2], const Act* x, int t,
 #endif
 }
 
-// x * norm for a chunk's B fragments (b as load_x gives them, nb the norm weight's fragments
-// loaded the same way), and the sum of the squares of x's values added to ss.
+// RMSNorm on a chunk's B fragments (b as load_x gives them, nb the norm weight's fragments
+// loaded the same way): the sum of the squares of x's values into ssq by an MMA of x with
+// itself (A rows g = token g's x, so D[g][g] = sum_k x_g[k]^2 over the chunk, exact products
+// summed in fp32, on the tensor cores instead of two conversions and two FMAs a pair), then
+// b = x * norm, rounded to the activation type.
 __device__ __forceinline__ void apply_norm(uint32_t (&b)[4][2], const uint32_t (&nb)[4][2],
-                                           float& ss) {
+                                           float (&ssq)[4]) {
 #pragma unroll
-  for (int s = 0; s < 4; ++s)
+  for (int s = 0; s < 4; ++s) {
+    const uint32_t xa[4] = {b[s][0], 0u, b[s][1], 0u};
+    mma16816(ssq, xa, b[s][0], b[s][1]);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      Act2 v = *reinterpret_cast<const Act2*>(&b[s][i]);
-      const Act2 w = *reinterpret_cast<const Act2*>(&nb[s][i]);
-      const float lo = static_cast<float>(v.x), hi = static_cast<float>(v.y);
-      ss = fmaf(lo, lo, fmaf(hi, hi, ss));
-      v = __hmul2(v, w);
-      b[s][i] = as_u32(v);
-    }
+    for (int i = 0; i < 2; ++i)
+      b[s][i] = as_u32(__hmul2(*reinterpret_cast<const Act2*>(&b[s][i]),
+                               *reinterpret_cast<const Act2*>(&nb[s][i])));
+  }
 }
 
 // The weights as exact integers in the activation type, h = q' + kBiasH, without the
@@ -277,7 +279,9 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 #endif
 }
 
-template <int kNT, int kR>
+// kNorm: p.norm is set (a template flag so that the kernels without a norm are the same code
+// as before it existed)
+template <int kNT, int kR, bool kNorm>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
   constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
@@ -316,11 +320,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int e = 0; e < 4; ++e) sx_all[j][e] = 0.f;
   const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
 
-  // RMSNorm: this lane's sum of squares of token m0 + 8j + g over the k it loads
-  const bool norm = p.norm != nullptr;
-  float ss[kNT];
+  // RMSNorm: the MMA tiles whose diagonals sum the squares of tokens m0 + 8j + g
+  float ssq[kNT][4];
 #pragma unroll
-  for (int j = 0; j < kNT; ++j) ss[j] = 0.f;
+  for (int j = 0; j < kNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ssq[j][e] = 0.f;
 
   // per row tile: this lane's weight bytes and its scale/zero column (rows g, g + 8)
   WeightWalk walk[kR];
@@ -381,11 +386,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       uint32_t b[kNT][4][2];
 #pragma unroll
       for (int j = 0; j < kNT; ++j) load_x(b[j], xrow[j] + c * kChunkK, t, xok[j]);
-      if (norm) {
+      if (kNorm) {
         uint32_t nb[4][2];
         load_x(nb, p.norm + c * kChunkK, t, true);
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) apply_norm(b[j], nb, ss[j]);
+        for (int j = 0; j < kNT; ++j) apply_norm(b[j], nb, ssq[j]);
       }
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
@@ -429,16 +434,13 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
-  // RMSNorm: the quad's sums of squares, then the warps' through shared memory after the
-  // reduction's tiles (the reduction's barrier orders the writes before the reads)
+  // RMSNorm: D[g][g] sits in lane (g, g / 2), element g % 2; the warps' sums go to shared
+  // memory after the reduction's tiles (the reduction's barrier orders the writes before the
+  // reads)
   float* ss_red = red + warps * kR * kNT * 4 * 32;  // past reduce_smem_bytes<kR, kNT, float>
-  if (norm) {
+  if (kNorm && t == (g >> 1)) {
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 1);
-      ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 2);
-      if (t == 0) ss_red[warp * 8 * kNT + 8 * j + g] = ss[j];
-    }
+    for (int j = 0; j < kNT; ++j) ss_red[warp * 8 * kNT + 8 * j + g] = ssq[j][g & 1];
   }
   const float inv_k = 1.f / static_cast<float>(K);
   const auto rms = [&](int m) {  // r_m for token m of this CTA
@@ -447,7 +449,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     return rsqrtf(fmaf(v, inv_k, p.eps));
   };
   const auto finish = [&](int n, int m, float v) {
-    if (norm) v *= rms(m);
+    if (kNorm) v *= rms(m);
 #if QC_MODE == 0
     v *= p.rowscale[n];
 #endif
@@ -536,13 +538,15 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
     // At most 32 resident warps an SM: int8 per-channel weights need few registers, and 5
     // CTAs of 8 warps an SM streamed 28672x4096 slower than 4 (decode-step sequence, H100:
     // 48.8 vs 45.0 us)
-    const auto kernel = mixed_gemm_decode_kernel<kNT, kR>;
-    static int cached[kMaxWarps + 1] = {};  // a benign race: every writer writes the same
+    const auto kernel = norm != nullptr ? mixed_gemm_decode_kernel<kNT, kR, true>
+                                        : mixed_gemm_decode_kernel<kNT, kR, false>;
+    // one cache per kernel: a benign race, every writer writes the same
+    static int cached[2][kMaxWarps + 1] = {};
     // (the norm's per-warp sums of squares after the reduction's tiles)
     const int ss_bytes = norm != nullptr ? warps * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
     const int smem = capped_smem<kMaxWarps>(kernel, warps,
                                             reduce_smem_bytes<kR, kNT, float>(warps) + ss_bytes,
-                                            32, cached);
+                                            32, cached[norm != nullptr]);
     return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
   }));
 }
