@@ -193,3 +193,35 @@ def test_skip_connection_after_a_post_scale():
     assert spy.ops == [("mixed", False, True)]
     assert [r.kernel.endswith("+ residual in the op") for r in qcompile.last_report().records] == [True]
     assert rel_err(out, ref) <= 2e-2
+
+
+class WideNormLinear(nn.Module):
+    """An RMSNorm over K = 8192 read by one linear: at 4 tokens the decode kernel could not
+    stage x * norm in shared memory (4 x 8192 x 2 bytes), at 1 token it can."""
+
+    def __init__(self, k: int = 8192):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(k) + 0.5)
+        self.proj = nn.Linear(k, 64, bias=False)
+
+    def forward(self, x):
+        x32 = x.float()
+        n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.weight
+        return self.proj(n)
+
+
+@pytest.mark.parametrize("tokens,fused", [(1, True), (4, False)])
+def test_norm_fuses_only_where_the_decode_launch_can_stage_it(tokens, fused):
+    torch.manual_seed(0)
+    model = WideNormLinear().to(torch.bfloat16)
+    qcompile.quantize(model, "w4a16", group_size=128)
+    x = torch.randn(tokens, 8192, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        spy = OpSpy()
+        with spy.installed():
+            out = torch.compile(model, backend="qcompile")(x)
+        ref = model(x)
+    assert spy.ops == [("mixed", fused, False)]
+    assert spy.rsqrt == (0 if fused else 1)
+    assert rel_err(out, ref) <= 2e-2

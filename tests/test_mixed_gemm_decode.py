@@ -137,17 +137,24 @@ def test_int8_family_offers_the_int8_decode_kernel(monkeypatch):
     assert not ig.decode_fits(0, 48, 64) and not ig.decode_fits(1, 40, 64)
 
 
-def test_takes_norm_where_shared_memory_holds_the_sums():
-    """A launch with an RMSNorm also keeps each warp's sums of squares (4 bytes a token) in
-    shared memory: the shapes at the 48 KB limit run the norm outside the kernel, and every
-    shape the heuristic picks for decode token counts takes it."""
+def test_takes_norm_where_shared_memory_holds_the_staged_tokens():
+    """A launch with an RMSNorm also keeps each warp's sums of squares (4 bytes a token) and
+    x * norm of the CTA's tokens (min(tile, M) x K in the activation type) in shared memory:
+    past 48 KB the norm runs outside the kernel. The heuristic's launches for a Llama-3-8B
+    decode step take it up to 4 tokens at K = 4096 (8-warp CTAs), none at 8."""
     for t in (8, 16, 32):
         for r in (16, 32):
             for w in range(1, 17):
                 c = dec.DecodeChoice(t, r, w)
-                if c.valid():
-                    assert c.takes_norm() == (c.smem_bytes() + w * t * 4 <= 48 * 1024), c.name
-    assert not dec.DecodeChoice(32, 32, 12).takes_norm() and dec.DecodeChoice(32, 32, 12).valid()
-    for m in range(1, 9):
-        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)):
-            assert dec.heuristic(m, n, k).takes_norm(), (m, n, k)
+                for m, k in ((1, 4096), (3, 4096), (8, 1024), (32, 256)):
+                    staged = w * t * 4 + min(t, m) * k * 2
+                    assert c.takes_norm(m, k) == (c.smem_bytes() + staged <= 48 * 1024), c.name
+    assert dec.DecodeChoice(8, 32, 8).takes_norm(4, 4096)
+    assert not dec.DecodeChoice(8, 32, 16).takes_norm(4, 4096)  # 16 KB of tiles + 32 KB
+    # float32 activations stage 4 bytes a value
+    assert dec.DecodeChoice(8, 32, 8).takes_norm(2, 4096, 4)
+    assert not dec.DecodeChoice(8, 32, 8).takes_norm(3, 4096, 4)
+    for n in (6144, 28672, 128256):
+        for m in range(1, 5):
+            assert dec.heuristic(m, n, 4096).takes_norm(m, 4096), (m, n)
+        assert not dec.heuristic(8, n, 4096).takes_norm(8, 4096), n

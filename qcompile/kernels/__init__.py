@@ -27,7 +27,8 @@ from .ops import pack_nk
 log = logging.getLogger("qcompile.kernels")
 
 __all__ = ["ops", "tuning", "PreparedGemm", "prepare_mixed_gemm", "prepare_int8_gemm",
-           "cuda_family", "device_capability", "mixed_families", "run_family", "fuses_in_kernel"]
+           "cuda_family", "device_capability", "mixed_families", "run_family", "fuses_in_kernel",
+           "norm_fits_in_kernel"]
 
 MIXED_FAMILIES = ("mixed_gemm", "mixed_gemm_sm80")
 
@@ -124,6 +125,18 @@ def fuses_in_kernel(layout: str) -> bool:
         return True
     fam = cuda_family("mixed_gemm")
     return fam is not None and layout in fam.LAYOUTS
+
+
+def norm_fits_in_kernel(m: int, n: int, k: int, act_dtype: torch.dtype) -> bool:
+    """Whether the decode launch the heuristic picks for m tokens of an [N, K] weight has the
+    shared memory to stage an RMSNorm's x * weight (``DecodeChoice.takes_norm``); where not
+    (at K = 4096, more than 4 tokens), the op would run the norm as PyTorch ops, so the rewrite
+    leaves it to Inductor. Asked for the reference layout too, so that a CPU compile matches
+    the sm90 one."""
+    from . import mixed_gemm_decode as decode
+
+    itemsize = torch.empty((), dtype=act_dtype).element_size()
+    return decode.heuristic(m, n, k).takes_norm(m, k, itemsize)
 
 
 def _unfused(run, x, norm_weight, norm_eps, residual=None):

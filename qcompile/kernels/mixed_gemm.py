@@ -669,9 +669,9 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                                            eps=eps))
     if (norm is not None or residual is not None) and (
             not isinstance(config, decode.DecodeChoice)
-            or (norm is not None and not config.takes_norm())):
+            or (norm is not None and not config.takes_norm(m, k, x.element_size()))):
         # the GEMM kernels take neither (nor a decode launch with no shared memory left for
-        # the norm's sums): the norm and the add as PyTorch ops around the GEMM
+        # the staged norm): the norm and the add as PyTorch ops around the GEMM
         y = mixed_gemm_cuda(x if norm is None else ops.rms_norm(x, norm, eps), qweight, scales,
                             zeros, bias, bits, True, group_size, "none", layout, config,
                             gated=gated)

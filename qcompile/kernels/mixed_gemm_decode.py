@@ -91,10 +91,12 @@ class DecodeChoice:
     def smem_bytes(self) -> int:
         return self.warps * (self.rows // 16) * (self.tokens // 8) * 4 * 32 * 4
 
-    def takes_norm(self) -> bool:
-        """Whether shared memory also holds the RMSNorm's per-warp sums of squares (a launch
-        with ``norm``)."""
-        return self.smem_bytes() + self.warps * self.tokens * 4 <= _SMEM_LIMIT
+    def takes_norm(self, m: int, k: int, act_bytes: int = 2) -> bool:
+        """Whether a launch with ``norm`` for m tokens of K fits shared memory: past the
+        reduction's tiles, the per-warp sums of squares and x * norm of the CTA's tokens (at
+        K = 4096, 4 tokens with the heuristic's 8-warp CTAs; batch 8 stays unfused)."""
+        norm = self.warps * self.tokens * 4 + min(self.tokens, m) * k * act_bytes
+        return self.smem_bytes() + norm <= _SMEM_LIMIT
 
     def valid(self) -> bool:
         return (self.tokens in _TOKEN_TILES and self.rows in _ROW_TILES
@@ -209,7 +211,7 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
     m, k = x2.shape
     n = out.shape[1] * (2 if gated else 1)
     if (not fits(m, n, k, group, build.mode, choice) or (gated and choice.rows != 32)
-            or (norm is not None and not choice.takes_norm())):
+            or (norm is not None and not choice.takes_norm(m, k, x2.element_size()))):
         raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}"
                          + (" gated" if gated else ""))
     if norm is not None and (norm.shape != (k,) or norm.dtype != x2.dtype

@@ -360,7 +360,8 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
     from ..kernels.mixed_gemm import DECODE_MAX_M
     fuse = m is not None and m <= DECODE_MAX_M and kernels.fuses_in_kernel(prep.layout)
     x = first.activation()
-    norm = _rms_norm_of(x, ev, sites) if fuse else None
+    norm = (_rms_norm_of(x, ev, sites) if fuse and kernels.norm_fits_in_kernel(
+        m, qweight.shape[0], _val(x).shape[-1], _val(x).dtype) else None)
     residual = _residual_of(first) if fuse and len(sites) == 1 else None
     where = residual[0] if residual is not None else first.mm  # other may follow the mm
     with b.graph.inserting_before(where):

@@ -45,12 +45,12 @@
 //
 // RMSNorm in front (`norm` given, [K] in the activation type): x is the norm's input and the
 // kernel computes out = r_m * sum_k (x[m, k] * norm[k]) W[n, k] with r_m = rsqrt(mean_k x[m,
-// k]^2 + eps): x * norm is rounded to the activation type for the MMA (the norm weight goes
-// on the B fragments as they are loaded), the sum of squares comes from the same fragments
-// by one more MMA a step (x times itself, fp32 sums: apply_norm), and r_m scales the fp32
-// sums before the row scale and bias (a template flag: without a norm the kernel is the
-// code it was before). Every CTA reads all of
-// x anyway, so the norm costs no extra pass over it, and no normalized copy is written.
+// k]^2 + eps): x * norm is rounded to the activation type for the MMA (made once, in the CTA's prologue, into shared memory: stage_norm, while the first weight loads
+// are in flight), the sum of squares in fp32 in the same pass, and r_m scales the fp32 sums
+// before the row scale and bias (a template flag: without a norm the kernel is the code it
+// was before). Every CTA reads all of x anyway, so the norm costs no extra pass over global
+// memory, and no normalized copy is written there. The staged tokens must fit the 48 KB of
+// shared memory (DecodeChoice.takes_norm: 4 tokens at K = 4096).
 // Residual after (`residual` given, [M, N] like out): out = Act(sum + residual), the add of a
 // transformer block's skip connection, in fp32 and rounded once.
 //
@@ -174,6 +174,14 @@ __device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uin
 
 // The B fragments {b0, b1} of MMA steps 0..3 of a chunk for one token row x (chunk start),
 // matching load_chunk's k: b0 holds k, k + 1 and b1 k + 8, k + 9 of step s's k.
+// kShared: x is the CTA's staged copy in shared memory (plain loads; __ldg is global only).
+template <typename T, bool kShared>
+__device__ __forceinline__ T ld_x(const T* p) {
+  if constexpr (kShared) return *p;
+  else return __ldg(p);
+}
+
+template <bool kShared = false>
 __device__ __forceinline__ void load_x(uint32_t (&b)[4][2], const Act* x, int t, bool ok) {
   if (!ok) {
 #pragma unroll
@@ -183,8 +191,8 @@ __device__ __forceinline__ void load_x(uint32_t (&b)[4][2], const Act* x, int t,
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);  // pairs of k
 #if QC_LAYOUT == 0 && QC_WBITS == 4
   // step s: k 16 t + 2 s (+ 8)
-  const uint4 lo = __ldg(reinterpret_cast<const uint4*>(x32 + 8 * t));
-  const uint4 hi = __ldg(reinterpret_cast<const uint4*>(x32 + 8 * t + 4));
+  const uint4 lo = ld_x<uint4, kShared>(reinterpret_cast<const uint4*>(x32 + 8 * t));
+  const uint4 hi = ld_x<uint4, kShared>(reinterpret_cast<const uint4*>(x32 + 8 * t + 4));
   b[0][0] = lo.x; b[1][0] = lo.y; b[2][0] = lo.z; b[3][0] = lo.w;
   b[0][1] = hi.x; b[1][1] = hi.y; b[2][1] = hi.z; b[3][1] = hi.w;
 #elif QC_LAYOUT == 0
@@ -192,35 +200,50 @@ __device__ __forceinline__ void load_x(uint32_t (&b)[4][2], const Act* x, int t,
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
     const int base = 16 * q + 8 * (t >> 1) + 2 * (t & 1);
-    const uint2 lo = __ldg(reinterpret_cast<const uint2*>(x32 + base));
-    const uint2 hi = __ldg(reinterpret_cast<const uint2*>(x32 + base + 4));
+    const uint2 lo = ld_x<uint2, kShared>(reinterpret_cast<const uint2*>(x32 + base));
+    const uint2 hi = ld_x<uint2, kShared>(reinterpret_cast<const uint2*>(x32 + base + 4));
     b[2 * q][0] = lo.x; b[2 * q + 1][0] = lo.y; b[2 * q][1] = hi.x; b[2 * q + 1][1] = hi.y;
   }
 #else
   // step s: k 16 s + 2 t (+ 8), the layout's own K steps
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    b[s][0] = __ldg(x32 + 8 * s + t);
-    b[s][1] = __ldg(x32 + 8 * s + t + 4);
+    b[s][0] = ld_x<uint32_t, kShared>(x32 + 8 * s + t);
+    b[s][1] = ld_x<uint32_t, kShared>(x32 + 8 * s + t + 4);
   }
 #endif
 }
 
-// RMSNorm on a chunk's B fragments (b as load_x gives them, nb the norm weight's fragments
-// loaded the same way): the sum of the squares of x's values into ssq by an MMA of x with
-// itself (A rows g = token g's x, so D[g][g] = sum_k x_g[k]^2 over the chunk, exact products
-// summed in fp32, on the tensor cores instead of two conversions and two FMAs a pair), then
-// b = x * norm, rounded to the activation type.
-__device__ __forceinline__ void apply_norm(uint32_t (&b)[4][2], const uint32_t (&nb)[4][2],
-                                           float (&ssq)[4]) {
+// RMSNorm, the CTA's prologue: x * norm for tokens m0 .. m0 + rows - 1 into xs ([rows][K],
+// shared memory, rounded to the activation type as the MMA takes it) and each warp's share of
+// their sums of squares (fp32) into ss[warp][token - m0]. Once a CTA instead of once a chunk
+// in every warp's loop: there, 7 of 8 lane groups of a one-token launch did the work on
+// zeros, and it cost more than Inductor's norm kernel it replaced (28672x4096 gated, M = 1,
+// H100: +4.0 us a GEMM in the loop; an MMA of x with itself for the squares, +7.4).
+__device__ __forceinline__ void stage_norm(Act* xs, float* ss, const Act* x, const Act* norm,
+                                           int rows, int K, int sum_stride) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint4* w16 = reinterpret_cast<const uint4*>(norm);
+  for (int r = 0; r < rows; ++r) {
+    const uint4* x16 = reinterpret_cast<const uint4*>(x + (size_t)r * K);
+    uint4* s16 = reinterpret_cast<uint4*>(xs + (size_t)r * K);
+    float part = 0.f;
+    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+      const uint4 v = __ldg(x16 + i), w = __ldg(w16 + i);
+      uint32_t vw[4] = {v.x, v.y, v.z, v.w};
+      const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    const uint32_t xa[4] = {b[s][0], 0u, b[s][1], 0u};
-    mma16816(ssq, xa, b[s][0], b[s][1]);
+      for (int e = 0; e < 4; ++e) {
+        const Act2 a = *reinterpret_cast<const Act2*>(&vw[e]);
+        const float lo = static_cast<float>(a.x), hi = static_cast<float>(a.y);
+        part = fmaf(lo, lo, fmaf(hi, hi, part));
+        vw[e] = as_u32(__hmul2(a, *reinterpret_cast<const Act2*>(&ww[e])));
+      }
+      s16[i] = make_uint4(vw[0], vw[1], vw[2], vw[3]);
+    }
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-      b[s][i] = as_u32(__hmul2(*reinterpret_cast<const Act2*>(&b[s][i]),
-                               *reinterpret_cast<const Act2*>(&nb[s][i])));
+    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (lane == 0) ss[warp * sum_stride + r] = part;
   }
 }
 
@@ -280,7 +303,8 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 }
 
 // kNorm: p.norm is set (a template flag so that the kernels without a norm are the same code
-// as before it existed)
+// as before it existed); the launch then has shared memory for the staged x * norm after
+// the reduction's tiles and the sums of squares (see qc_mixed_gemm_decode)
 template <int kNT, int kR, bool kNorm>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
   constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
@@ -320,12 +344,18 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int e = 0; e < 4; ++e) sx_all[j][e] = 0.f;
   const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
 
-  // RMSNorm: the MMA tiles whose diagonals sum the squares of tokens m0 + 8j + g
-  float ssq[kNT][4];
+  // RMSNorm: shared memory past the reduction's tiles holds the warps' sums of squares
+  // [warps][8 kNT] and then x * norm for the CTA's tokens [rows][K]
+  float* ss_red = red + warps * kR * kNT * 4 * 32;  // past reduce_smem_bytes<kR, kNT, float>
+  Act* xs = reinterpret_cast<Act*>(ss_red + warps * 8 * kNT);
+  const int rows = kNorm ? min(8 * kNT, M - m0) : 0;
+  if (kNorm) {
 #pragma unroll
-  for (int j = 0; j < kNT; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) ssq[j][e] = 0.f;
+    for (int j = 0; j < kNT; ++j) {
+      const int m = m0 + 8 * j + g;
+      xrow[j] = xs + (size_t)(xok[j] ? m - m0 : 0) * K;
+    }
+  }
 
   // per row tile: this lane's weight bytes and its scale/zero column (rows g, g + 8)
   WeightWalk walk[kR];
@@ -336,12 +366,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     sz_col[r] = (tile0 + r) * 16 + g;
   }
 
-  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
-    // a round: the loads of kUnroll chunks x kR row tiles, all issued before any is used
-    uint32_t raw[kUnroll][kR][4][kWords];
+  // a round: the loads of kUnroll chunks x kR row tiles, all issued before any is used
+  uint32_t raw[kUnroll][kR][4][kWords];
 #if QC_MODE == 2
-    Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
+  Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
 #endif
+  const auto load_round = [&](int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -365,6 +395,16 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #endif
       }
     }
+  };
+  if (kNorm) {
+    // the first round's weights are in flight while the CTA stages x * norm
+    if (warp < chunks) load_round(warp);
+    stage_norm(xs, ss_red, p.x + (size_t)m0 * K, p.norm, rows, K, 8 * kNT);
+    __syncthreads();
+  }
+
+  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
+    if (!kNorm || c0 != warp) load_round(c0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -385,13 +425,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #endif
       uint32_t b[kNT][4][2];
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) load_x(b[j], xrow[j] + c * kChunkK, t, xok[j]);
-      if (kNorm) {
-        uint32_t nb[4][2];
-        load_x(nb, p.norm + c * kChunkK, t, true);
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) apply_norm(b[j], nb, ssq[j]);
-      }
+      for (int j = 0; j < kNT; ++j) load_x<kNorm>(b[j], xrow[j] + c * kChunkK, t, xok[j]);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
 #pragma unroll
@@ -434,14 +468,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
-  // RMSNorm: D[g][g] sits in lane (g, g / 2), element g % 2; the warps' sums go to shared
-  // memory after the reduction's tiles (the reduction's barrier orders the writes before the
-  // reads)
-  float* ss_red = red + warps * kR * kNT * 4 * 32;  // past reduce_smem_bytes<kR, kNT, float>
-  if (kNorm && t == (g >> 1)) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) ss_red[warp * 8 * kNT + 8 * j + g] = ssq[j][g & 1];
-  }
   const float inv_k = 1.f / static_cast<float>(K);
   const auto rms = [&](int m) {  // r_m for token m of this CTA
     float v = 0.f;
@@ -542,10 +568,15 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
                                         : mixed_gemm_decode_kernel<kNT, kR, false>;
     // one cache per kernel: a benign race, every writer writes the same
     static int cached[2][kMaxWarps + 1] = {};
-    // (the norm's per-warp sums of squares after the reduction's tiles)
-    const int ss_bytes = norm != nullptr ? warps * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+    // with a norm: the per-warp sums of squares and x * norm for the CTA's tokens after the
+    // reduction's tiles (launch_decode refuses more than 48 KB in all)
+    const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
+    const int norm_bytes =
+        norm != nullptr ? warps * 8 * kNT * static_cast<int>(sizeof(float)) +
+                              tile_rows * K * static_cast<int>(sizeof(Act))
+                        : 0;
     const int smem = capped_smem<kMaxWarps>(kernel, warps,
-                                            reduce_smem_bytes<kR, kNT, float>(warps) + ss_bytes,
+                                            reduce_smem_bytes<kR, kNT, float>(warps) + norm_bytes,
                                             32, cached[norm != nullptr]);
     return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
   }));
