@@ -28,7 +28,7 @@ log = logging.getLogger("qcompile.kernels")
 
 __all__ = ["ops", "tuning", "PreparedGemm", "prepare_mixed_gemm", "prepare_int8_gemm",
            "cuda_family", "device_capability", "mixed_families", "run_family", "fuses_in_kernel",
-           "norm_fits_in_kernel"]
+           "norm_fits_in_kernel", "FUSE_NORM_MIN_BITS"]
 
 MIXED_FAMILIES = ("mixed_gemm", "mixed_gemm_sm80")
 
@@ -125,6 +125,15 @@ def fuses_in_kernel(layout: str) -> bool:
         return True
     fam = cuda_family("mixed_gemm")
     return fam is not None and layout in fam.LAYOUTS
+
+
+# The weight width from which a decode step's RMSNorms and skip connections go into the decode
+# kernel. Each 32-row CTA stages x * norm from L2 once; against Inductor's norm kernel (about
+# 2.4 us and a launch gap, per norm) that pays where the CTA streams enough weight bytes:
+# H100, M = 1, us a GEMM unfused / fused: int8 per-channel 6144x4096 13.3 / 14.4, gated
+# 28672x4096 45.0 / 46.1 (decode step +2.4% tokens/s); int4 g128 10.6 / 12.3 and 30.9 / 35.0
+# (-0.6%). (See FUSE_NORM_MIN_BITS' use in lowering.rewrite.)
+FUSE_NORM_MIN_BITS = 8
 
 
 def norm_fits_in_kernel(m: int, n: int, k: int, act_dtype: torch.dtype) -> bool:

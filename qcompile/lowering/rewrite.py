@@ -358,7 +358,8 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
     # a decode step's RMSNorm before and skip connection after go into the decode kernel
     m = _static_m(first.x)
     from ..kernels.mixed_gemm import DECODE_MAX_M
-    fuse = m is not None and m <= DECODE_MAX_M and kernels.fuses_in_kernel(prep.layout)
+    fuse = (m is not None and m <= DECODE_MAX_M and match.bits >= kernels.FUSE_NORM_MIN_BITS
+            and kernels.fuses_in_kernel(prep.layout))
     x = first.activation()
     norm = (_rms_norm_of(x, ev, sites) if fuse and kernels.norm_fits_in_kernel(
         m, qweight.shape[0], _val(x).shape[-1], _val(x).dtype) else None)

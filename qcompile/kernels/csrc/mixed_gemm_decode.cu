@@ -220,26 +220,41 @@ __device__ __forceinline__ void load_x(uint32_t (&b)[4][2], const Act* x, int t,
 // in every warp's loop: there, 7 of 8 lane groups of a one-token launch did the work on
 // zeros, and it cost more than Inductor's norm kernel it replaced (28672x4096 gated, M = 1,
 // H100: +4.0 us a GEMM in the loop; an MMA of x with itself for the squares, +7.4).
+// x * norm of one 16-byte piece (8 values), its squares' sum added to part.
+__device__ __forceinline__ uint4 norm_piece(const uint4 v, const uint4 w, float& part) {
+  uint32_t vw[4] = {v.x, v.y, v.z, v.w};
+  const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const Act2 a = *reinterpret_cast<const Act2*>(&vw[e]);
+    const float lo = static_cast<float>(a.x), hi = static_cast<float>(a.y);
+    part = fmaf(lo, lo, fmaf(hi, hi, part));
+    vw[e] = as_u32(__hmul2(a, *reinterpret_cast<const Act2*>(&ww[e])));
+  }
+  return make_uint4(vw[0], vw[1], vw[2], vw[3]);
+}
+
 __device__ __forceinline__ void stage_norm(Act* xs, float* ss, const Act* x, const Act* norm,
                                            int rows, int K, int sum_stride) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int pieces = K / 8, step = blockDim.x;
   const uint4* w16 = reinterpret_cast<const uint4*>(norm);
   for (int r = 0; r < rows; ++r) {
     const uint4* x16 = reinterpret_cast<const uint4*>(x + (size_t)r * K);
     uint4* s16 = reinterpret_cast<uint4*>(xs + (size_t)r * K);
     float part = 0.f;
-    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
-      const uint4 v = __ldg(x16 + i), w = __ldg(w16 + i);
-      uint32_t vw[4] = {v.x, v.y, v.z, v.w};
-      const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const Act2 a = *reinterpret_cast<const Act2*>(&vw[e]);
-        const float lo = static_cast<float>(a.x), hi = static_cast<float>(a.y);
-        part = fmaf(lo, lo, fmaf(hi, hi, part));
-        vw[e] = as_u32(__hmul2(a, *reinterpret_cast<const Act2*>(&ww[e])));
+    // two pieces a thread an iteration, both loads issued before either is used (K = 4096
+    // with 8 warps: one iteration, one L2 round trip)
+    for (int i = threadIdx.x; i < pieces; i += 2 * step) {
+      const bool two = i + step < pieces;
+      const uint4 v0 = __ldg(x16 + i), w0 = __ldg(w16 + i);
+      uint4 v1 = v0, w1 = w0;
+      if (two) {
+        v1 = __ldg(x16 + i + step);
+        w1 = __ldg(w16 + i + step);
       }
-      s16[i] = make_uint4(vw[0], vw[1], vw[2], vw[3]);
+      s16[i] = norm_piece(v0, w0, part);
+      if (two) s16[i + step] = norm_piece(v1, w1, part);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
