@@ -22,14 +22,17 @@ from qcompile.llama import CONFIGS, Llama
 
 MIXED = torch.ops.qcompile.mixed_gemm.default
 GATED = torch.ops.qcompile.mixed_gemm_gated.default
+NORM_OUT = torch.ops.qcompile.mixed_gemm_norm_out.default
 
 
 class OpSpy:
-    """The post-grad graph's qcompile ops with whether each got a norm and a residual, and
-    whether any rsqrt is left (an RMSNorm Inductor still computes)."""
+    """The post-grad graph's qcompile ops as (kind, norm, residual): kind "mixed", "gated" or
+    "norm_out" (an op whose epilogue also writes the next norm's input), norm "staged" (the op
+    normalizes its input itself), "given" (x * weight and the sums of squares from the op
+    before) or False; and whether any rsqrt is left (an RMSNorm Inductor still computes)."""
 
     def __init__(self):
-        self.ops: list[tuple[str, bool, bool]] = []
+        self.ops: list[tuple[str, str | bool, bool]] = []
         self.rsqrt = 0
 
     def __call__(self, graph):
@@ -38,12 +41,14 @@ class OpSpy:
                 continue
             if n.target is torch.ops.aten.rsqrt.default:
                 self.rsqrt += 1
-            if n.target in (MIXED, GATED):
-                args = list(n.args) + [None] * 15
-                norm = args[12] if len(n.args) > 12 else n.kwargs.get("norm_weight")
-                res = args[14] if len(n.args) > 14 else n.kwargs.get("residual")
-                self.ops.append(("gated" if n.target is GATED else "mixed",
-                                 norm is not None, res is not None))
+            if n.target is NORM_OUT:
+                self.ops.append(("norm_out", False, n.args[12] is not None))
+            elif n.target in (MIXED, GATED):
+                args = list(n.args) + [None] * 16
+                ssq = args[15] if n.target is MIXED else args[14]
+                norm = "staged" if args[12] is not None else "given" if ssq is not None else False
+                self.ops.append(("gated" if n.target is GATED else "mixed", norm,
+                                 n.target is MIXED and args[14] is not None))
 
     @contextlib.contextmanager
     def installed(self):
@@ -85,12 +90,19 @@ def test_decode_step_norms_and_skips_go_into_the_ops(method, int4_fuses):
             normed = [r.node for r in records if "RMSNorm in the op" in r.kernel]
             skips = [r.node for r in records if "+ residual in the op" in r.kernel]
             if fused:
-                # per layer: qkv (one op), gate/up (one gated op), o and down; then the head
-                assert sorted(spy.ops) == sorted([("mixed", True, False), ("gated", True, False),
-                                                  ("mixed", False, True), ("mixed", False, True)]
-                                                 * 2 + [("mixed", True, False)]), spy.ops
+                # per layer: qkv (one op), o, gate/up (one gated op), down; then the head. o
+                # and down add the skip and write the next norm's input; only the first
+                # layer's qkv (after the embedding) normalizes its input itself
+                layer = [("norm_out", False, True), ("gated", "given", False),
+                         ("norm_out", False, True)]
+                assert spy.ops == ([("mixed", "staged", False)] + layer
+                                   + [("mixed", "given", False)] + layer
+                                   + [("mixed", "given", False)]), spy.ops
                 assert spy.rsqrt == 0
                 assert len(normed) == 2 * (3 + 2) + 1 and len(skips) == 2 * 2
+                linked = [r for r in records if "its sums from the op before" in r.kernel]
+                assert len(linked) == len(normed) - 3
+                assert sum("next RMSNorm's input" in r.kernel for r in records) == 2 * 2
             else:
                 assert all(op == ("mixed", False, False) for op in spy.ops), spy.ops
                 assert spy.rsqrt == 2 * 2 + 1
@@ -126,7 +138,7 @@ def test_float32_model_norms_fuse_without_casts(int4_fuses):
             out = torch.compile(model, backend="qcompile")(tokens, torch.arange(1))
         model.setup_caches(1, 16)
         ref = model(tokens, torch.arange(1))
-    assert spy.rsqrt == 0 and sum(norm for _, norm, _ in spy.ops) == 2 * 2 + 1
+    assert spy.rsqrt == 0 and sum(bool(norm) for _, norm, _ in spy.ops) == 2 * 2 + 1
     assert rel_err(out, ref) <= 1e-4
 
 
@@ -191,6 +203,39 @@ def test_op_reference_with_norm_and_residual():
     assert rel_err(plain, xd @ w.t()) <= 1e-2
 
 
+def test_op_reference_norm_out_and_given_sums():
+    """mixed_gemm_norm_out returns (out, out * next weight, sums of out^2 over 16-feature
+    tiles), and mixed_gemm / mixed_gemm_gated reading those (norm_ssq) compute
+    linear(rms_norm(out)) as if they had normalized out themselves; bad sums are ValueErrors."""
+    torch.manual_seed(0)
+    n, k, group = 256, 256, 64  # the first op's N is the second's K
+    q = torch.randint(0, 16, (n, k), dtype=torch.int16)
+    scales = torch.rand(n, k // group) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (n, k // group)).float()
+    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", torch.float32, "nk")
+    w = ops.dequantize(*args[:3], 4, False, group, "sub", torch.float64)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    residual = (torch.randn(3, n) * 4).to(torch.bfloat16)
+    weight = (torch.rand(n) + 0.5).to(torch.bfloat16)
+    out, normed, sums = torch.ops.qcompile.mixed_gemm_norm_out(x, *args, "", residual, weight)
+    assert torch.equal(out, torch.ops.qcompile.mixed_gemm(x, *args, "", None, 0.0, residual))
+    assert torch.equal(normed, (out.float() * weight.float()).to(torch.bfloat16))
+    assert sums.dtype == torch.float32 and sums.shape == (3, n // 16)
+    torch.testing.assert_close(sums.sum(-1), out.float().pow(2).sum(-1))
+    od = out.double()
+    ref = (od * torch.rsqrt(od.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()) @ w.t()
+    y = torch.ops.qcompile.mixed_gemm(normed, *args, "", None, 1e-5, None, sums)
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) <= 1e-2
+    gated = torch.ops.qcompile.mixed_gemm_gated(normed, *args, "", None, 1e-5, sums)
+    assert rel_err(gated, ops.gate_up(ref.to(torch.bfloat16))) <= 2e-2
+    with pytest.raises(ValueError, match="norm_ssq"):
+        torch.ops.qcompile.mixed_gemm(normed, *args, "", None, 1e-5, None, sums[:, :3])
+    with pytest.raises(ValueError, match="norm_ssq"):
+        torch.ops.qcompile.mixed_gemm(normed, *args, "", weight, 1e-5, None, sums)
+    with pytest.raises(ValueError, match="next_norm_weight"):
+        torch.ops.qcompile.mixed_gemm_norm_out(x, *args, "", residual, weight[:32])
+
+
 class Int8PostScaleSkip(nn.Module):
     """gpt-fast's int8 linear (``linear(x, q.to(dtype)) * s``) inside a skip connection."""
 
@@ -247,6 +292,6 @@ def test_norm_fuses_only_where_the_decode_launch_can_stage_it(tokens, fused, int
         with spy.installed():
             out = torch.compile(model, backend="qcompile")(x)
         ref = model(x)
-    assert spy.ops == [("mixed", fused, False)]
+    assert spy.ops == [("mixed", "staged" if fused else False, False)]
     assert spy.rsqrt == (0 if fused else 1)
     assert rel_err(out, ref) <= 2e-2

@@ -148,33 +148,56 @@ def norm_fits_in_kernel(m: int, n: int, k: int, act_dtype: torch.dtype) -> bool:
     return decode.heuristic(m, n, k).takes_norm(m, k, itemsize)
 
 
-def _unfused(run, x, norm_weight, norm_eps, residual=None):
-    """run(x) with the RMSNorm before and the residual after it as PyTorch ops."""
-    y = run(x if norm_weight is None else ops.rms_norm(x, norm_weight, norm_eps))
-    return y if residual is None else ops.add_residual(y, residual)
+def _unfused(run, x, norm_weight, norm_eps, residual=None, norm_ssq=None, next_norm=None):
+    """run(x) with the RMSNorm before and the residual after it as PyTorch ops (and, with
+    next_norm, the op's three results)."""
+    if norm_weight is not None:
+        x = ops.rms_norm(x, norm_weight, norm_eps)
+    elif norm_ssq is not None:
+        x = (x.float() * ops.rms_from_sums(norm_ssq, x.shape[-1], norm_eps)).to(x.dtype)
+    y = run(x)
+    if residual is not None:
+        y = ops.add_residual(y, residual)
+    if next_norm is None:
+        return y
+    return y, (y.float() * next_norm.float()).to(y.dtype), ops.norm_sums(y)
+
+
+def _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+                dequant_dtype, layout, config, gated=False, norm_weight=None, norm_eps=0.0,
+                residual=None, norm_ssq=None, next_norm=None):
+    """A mixed GEMM with any of the decode kernel's fusions: in the sm90 family's kernels
+    where they take the call, else PyTorch ops around the plain op."""
+    from .build import KernelBuildError
+
+    ops._check_fused(x, qweight.shape[0] // (2 if gated else 1), norm_weight, norm_eps,
+                     residual, norm_ssq)
+    fam = _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config)
+    if fam is not None:
+        m = x.numel() // x.shape[-1]
+        try:
+            return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed,
+                                       group_size, zero_mode, layout, tuning.lookup(config, m),
+                                       gated=gated, norm=norm_weight, eps=norm_eps,
+                                       residual=residual, norm_ssq=norm_ssq,
+                                       next_norm=next_norm)
+        except KernelBuildError:
+            pass  # the plain op below warns and runs PyTorch
+
+    def plain(xi):
+        y = _mixed_gemm_cuda(xi, qweight, scales, zeros, bias, bits, signed, group_size,
+                             zero_mode, dequant_dtype, layout, config)
+        return ops.gate_up(y) if gated else y
+    return _unfused(plain, x, norm_weight, norm_eps, residual, norm_ssq, next_norm)
 
 
 def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
                      dequant_dtype, layout, config="", norm_weight=None, norm_eps=0.0,
-                     residual=None):
-    if norm_weight is not None or residual is not None:
-        from .build import KernelBuildError
-
-        ops._check_fused(x, qweight.shape[0], norm_weight, norm_eps, residual)
-        fam = _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config)
-        if fam is not None:
-            m = x.numel() // x.shape[-1]
-            try:
-                return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed,
-                                           group_size, zero_mode, layout,
-                                           tuning.lookup(config, m), norm=norm_weight,
-                                           eps=norm_eps, residual=residual)
-            except KernelBuildError:
-                pass  # the plain op below warns and runs PyTorch
-        return _unfused(lambda xi: _mixed_gemm_cuda(xi, qweight, scales, zeros, bias, bits, signed,
-                                                    group_size, zero_mode, dequant_dtype, layout,
-                                                    config),
-                        x, norm_weight, norm_eps, residual)
+                     residual=None, norm_ssq=None):
+    if norm_weight is not None or residual is not None or norm_ssq is not None:
+        return _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                           zero_mode, dequant_dtype, layout, config, norm_weight=norm_weight,
+                           norm_eps=norm_eps, residual=residual, norm_ssq=norm_ssq)
     for name in MIXED_FAMILIES:
         fam = cuda_family(name)
         if fam is not None and layout in fam.LAYOUTS:
@@ -186,25 +209,26 @@ def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, 
 
 def _mixed_gemm_gated_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
                            zero_mode, dequant_dtype, layout, config="", norm_weight=None,
-                           norm_eps=0.0):
+                           norm_eps=0.0, norm_ssq=None):
     """``qcompile::mixed_gemm_gated``: the sm90 family's kernels take the gating (and the
     RMSNorm before it) into the decode kernel; any other weight runs ``qcompile::mixed_gemm``
     and gates after."""
-    from .build import KernelBuildError
+    return _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+                       dequant_dtype, layout, config, gated=True, norm_weight=norm_weight,
+                       norm_eps=norm_eps, norm_ssq=norm_ssq)
 
-    ops._check_fused(x, qweight.shape[0], norm_weight, norm_eps, None)
-    fam = _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config)
-    if fam is not None:
-        m = x.numel() // x.shape[-1]
-        try:
-            return fam.mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
-                                       zero_mode, layout, tuning.lookup(config, m), gated=True,
-                                       norm=norm_weight, eps=norm_eps)
-        except KernelBuildError:
-            pass  # the plain op below warns and runs PyTorch
-    return ops.gate_up(_mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed,
-                                        group_size, zero_mode, dequant_dtype, layout, config,
-                                        norm_weight, norm_eps))
+
+def _mixed_gemm_norm_out_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                              zero_mode, dequant_dtype, layout, config, residual,
+                              next_norm_weight):
+    """``qcompile::mixed_gemm_norm_out``: the next RMSNorm's inputs from the decode kernel's
+    epilogue where it runs, else PyTorch ops after the plain op."""
+    if tuple(next_norm_weight.shape) != (qweight.shape[0],) or qweight.shape[0] % 16:
+        raise ValueError(f"next_norm_weight must be [N={qweight.shape[0]}] with 16 | N, got "
+                         f"{tuple(next_norm_weight.shape)}")
+    return _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
+                       dequant_dtype, layout, config, residual=residual,
+                       next_norm=next_norm_weight)
 
 
 def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
@@ -219,6 +243,7 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
 torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)
 torch.library.register_kernel("qcompile::int8_gemm", "cuda", _int8_gemm_cuda)
 torch.library.register_kernel("qcompile::mixed_gemm_gated", "cuda", _mixed_gemm_gated_cuda)
+torch.library.register_kernel("qcompile::mixed_gemm_norm_out", "cuda", _mixed_gemm_norm_out_cuda)
 
 
 # --- planning (compile time) ------------------------------------------------------------

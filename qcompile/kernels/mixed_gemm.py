@@ -596,7 +596,9 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     config: MixedGemmConfig | Choice | decode.DecodeChoice | str | None = None,
                     out: torch.Tensor | None = None, gated: bool = False,
                     norm: torch.Tensor | None = None, eps: float = 0.0,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor | None = None, norm_ssq: torch.Tensor | None = None,
+                    next_norm: torch.Tensor | None = None
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the CUTLASS kernel: x [..., K] (bf16/fp16) -> [..., N] in x.dtype.
 
     ``signed`` and ``zero_mode`` describe the original format; prepare_weight already folded
@@ -607,14 +609,20 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     after the GEMM (``ops.gate_up``). ``norm`` ([K]) and ``eps``: x is an RMSNorm's input
     (``ops.rms_norm``); ``residual`` (the output's shape, not with gated) is added to the
     result; both inside the decode kernel where it runs, else as PyTorch ops around the GEMM.
+    ``norm_ssq`` ([..., K/16] float32, instead of ``norm``): x is already the norm's input
+    times its weight and norm_ssq ``ops.norm_sums`` of that input. ``next_norm`` ([N], not with
+    gated): returns (out, out * next_norm, ``ops.norm_sums(out)``), what the op after takes.
     No host syncs: safe to capture in a CUDA graph.
     """
     del signed, zero_mode
     _check(not gated or (out is None and qweight.shape[0] % 32 == 0),
            "gated: N must be a multiple of 32 and the result is returned, not written to out")
-    _check((norm is None and residual is None) or out is None,
-           "with norm or residual the result is returned, not written to out")
-    _check(residual is None or not gated, "residual does not go with gated")
+    fused = not (norm is None and residual is None and norm_ssq is None and next_norm is None)
+    _check(not fused or out is None,
+           "with norm, norm_ssq, residual or next_norm the result is returned, not written to out")
+    _check((residual is None and next_norm is None) or not gated,
+           "residual and next_norm do not go with gated")
+    _check(norm is None or norm_ssq is None, "norm and norm_ssq exclude each other")
     _check(layout in LAYOUTS, f"layout {layout!r} is not one of {LAYOUTS}")
     _check(x.is_cuda, "x must be a CUDA tensor")
     _check(x.dtype in _ACT_NAMES, f"x must be bfloat16 or float16, got {x.dtype}")
@@ -656,7 +664,16 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     _check(residual is None or tuple(residual.shape) == (*lead, n),
            f"residual must have the output's shape {(*lead, n)}, got "
            f"{None if residual is None else tuple(residual.shape)}")
+    _check(norm_ssq is None or (norm_ssq.dtype == torch.float32
+                                and tuple(norm_ssq.shape) == (*lead, k // 16)),
+           f"norm_ssq must be float32 {(*lead, k // 16)}, got "
+           f"{None if norm_ssq is None else (norm_ssq.dtype, tuple(norm_ssq.shape))}")
+    _check(next_norm is None or tuple(next_norm.shape) == (n,),
+           f"next_norm must be [N={n}], got {None if next_norm is None else tuple(next_norm.shape)}")
     if m == 0:
+        if next_norm is not None:
+            return (out.reshape(*lead, n), out.reshape(*lead, n).clone(),
+                    x.new_empty((*lead, n // 16), dtype=torch.float32))
         return out.reshape(*lead, n)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if isinstance(config, str):
@@ -666,16 +683,24 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if gated and not (isinstance(config, decode.DecodeChoice) and config.rows == 32):
         return ops.gate_up(mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, True,
                                            group_size, "none", layout, config, norm=norm,
-                                           eps=eps))
-    if (norm is not None or residual is not None) and (
-            not isinstance(config, decode.DecodeChoice)
-            or (norm is not None and not config.takes_norm(m, k, x.element_size()))):
-        # the GEMM kernels take neither (nor a decode launch with no shared memory left for
-        # the staged norm): the norm and the add as PyTorch ops around the GEMM
-        y = mixed_gemm_cuda(x if norm is None else ops.rms_norm(x, norm, eps), qweight, scales,
-                            zeros, bias, bits, True, group_size, "none", layout, config,
-                            gated=gated)
-        return y if residual is None else ops.add_residual(y, residual)
+                                           eps=eps, norm_ssq=norm_ssq))
+    if fused and not (isinstance(config, decode.DecodeChoice) and config.takes(
+            m, k, x.element_size(), staged=norm is not None, given=norm_ssq is not None,
+            norm_out=next_norm is not None)):
+        # the GEMM kernels take none of them (nor a decode launch without the shared memory
+        # they need): PyTorch ops around the GEMM
+        xin = x
+        if norm is not None:
+            xin = ops.rms_norm(x, norm, eps)
+        elif norm_ssq is not None:
+            xin = (x.float() * ops.rms_from_sums(norm_ssq, k, eps)).to(x.dtype)
+        y = mixed_gemm_cuda(xin, qweight, scales, zeros, bias, bits, True, group_size, "none",
+                            layout, config, gated=gated)
+        if residual is not None:
+            y = ops.add_residual(y, residual)
+        if next_norm is None:
+            return y
+        return y, (y.float() * next_norm.float()).to(y.dtype), ops.norm_sums(y)
     if isinstance(config, decode.DecodeChoice):
         _check(decode.fits(m, n, k, group, _decode_mode(mode), config),
                f"decode kernel {config.name} does not take M={m} N={n} K={k} g={group}")
@@ -687,9 +712,20 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             norm = norm.to(x.dtype).contiguous()
         if residual is not None:
             residual = residual.to(x.dtype).reshape(m, n).contiguous()
+        if norm_ssq is not None:
+            norm_ssq = norm_ssq.reshape(m, k // 16).contiguous()
+        normed = ssq_out = None
+        if next_norm is not None:
+            next_norm = next_norm.to(x.dtype).contiguous()
+            normed = torch.empty_like(out)
+            ssq_out = x2.new_empty((m, n // 16), dtype=torch.float32)
         with torch.cuda.device(dev):
             decode.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,
-                       out, group, gated, norm, eps, residual)
+                       out, group, gated, norm, eps, residual, norm_ssq, next_norm, normed,
+                       ssq_out)
+        if next_norm is not None:
+            return (out.reshape(*lead, n), normed.reshape(*lead, n),
+                    ssq_out.reshape(*lead, n // 16))
         return out.reshape(*lead, out.shape[1])
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config

@@ -91,12 +91,20 @@ class DecodeChoice:
     def smem_bytes(self) -> int:
         return self.warps * (self.rows // 16) * (self.tokens // 8) * 4 * 32 * 4
 
+    def takes(self, m: int, k: int, act_bytes: int = 2, staged: bool = False,
+              given: bool = False, norm_out: bool = False) -> bool:
+        """Whether a launch for m tokens of K fits shared memory with, past the reduction's
+        tiles: the sums of squares of an RMSNorm (``staged`` or ``given``), x * norm of the
+        CTA's tokens (``staged``: at K = 4096, 4 tokens with the heuristic's 8-warp CTAs),
+        the squares of the CTA's results (``norm_out``)."""
+        extra = self.warps * self.tokens * 4 if (staged or given) else 0
+        extra += min(self.tokens, m) * k * act_bytes if staged else 0
+        extra += self.rows * self.tokens * 4 if norm_out else 0
+        return self.smem_bytes() + extra <= _SMEM_LIMIT
+
     def takes_norm(self, m: int, k: int, act_bytes: int = 2) -> bool:
-        """Whether a launch with ``norm`` for m tokens of K fits shared memory: past the
-        reduction's tiles, the per-warp sums of squares and x * norm of the CTA's tokens (at
-        K = 4096, 4 tokens with the heuristic's 8-warp CTAs; batch 8 stays unfused)."""
-        norm = self.warps * self.tokens * 4 + min(self.tokens, m) * k * act_bytes
-        return self.smem_bytes() + norm <= _SMEM_LIMIT
+        """Whether a launch with a staged RMSNorm (``norm``) for m tokens of K fits."""
+        return self.takes(m, k, act_bytes, staged=True)
 
     def valid(self) -> bool:
         return (self.tokens in _TOKEN_TILES and self.rows in _ROW_TILES
@@ -188,7 +196,7 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     with _lock:
         lib = load(kernel_spec(b))
         lib.qc_mixed_gemm_decode.restype = _I
-        lib.qc_mixed_gemm_decode.argtypes = [_P] * 9 + [_I] * 8 + [ctypes.c_float, _P]
+        lib.qc_mixed_gemm_decode.argtypes = [_P] * 13 + [_I] * 9 + [ctypes.c_float, _P]
         info = (ctypes.c_int * 4)()
         lib.qc_mixed_gemm_decode_info(info, 4)
         if list(info) != b.info():
@@ -197,31 +205,53 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
         return lib
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _contiguous(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> None:
+    if t is not None and (tuple(t.shape) != tuple(shape) or t.dtype != dtype
+                          or not t.is_contiguous()):
+        raise ValueError(f"{name} must be a contiguous {tuple(shape)} {dtype} tensor, got "
+                         f"{tuple(t.shape)} {t.dtype}")
+
+
 def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: torch.Tensor,
         scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
         out: torch.Tensor, group: int, gated: bool = False, norm: torch.Tensor | None = None,
-        eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+        eps: float = 0.0, residual: torch.Tensor | None = None,
+        norm_ssq: torch.Tensor | None = None, next_norm: torch.Tensor | None = None,
+        normed: torch.Tensor | None = None, ssq_out: torch.Tensor | None = None
+        ) -> torch.Tensor:
     """Launch on operands the calling family already checked and staged: x2 [M, K] and out
     [M, N] aligned in the activation type, the weight in ``build.layout``, scales float32 [N]
     (rowscale) or [K/g, N] with zeros (groupzero). ``gated``: the weight's 16-row tiles
     alternate gate and up rows and out is [M, N/2] = silu(gate) * up (32-row CTAs only).
     ``norm`` ([K], activation type): x2 is an RMSNorm's input (weight ``norm``, epsilon
-    ``eps``), normalized inside the kernel; ``residual`` ([M, N] like out, not with gated):
-    added to the result. No host syncs (CUDA-graph safe)."""
+    ``eps``), normalized inside the kernel; or ``norm_ssq`` ([M, K/16] float32): x2 is already
+    the norm's input times its weight, norm_ssq the partial sums of squares of that input.
+    ``residual`` ([M, N] like out, not with gated): added to the result. ``next_norm`` ([N],
+    not with gated): also writes normed ([M, N]) = out * next_norm and ssq_out ([M, N/16]
+    float32) = the sums of out^2 over each 16 rows. No host syncs (CUDA-graph safe)."""
     m, k = x2.shape
     n = out.shape[1] * (2 if gated else 1)
     if (not fits(m, n, k, group, build.mode, choice) or (gated and choice.rows != 32)
-            or (norm is not None and not choice.takes_norm(m, k, x2.element_size()))):
+            or not choice.takes(m, k, x2.element_size(), staged=norm is not None,
+                                given=norm_ssq is not None, norm_out=next_norm is not None)
+            or (norm is not None and norm_ssq is not None)):
         raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}"
                          + (" gated" if gated else ""))
-    if norm is not None and (norm.shape != (k,) or norm.dtype != x2.dtype
-                             or not norm.is_contiguous()):
-        raise ValueError(f"norm must be a contiguous [{k}] {x2.dtype} tensor, got "
-                         f"{tuple(norm.shape)} {norm.dtype}")
-    if residual is not None and (gated or residual.shape != out.shape
-                                 or residual.dtype != out.dtype or not residual.is_contiguous()):
-        raise ValueError(f"residual must be a contiguous {tuple(out.shape)} {out.dtype} tensor "
-                         f"(and not gated), got {tuple(residual.shape)} {residual.dtype}")
+    if gated and (residual is not None or next_norm is not None):
+        raise ValueError("residual and next_norm do not go with gated")
+    _contiguous("norm", norm, (k,), x2.dtype)
+    _contiguous("residual", residual, out.shape, out.dtype)
+    _contiguous("norm_ssq", norm_ssq, (m, k // 16), torch.float32)
+    if next_norm is not None:
+        _contiguous("next_norm", next_norm, (n,), out.dtype)
+        _contiguous("normed", normed, out.shape, out.dtype)
+        _contiguous("ssq_out", ssq_out, (m, n // 16), torch.float32)
+        if normed is None or ssq_out is None:
+            raise ValueError("next_norm needs normed and ssq_out")
     rowscale = build.mode == MODE_ROWSCALE
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     rc = _lib(build).qc_mixed_gemm_decode(
@@ -229,12 +259,12 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
         None if rowscale else scales.data_ptr(),
         None if rowscale else zeros.data_ptr(),
         scales.data_ptr() if rowscale else None,
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        norm.data_ptr() if norm is not None else None,
-        residual.data_ptr() if residual is not None else None,
+        _ptr(bias), out.data_ptr(), _ptr(norm), _ptr(residual), _ptr(norm_ssq),
+        _ptr(next_norm), _ptr(normed) if next_norm is not None else None,
+        _ptr(ssq_out) if next_norm is not None else None,
         m, n, k, k if rowscale else group,
-        choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), float(eps), stream)
+        choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), k // 16, float(eps),
+        stream)
     if rc != 0:
         raise RuntimeError(f"qc_mixed_gemm_decode ({choice.name}, {build}, M={m} N={n} K={k} "
                            f"g={group}) failed with CUDA error {rc}")

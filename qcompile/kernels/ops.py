@@ -17,8 +17,10 @@ __all__ = [
     "int8_gemm",
     "mixed_gemm_reference",
     "mixed_gemm_gated",
+    "mixed_gemm_norm_out",
     "rms_norm",
     "add_residual",
+    "norm_sums",
     "int8_gemm_reference",
     "unpack_nk",
     "pack_nk",
@@ -102,16 +104,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
+def norm_sums(y: torch.Tensor) -> torch.Tensor:
+    """The partial sums of squares an RMSNorm of y needs: [.., N / 16] float32, the sums of
+    y^2 over each 16 consecutive features (what ``mixed_gemm_norm_out`` returns and
+    ``norm_ssq`` takes; the decode kernel sums them in the same 16-feature tiles)."""
+    yf = y.float()
+    return yf.pow(2).reshape(*y.shape[:-1], y.shape[-1] // 16, 16).sum(-1)
+
+
+def rms_from_sums(norm_ssq: torch.Tensor, k: int, eps: float) -> torch.Tensor:
+    """rsqrt(mean(y^2) + eps) [.., 1] from ``norm_sums(y)`` of a K-wide y."""
+    return torch.rsqrt(norm_ssq.float().sum(-1, keepdim=True) / k + eps)
+
+
 def add_residual(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """y + residual in float32, rounded once to y's type."""
     return (y.float() + residual.float()).to(y.dtype)
 
 
 def _check_fused(x: torch.Tensor, n: int, norm_weight: torch.Tensor | None, norm_eps: float,
-                 residual: torch.Tensor | None) -> None:
+                 residual: torch.Tensor | None, norm_ssq: torch.Tensor | None = None) -> None:
     if norm_weight is not None and (norm_weight.shape != (x.shape[-1],) or not norm_eps >= 0):
         raise ValueError(f"norm_weight must be [{x.shape[-1]}] (K) and norm_eps >= 0, got "
                          f"{tuple(norm_weight.shape)} and {norm_eps}")
+    if norm_ssq is not None and (
+            norm_weight is not None or not norm_eps >= 0 or x.shape[-1] % 16
+            or tuple(norm_ssq.shape) != (*x.shape[:-1], x.shape[-1] // 16)
+            or norm_ssq.dtype != torch.float32):
+        raise ValueError(f"norm_ssq must be float32 {(*x.shape[:-1], x.shape[-1] // 16)} (the "
+                         f"partial sums of squares of K = {x.shape[-1]}), without norm_weight, "
+                         f"norm_eps >= 0; got {tuple(norm_ssq.shape)} {norm_ssq.dtype}")
     if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n):
         raise ValueError(f"residual must have the output's shape {(*x.shape[:-1], n)}, got "
                          f"{tuple(residual.shape)}")
@@ -133,6 +155,7 @@ def mixed_gemm_reference(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 0.0,
     residual: torch.Tensor | None = None,
+    norm_ssq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch mixed_gemm for the reference "nk" layout.
 
@@ -142,7 +165,10 @@ def mixed_gemm_reference(
 
     ``norm_weight`` ([K]) and ``norm_eps``: x is the input of an RMSNorm whose output the
     matmul reads, ``linear(rms_norm(x), W)``; ``residual`` (the output's shape) is added to the
-    result. With either, the reference computes in float32 and rounds once.
+    result. With either, the reference computes in float32 and rounds once. ``norm_ssq``
+    ([.., K/16] float32, instead of ``norm_weight``): x is already an RMSNorm's input times
+    its weight, and norm_ssq the ``norm_sums`` of that input (``mixed_gemm_norm_out`` wrote
+    both): the matmul reads ``x * rsqrt(sum(norm_ssq) / K + norm_eps)``.
     """
     del config
     if layout != REFERENCE_LAYOUT:
@@ -151,12 +177,14 @@ def mixed_gemm_reference(
             "a weight packed for a kernel runs only where that kernel is available"
         )
     w = dequantize(qweight, scales, zeros, bits, signed, group_size, zero_mode, dequant_dtype)
-    if norm_weight is None and residual is None:
+    if norm_weight is None and residual is None and norm_ssq is None:
         return torch.nn.functional.linear(x, w.to(x.dtype), bias)
-    _check_fused(x, w.shape[0], norm_weight, norm_eps, residual)
+    _check_fused(x, w.shape[0], norm_weight, norm_eps, residual, norm_ssq)
     xf = x.float()
     if norm_weight is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
+    if norm_ssq is not None:
+        xf = xf * rms_from_sums(norm_ssq, x.shape[-1], norm_eps)
     y = torch.nn.functional.linear(xf, w.float(), None if bias is None else bias.float())
     if residual is not None:
         y = y + residual.float()
@@ -171,9 +199,52 @@ mixed_gemm = torch.library.custom_op("qcompile::mixed_gemm", mutates_args=())(
 @mixed_gemm.register_fake
 def _mixed_gemm_fake(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
                      dequant_dtype, layout, config="", norm_weight=None, norm_eps=0.0,
-                     residual=None):
+                     residual=None, norm_ssq=None):
     # Every layout keeps N as the leading dimension of qweight.
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def mixed_gemm_norm_out_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    signed: bool,
+    group_size: int,
+    zero_mode: str,
+    dequant_dtype: torch.dtype,
+    layout: str,
+    config: str,
+    residual: torch.Tensor | None,
+    next_norm_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qcompile::mixed_gemm_norm_out``: ``out = mixed_gemm(.., residual)`` whose result is
+    also the input of an RMSNorm (weight ``next_norm_weight``, [N]) that the next op applies:
+    returns (out, out * next_norm_weight rounded to out's type, ``norm_sums(out)``), what the
+    next op takes as x and ``norm_ssq``. In the decode kernel both come from its epilogue, so
+    no separate norm kernel reads out again."""
+    out = mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                               zero_mode, dequant_dtype, layout, config, residual=residual)
+    if tuple(next_norm_weight.shape) != (out.shape[-1],) or out.shape[-1] % 16:
+        raise ValueError(f"next_norm_weight must be [N={out.shape[-1]}] with 16 | N, got "
+                         f"{tuple(next_norm_weight.shape)}")
+    normed = (out.float() * next_norm_weight.float()).to(out.dtype)
+    return out, normed, norm_sums(out)
+
+
+mixed_gemm_norm_out = torch.library.custom_op("qcompile::mixed_gemm_norm_out",
+                                              mutates_args=())(mixed_gemm_norm_out_reference)
+
+
+@mixed_gemm_norm_out.register_fake
+def _mixed_gemm_norm_out_fake(x, qweight, scales, zeros, bias, bits, signed, group_size,
+                              zero_mode, dequant_dtype, layout, config, residual,
+                              next_norm_weight):
+    out = x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    sums = x.new_empty((*x.shape[:-1], qweight.shape[0] // 16), dtype=torch.float32)
+    return out, torch.empty_like(out), sums
 
 
 def gate_up(y: torch.Tensor) -> torch.Tensor:
@@ -209,13 +280,14 @@ def mixed_gemm_gated_reference(
     config: str = "",
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 0.0,
+    norm_ssq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qcompile::mixed_gemm_gated``: silu(x W_gate^T) * (x W_up^T) for a weight (and its
     scales, zeros, bias) whose rows interleave the two projections in 16-row tiles; x the
-    input of an RMSNorm (``norm_weight``, ``norm_eps``) as in ``mixed_gemm``."""
+    input of an RMSNorm (``norm_weight`` or ``norm_ssq``, ``norm_eps``) as in ``mixed_gemm``."""
     return gate_up(mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed,
                                         group_size, zero_mode, dequant_dtype, layout, config,
-                                        norm_weight, norm_eps))
+                                        norm_weight, norm_eps, norm_ssq=norm_ssq))
 
 
 mixed_gemm_gated = torch.library.custom_op("qcompile::mixed_gemm_gated", mutates_args=())(
@@ -225,7 +297,7 @@ mixed_gemm_gated = torch.library.custom_op("qcompile::mixed_gemm_gated", mutates
 @mixed_gemm_gated.register_fake
 def _mixed_gemm_gated_fake(x, qweight, scales, zeros, bias, bits, signed, group_size,
                            zero_mode, dequant_dtype, layout, config="", norm_weight=None,
-                           norm_eps=0.0):
+                           norm_eps=0.0, norm_ssq=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 

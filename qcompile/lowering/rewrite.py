@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import re
 from dataclasses import dataclass
 
@@ -336,6 +337,73 @@ def _residual_of(site: _MixedSite) -> tuple[fx.Node, fx.Node] | None:
     return add, other
 
 
+_MIXED_OP = torch.ops.qcompile.mixed_gemm.default
+_GATED_OP = torch.ops.qcompile.mixed_gemm_gated.default
+_NORM_OUT_OP = torch.ops.qcompile.mixed_gemm_norm_out.default
+_NORM_ARG = 12  # norm_weight, norm_eps follow config in both ops' schemas
+
+
+def _link_norms(b: _Builder, graph: fx.Graph) -> int:
+    """Hand each in-op RMSNorm whose input another mixed_gemm op computes to that op: it
+    becomes ``mixed_gemm_norm_out``, whose decode-kernel epilogue also writes its result times
+    the norm weight and the result's partial sums of squares, and the reading op takes those
+    (x, ``norm_ssq``) instead of staging the norm itself (every CTA of it re-reading x and the
+    norm weight, which cost an int4 gate/up GEMM about as much as the norm kernel it
+    replaced). A decode step's norms after a skip connection all link; the first layer's
+    (after the embedding) stays in its op. Returns how many ops were linked."""
+    linked = 0
+    made: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node, fx.Node]] = {}  # producer -> outputs
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for op in list(graph.nodes):
+        if op.op != "call_function" or op.target not in (_MIXED_OP, _GATED_OP):
+            continue
+        args = list(op.args)
+        if len(args) <= _NORM_ARG + 1 or args[_NORM_ARG] is None:
+            continue
+        weight, eps, x_arg = args[_NORM_ARG], args[_NORM_ARG + 1], args[0]
+        if x_arg.op != "call_function" or x_arg.target is not aten.reshape.default:
+            continue
+        prod = x_arg.args[0]
+        while prod.op == "call_function" and prod.target in _VIEWS:
+            prod = prod.args[0]
+        pargs = list(prod.args) + [None] * 4
+        if (prod.op != "call_function" or prod.target is not _MIXED_OP
+                or pargs[_NORM_ARG] is not None or pargs[_NORM_ARG + 3] is not None
+                or _val(prod) is None or _val(prod).dim() != 2 or _val(prod).shape[-1] % 16):
+            continue  # not an op's result, or one that takes a norm itself
+        if order.get(weight, -1) > order[prod]:
+            if weight.op != "get_attr":
+                continue
+            prod.prepend(weight)  # a constant: define it before the op that will read it
+        if prod in made:
+            if made[prod][0] is not weight:
+                continue  # the value feeds two norms with different weights: one links
+            _, normed, sums = made[prod][1:]
+        else:
+            with graph.inserting_after(prod):
+                new = b.call(_NORM_OUT_OP, (*pargs[:12], pargs[_NORM_ARG + 2], weight))
+            with graph.inserting_after(new):
+                out = b.call(operator.getitem, (new, 0))
+                normed = b.call(operator.getitem, (new, 1))
+                sums = b.call(operator.getitem, (new, 2))
+            prod.replace_all_uses_with(out)
+            made[prod] = (weight, out, normed, sums)
+            for rec in prod.meta.get("qcompile_records", []):
+                rec.kernel += "; the next RMSNorm's input from its epilogue"
+        xshape = list(_val(x_arg).shape)
+        with graph.inserting_before(op):
+            x_new = b.call(aten.reshape.default, (normed, xshape))
+            ssq = b.call(aten.reshape.default, (sums, [*xshape[:-1], xshape[-1] // 16]))
+        rest = [None, eps] + ([args[_NORM_ARG + 2] if len(args) > _NORM_ARG + 2 else None]
+                              if op.target is _MIXED_OP else [])
+        op.args = (x_new, *args[1:_NORM_ARG], *rest, ssq)
+        for rec in op.meta.get("qcompile_records", []):
+            rec.kernel = rec.kernel.replace("; RMSNorm in the op",
+                                            "; RMSNorm in the op, its sums from the op before")
+        linked += 1
+    return linked
+
+
 def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) -> None:
     """One qcompile::mixed_gemm for sites sharing a fusion key (usually one site); a gated
     MLP's gate and up projections as one qcompile::mixed_gemm_gated (their rows interleaved
@@ -383,6 +451,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                           match.zero_mode, match.dequant_dtype, prep.layout, prep.config,
                           *fused_args),
                          like=product)
+            new.meta["qcompile_records"] = [site.rec for site in sites]
             out = b.call(aten.view.default, (new, list(_val(product).shape)), like=product)
             product.replace_all_uses_with(out)
             _note_launch(sites, prep.description + "; silu(gate) * up in the op" + notes, n)
@@ -406,6 +475,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                       match.zero_mode, match.dequant_dtype, prep.layout, prep.config,
                       *fused_args),
                      like=first.mm)
+        new.meta["qcompile_records"] = [site.rec for site in sites]
         if residual is not None:
             add.replace_all_uses_with(b.call(aten.view.default, (new, list(_val(add).shape))))
             _note_launch(sites, prep.description + notes, n)
@@ -621,6 +691,7 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
         report.add(rec)
     flush()
     if rewritten:
+        _link_norms(builder, graph)
         graph.eliminate_dead_code()
         graph.lint()
         if gm is not None:

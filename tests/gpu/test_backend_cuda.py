@@ -250,5 +250,8 @@ def test_decode_step_norms_and_skips_in_the_decode_kernel(method, batch, monkeyp
     records = qcompile.last_report().records
     assert sum("RMSNorm in the op" in r.kernel for r in records) == 2 * 5 + 1
     assert sum("+ residual in the op" in r.kernel for r in records) == 2 * 2
+    # after the first layer's q/k/v every norm's input comes from the op before's epilogue
+    assert sum("its sums from the op before" in r.kernel for r in records) == 2 * 5 + 1 - 3
+    assert sum("next RMSNorm's input from its epilogue" in r.kernel for r in records) == 2 * 2
     assert not any(r.kernel.startswith("reference") for r in records), str(qcompile.last_report())
     assert float((out - ref).norm() / ref.norm()) <= 2e-2

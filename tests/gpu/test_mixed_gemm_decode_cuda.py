@@ -321,3 +321,75 @@ def test_rms_norm_and_residual_refusals():
         torch.ops.qcompile.mixed_gemm(x, *tensors, None, 4, True, 128, "none", torch.bfloat16,
                                       layout, "", None, 0.0,
                                       torch.zeros(2, 128, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bits,signed,group,zero_mode", [(4, False, 128, "sub"),
+                                                         (8, True, 0, "none")])
+@pytest.mark.parametrize("m,config", [(1, "decode.t8.r32.w8"), (3, "decode.t8.r16.w16"),
+                                      (8, "decode.t8.r32.w4"), (11, "decode.t16.r16.w8"),
+                                      (5, None), (17, None)])
+def test_norm_out_then_given_sums(act, bits, signed, group, zero_mode, m, config):
+    """An op that adds a skip connection and writes the next RMSNorm's input (out * weight,
+    the sums of out^2 over 16-row tiles) from the decode kernel's epilogue, then an op and a
+    gated op that read them (norm_ssq) instead of normalizing themselves; a GEMM config (17
+    tokens) runs both as PyTorch ops. Against float64."""
+    k = n = 1024
+    dtype = ACTS[act]
+    grp = group or k
+    layout, tensors, w = _prepared(mg, n, k, bits, signed, grp, zero_mode, act, seed=7)
+    x = _x(m, k, dtype)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    residual = (torch.randn(m, n, device="cuda", generator=g) * 4).to(dtype)
+    weight = (torch.rand(n, device="cuda", generator=g) + 0.5).to(dtype)
+    out, normed, sums = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, grp, "none", layout,
+                                           config=config, residual=residual, next_norm=weight)
+    ref = _ref(x, w) + residual.double().cpu()
+    _check(out, ref, dtype, f"norm_out out {config} M={m}")
+    _check(normed, out.double().cpu() * weight.double().cpu(), dtype, f"normed {config} M={m}")
+    want = out.double().pow(2).reshape(m, n // 16, 16).sum(-1)
+    assert sums.dtype == torch.float32 and sums.shape == (m, n // 16)
+    torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-3)
+    # the reader: the same weight again as the second op, K = N
+    od = out.double().cpu()
+    normed64 = od * torch.rsqrt(od.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double().cpu()
+    y = mg.mixed_gemm_cuda(normed, *tensors, None, bits, True, grp, "none", layout,
+                           config=config, eps=1e-5, norm_ssq=sums)
+    _check(y, normed64 @ w.t(), dtype, f"given sums {config} M={m}")
+    # through the dispatcher: the producer op, then the reader
+    o2, n2, s2 = torch.ops.qcompile.mixed_gemm_norm_out(x, *tensors, None, bits, True, grp,
+                                                        "none", dtype, layout, config or "",
+                                                        residual, weight)
+    _check(o2, ref, dtype, f"op norm_out {config} M={m}")
+    y2 = torch.ops.qcompile.mixed_gemm(n2, *tensors, None, bits, True, grp, "none", dtype,
+                                       layout, config or "", None, 1e-5, None, s2)
+    _check(y2, normed64 @ w.t(), dtype, f"op given sums {config} M={m}")
+
+
+@pytest.mark.parametrize("m,config", [(1, "decode.t8.r32.w8"), (4, "decode.t8.r16.w8"),
+                                      (17, None)])
+def test_given_sums_in_the_gated_kernel(m, config):
+    """mixed_gemm_gated reading x * weight and its sums (norm_ssq): the 32-row gated epilogue,
+    the 16-row kernel then the gating, and a GEMM config."""
+    from qcompile.kernels import ops
+
+    n, k, bits, group = 512, 1024, 4, 128
+    dtype = torch.bfloat16
+    gate = _problem(n, k, bits, False, group, "sub", seed=3)
+    up = _problem(n, k, bits, False, group, "sub", seed=4)
+    q, s, z = (ops.interleave_gate_up(a, b) for a, b in zip(gate[:3], up[:3]))
+    layout = mg.select_layout(bits, False, group, "sub", 2 * n, k, dtype, "cuda")
+    tensors = mg.prepare_weight(q.cuda(), s.cuda(), z.cuda(), bits, False, group, "sub",
+                                layout, dtype)
+    h = (_x(m, k, dtype) * 3).to(dtype)
+    weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    xg = (h.float() * weight.float()).to(dtype)
+    sums = ops.norm_sums(h)
+    normed = _rms64(h, weight, 1e-6)
+    ref = torch.nn.functional.silu(normed @ gate[3].t()) * (normed @ up[3].t())
+    out = mg.mixed_gemm_cuda(xg, *tensors, None, bits, True, group, "none", layout,
+                             config=config, gated=True, eps=1e-6, norm_ssq=sums)
+    _check(out, ref, dtype, f"gated given sums {config} M={m}")
+    op_out = torch.ops.qcompile.mixed_gemm_gated(xg, *tensors, None, bits, True, group, "none",
+                                                 dtype, layout, config or "", None, 1e-6, sums)
+    _check(op_out, ref, dtype, f"op gated given sums {config} M={m}")

@@ -116,7 +116,17 @@ struct Params {
   const Act* norm;        // [K] RMSNorm weight, or null
   float eps;              // RMSNorm epsilon
   const Act* residual;    // [M, N] added to the result, or null
+  const float* norm_ssq;  // [M, ssq_parts]: x is already x * norm; its squares' partial sums
+  int ssq_parts;
+  const Act* next_norm;   // [N]: also write normed = out * next_norm and ssq_out, or null
+  Act* normed;            // [M, N]
+  float* ssq_out;         // [M, N / 16]: the sums of out^2 over each 16 rows
 };
+
+// Where a launch's RMSNorm comes from: none; staged (x is the norm's input, the CTA makes
+// x * norm and the sums of squares itself: p.norm); given (x is already x * norm, written by
+// the op before with the partial sums of squares of its input: p.norm_ssq).
+constexpr int kNormNone = 0, kNormStaged = 1, kNormGiven = 2;
 
 // Which K a lane's MMA slots stand for is free as long as A (weights) and B (activations)
 // agree: the MMA sums over its 16 k slots. So a chunk's 4 MMA steps need not be the layout's
@@ -317,10 +327,10 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 #endif
 }
 
-// kNorm: p.norm is set (a template flag so that the kernels without a norm are the same code
-// as before it existed); the launch then has shared memory for the staged x * norm after
-// the reduction's tiles and the sums of squares (see qc_mixed_gemm_decode)
-template <int kNT, int kR, bool kNorm>
+// kNorm: where the RMSNorm comes from (a template parameter so that the kernels without one
+// are the same code as before it existed); staged launches have shared memory for x * norm
+// after the reduction's tiles and the sums of squares (see qc_mixed_gemm_decode)
+template <int kNT, int kR, int kNorm>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
   constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
@@ -363,8 +373,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   // [warps][8 kNT] and then x * norm for the CTA's tokens [rows][K]
   float* ss_red = red + warps * kR * kNT * 4 * 32;  // past reduce_smem_bytes<kR, kNT, float>
   Act* xs = reinterpret_cast<Act*>(ss_red + warps * 8 * kNT);
-  const int rows = kNorm ? min(8 * kNT, M - m0) : 0;
-  if (kNorm) {
+  const int rows = kNorm == kNormStaged ? min(8 * kNT, M - m0) : 0;
+  if (kNorm == kNormStaged) {
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
       const int m = m0 + 8 * j + g;
@@ -411,7 +421,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       }
     }
   };
-  if (kNorm) {
+  if (kNorm == kNormStaged) {
     // the first round's weights are in flight while the CTA stages x * norm
     if (warp < chunks) load_round(warp);
     stage_norm(xs, ss_red, p.x + (size_t)m0 * K, p.norm, rows, K, 8 * kNT);
@@ -419,7 +429,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
-    if (!kNorm || c0 != warp) load_round(c0);
+    if (kNorm != kNormStaged || c0 != warp) load_round(c0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -440,7 +450,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #endif
       uint32_t b[kNT][4][2];
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) load_x<kNorm>(b[j], xrow[j] + c * kChunkK, t, xok[j]);
+      for (int j = 0; j < kNT; ++j) load_x<kNorm == kNormStaged>(b[j], xrow[j] + c * kChunkK, t, xok[j]);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
 #pragma unroll
@@ -483,10 +493,27 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
+  if (kNorm == kNormGiven) {
+    // a warp a token: the op before's partial sums of squares, in a fixed order (the
+    // reduction's barrier orders these writes before the reads in finish)
+    const int tokens = min(8 * kNT, M - m0);
+    for (int i = warp; i < tokens; i += warps) {
+      const float* part = p.norm_ssq + (size_t)(m0 + i) * p.ssq_parts;
+      float v = 0.f;
+      for (int q = lane; q < p.ssq_parts; q += 32) v += part[q];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) ss_red[i] = v;
+    }
+  }
   const float inv_k = 1.f / static_cast<float>(K);
   const auto rms = [&](int m) {  // r_m for token m of this CTA
     float v = 0.f;
-    for (int w = 0; w < warps; ++w) v += ss_red[w * 8 * kNT + (m - m0)];
+    if (kNorm == kNormGiven) {
+      v = ss_red[m - m0];
+    } else {
+      for (int w = 0; w < warps; ++w) v += ss_red[w * 8 * kNT + (m - m0)];
+    }
     return rsqrtf(fmaf(v, inv_k, p.eps));
   };
   const auto finish = [&](int n, int m, float v) {
@@ -510,11 +537,33 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       return;
     }
   }
+  // next_norm: the result is the input of the next op's RMSNorm: also out * next_norm, and
+  // each 16-row tile's sums of out^2 a token (from the rounded out, as the norm reads it),
+  // through shared memory after the staged x (sq [kR * 16 rows][8 kNT tokens])
+  const bool norm_out = p.next_norm != nullptr;
+  float* sq = reinterpret_cast<float*>(
+      xs + (kNorm == kNormStaged ? (size_t)min(8 * kNT, M) * K : 0));
   reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, float v) {
     v = finish(n, m, v);
     if (p.residual != nullptr) v += static_cast<float>(p.residual[(size_t)m * N + n]);
-    p.out[(size_t)m * N + n] = Act(v);
+    const Act o = Act(v);
+    p.out[(size_t)m * N + n] = o;
+    if (norm_out) {
+      const float of = static_cast<float>(o);
+      p.normed[(size_t)m * N + n] = Act(of * static_cast<float>(p.next_norm[n]));
+      sq[(n - tile0 * 16) * 8 * kNT + (m - m0)] = of * of;
+    }
   });
+  if (norm_out) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kR * 8 * kNT; i += blockDim.x) {
+      const int r = i / (8 * kNT), tk = i % (8 * kNT);
+      if (m0 + tk >= M) continue;
+      float v = 0.f;
+      for (int row = 0; row < 16; ++row) v += sq[(r * 16 + row) * 8 * kNT + tk];  // row order
+      p.ssq_out[(size_t)(m0 + tk) * (N / 16) + tile0 + r] = v;
+    }
+  }
 }
 
 }  // namespace
@@ -533,16 +582,24 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // gated (row_tiles 2: even 16-row tiles the gate, odd ones the up rows) [M, N/2]. All
 // 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group 64 x 2^i dividing K
 // (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
-// norm ([K], activation type) or null: x is an RMSNorm's input, eps its epsilon; residual
-// ([M, N] like out, not with gated) or null: added to the result.
+// norm ([K], activation type) or null: x is an RMSNorm's input, eps its epsilon; or norm_ssq
+// ([M, ssq_parts] float32) or null: x is already the norm's input times its weight and
+// norm_ssq the partial sums of squares of that input (summed in order). residual ([M, N] like
+// out, not with gated) or null: added to the result. next_norm ([N]) or null, not with
+// gated: also normed [M, N] = out * next_norm and ssq_out [M, N / 16] float32, the sums of
+// out^2 over each 16 rows (the next op's norm_ssq).
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, const void* norm,
-                         const void* residual, int M, int N, int K, int group, int token_tiles,
-                         int row_tiles, int warps, int gated, float eps, void* stream) {
+                         const void* residual, const void* norm_ssq, const void* next_norm,
+                         void* normed, void* ssq_out, int M, int N, int K, int group,
+                         int token_tiles, int row_tiles, int warps, int gated, int ssq_parts,
+                         float eps, void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (uint64_t)N * K >= (1ull << 32) ||  // byte offsets in 32 bits (WeightWalk)
       (gated && row_tiles != 2) ||        // a CTA must hold a gate tile and its up tile
-      (gated && residual != nullptr) || !(eps >= 0.f))
+      (gated && (residual != nullptr || next_norm != nullptr)) || !(eps >= 0.f) ||
+      (norm != nullptr && norm_ssq != nullptr) || (norm_ssq != nullptr && ssq_parts <= 0) ||
+      (next_norm != nullptr && (normed == nullptr || ssq_out == nullptr)))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
   // group: 64 times a power of two, dividing K
@@ -568,6 +625,11 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.norm = static_cast<const Act*>(norm);
   p.eps = eps;
   p.residual = static_cast<const Act*>(residual);
+  p.norm_ssq = static_cast<const float*>(norm_ssq);
+  p.ssq_parts = ssq_parts;
+  p.next_norm = static_cast<const Act*>(next_norm);
+  p.normed = static_cast<Act*>(normed);
+  p.ssq_out = static_cast<float*>(ssq_out);
 #if QC_MODE == 2
   p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
 #else
@@ -579,20 +641,22 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
     // At most 32 resident warps an SM: int8 per-channel weights need few registers, and 5
     // CTAs of 8 warps an SM streamed 28672x4096 slower than 4 (decode-step sequence, H100:
     // 48.8 vs 45.0 us)
-    const auto kernel = norm != nullptr ? mixed_gemm_decode_kernel<kNT, kR, true>
-                                        : mixed_gemm_decode_kernel<kNT, kR, false>;
+    const int mode = norm != nullptr ? kNormStaged : norm_ssq != nullptr ? kNormGiven : kNormNone;
+    const auto kernel = mode == kNormStaged  ? mixed_gemm_decode_kernel<kNT, kR, kNormStaged>
+                        : mode == kNormGiven ? mixed_gemm_decode_kernel<kNT, kR, kNormGiven>
+                                             : mixed_gemm_decode_kernel<kNT, kR, kNormNone>;
     // one cache per kernel: a benign race, every writer writes the same
-    static int cached[2][kMaxWarps + 1] = {};
-    // with a norm: the per-warp sums of squares and x * norm for the CTA's tokens after the
-    // reduction's tiles (launch_decode refuses more than 48 KB in all)
+    static int cached[3][kMaxWarps + 1] = {};
+    // past the reduction's tiles: the sums of squares (a norm), x * norm of the CTA's tokens
+    // (staged), the squares of a tile's results (next_norm); launch_decode refuses more than
+    // 48 KB in all
     const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
-    const int norm_bytes =
-        norm != nullptr ? warps * 8 * kNT * static_cast<int>(sizeof(float)) +
-                              tile_rows * K * static_cast<int>(sizeof(Act))
-                        : 0;
-    const int smem = capped_smem<kMaxWarps>(kernel, warps,
-                                            reduce_smem_bytes<kR, kNT, float>(warps) + norm_bytes,
-                                            32, cached[norm != nullptr]);
+    const int sums_bytes = mode != kNormNone ? warps * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+    const int staged_bytes = mode == kNormStaged ? tile_rows * K * static_cast<int>(sizeof(Act)) : 0;
+    const int squares_bytes = next_norm != nullptr ? kR * 16 * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+    const int smem = capped_smem<kMaxWarps>(
+        kernel, warps, reduce_smem_bytes<kR, kNT, float>(warps) + sums_bytes + staged_bytes + squares_bytes,
+        32, cached[mode]);
     return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
   }));
 }
