@@ -295,3 +295,37 @@ def test_norm_fuses_only_where_the_decode_launch_can_stage_it(tokens, fused, int
     assert spy.ops == [("mixed", "staged" if fused else False, False)]
     assert spy.rsqrt == (0 if fused else 1)
     assert rel_err(out, ref) <= 2e-2
+
+
+class WideSkipNorm(nn.Module):
+    """A skip connection whose sum (K = 8192) an RMSNorm reads before a linear: too wide for
+    the decode kernel to stage 4 tokens, but the linear before it can write the norm's input."""
+
+    def __init__(self, k: int = 8192):
+        super().__init__()
+        self.inp = nn.Linear(256, k, bias=False)
+        self.weight = nn.Parameter(torch.rand(k) + 0.5)
+        self.proj = nn.Linear(k, 64, bias=False)
+
+    def forward(self, x, r):
+        h = r + self.inp(x)
+        h32 = h.float()
+        n = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype) * self.weight
+        return self.proj(n)
+
+
+def test_a_norm_after_an_op_links_where_staging_would_not_fit():
+    torch.manual_seed(0)
+    model = WideSkipNorm().to(torch.bfloat16)
+    qcompile.quantize(model, "w8a16")
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    r = torch.randn(4, 8192, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        spy = OpSpy()
+        with spy.installed():
+            out = torch.compile(model, backend="qcompile")(x, r)
+        ref = model(x, r)
+    assert spy.ops == [("norm_out", False, True), ("mixed", "given", False)], spy.ops
+    assert spy.rsqrt == 0
+    assert rel_err(out, ref) <= 2e-2

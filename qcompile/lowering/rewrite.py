@@ -343,6 +343,20 @@ _NORM_OUT_OP = torch.ops.qcompile.mixed_gemm_norm_out.default
 _NORM_ARG = 12  # norm_weight, norm_eps follow config in both ops' schemas
 
 
+def _norm_producer(h: fx.Node) -> fx.Node | None:
+    """The mixed_gemm op that computes h (up to views), if it can also write an RMSNorm's
+    input from its epilogue (``mixed_gemm_norm_out``): a 2-D result of 16 | N, from an op
+    that takes no norm itself."""
+    while h.op == "call_function" and h.target in _VIEWS:
+        h = h.args[0]
+    args = list(h.args) + [None] * 4
+    v = _val(h)
+    if (h.op != "call_function" or h.target is not _MIXED_OP or args[_NORM_ARG] is not None
+            or args[_NORM_ARG + 3] is not None or v is None or v.dim() != 2 or v.shape[-1] % 16):
+        return None
+    return h
+
+
 def _link_norms(b: _Builder, graph: fx.Graph) -> int:
     """Hand each in-op RMSNorm whose input another mixed_gemm op computes to that op: it
     becomes ``mixed_gemm_norm_out``, whose decode-kernel epilogue also writes its result times
@@ -363,14 +377,10 @@ def _link_norms(b: _Builder, graph: fx.Graph) -> int:
         weight, eps, x_arg = args[_NORM_ARG], args[_NORM_ARG + 1], args[0]
         if x_arg.op != "call_function" or x_arg.target is not aten.reshape.default:
             continue
-        prod = x_arg.args[0]
-        while prod.op == "call_function" and prod.target in _VIEWS:
-            prod = prod.args[0]
-        pargs = list(prod.args) + [None] * 4
-        if (prod.op != "call_function" or prod.target is not _MIXED_OP
-                or pargs[_NORM_ARG] is not None or pargs[_NORM_ARG + 3] is not None
-                or _val(prod) is None or _val(prod).dim() != 2 or _val(prod).shape[-1] % 16):
+        prod = _norm_producer(x_arg.args[0])
+        if prod is None:
             continue  # not an op's result, or one that takes a norm itself
+        pargs = list(prod.args) + [None] * 4
         if order.get(weight, -1) > order[prod]:
             if weight.op != "get_attr":
                 continue
@@ -429,8 +439,10 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
     fuse = (m is not None and m <= DECODE_MAX_M and match.bits >= kernels.FUSE_NORM_MIN_BITS
             and kernels.fuses_in_kernel(prep.layout))
     x = first.activation()
-    norm = (_rms_norm_of(x, ev, sites) if fuse and kernels.norm_fits_in_kernel(
-        m, qweight.shape[0], _val(x).shape[-1], _val(x).dtype) else None)
+    norm = _rms_norm_of(x, ev, sites) if fuse else None
+    if norm is not None and _norm_producer(norm[0]) is None and not kernels.norm_fits_in_kernel(
+            m, qweight.shape[0], _val(x).shape[-1], _val(x).dtype):
+        norm = None  # the op could neither stage it nor get it from the op before
     residual = _residual_of(first) if fuse and len(sites) == 1 else None
     where = residual[0] if residual is not None else first.mm  # other may follow the mm
     with b.graph.inserting_before(where):

@@ -651,7 +651,10 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
     // (staged), the squares of a tile's results (next_norm); launch_decode refuses more than
     // 48 KB in all
     const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
-    const int sums_bytes = mode != kNormNone ? warps * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+    // (the squares go after the sums' region, so next_norm keeps that region too)
+    const int sums_bytes = mode != kNormNone || next_norm != nullptr
+                               ? warps * 8 * kNT * static_cast<int>(sizeof(float))
+                               : 0;
     const int staged_bytes = mode == kNormStaged ? tile_rows * K * static_cast<int>(sizeof(Act)) : 0;
     const int squares_bytes = next_norm != nullptr ? kR * 16 * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
     const int smem = capped_smem<kMaxWarps>(
