@@ -149,11 +149,13 @@ def test_takes_norm_where_shared_memory_holds_the_staged_tokens():
                 for m, k in ((1, 4096), (3, 4096), (8, 1024), (32, 256)):
                     staged = w * t * 4 + min(t, m) * k * 2
                     assert c.takes_norm(m, k) == (c.smem_bytes() + staged <= 48 * 1024), c.name
-                    # given sums and an epilogue that writes the next norm's input: the sums'
-                    # region and the squares of the CTA's results, [rows][tokens] floats
-                    both = w * t * 4 + r * t * 4
-                    assert c.takes(m, k, given=True, norm_out=True) == (
-                        c.smem_bytes() + both <= 48 * 1024), c.name
+                    # an epilogue that writes the next norm's input: the sums' region and the
+                    # squares of the CTA's results, [rows][tokens] floats; never with a norm
+                    # read (that kernel reads none)
+                    out = w * t * 4 + r * t * 4
+                    assert c.takes(m, k, norm_out=True) == (
+                        c.smem_bytes() + out <= 48 * 1024), c.name
+                    assert not c.takes(m, k, given=True, norm_out=True)
     assert dec.DecodeChoice(8, 32, 8).takes_norm(4, 4096)
     assert not dec.DecodeChoice(8, 32, 16).takes_norm(4, 4096)  # 16 KB of tiles + 32 KB
     # float32 activations stage 4 bytes a value

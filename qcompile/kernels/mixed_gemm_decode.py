@@ -97,6 +97,8 @@ class DecodeChoice:
         tiles: the sums of squares of an RMSNorm (``staged`` or ``given``), x * norm of the
         CTA's tokens (``staged``: at K = 4096, 4 tokens with the heuristic's 8-warp CTAs),
         the squares of the CTA's results (``norm_out``, after the sums' region)."""
+        if norm_out and (staged or given):
+            return False  # the kernel that writes the next norm's input reads none
         extra = self.warps * self.tokens * 4 if (staged or given or norm_out) else 0
         extra += min(self.tokens, m) * k * act_bytes if staged else 0
         extra += self.rows * self.tokens * 4 if norm_out else 0

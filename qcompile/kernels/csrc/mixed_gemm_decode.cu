@@ -123,10 +123,11 @@ struct Params {
   float* ssq_out;         // [M, N / 16]: the sums of out^2 over each 16 rows
 };
 
-// Where a launch's RMSNorm comes from: none; staged (x is the norm's input, the CTA makes
-// x * norm and the sums of squares itself: p.norm); given (x is already x * norm, written by
-// the op before with the partial sums of squares of its input: p.norm_ssq).
-constexpr int kNormNone = 0, kNormStaged = 1, kNormGiven = 2;
+// A launch's RMSNorm: none; staged (x is the norm's input, the CTA makes x * norm and the
+// sums of squares itself: p.norm); given (x is already x * norm, written by the op before
+// with the partial sums of squares of its input: p.norm_ssq); or out (none read, and the
+// result is the next norm's input: the epilogue also writes p.normed and p.ssq_out).
+constexpr int kNormNone = 0, kNormStaged = 1, kNormGiven = 2, kNormOut = 3;
 
 // Which K a lane's MMA slots stand for is free as long as A (weights) and B (activations)
 // agree: the MMA sums over its 16 k slots. So a chunk's 4 MMA steps need not be the layout's
@@ -428,6 +429,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     __syncthreads();
   }
 
+  if (kNorm == kNormGiven) {
+    // the partial sums this warp adds up after the main loop: into L1 now (a prefetch does
+    // not wait), so that the read there is not a trip to L2 at the end of every CTA
+    for (int i = warp; i < min(8 * kNT, M - m0); i += warps)
+      for (int q = lane * 32; q < p.ssq_parts; q += 32 * 32)
+        asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p.norm_ssq + (size_t)(m0 + i) * p.ssq_parts + q));
+  }
+
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
     if (kNorm != kNormStaged || c0 != warp) load_round(c0);
 #pragma unroll
@@ -517,7 +526,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     return rsqrtf(fmaf(v, inv_k, p.eps));
   };
   const auto finish = [&](int n, int m, float v) {
-    if (kNorm) v *= rms(m);
+    if (kNorm == kNormStaged || kNorm == kNormGiven) v *= rms(m);
 #if QC_MODE == 0
     v *= p.rowscale[n];
 #endif
@@ -540,7 +549,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   // next_norm: the result is the input of the next op's RMSNorm: also out * next_norm, and
   // each 16-row tile's sums of out^2 a token (from the rounded out, as the norm reads it),
   // through shared memory after the staged x (sq [kR * 16 rows][8 kNT tokens])
-  const bool norm_out = p.next_norm != nullptr;
+  constexpr bool norm_out = kNorm == kNormOut;
   float* sq = reinterpret_cast<float*>(
       xs + (kNorm == kNormStaged ? (size_t)min(8 * kNT, M) * K : 0));
   reduce_and_store<kR, kNT>(acc, red, tile0, m0, M, [&](int n, int m, float v) {
@@ -586,8 +595,8 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // ([M, ssq_parts] float32) or null: x is already the norm's input times its weight and
 // norm_ssq the partial sums of squares of that input (summed in order). residual ([M, N] like
 // out, not with gated) or null: added to the result. next_norm ([N]) or null, not with
-// gated: also normed [M, N] = out * next_norm and ssq_out [M, N / 16] float32, the sums of
-// out^2 over each 16 rows (the next op's norm_ssq).
+// gated, norm or norm_ssq: also normed [M, N] = out * next_norm and ssq_out [M, N / 16]
+// float32, the sums of out^2 over each 16 rows (the next op's norm_ssq).
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, const void* norm,
                          const void* residual, const void* norm_ssq, const void* next_norm,
@@ -599,6 +608,7 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
       (gated && row_tiles != 2) ||        // a CTA must hold a gate tile and its up tile
       (gated && (residual != nullptr || next_norm != nullptr)) || !(eps >= 0.f) ||
       (norm != nullptr && norm_ssq != nullptr) || (norm_ssq != nullptr && ssq_parts <= 0) ||
+      (next_norm != nullptr && (norm != nullptr || norm_ssq != nullptr)) ||
       (next_norm != nullptr && (normed == nullptr || ssq_out == nullptr)))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
@@ -641,18 +651,22 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
     // At most 32 resident warps an SM: int8 per-channel weights need few registers, and 5
     // CTAs of 8 warps an SM streamed 28672x4096 slower than 4 (decode-step sequence, H100:
     // 48.8 vs 45.0 us)
-    const int mode = norm != nullptr ? kNormStaged : norm_ssq != nullptr ? kNormGiven : kNormNone;
+    const int mode = norm != nullptr       ? kNormStaged
+                     : norm_ssq != nullptr ? kNormGiven
+                     : next_norm != nullptr ? kNormOut
+                                            : kNormNone;
     const auto kernel = mode == kNormStaged  ? mixed_gemm_decode_kernel<kNT, kR, kNormStaged>
                         : mode == kNormGiven ? mixed_gemm_decode_kernel<kNT, kR, kNormGiven>
+                        : mode == kNormOut   ? mixed_gemm_decode_kernel<kNT, kR, kNormOut>
                                              : mixed_gemm_decode_kernel<kNT, kR, kNormNone>;
     // one cache per kernel: a benign race, every writer writes the same
-    static int cached[3][kMaxWarps + 1] = {};
+    static int cached[4][kMaxWarps + 1] = {};
     // past the reduction's tiles: the sums of squares (a norm), x * norm of the CTA's tokens
     // (staged), the squares of a tile's results (next_norm); launch_decode refuses more than
     // 48 KB in all
     const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
     // (the squares go after the sums' region, so next_norm keeps that region too)
-    const int sums_bytes = mode != kNormNone || next_norm != nullptr
+    const int sums_bytes = mode != kNormNone
                                ? warps * 8 * kNT * static_cast<int>(sizeof(float))
                                : 0;
     const int staged_bytes = mode == kNormStaged ? tile_rows * K * static_cast<int>(sizeof(Act)) : 0;
