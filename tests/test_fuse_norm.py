@@ -329,3 +329,39 @@ def test_a_norm_after_an_op_links_where_staging_would_not_fit():
     assert spy.ops == [("norm_out", False, True), ("mixed", "given", False)], spy.ops
     assert spy.rsqrt == 0
     assert rel_err(out, ref) <= 2e-2
+
+
+class HFStyleHead(nn.Module):
+    """transformers' LlamaRMSNorm (``weight * hidden.to(dtype)``) after a skip connection,
+    then its ``lm_head(hidden[:, -0:, :])``: the whole-tensor slice (an alias in the graph)
+    must not hide the norm from the head."""
+
+    def __init__(self, k: int = 128):
+        super().__init__()
+        self.down = nn.Linear(256, k, bias=False)
+        self.weight = nn.Parameter(torch.rand(k) + 0.5)
+        self.head = nn.Linear(k, 96, bias=False)
+
+    def forward(self, x, r):
+        h = r + self.down(x)
+        h32 = h.to(torch.float32)
+        variance = h32.pow(2).mean(-1, keepdim=True)
+        normed = self.weight * (h32 * torch.rsqrt(variance + 1e-5)).to(h.dtype)
+        return self.head(normed[:, -0:, :])
+
+
+def test_transformers_style_norm_before_a_sliced_head():
+    torch.manual_seed(0)
+    model = HFStyleHead().to(torch.bfloat16)
+    qcompile.quantize(model, "w8a16")
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    r = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        spy = OpSpy()
+        with spy.installed():
+            out = torch.compile(model, backend="qcompile")(x, r)
+        ref = model(x, r)
+    assert spy.ops == [("norm_out", False, True), ("mixed", "given", False)], spy.ops
+    assert spy.rsqrt == 0
+    assert rel_err(out, ref) <= 2e-2

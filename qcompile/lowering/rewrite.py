@@ -259,11 +259,26 @@ def _gated_pair(sites: list[_MixedSite]) -> tuple[_MixedSite, _MixedSite, fx.Nod
     return None
 
 
+def _same_value(node: fx.Node) -> bool:
+    """A view, an alias, or a slice that keeps the whole tensor (transformers'
+    ``hidden[:, -0:]`` before its output head, an alias by the time qcompile sees it):
+    node's value is its input's, maybe reshaped."""
+    if node.op != "call_function":
+        return False
+    if node.target in _VIEWS or node.target is aten.alias.default:
+        return True
+    if node.target is not aten.slice.Tensor or not isinstance(node.args[0], fx.Node):
+        return False
+    vi, vo = _val(node.args[0]), _val(node)
+    step = node.args[4] if len(node.args) > 4 else 1
+    return vi is not None and vo is not None and step == 1 and tuple(vi.shape) == tuple(vo.shape)
+
+
 def _terminal_users(node: fx.Node) -> list[fx.Node]:
-    """The users of node's value past any chain of views."""
+    """The users of node's value past any chain of views (and whole-tensor slices)."""
     out = []
     for u in node.users:
-        out.extend(_terminal_users(u) if u.target in _VIEWS else [u])
+        out.extend(_terminal_users(u) if _same_value(u) else [u])
     return out
 
 
@@ -275,7 +290,7 @@ def _rms_norm_of(x: fx.Node, ev: ConstantEvaluator, sites: list[_MixedSite]
     weight a constant [K] of h's type (the node itself: the op reads the model's tensor, so
     it is neither copied nor released as a weight only rewritten matmuls read)."""
     base = x
-    while base.op == "call_function" and base.target in _VIEWS:
+    while _same_value(base):
         base = base.args[0]
     if base.op != "call_function" or base.target is not aten.mul.Tensor or len(base.args) != 2:
         return None
