@@ -293,7 +293,8 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.profile, fuse_linears, autotune, args.trace)
+                           args.device, args.profile, fuse_linears, autotune,
+                           args.trace if not (setting and args.trace) else f"{args.trace}-{value}")
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
