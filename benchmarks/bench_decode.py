@@ -18,8 +18,10 @@ benchmarks/results/bench_decode.jsonl.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import gc
+import importlib
 import itertools
 import json
 import os
@@ -207,6 +209,21 @@ def _provenance(device: str) -> dict:
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
 
 
+def _setting(spec: str | None) -> tuple | None:
+    """``MODULE.NAME=V1,V2`` -> (module, name, its current value, [V1, V2]); the module is
+    imported and must already have the attribute (a misspelt name is an error, not a no-op)."""
+    if spec is None:
+        return None
+    target, sep, values = spec.partition("=")
+    module_name, _, attr = target.rpartition(".")
+    if not sep or not module_name or not values:
+        raise SystemExit(f"--set wants MODULE.NAME=V1,V2, got {spec!r}")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise SystemExit(f"--set: {module_name} has no attribute {attr!r}")
+    return module, attr, getattr(module, attr), [ast.literal_eval(v) for v in values.split(",")]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="llama3-8b-8l", choices=sorted(CONFIGS))
@@ -235,7 +252,15 @@ def main() -> int:
     p.add_argument("--decode-max-m", default=None,
                    help="comma list of token counts up to which the qcompile cells run the "
                         "decode kernel (each value one qcompile cell; default: the library's)")
+    p.add_argument("--set", default=None, metavar="MODULE.NAME=V1,V2",
+                   help="a module-level setting of the library to compare in one process, "
+                        "e.g. qcompile.kernels.mixed_gemm_decode.MAX_TOKENS=32,16: each value "
+                        "(a Python literal) one qcompile cell, recorded in the row's 'set'")
     args = p.parse_args()
+    if args.new < 3:  # positions prompt .. prompt + 2 compile the step and record its graph
+        p.error(f"--new must be at least 3 (the first three steps compile and record the "
+                f"CUDA graph), got {args.new}")
+    setting = _setting(args.set)
     from qcompile.kernels import int8_gemm, mixed_gemm, mixed_gemm_sm80
     decode_max_ms = ([int(v) for v in args.decode_max_m.split(",")] if args.decode_max_m
                      else [mixed_gemm.DECODE_MAX_M])
@@ -249,21 +274,27 @@ def main() -> int:
                      else [bool(int(v)) for v in args.fuse_linears.split(",")])
     rows = []
     autotunes = [bool(int(v)) for v in args.autotune.split(",")]
-    for model_kind, batch, fmt, impl, decode_max_m, fuse_linears, autotune in itertools.product(
+    values = setting[3] if setting else [None]
+    for (model_kind, batch, fmt, impl, decode_max_m, fuse_linears, autotune,
+         value) in itertools.product(
             args.models.split(","), [int(b) for b in args.batch.split(",")],
             args.formats.split(","), args.impls.split(","), decode_max_ms, fuse_settings,
-            autotunes):
+            autotunes, values):
         if fmt == "bf16" and impl == "qcompile":
             continue  # nothing to rewrite: the same as Inductor
-        if impl != "qcompile" and (decode_max_m, fuse_linears, autotune) != (
-                decode_max_ms[0], fuse_settings[0], autotunes[0]):
+        if impl != "qcompile" and (decode_max_m, fuse_linears, autotune, value) != (
+                decode_max_ms[0], fuse_settings[0], autotunes[0], values[0]):
             continue  # the settings only change qcompile cells
         mixed_gemm.DECODE_MAX_M = mixed_gemm_sm80.DECODE_MAX_M = decode_max_m
         int8_gemm.DECODE_MAX_M = decode_max_m
+        if setting:  # the library's own value for the cells it does not change
+            module, attr, original, _ = setting
+            setattr(module, attr, value if impl == "qcompile" else original)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             row = run_cell(model_kind, args.config, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.profile, fuse_linears, autotune, args.trace)
+                           args.device, args.profile, fuse_linears, autotune,
+                           args.trace if not (setting and args.trace) else f"{args.trace}-{value}")
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "decode", "model": model_kind, "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
@@ -278,12 +309,15 @@ def main() -> int:
             row["decode_max_m"] = decode_max_m
             row["fuse_linears"] = "default" if fuse_linears is None else fuse_linears
             row["autotune"] = autotune
+            if setting:
+                row["set"] = f"{args.set.split('=', 1)[0]}={value!r}"
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         tag = (f" decode<={decode_max_m}"
                f"{'' if fuse_linears is None else ' fused' if fuse_linears else ' unfused'}"
                f"{' autotuned' if autotune else ''}"
+               f"{' ' + row['set'] if 'set' in row else ''}"
                if impl == "qcompile" else "")
         print(f"{model_kind:14s} {fmt:6s} {impl:9s} bs={batch}{tag}: "
               f"{row['tokens_per_s']:8.1f} tok/s "
@@ -294,6 +328,7 @@ def main() -> int:
         key = (r["model"], r["batch"])
         if key in base and r["tokens_per_s"]:
             fused = (f" fuse_linears={r['fuse_linears']} autotune={r['autotune']}"
+                     f"{' ' + r['set'] if 'set' in r else ''}"
                      if "fuse_linears" in r else "")
             print(f"{r['model']:14s} {r['format']:6s} {r['impl']:9s} bs={r['batch']}{fused}: "
                   f"{r['tokens_per_s'] / base[key]:.2f}x bf16")

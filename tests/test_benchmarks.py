@@ -35,3 +35,26 @@ def test_bench_decode_cpu_smoke(tmp_path):
     # fusing q/k/v and gate/up leaves fewer qcompile ops for the same linears
     assert int(rows[3]["ops"]) < int(rows[2]["ops"]), (rows[2], rows[3])
     assert "Self CPU time total" in res.stdout  # --profile printed its table
+
+
+def test_bench_decode_sweeps_a_library_setting(tmp_path):
+    """--set MODULE.NAME=V1,V2: one qcompile cell per value, the value in the row's "set";
+    a name the module does not have stops the run before any cell."""
+    out = tmp_path / "decode.jsonl"
+    cmd = [sys.executable, str(BENCH / "bench_decode.py"), "--device", "cpu", "--config", "tiny",
+           "--prompt", "8", "--new", "3", "--models", "qcompile.llama", "--batch", "1",
+           "--formats", "w8a16", "--impls", "inductor,qcompile", "--out", str(out)]
+    res = subprocess.run(cmd + ["--set", "qcompile.kernels.mixed_gemm_decode.MAX_TOKENS=32,16"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["impl"], r.get("set")) for r in rows] == [
+        ("inductor", None),
+        ("qcompile", "qcompile.kernels.mixed_gemm_decode.MAX_TOKENS=32"),
+        ("qcompile", "qcompile.kernels.mixed_gemm_decode.MAX_TOKENS=16")], rows
+    bad = subprocess.run(cmd + ["--set", "qcompile.kernels.mixed_gemm_decode.MAX_TOKEN=1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "has no attribute 'MAX_TOKEN'" in bad.stderr
+    short = subprocess.run(cmd[:9] + ["2"] + cmd[10:], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert short.returncode == 2 and "--new must be at least 3" in short.stderr
