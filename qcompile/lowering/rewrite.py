@@ -400,6 +400,7 @@ def _link_norms(b: _Builder, graph: fx.Graph) -> int:
             if weight.op != "get_attr":
                 continue
             prod.prepend(weight)  # a constant: define it before the op that will read it
+            order[weight] = order[prod] - 0.5  # (never moved after a use made here)
         if prod in made:
             if made[prod][0] is not weight:
                 continue  # the value feeds two norms with different weights: one links
