@@ -468,12 +468,11 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             x_arg = b.call(aten.reshape.default, (h, list(_val(x).shape)))
             fused_args = (weight, eps)
             notes += "; RMSNorm in the op"
-        if len(sites) == 1:
-            qw = _reuse_or_constant(b, ev, first.w, qweight, "qweight")
-        elif gated is not None:
-            qw = b.constant(qweight, "qweight")
-            s = b.constant(scales, "scales")
-            z = b.constant(zeros, "zeros") if zeros is not None else None
+        qw = (_reuse_or_constant(b, ev, first.w, qweight, "qweight") if len(sites) == 1
+              else b.constant(qweight, "qweight"))
+        s = b.constant(scales, "scales")
+        z = b.constant(zeros, "zeros") if zeros is not None else None
+        if gated is not None:
             new = b.call(torch.ops.qcompile.mixed_gemm_gated.default,
                          (x_arg, qw, s, z, None, match.bits, match.signed, match.group_size,
                           match.zero_mode, match.dequant_dtype, prep.layout, prep.config,
@@ -484,10 +483,6 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             product.replace_all_uses_with(out)
             _note_launch(sites, prep.description + "; silu(gate) * up in the op" + notes, n)
             return
-        else:
-            qw = b.constant(qweight, "qweight")
-        s = b.constant(scales, "scales")
-        z = b.constant(zeros, "zeros") if zeros is not None else None
         bias = None
         if first.bias is not None:
             parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
