@@ -2,8 +2,7 @@
 at decode token counts the rewrite hands the norm's input and weight to the op that reads the
 normalized activation (``norm_weight``, ``norm_eps``) and the skip connection's other operand
 to the op whose result it is added to (``residual``); the prompt keeps Inductor's kernels.
-By default only 8-bit weights fuse (``kernels.FUSE_NORM_MIN_BITS``); the tests of the
-matching on int4 models lower that bound (fixture ``int4_fuses``)."""
+Weights of every width fuse by default; ``kernels.FUSE_NORM_MIN_BITS`` raises the bound."""
 
 from __future__ import annotations
 
@@ -56,12 +55,6 @@ class OpSpy:
             yield self
 
 
-@pytest.fixture
-def int4_fuses(monkeypatch):
-    """Norm and skip fusion for int4 weights too (the matching is the same for any width)."""
-    monkeypatch.setattr(kernels, "FUSE_NORM_MIN_BITS", 4)
-
-
 def _llama(method, dtype=torch.bfloat16):
     torch.manual_seed(0)
     model = Llama(CONFIGS["tiny"]).to(dtype)
@@ -70,7 +63,7 @@ def _llama(method, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("method", ["w4a16", "w8a16"])
-def test_decode_step_norms_and_skips_go_into_the_ops(method, int4_fuses):
+def test_decode_step_norms_and_skips_go_into_the_ops(method):
     """Tiny Llama (2 layers), one token: q/k/v, gate/up and the output head read their
     RMSNorm inside the op (no rsqrt left), o and down add the skip connection; 12 tokens
     keep every norm with Inductor. Both match eager within bf16 tolerance."""
@@ -109,9 +102,10 @@ def test_decode_step_norms_and_skips_go_into_the_ops(method, int4_fuses):
                 assert normed == [] and skips == []
 
 
-def test_int4_weights_keep_the_norms_with_inductor_by_default():
-    """With the default FUSE_NORM_MIN_BITS an int4 model's decode step keeps every RMSNorm
-    (rsqrt) with Inductor and adds no residual to the ops; an int8 one fuses them."""
+def test_fuse_norm_min_bits_keeps_narrower_weights_norms_with_inductor(monkeypatch):
+    """With FUSE_NORM_MIN_BITS = 8 an int4 model's decode step keeps every RMSNorm (rsqrt)
+    with Inductor and adds no residual to the ops; an int8 one fuses them."""
+    monkeypatch.setattr(kernels, "FUSE_NORM_MIN_BITS", 8)
     for method, fused in (("w4a16", False), ("w8a16", True)):
         model = _llama(method)
         model.setup_caches(1, 16)
@@ -125,7 +119,7 @@ def test_int4_weights_keep_the_norms_with_inductor_by_default():
         assert any(norm or res for _, norm, res in spy.ops) == fused, (method, spy.ops)
 
 
-def test_float32_model_norms_fuse_without_casts(int4_fuses):
+def test_float32_model_norms_fuse_without_casts():
     """A float32 model's RMSNorm has no casts around it; it is found all the same, and the
     result matches eager closely (the reference computes in float32 either way)."""
     model = _llama("w4a16", torch.float32)
@@ -158,7 +152,7 @@ class NormReadTwice(nn.Module):
         return n, self.out(self.proj(n)) + b
 
 
-def test_norm_read_elsewhere_and_broadcast_add_are_left_alone(int4_fuses):
+def test_norm_read_elsewhere_and_broadcast_add_are_left_alone():
     torch.manual_seed(0)
     model = NormReadTwice().to(torch.bfloat16)
     qcompile.quantize(model, "w4a16", group_size=64)
@@ -281,7 +275,7 @@ class WideNormLinear(nn.Module):
 
 
 @pytest.mark.parametrize("tokens,fused", [(1, True), (4, False)])
-def test_norm_fuses_only_where_the_decode_launch_can_stage_it(tokens, fused, int4_fuses):
+def test_norm_fuses_only_where_the_decode_launch_can_stage_it(tokens, fused):
     torch.manual_seed(0)
     model = WideNormLinear().to(torch.bfloat16)
     qcompile.quantize(model, "w4a16", group_size=128)

@@ -128,12 +128,13 @@ def fuses_in_kernel(layout: str) -> bool:
 
 
 # The weight width from which a decode step's RMSNorms and skip connections go into the decode
-# kernel. Each 32-row CTA stages x * norm from L2 once; against Inductor's norm kernel (about
-# 2.4 us and a launch gap, per norm) that pays where the CTA streams enough weight bytes:
-# H100, M = 1, us a GEMM unfused / fused: int8 per-channel 6144x4096 13.3 / 14.4, gated
-# 28672x4096 45.0 / 46.1 (decode step +2.4% tokens/s); int4 g128 10.6 / 12.3 and 30.9 / 35.0
-# (-0.6%). (See FUSE_NORM_MIN_BITS' use in lowering.rewrite.)
-FUSE_NORM_MIN_BITS = 8
+# kernels (every width: a setting so that one process can compare with and without, e.g.
+# `bench_decode --set qcompile.kernels.FUSE_NORM_MIN_BITS=16,4`). With the norms linked (the op
+# before writes x * norm and the partial sums, the op after reads them) a GEMM pays 0.1-1.3 us
+# against ~2.4 us of norm kernel and a launch gap: H100, the reference Llama's decode step,
+# batch 1, one process, tokens/s unfused / fused: int4 g128 1480.3 / 1528.4, int8 per-channel
+# 1157.5 / 1206.3; 8 (int8 only) gave 1488.6 / 1196.3. (See its use in lowering.rewrite.)
+FUSE_NORM_MIN_BITS = 4
 
 
 def norm_fits_in_kernel(m: int, n: int, k: int, act_dtype: torch.dtype) -> bool:
