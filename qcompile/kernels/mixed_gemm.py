@@ -158,13 +158,22 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 128, 256)
 )
 
-# Built and compiling, not yet run on a GPU: 128-deep K tiles halve the main-loop
-# iterations, the suspected limit at decode (run 1 on an H100: a 128x16x64 CTA spends
-# ~0.3 us per K tile). Not used by the heuristic or the op until measured; the benchmark's
-# --explore --experimental times them.
+# Built for measurement only (the benchmark's --explore --experimental), not used by the
+# heuristic or the op until they win somewhere: the prefill cells that trail bf16 cuBLAS
+# (benchmarks/NOTES.md). K = 14336 with 4096 output channels at M = 256 has too few output
+# tiles for one a SM (32 of 128 x 256), so 128x128 / 128x256 stream-K builds that can split
+# K; the pingpong schedule (64-row tiles, one warpgroup converting the weights of its tile
+# while the other's MMAs run); a 2x1 cluster that multicasts each token tile to two CTAs.
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
-    MixedGemmConfig("bf16", bits, mode, 128, tile_n, tile_k=128)
-    for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 64)
+    cfg
+    for bits, mode in ((4, 2), (8, 0))
+    for cfg in (
+        MixedGemmConfig("bf16", bits, mode, 128, 128, streamk=True),
+        MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
+        MixedGemmConfig("bf16", bits, mode, 64, 128, coop=False, streamk=False),
+        MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
+        MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
+    )
 )
 
 
