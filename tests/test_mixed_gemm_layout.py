@@ -122,12 +122,22 @@ def test_configs_and_heuristic():
                         assert (ch.config.act, ch.config.bits, ch.config.mode) == (act, bits, mode)
                         assert ch.splits >= 1
                         assert ch.config.streamk or ch.decomposition == mg.DECOMP_DATA_PARALLEL
+                        assert ch.config.coop  # the pingpong tile is autotuning's only
     # decode on a narrow layer: small token tile, K split over otherwise idle SMs
     ch = mg.choose_config(1, 4096, 4096, "bf16", 4, 2)
     assert ch.config.tile_n == 16 and ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 4
     ch = mg.choose_config(16, 14336, 4096, "bf16", 4, 2)
     assert ch.config.tile_n == 16 and ch.decomposition == mg.DECOMP_DATA_PARALLEL
     assert mg.choose_config(2048, 14336, 4096, "bf16", 4, 2).config.tile_n >= 128
+    # prefill with too few 128-token tiles for half the SMs: the 128x128 stream-K build
+    # splits K (32 x 2 tiles x 2 splits), for both common formats
+    for bits, mode in ((4, 2), (8, 0)):
+        ch = mg.choose_config(256, 4096, 14336, "bf16", bits, mode)
+        assert (ch.config.tile_m, ch.config.tile_n, ch.config.streamk) == (128, 128, True)
+        assert ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 2
+    # enough output tiles: the data-parallel build of the same tile
+    ch = mg.choose_config(512, 4096, 4096, "bf16", 4, 2)
+    assert (ch.config.tile_n, ch.config.streamk) == (128, False)
     # a group size must be a multiple of the chosen config's K tile
     for group in (32, 64, 128, 4096):
         for c in mg._family("bf16", 4, 2, group, 4096):

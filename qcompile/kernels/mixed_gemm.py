@@ -148,29 +148,33 @@ def _family(act: str, bits: int, mode: int, group: int | None = None,
 
 # Every (activation, bits, mode) has the general 128x64 stream-K kernel (it runs any M);
 # the two common formats (int4 group-wise, int8 per-channel, bf16) add a decode tile
-# (16 tokens) and data-parallel 128x128 / 128x256 tiles for prefill (a wider token tile
-# reuses each converted weight fragment for more MMAs).
+# (16 tokens), data-parallel 128x128 / 128x256 tiles for prefill (a wider token tile reuses
+# each converted weight fragment for more MMAs), a 128x128 stream-K build for prefill with
+# too few output tiles to fill the SMs (it splits K), and a 64x128 pingpong tile that
+# autotuning may pick (H100, 4096x4096 M = 256: 23.1 us int4, 21.5 int8, against 25.3 / 24.7
+# for the 128x128 split-K the heuristic takes; benchmarks/NOTES.md).
 CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     MixedGemmConfig(act, bits, mode, 128, 64)
     for act in ("bf16", "fp16") for bits in (4, 8) for mode in (0, 2)
 ) + tuple(
     MixedGemmConfig("bf16", bits, mode, 128, tile_n, streamk=(tile_n == 16))
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 128, 256)
+) + tuple(
+    cfg
+    for bits, mode in ((4, 2), (8, 0))
+    for cfg in (MixedGemmConfig("bf16", bits, mode, 128, 128, streamk=True),
+                MixedGemmConfig("bf16", bits, mode, 64, 128, coop=False, streamk=False))
 )
 
-# Built for measurement only (the benchmark's --explore --experimental), not used by the
-# heuristic or the op until they win somewhere: the prefill cells that trail bf16 cuBLAS
-# (benchmarks/NOTES.md). K = 14336 with 4096 output channels at M = 256 has too few output
-# tiles for one a SM (32 of 128 x 256), so 128x128 / 128x256 stream-K builds that can split
-# K; the pingpong schedule (64-row tiles, one warpgroup converting the weights of its tile
-# while the other's MMAs run); a 2x1 cluster that multicasts each token tile to two CTAs.
+# Built for measurement only (the benchmark's --explore --experimental): none beat the
+# configs above in any cell measured (H100, M = 64 / 256 / 2048, the three issue shapes;
+# benchmarks/NOTES.md), so neither the heuristic nor autotuning uses them. The 2x1 cluster
+# multicasts each token tile to two CTAs; 128x256 stream-K splits K with the widest tile.
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
     for cfg in (
-        MixedGemmConfig("bf16", bits, mode, 128, 128, streamk=True),
         MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
-        MixedGemmConfig("bf16", bits, mode, 64, 128, coop=False, streamk=False),
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
         MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
     )
@@ -197,34 +201,45 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
 
     Token tile: for m <= 64 the smallest built tile (16 / 64) that holds m (fewer wasted
     MMA columns at decode); beyond, the widest tile (256 / 128, data-parallel) that still
-    gives at least half the SMs a tile, else 64. Small problems leave SMs idle (4096
-    output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build splits K
-    over about sm_count / tiles CTAs (split-K), keeping at least 8 K tiles (512) per split.
+    gives at least half the SMs a tile, else the 128x128 stream-K build split over K where
+    that gives half the SMs work (2026-11-26: 4096x14336 M=256 55.9 us against 76.4 for
+    128x64), else 64. Small problems leave SMs idle (4096 output channels are 32 tiles of
+    128 rows on 132 SMs), so a stream-K build splits K over about sm_count / tiles CTAs
+    (split-K), keeping at least 8 K tiles (512) per split.
     """
     family = _family(act, bits, mode, group_size, k)
     if not family:
         raise ValueError(f"no mixed-GEMM config for act={act} bits={bits} mode={mode} "
                          f"group={group_size}")
-    by_n = sorted(family, key=lambda c: c.tile_n)
-    fitting = [c for c in by_n if c.tile_n >= m]
-    if m <= 64:
-        cfg = fitting[0] if fitting else by_n[-1]
-    else:
-        # prefill: the widest tile that still gives at least half the SMs a tile
-        wide = [c for c in by_n if c.tile_n >= 64] or by_n
-        cfg = wide[0]
-        for c in reversed(wide):
-            if math.ceil(n / c.tile_m) * math.ceil(m / c.tile_n) >= sm_count // 2:
-                cfg = c
-                break
-    if not cfg.streamk:
-        return Choice(cfg)
-    tiles = math.ceil(n / cfg.tile_m) * math.ceil(m / cfg.tile_n)
-    k_tiles = math.ceil(k / cfg.tile_k)
-    splits = min(sm_count // max(tiles, 1), k_tiles // 8, 16)
-    if splits >= 2:
-        return Choice(cfg, DECOMP_SPLIT_K, splits)
-    return Choice(cfg, DECOMP_DATA_PARALLEL, 1)
+
+    def tiles(c: MixedGemmConfig) -> int:
+        return math.ceil(n / c.tile_m) * math.ceil(m / c.tile_n)
+
+    def split_k(c: MixedGemmConfig) -> Choice:
+        splits = min(sm_count // max(tiles(c), 1), math.ceil(k / c.tile_k) // 8, 16)
+        if splits >= 2:
+            return Choice(c, DECOMP_SPLIT_K, splits)
+        return Choice(c, DECOMP_DATA_PARALLEL, 1)
+
+    # the stream-K builds of up to 64 tokens (decode and the general fallback), the
+    # data-parallel prefill tiles, the stream-K prefill tile; the pingpong one is autotuning's
+    small = sorted((c for c in family if c.streamk and c.tile_n <= 64), key=lambda c: c.tile_n)
+    wide = sorted((c for c in family if c.coop and not c.streamk), key=lambda c: -c.tile_n)
+    wide_split = [c for c in family if c.streamk and c.tile_n > 64]
+    if m <= 64 or not (wide or wide_split):
+        fitting = [c for c in small if c.tile_n >= m]
+        return split_k(fitting[0] if fitting else small[-1])
+    # prefill: the widest tile that still gives at least half the SMs a tile
+    for c in wide:
+        if tiles(c) >= sm_count // 2:
+            return Choice(c)
+    # too few 128-token tiles: split K (H100, 4096x14336 M = 256, int4: 128x128 split-K 2
+    # 55.9 us, where 128x64 data-parallel took 76.4 and bf16 cuBLAS 67.7)
+    for c in wide_split:
+        choice = split_k(c)
+        if choice.splits * tiles(c) >= sm_count // 2:
+            return choice
+    return split_k(small[-1])
 
 
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) instead
