@@ -138,6 +138,11 @@ def test_configs_and_heuristic():
     # enough output tiles: the data-parallel build of the same tile
     ch = mg.choose_config(512, 4096, 4096, "bf16", 4, 2)
     assert (ch.config.tile_n, ch.config.streamk) == (128, False)
+    # no token tile wider than the narrowest that holds M; at most two token tiles a split
+    ch = mg.choose_config(128, 14336, 4096, "bf16", 4, 2)
+    assert (ch.config.tile_n, ch.config.streamk) == (128, False)
+    ch = mg.choose_config(128, 4096, 4096, "bf16", 8, 0)
+    assert ch.config.tile_n == 64 and ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 2
     # a group size must be a multiple of the chosen config's K tile
     for group in (32, 64, 128, 4096):
         for c in mg._family("bf16", 4, 2, group, 4096):

@@ -201,11 +201,12 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
 
     Token tile: for m <= 64 the smallest built tile (16 / 64) that holds m (fewer wasted
     MMA columns at decode); beyond, the widest tile (256 / 128, data-parallel) that still
-    gives at least half the SMs a tile, else the 128x128 stream-K build split over K where
-    that gives half the SMs work (2026-11-26: 4096x14336 M=256 55.9 us against 76.4 for
-    128x64), else 64. Small problems leave SMs idle (4096 output channels are 32 tiles of
-    128 rows on 132 SMs), so a stream-K build splits K over about sm_count / tiles CTAs
-    (split-K), keeping at least 8 K tiles (512) per split.
+    gives at least half the SMs a tile (none wider than the narrowest that holds m), else a
+    stream-K build of at most two token tiles a row tile split over K (2026-11-26: 4096x14336
+    M=256 55.9 us on 128x128 split-K 2, against 76.4 for 128x64). Small problems leave SMs
+    idle (4096 output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build
+    splits K over about sm_count / tiles CTAs (split-K), keeping at least 8 K tiles (512)
+    per split.
     """
     family = _family(act, bits, mode, group_size, k)
     if not family:
@@ -229,17 +230,19 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     if m <= 64 or not (wide or wide_split):
         fitting = [c for c in small if c.tile_n >= m]
         return split_k(fitting[0] if fitting else small[-1])
-    # prefill: the widest tile that still gives at least half the SMs a tile
+    # prefill: the widest data-parallel tile that still gives at least half the SMs a tile,
+    # but none wider than the narrowest that holds m (H100, 14336x4096 M = 128, int4: a
+    # 256-token tile 50.1 us, 128 tokens 30.9: the same 112 tiles, half the MMAs)
+    holding = [c.tile_n for c in wide if c.tile_n >= m]
+    widest = min(holding) if holding else max((c.tile_n for c in wide), default=0)
     for c in wide:
-        if tiles(c) >= sm_count // 2:
+        if c.tile_n <= widest and tiles(c) >= sm_count // 2:
             return Choice(c)
-    # too few 128-token tiles: split K (H100, 4096x14336 M = 256, int4: 128x128 split-K 2
-    # 55.9 us, where 128x64 data-parallel took 76.4 and bf16 cuBLAS 67.7)
-    for c in wide_split:
-        choice = split_k(c)
-        if choice.splits * tiles(c) >= sm_count // 2:
-            return choice
-    return split_k(small[-1])
+    # too few output tiles: split K over a stream-K build of at most two token tiles a row
+    # tile (H100, 4096x14336 M = 256, int4: 128x128 split-K 2 55.9 us, 128x64 data-parallel
+    # 76.4, cuBLAS 67.7; 4096x4096 M = 128: 128x64 split-K 2 21.7, 128x128 split-K 4 24.5)
+    streamk = sorted(small + wide_split, key=lambda c: c.tile_n)
+    return split_k(next((c for c in streamk if 2 * c.tile_n >= m), streamk[-1]))
 
 
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) instead
