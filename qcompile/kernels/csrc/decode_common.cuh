@@ -33,13 +33,13 @@ constexpr int reduce_smem_bytes(int warps) {
   return warps * kR * kNT * 4 * 32 * static_cast<int>(sizeof(Acc));
 }
 
-// Sum acc over the CTA's warps (in warp order) and call store(n, m, sum) for every output
-// (n: output channel, m: token) with m < M. red: reduce_smem_bytes of dynamic shared memory.
-template <int kR, int kNT, typename Acc, typename Store>
-__device__ __forceinline__ void reduce_and_store(const Acc (&acc)[kR][kNT][4], Acc* red, int tile0,
-                                                 int m0, int M, Store&& store) {
+// Write each warp's partial tiles acc to red ([warps][kR][kNT][4][32], lanes fastest: no bank
+// conflicts) and wait for the whole CTA; element i of a warp's tile is then (r, j, e, lane)
+// with i = ((r * kNT + j) * 4 + e) * 32 + lane.
+template <int kR, int kNT, typename Acc>
+__device__ __forceinline__ void stage_partials(const Acc (&acc)[kR][kNT][4], Acc* red) {
   constexpr int kTile = kR * kNT * 4 * 32;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int r = 0; r < kR; ++r)
 #pragma unroll
@@ -47,6 +47,16 @@ __device__ __forceinline__ void reduce_and_store(const Acc (&acc)[kR][kNT][4], A
 #pragma unroll
       for (int e = 0; e < 4; ++e) red[warp * kTile + ((r * kNT + j) * 4 + e) * 32 + lane] = acc[r][j][e];
   __syncthreads();
+}
+
+// Sum acc over the CTA's warps (in warp order) and call store(n, m, sum) for every output
+// (n: output channel, m: token) with m < M. red: reduce_smem_bytes of dynamic shared memory.
+template <int kR, int kNT, typename Acc, typename Store>
+__device__ __forceinline__ void reduce_and_store(const Acc (&acc)[kR][kNT][4], Acc* red, int tile0,
+                                                 int m0, int M, Store&& store) {
+  constexpr int kTile = kR * kNT * 4 * 32;
+  const int warps = blockDim.x >> 5;
+  stage_partials<kR, kNT>(acc, red);
   for (int i = threadIdx.x; i < kTile; i += blockDim.x) {
     Acc v = 0;
     for (int w = 0; w < warps; ++w) v += red[w * kTile + i];
@@ -66,14 +76,8 @@ template <int kNT, typename Acc, typename Store>
 __device__ __forceinline__ void reduce_and_store_pairs(const Acc (&acc)[2][kNT][4], Acc* red,
                                                        int tile0, int m0, int M, Store&& store) {
   constexpr int kHalf = kNT * 4 * 32, kTile = 2 * kHalf;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[warp * kTile + ((r * kNT + j) * 4 + e) * 32 + lane] = acc[r][j][e];
-  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  stage_partials<2, kNT>(acc, red);
   for (int i = threadIdx.x; i < kHalf; i += blockDim.x) {
     Acc v0 = 0, v1 = 0;
     for (int w = 0; w < warps; ++w) {
