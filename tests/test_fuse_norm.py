@@ -55,6 +55,17 @@ class OpSpy:
             yield self
 
 
+def compiled_with_spy(model, *inputs):
+    """(compiled result, eager result, OpSpy) of model on inputs, compiled afresh with the
+    backend, without autograd."""
+    with torch.no_grad():
+        torch._dynamo.reset()
+        spy = OpSpy()
+        with spy.installed():
+            out = torch.compile(model, backend="qcompile")(*inputs)
+        return out, model(*inputs), spy
+
+
 def _llama(method, dtype=torch.bfloat16):
     torch.manual_seed(0)
     model = Llama(CONFIGS["tiny"]).to(dtype)
@@ -158,12 +169,7 @@ def test_norm_read_elsewhere_and_broadcast_add_are_left_alone():
     qcompile.quantize(model, "w4a16", group_size=64)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     b = torch.randn(64, dtype=torch.bfloat16)  # [N] against the result's [1, N]
-    with torch.no_grad():
-        torch._dynamo.reset()
-        spy = OpSpy()
-        with spy.installed():
-            n, y = torch.compile(model, backend="qcompile")(x, b)
-        n_ref, y_ref = model(x, b)
+    (n, y), (n_ref, y_ref), spy = compiled_with_spy(model, x, b)
     assert spy.ops == [("mixed", False, False)] * 2 and spy.rsqrt == 1
     assert rel_err(y, y_ref) <= 2e-2 and rel_err(n, n_ref) <= 1e-2
 
@@ -248,12 +254,7 @@ def test_skip_connection_after_a_post_scale():
     """The post-scale folds into the scales and the add into the op: one op, no add left."""
     model = Int8PostScaleSkip()
     x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
-    with torch.no_grad():
-        torch._dynamo.reset()
-        spy = OpSpy()
-        with spy.installed():
-            out = torch.compile(model, backend="qcompile")(x)
-        ref = model(x)
+    out, ref, spy = compiled_with_spy(model, x)
     assert spy.ops == [("mixed", False, True)]
     assert [r.kernel.endswith("+ residual in the op") for r in qcompile.last_report().records] == [True]
     assert rel_err(out, ref) <= 2e-2
@@ -280,12 +281,7 @@ def test_norm_fuses_only_where_the_decode_launch_can_stage_it(tokens, fused):
     model = WideNormLinear().to(torch.bfloat16)
     qcompile.quantize(model, "w4a16", group_size=128)
     x = torch.randn(tokens, 8192, dtype=torch.bfloat16)
-    with torch.no_grad():
-        torch._dynamo.reset()
-        spy = OpSpy()
-        with spy.installed():
-            out = torch.compile(model, backend="qcompile")(x)
-        ref = model(x)
+    out, ref, spy = compiled_with_spy(model, x)
     assert spy.ops == [("mixed", "staged" if fused else False, False)]
     assert spy.rsqrt == (0 if fused else 1)
     assert rel_err(out, ref) <= 2e-2
@@ -314,12 +310,7 @@ def test_a_norm_after_an_op_links_where_staging_would_not_fit():
     qcompile.quantize(model, "w8a16")
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     r = torch.randn(4, 8192, dtype=torch.bfloat16)
-    with torch.no_grad():
-        torch._dynamo.reset()
-        spy = OpSpy()
-        with spy.installed():
-            out = torch.compile(model, backend="qcompile")(x, r)
-        ref = model(x, r)
+    out, ref, spy = compiled_with_spy(model, x, r)
     assert spy.ops == [("norm_out", False, True), ("mixed", "given", False)], spy.ops
     assert spy.rsqrt == 0
     assert rel_err(out, ref) <= 2e-2
@@ -350,12 +341,7 @@ def test_transformers_style_norm_before_a_sliced_head():
     qcompile.quantize(model, "w8a16")
     x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
     r = torch.randn(1, 1, 128, dtype=torch.bfloat16)
-    with torch.no_grad():
-        torch._dynamo.reset()
-        spy = OpSpy()
-        with spy.installed():
-            out = torch.compile(model, backend="qcompile")(x, r)
-        ref = model(x, r)
+    out, ref, spy = compiled_with_spy(model, x, r)
     assert spy.ops == [("norm_out", False, True), ("mixed", "given", False)], spy.ops
     assert spy.rsqrt == 0
     assert rel_err(out, ref) <= 2e-2

@@ -70,6 +70,21 @@ def _decodable(fam_name, layout):
     return not (fam_name == "sm80" and layout == m80.LAYOUT_ROWSCALE)
 
 
+def _gated_prepared(n, k, bits, signed, group, zero_mode, dtype):
+    """A gated MLP's gate and up weights ([n, k] each, seeds 3 and 4) interleaved in 16-row
+    tiles and prepared for the sm90 family: (layout, tensors, gate W, up W) (float64 CPU)."""
+    from qcompile.kernels import ops
+
+    gate = _problem(n, k, bits, signed, group, zero_mode, seed=3)
+    up = _problem(n, k, bits, signed, group, zero_mode, seed=4)
+    q, s, z = (ops.interleave_gate_up(a, b) if a is not None else None
+               for a, b in zip(gate[:3], up[:3]))
+    layout = mg.select_layout(bits, signed, group, zero_mode, 2 * n, k, dtype, "cuda")
+    tensors = mg.prepare_weight(q.cuda(), s.cuda(), z.cuda() if z is not None else None,
+                                bits, signed, group, zero_mode, layout, dtype)
+    return layout, tensors, gate[3], up[3]
+
+
 @pytest.mark.parametrize("fam_name", list(FAMILIES))
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("bits", [4, 8])
@@ -214,20 +229,12 @@ def test_gated_mlp_epilogue(act, bits, signed, group, zero_mode, m, config):
     """qcompile::mixed_gemm_gated on gate and up rows interleaved in 16-row tiles: the decode
     kernel's epilogue with 32-row CTAs, the GEMM then the gating otherwise (16-row CTAs, a
     GEMM config for 17 tokens), against float64 silu(x Wg^T) * (x Wu^T)."""
-    from qcompile.kernels import ops
-
     n, k = 512, 1024
     dtype = ACTS[act]
     group = group or k
-    gate = _problem(n, k, bits, signed, group, zero_mode, seed=3)
-    up = _problem(n, k, bits, signed, group, zero_mode, seed=4)
-    q, s, z = (ops.interleave_gate_up(a, b) if a is not None else None
-               for a, b in zip(gate[:3], up[:3]))
-    layout = mg.select_layout(bits, signed, group, zero_mode, 2 * n, k, dtype, "cuda")
-    tensors = mg.prepare_weight(q.cuda(), s.cuda(), z.cuda() if z is not None else None,
-                                bits, signed, group, zero_mode, layout, dtype)
+    layout, tensors, wg, wu = _gated_prepared(n, k, bits, signed, group, zero_mode, dtype)
     x = _x(m, k, dtype)
-    ref = torch.nn.functional.silu(_ref(x, gate[3])) * _ref(x, up[3])
+    ref = torch.nn.functional.silu(_ref(x, wg)) * _ref(x, wu)
     out = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, group, "none", layout,
                              config=config, gated=True)
     _check(out, ref, dtype, f"gated {config} M={m}")
@@ -287,20 +294,13 @@ def test_rms_norm_and_residual_in_the_kernel(act, bits, signed, group, zero_mode
 def test_rms_norm_in_the_gated_kernel(act, m, config):
     """mixed_gemm_gated with an RMSNorm before: silu(n(x) Wg^T) * (n(x) Wu^T), n the RMSNorm,
     in the 32-row gated epilogue, the 16-row kernel then the gating, and a GEMM config."""
-    from qcompile.kernels import ops
-
     n, k, bits, group = 512, 1024, 4, 128
     dtype = ACTS[act]
-    gate = _problem(n, k, bits, False, group, "sub", seed=3)
-    up = _problem(n, k, bits, False, group, "sub", seed=4)
-    q, s, z = (ops.interleave_gate_up(a, b) for a, b in zip(gate[:3], up[:3]))
-    layout = mg.select_layout(bits, False, group, "sub", 2 * n, k, dtype, "cuda")
-    tensors = mg.prepare_weight(q.cuda(), s.cuda(), z.cuda(), bits, False, group, "sub",
-                                layout, dtype)
+    layout, tensors, wg, wu = _gated_prepared(n, k, bits, False, group, "sub", dtype)
     x = (_x(m, k, dtype) * 3).to(dtype)
     weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
     normed = _rms64(x, weight, 1e-6)
-    ref = torch.nn.functional.silu(normed @ gate[3].t()) * (normed @ up[3].t())
+    ref = torch.nn.functional.silu(normed @ wg.t()) * (normed @ wu.t())
     out = mg.mixed_gemm_cuda(x, *tensors, None, bits, True, group, "none", layout,
                              config=config, gated=True, norm=weight, eps=1e-6)
     _check(out, ref, dtype, f"gated norm {config} M={m}")
@@ -375,18 +375,13 @@ def test_given_sums_in_the_gated_kernel(m, config):
 
     n, k, bits, group = 512, 1024, 4, 128
     dtype = torch.bfloat16
-    gate = _problem(n, k, bits, False, group, "sub", seed=3)
-    up = _problem(n, k, bits, False, group, "sub", seed=4)
-    q, s, z = (ops.interleave_gate_up(a, b) for a, b in zip(gate[:3], up[:3]))
-    layout = mg.select_layout(bits, False, group, "sub", 2 * n, k, dtype, "cuda")
-    tensors = mg.prepare_weight(q.cuda(), s.cuda(), z.cuda(), bits, False, group, "sub",
-                                layout, dtype)
+    layout, tensors, wg, wu = _gated_prepared(n, k, bits, False, group, "sub", dtype)
     h = (_x(m, k, dtype) * 3).to(dtype)
     weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
     xg = (h.float() * weight.float()).to(dtype)
     sums = ops.norm_sums(h)
     normed = _rms64(h, weight, 1e-6)
-    ref = torch.nn.functional.silu(normed @ gate[3].t()) * (normed @ up[3].t())
+    ref = torch.nn.functional.silu(normed @ wg.t()) * (normed @ wu.t())
     out = mg.mixed_gemm_cuda(xg, *tensors, None, bits, True, group, "none", layout,
                              config=config, gated=True, eps=1e-6, norm_ssq=sums)
     _check(out, ref, dtype, f"gated given sums {config} M={m}")
