@@ -112,6 +112,16 @@ def test_int8_choice_names_round_trip(arch, m):
         int8_gemm.choice_from_name("sm90_128x256_c2_s4")  # not a stream-K build
 
 
+@pytest.mark.parametrize("m,n,name", [(64, 4096, "sm90_swap_64x16x256_pp"),
+                                      (128, 4096, "sm90_swap_128x32_sk"),
+                                      (129, 4096, "sm90_swap_128x64_sk"),
+                                      (128, 14336, "sm90_128x256_c2"),
+                                      (2048, 4096, "sm90_128x256_c2")])
+def test_int8_heuristic_tiles(m, n, name):
+    """The sm90 int8 heuristic by token count and width (measured picks, int8_gemm.py)."""
+    assert int8_gemm.choose_config(m, n, 4096, torch.bfloat16, "sm_90a").name == name
+
+
 @pytest.mark.parametrize("cap,families", [((9, 0), ["mixed_gemm", "mixed_gemm_sm80"]),
                                           ((8, 0), ["mixed_gemm_sm80"]),
                                           ((8, 9), ["mixed_gemm_sm80"]),

@@ -128,7 +128,8 @@ def choose_config(M: int, N: int, K: int, out_dtype: torch.dtype, arch: str) -> 
     memory-bound) or is compute-bound. Choices from ``benchmarks/bench_w8a8.py --configs all``
     on an H100 (N x K in 4096x4096, 14336x4096, 4096x14336; M in 1..2048; 2026-11-25): each
     pick is the fastest measured config or within 0.5% of it (4096x4096 at M=64: 3% behind
-    sm90_swap_64x16_pp, which is ahead by 1-5% nowhere else).
+    sm90_swap_64x16_pp, which is ahead by 1-5% nowhere else); M = 96 / 128 / 192 measured
+    2026-11-26 (14336x4096 at M <= 128: 5% behind sm90_swap_128x64_sk).
     """
     del K, out_dtype
     if arch == "sm_90a":
@@ -136,8 +137,12 @@ def choose_config(M: int, N: int, K: int, out_dtype: torch.dtype, arch: str) -> 
             return _BY_NAME["sm90_swap_64x16x256_pp"]
         if M <= 256:
             # Wide layers have enough 128x256 tiles; narrow ones keep the swapped kernel,
-            # whose 128x64 tiles (4 per 128 weight rows at M=256) fill more SMs.
-            return _BY_NAME["sm90_128x256_c2" if N >= 8192 else "sm90_swap_128x64_sk"]
+            # whose 128x64 tiles (4 per 128 weight rows at M=256) fill more SMs, and up to
+            # M = 128 its 32-token tiles (H100, static scales, 2026-11-26: 4096x4096 M = 128
+            # 16.5 us against 20.2 for 64 tokens, 4096x14336 37.5 against 40.2).
+            if N >= 8192:
+                return _BY_NAME["sm90_128x256_c2"]
+            return _BY_NAME["sm90_swap_128x32_sk" if M <= 128 else "sm90_swap_128x64_sk"]
         return _BY_NAME["sm90_128x256_c2"]
     return _BY_NAME["sm80_32x128_sk"] if M <= 32 else _BY_NAME["sm80_128x128_sk"]
 
