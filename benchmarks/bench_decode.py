@@ -251,7 +251,8 @@ def main() -> int:
                         "PREFIX-<model>-<format>-<impl>-bs<batch>.json")
     p.add_argument("--decode-max-m", default=None,
                    help="comma list of token counts up to which the qcompile cells run the "
-                        "decode kernel (each value one qcompile cell; default: the library's)")
+                        "decode kernel, one bound for every weight shape (each value one "
+                        "qcompile cell; default: the library's own bounds)")
     p.add_argument("--set", default=None, metavar="MODULE.NAME=V1,V2",
                    help="a module-level setting of the library to compare in one process, "
                         "e.g. qcompile.kernels.mixed_gemm_decode.MAX_TOKENS=32,16: each value "
@@ -263,7 +264,9 @@ def main() -> int:
     setting = _setting(args.set)
     from qcompile.kernels import int8_gemm, mixed_gemm, mixed_gemm_sm80
     decode_max_ms = ([int(v) for v in args.decode_max_m.split(",")] if args.decode_max_m
-                     else [mixed_gemm.DECODE_MAX_M])
+                     else [None])  # None: the library's own bounds
+    library_bounds = (mixed_gemm.DECODE_MAX_M, mixed_gemm.DECODE_WIDE_MAX_M,
+                      mixed_gemm_sm80.DECODE_MAX_M, int8_gemm.DECODE_MAX_M)
     if args.models is None:
         try:
             import transformers  # noqa: F401
@@ -285,8 +288,10 @@ def main() -> int:
         if impl != "qcompile" and (decode_max_m, fuse_linears, autotune, value) != (
                 decode_max_ms[0], fuse_settings[0], autotunes[0], values[0]):
             continue  # the settings only change qcompile cells
-        mixed_gemm.DECODE_MAX_M = mixed_gemm_sm80.DECODE_MAX_M = decode_max_m
-        int8_gemm.DECODE_MAX_M = decode_max_m
+        # one bound for every family and weight shape, or the library's own
+        (mixed_gemm.DECODE_MAX_M, mixed_gemm.DECODE_WIDE_MAX_M, mixed_gemm_sm80.DECODE_MAX_M,
+         int8_gemm.DECODE_MAX_M) = (library_bounds if decode_max_m is None
+                                    else (decode_max_m,) * 4)
         if setting:  # the library's own value for the cells it does not change
             module, attr, original, _ = setting
             setattr(module, attr, value if impl == "qcompile" else original)
@@ -306,7 +311,7 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
             continue
         if impl == "qcompile":
-            row["decode_max_m"] = decode_max_m
+            row["decode_max_m"] = "default" if decode_max_m is None else decode_max_m
             row["fuse_linears"] = "default" if fuse_linears is None else fuse_linears
             row["autotune"] = autotune
             if setting:
@@ -314,7 +319,7 @@ def main() -> int:
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tag = (f" decode<={decode_max_m}"
+        tag = (f"{'' if decode_max_m is None else f' decode<={decode_max_m}'}"
                f"{'' if fuse_linears is None else ' fused' if fuse_linears else ' unfused'}"
                f"{' autotuned' if autotune else ''}"
                f"{' ' + row['set'] if 'set' in row else ''}"

@@ -101,9 +101,16 @@ def test_families_offer_it_where_it_reads_the_layout():
 def test_heuristic_threshold(monkeypatch):
     # below DECODE_MAX_M the heuristic (and so the report and the run-time default) is the
     # decode kernel where it takes the format, a CUTLASS config otherwise
-    monkeypatch.setattr(mg, "DECODE_MAX_M", 16)
+    assert mg.heuristic_choice(8, 14336, 4096, "bf16", 4, 2, 132, 128) == dec.heuristic(8, 14336, 4096)
+    # to 16 tokens where N gives at most a 32-row CTA per SM, and for int8 weights
     assert mg.heuristic_choice(16, 4096, 4096, "bf16", 4, 2, 132, 128) == dec.heuristic(16, 4096, 4096)
+    assert mg.heuristic_choice(16, 14336, 4096, "bf16", 8, 0, 132, None) == \
+        dec.heuristic(16, 14336, 4096)
+    assert isinstance(mg.heuristic_choice(16, 14336, 4096, "bf16", 4, 2, 132, 128), mg.Choice)
+    assert isinstance(mg.heuristic_choice(9, 14336, 4096, "bf16", 4, 2, 132, 128), mg.Choice)
     assert isinstance(mg.heuristic_choice(17, 4096, 4096, "bf16", 4, 2, 132, 128), mg.Choice)
+    monkeypatch.setattr(mg, "DECODE_WIDE_MAX_M", 8)
+    assert isinstance(mg.heuristic_choice(16, 4096, 4096, "bf16", 4, 2, 132, 128), mg.Choice)
     assert mg.heuristic_choice(1, 4096, 4096, "bf16", 8, 0, 132, None) == dec.heuristic(1, 4096, 4096)
     monkeypatch.setattr(m80, "DECODE_MAX_M", 16)
     assert m80.heuristic_choice(1, 4096, 4096, "bf16", 132, 4, "gz", 128) == dec.heuristic(1, 4096, 4096)

@@ -248,9 +248,20 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) instead
 # of a CUTLASS config, where the format allows it. H100, Llama-3-8B shapes (8 layers), batch 1,
 # CUDA graphs (bench_decode, 2026-11-25): W4A16 781 tok/s with it vs 652 without, W8A16 680
-# vs 581. Beyond 8 tokens the 16-token tile lost to CUTLASS in the micro-benchmark (int4
-# 14336x4096 M=16, one run: 32.6 vs 25.7 us).
+# vs 581. (The rewrite's decode-kernel fusions -- gated MLP, RMSNorm, skip -- use this bound.)
 DECODE_MAX_M = 8
+# Up to this many tokens the decode kernel also runs where CUTLASS has too few output tiles
+# for the SMs (at most one 32-row CTA per SM, N <= 32 x SMs) and for int8 weights. H100, L2
+# flushed, M = 16, us decode (16-token tile) / CUTLASS, 3273f1e: int4 g128 4096x4096 13.3 /
+# 17.3, 4096x14336 26.1 / 29.3; int8 per-channel 4096x4096 15.1 / 20.2, 4096x14336 33.2 /
+# 39.0, 14336x4096 30.9 / 36.2; but int4 14336x4096 27.0 / 25.3. At M = 32 CUTLASS won all
+# but the 4096x4096 cells (int4 14336x4096: 48.2 / 27.9).
+DECODE_WIDE_MAX_M = 16
+
+
+def decode_max_m(n: int, bits: int, sm_count: int = 132) -> int:
+    """The most tokens for which the heuristic picks the decode kernel for an [N, K] weight."""
+    return DECODE_WIDE_MAX_M if bits == 8 or n <= 32 * sm_count else DECODE_MAX_M
 
 
 def _decode_build(act: str, bits: int, mode: int) -> decode.DecodeBuild:
@@ -260,9 +271,10 @@ def _decode_build(act: str, bits: int, mode: int) -> decode.DecodeBuild:
 def heuristic_choice(m: int, n: int, k: int, act: str, bits: int, mode: int,
                      sm_count: int = 132, group_size: int | None = None
                      ) -> Choice | decode.DecodeChoice:
-    """The kernel for m tokens without measurements: the decode kernel up to DECODE_MAX_M
-    tokens where it takes the format, else :func:`choose_config`."""
-    if m <= DECODE_MAX_M and decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
+    """The kernel for m tokens without measurements: the decode kernel up to
+    :func:`decode_max_m` tokens where it takes the format, else :func:`choose_config`."""
+    if (m <= decode_max_m(n, bits, sm_count)
+            and decode.fits(m, n, k, group_size or k, _decode_mode(mode))):
         return decode.heuristic(m, n, k, sm_count)
     return choose_config(m, n, k, act, bits, mode, sm_count, group_size)
 
