@@ -261,7 +261,9 @@ DECODE_WIDE_MAX_M = 16
 
 def decode_max_m(n: int, bits: int, sm_count: int = 132) -> int:
     """The most tokens for which the heuristic picks the decode kernel for an [N, K] weight."""
-    return DECODE_WIDE_MAX_M if bits == 8 or n <= 32 * sm_count else DECODE_MAX_M
+    if bits == 8 or n <= 32 * sm_count:
+        return max(DECODE_MAX_M, DECODE_WIDE_MAX_M)
+    return DECODE_MAX_M
 
 
 def _decode_build(act: str, bits: int, mode: int) -> decode.DecodeBuild:
