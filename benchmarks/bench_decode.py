@@ -24,30 +24,19 @@ import gc
 import importlib
 import itertools
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import commit  # noqa: E402
+
 import qcompile
 from qcompile.llama import CONFIGS, Llama
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_decode.jsonl"
-
-
-def _commit() -> str:
-    # QCOMPILE_COMMIT: set where the checkout's git metadata is not the code being run
-    # (a copied working tree on a remote machine)
-    if os.environ.get("QCOMPILE_COMMIT"):
-        return os.environ["QCOMPILE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def _sync(device: str) -> None:
@@ -205,7 +194,7 @@ def _profile(step, tok, pos: int, device: str, steps: int = 8, trace: str | None
 def _provenance(device: str) -> dict:
     """Where and with what a row was measured."""
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch": torch.__version__, "commit": _commit(),
+            "torch": torch.__version__, "commit": commit(),
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
 
 

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_w4a16 import DT, _commit, make_weights  # noqa: E402
+from bench_common import commit  # noqa: E402
+from bench_w4a16 import DT, make_weights  # noqa: E402
 
 LAYER_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # qkv, o, gate/up, down
 
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
 
     impls = args.impls.split(",")
     meta = dict(bench="bench_stream", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                commit=_commit(),
+                commit=commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([Path(sys.executable).name, *sys.argv]))
     out = open(args.out, "a")  # noqa: SIM115

@@ -23,13 +23,14 @@ import argparse
 import datetime
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import commit, time_graph  # noqa: E402
 
 PATTERNS = ("w4a16_g128_zp", "w8a16_pc")
 IMPLS = ("qcompile", "qcompile_sm80", "cublas_bf16", "tinygemm", "inductor",
@@ -38,16 +39,6 @@ MS = (1, 16, 64, 256, 2048)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 GROUP = 128
 DT = torch.bfloat16
-
-
-def _commit() -> str:
-    if os.environ.get("QCOMPILE_COMMIT"):
-        return os.environ["QCOMPILE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class W4Dequant(torch.nn.Module):
@@ -104,26 +95,6 @@ def _dequant(mod, pattern):
         q = torch.stack((mod.packed & 0xF, mod.packed >> 4), dim=-1).reshape(n, k // GROUP, GROUP)
         return ((q.to(DT) - mod.zeros[..., None]) * mod.scales[..., None]).reshape(n, k)
     return mod.q.to(DT) * mod.scales[:, None]
-
-
-def time_graph(fn) -> float:
-    """Median microseconds of graph.replay() for a graph holding one call of fn."""
-    import triton.testing
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-    return ms * 1e3
 
 
 def _run_family_choice(fam, args, x, choice=None):
@@ -205,7 +176,7 @@ def main(argv=None) -> int:
     shapes = (tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
               if args.shapes else (SHAPES[:2] if args.quick else SHAPES))
     meta = dict(bench="bench_w4a16", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                commit=_commit(),
+                commit=commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([Path(sys.executable).name, *sys.argv]))
     out_path = Path(args.out)

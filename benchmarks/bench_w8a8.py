@@ -25,7 +25,6 @@ import dataclasses
 import datetime
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,9 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import commit, time_graph  # noqa: E402
 
 from qcompile.kernels import int8_gemm as ig  # noqa: E402
 from qcompile.kernels import mixed_gemm_decode as decode  # noqa: E402
@@ -62,37 +64,6 @@ def unfused(xq, wq_t, xs, ws, bias):
 def unfused_dynamic(x, wq_t, ws, bias):
     xq, xs = quantize_per_token(x)
     return unfused(xq, wq_t, xs, ws, bias)
-
-
-def time_graph(fn: Callable[[], object], rep_ms: int = 100) -> float:
-    """Median microseconds of `fn` captured in a CUDA graph, replayed with a flushed L2."""
-    import triton.testing
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm up: compile, load libraries, autotune outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="median")
-    del graph
-    return ms * 1e3
-
-
-def git_commit() -> str:
-    if os.environ.get("QCOMPILE_COMMIT"):
-        return os.environ["QCOMPILE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def impls_for(pattern: str, m: int, n: int, k: int, args) -> dict[str, Callable[[], object]]:
@@ -192,7 +163,7 @@ def main() -> None:
     wanted = tuple(args.impls.split(",")) if args.impls else None
     ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else (QUICK_MS if args.quick else MS)
     device = torch.cuda.get_device_name()
-    meta = {"device": device, "torch": torch.__version__, "commit": git_commit(),
+    meta = {"device": device, "torch": torch.__version__, "commit": commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/bench_w8a8.py", *sys.argv[1:]])}
     out_path = Path(args.out)
