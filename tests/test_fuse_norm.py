@@ -236,6 +236,40 @@ def test_op_reference_norm_out_and_given_sums():
         torch.ops.qcompile.mixed_gemm_norm_out(x, *args, "", residual, weight[:32])
 
 
+def test_dispatcher_fallback_around_the_plain_op():
+    """Where no kernel takes a fusion (here: the reference layout, which no CUDA family reads),
+    the ops' CUDA dispatchers run it as PyTorch ops around the plain op (``ops.around_gemm``):
+    the same results as the references within bf16 rounding, the same errors."""
+    from qcompile import kernels
+
+    torch.manual_seed(0)
+    n, k, group = 256, 256, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.int16)
+    scales = torch.rand(n, k // group) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (n, k // group)).float()
+    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", torch.float32, "nk")
+    x = (torch.randn(3, k) * 4).to(torch.bfloat16)
+    norm = (torch.rand(k) + 0.5).to(torch.bfloat16)
+    residual = torch.randn(3, n).to(torch.bfloat16)
+    nxt = (torch.rand(n) + 0.5).to(torch.bfloat16)
+    out = kernels._mixed_gemm_cuda(x, *args, "", norm, 1e-5, residual)
+    assert rel_err(out, ops.mixed_gemm_reference(x, *args, "", norm, 1e-5, residual)) <= 1e-2
+    o, normed, sums = kernels._mixed_gemm_norm_out_cuda(x, *args, "", residual, nxt)
+    ro, rnormed, rsums = ops.mixed_gemm_norm_out_reference(x, *args, "", residual, nxt)
+    assert torch.equal(o, kernels._mixed_gemm_cuda(x, *args, "", None, 0.0, residual))
+    assert rel_err(o, ro) <= 1e-2 and rel_err(normed, rnormed) <= 1e-2
+    assert sums.dtype == torch.float32 and rel_err(sums, rsums) <= 2e-2
+    y = kernels._mixed_gemm_cuda(normed, *args, "", None, 1e-5, None, sums)
+    assert rel_err(y, ops.mixed_gemm_reference(normed, *args, "", None, 1e-5, None, sums)) <= 1e-2
+    gated = kernels._mixed_gemm_gated_cuda(normed, *args, "", None, 1e-5, sums)
+    assert rel_err(gated, ops.mixed_gemm_gated_reference(normed, *args, "", None, 1e-5, sums)) \
+        <= 2e-2
+    with pytest.raises(ValueError, match="next_norm_weight"):
+        kernels._mixed_gemm_norm_out_cuda(x, *args, "", residual, nxt[:32])
+    with pytest.raises(ValueError, match="norm_ssq"):
+        kernels._mixed_gemm_cuda(normed, *args, "", None, 1e-5, None, sums[:, :3])
+
+
 class Int8PostScaleSkip(nn.Module):
     """gpt-fast's int8 linear (``linear(x, q.to(dtype)) * s``) inside a skip connection."""
 

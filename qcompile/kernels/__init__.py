@@ -106,7 +106,7 @@ def run_family(fam, x, qweight, scales, zeros, bias, bits, signed, group_size, z
     return fam.reference_prepared(x, qweight, scales, zeros, bias, bits, group_size, layout)
 
 
-def _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config):
+def _fused_in_kernel(x, qweight, scales, bits, group_size, layout):
     """The sm90 family, where its kernel takes this call (the decode kernel then applies an
     RMSNorm before, a residual after, or the gating); else None."""
     fam = cuda_family("mixed_gemm")
@@ -149,21 +149,6 @@ def norm_fits_in_kernel(m: int, n: int, k: int, act_dtype: torch.dtype) -> bool:
     return decode.heuristic(m, n, k).takes_norm(m, k, itemsize)
 
 
-def _unfused(run, x, norm_weight, norm_eps, residual=None, norm_ssq=None, next_norm=None):
-    """run(x) with the RMSNorm before and the residual after it as PyTorch ops (and, with
-    next_norm, the op's three results)."""
-    if norm_weight is not None:
-        x = ops.rms_norm(x, norm_weight, norm_eps)
-    elif norm_ssq is not None:
-        x = (x.float() * ops.rms_from_sums(norm_ssq, x.shape[-1], norm_eps)).to(x.dtype)
-    y = run(x)
-    if residual is not None:
-        y = ops.add_residual(y, residual)
-    if next_norm is None:
-        return y
-    return y, (y.float() * next_norm.float()).to(y.dtype), ops.norm_sums(y)
-
-
 def _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
                 dequant_dtype, layout, config, gated=False, norm_weight=None, norm_eps=0.0,
                 residual=None, norm_ssq=None, next_norm=None):
@@ -173,7 +158,7 @@ def _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_
 
     ops._check_fused(x, qweight.shape[0] // (2 if gated else 1), norm_weight, norm_eps,
                      residual, norm_ssq)
-    fam = _fused_in_kernel(x, qweight, scales, bits, group_size, layout, config)
+    fam = _fused_in_kernel(x, qweight, scales, bits, group_size, layout)
     if fam is not None:
         m = x.numel() // x.shape[-1]
         try:
@@ -189,7 +174,7 @@ def _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_
         y = _mixed_gemm_cuda(xi, qweight, scales, zeros, bias, bits, signed, group_size,
                              zero_mode, dequant_dtype, layout, config)
         return ops.gate_up(y) if gated else y
-    return _unfused(plain, x, norm_weight, norm_eps, residual, norm_ssq, next_norm)
+    return ops.around_gemm(plain, x, norm_weight, norm_eps, residual, norm_ssq, next_norm)
 
 
 def _mixed_gemm_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
@@ -224,9 +209,7 @@ def _mixed_gemm_norm_out_cuda(x, qweight, scales, zeros, bias, bits, signed, gro
                               next_norm_weight):
     """``qcompile::mixed_gemm_norm_out``: the next RMSNorm's inputs from the decode kernel's
     epilogue where it runs, else PyTorch ops after the plain op."""
-    if tuple(next_norm_weight.shape) != (qweight.shape[0],) or qweight.shape[0] % 16:
-        raise ValueError(f"next_norm_weight must be [N={qweight.shape[0]}] with 16 | N, got "
-                         f"{tuple(next_norm_weight.shape)}")
+    ops.check_next_norm(qweight.shape[0], next_norm_weight)
     return _fused_cuda(x, qweight, scales, zeros, bias, bits, signed, group_size, zero_mode,
                        dequant_dtype, layout, config, residual=residual,
                        next_norm=next_norm_weight)

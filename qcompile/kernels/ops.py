@@ -97,11 +97,14 @@ def dequantize(
     return w.reshape(n, k)
 
 
+def _rms_norm_f32(xf: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, in float32, rounded once to x's type:
     ``x * rsqrt(mean(x^2) + eps) * weight``."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return _rms_norm_f32(x.float(), weight, eps).to(x.dtype)
 
 
 def norm_sums(y: torch.Tensor) -> torch.Tensor:
@@ -120,6 +123,39 @@ def rms_from_sums(norm_ssq: torch.Tensor, k: int, eps: float) -> torch.Tensor:
 def add_residual(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """y + residual in float32, rounded once to y's type."""
     return (y.float() + residual.float()).to(y.dtype)
+
+
+def check_next_norm(n: int, next_norm_weight: torch.Tensor) -> None:
+    """``mixed_gemm_norm_out``'s condition on the next RMSNorm's weight for an N-wide result."""
+    if tuple(next_norm_weight.shape) != (n,) or n % 16:
+        raise ValueError(f"next_norm_weight must be [N={n}] with 16 | N, got "
+                         f"{tuple(next_norm_weight.shape)}")
+
+
+def next_norm_inputs(out: torch.Tensor, next_norm_weight: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the op after an RMSNorm of ``out`` reads: out * weight, rounded to out's type, and
+    ``norm_sums(out)``."""
+    return (out.float() * next_norm_weight.float()).to(out.dtype), norm_sums(out)
+
+
+def around_gemm(run, x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float,
+                residual: torch.Tensor | None = None, norm_ssq: torch.Tensor | None = None,
+                next_norm: torch.Tensor | None = None):
+    """``run(x)`` (a plain GEMM) with an op's fusions as PyTorch ops around it, each rounded
+    to the activation type as a separate kernel would: the RMSNorm before (``norm_weight`` or
+    ``norm_ssq``), the residual after, and with ``next_norm`` the three results of
+    ``mixed_gemm_norm_out``."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, norm_eps)
+    elif norm_ssq is not None:
+        x = (x.float() * rms_from_sums(norm_ssq, x.shape[-1], norm_eps)).to(x.dtype)
+    y = run(x)
+    if residual is not None:
+        y = add_residual(y, residual)
+    if next_norm is None:
+        return y
+    return (y, *next_norm_inputs(y, next_norm))
 
 
 def _check_fused(x: torch.Tensor, n: int, norm_weight: torch.Tensor | None, norm_eps: float,
@@ -182,7 +218,7 @@ def mixed_gemm_reference(
     _check_fused(x, w.shape[0], norm_weight, norm_eps, residual, norm_ssq)
     xf = x.float()
     if norm_weight is not None:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
+        xf = _rms_norm_f32(xf, norm_weight, norm_eps)
     if norm_ssq is not None:
         xf = xf * rms_from_sums(norm_ssq, x.shape[-1], norm_eps)
     y = torch.nn.functional.linear(xf, w.float(), None if bias is None else bias.float())
@@ -227,11 +263,8 @@ def mixed_gemm_norm_out_reference(
     no separate norm kernel reads out again."""
     out = mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed, group_size,
                                zero_mode, dequant_dtype, layout, config, residual=residual)
-    if tuple(next_norm_weight.shape) != (out.shape[-1],) or out.shape[-1] % 16:
-        raise ValueError(f"next_norm_weight must be [N={out.shape[-1]}] with 16 | N, got "
-                         f"{tuple(next_norm_weight.shape)}")
-    normed = (out.float() * next_norm_weight.float()).to(out.dtype)
-    return out, normed, norm_sums(out)
+    check_next_norm(out.shape[-1], next_norm_weight)
+    return (out, *next_norm_inputs(out, next_norm_weight))
 
 
 mixed_gemm_norm_out = torch.library.custom_op("qcompile::mixed_gemm_norm_out",
