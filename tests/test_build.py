@@ -18,6 +18,12 @@ TINY_CU = r"""
 __global__ void never_launched(int* p) { p[threadIdx.x] = QC_VALUE; }
 
 extern "C" int qc_tiny(int a) { return helper_add(a, QC_VALUE); }
+
+extern "C" int qc_tiny_info(int* out, int n) {
+  int v[2] = {QC_VALUE, 7};
+  for (int i = 0; i < n && i < 2; ++i) out[i] = v[i];
+  return 2;
+}
 """
 
 TINY_HELPER = "static inline int helper_add(int a, int b) { return a + b; }\n"
@@ -140,6 +146,20 @@ def test_tiny_source_compiles_caches_and_loads(tiny_csrc, monkeypatch, caplog):
 
     monkeypatch.setattr(build, "_toolchain", no_toolchain)
     assert build.cached_path(spec) == path
+
+
+@pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the nvidia-cutlass package")
+def test_load_checked_sets_signatures_and_checks_the_library_info(tiny_csrc):
+    spec = KernelSpec("tiny.cu", {"QC_VALUE": 5}, "sm_80")
+    lib = build.load_checked(spec, {"qc_tiny": (ctypes.c_int, [ctypes.c_int])},
+                             info=("qc_tiny_info", [5, 7]))
+    assert lib.qc_tiny(2) == 7
+    with pytest.raises(ctypes.ArgumentError):  # the argtypes were set
+        lib.qc_tiny("two")
+    # A library that describes itself otherwise than its config is refused, naming both.
+    with pytest.raises(KernelBuildError, match=r"tiny.cu QC_VALUE=5 sm_80 reports \[5, 7\] "
+                                               r"from qc_tiny_info, expected \[6, 7\]"):
+        build.load_checked(spec, {}, info=("qc_tiny_info", [6, 7]))
 
 
 @pytest.mark.skipif(not _have_toolchain(), reason="needs nvcc and the nvidia-cutlass package")

@@ -42,6 +42,7 @@ __all__ = [
     "cutlass_include_dirs",
     "find_nvcc",
     "load",
+    "load_checked",
 ]
 
 log = logging.getLogger("qcompile.kernels")
@@ -357,3 +358,26 @@ def load(spec: KernelSpec) -> ctypes.CDLL:
                 raise KernelBuildError(f"could not load {path}: {e}") from e
             _loaded[str(path)] = lib
         return lib
+
+
+Signature = tuple[object, Sequence[object]]  # (restype, argtypes) of one ctypes function
+
+
+def load_checked(spec: KernelSpec, signatures: Mapping[str, Signature],
+                 info: tuple[str, Sequence[int]] | None = None) -> ctypes.CDLL:
+    """``load(spec)`` with the ctypes signature of each function in ``signatures`` set, and
+    with ``info = (function, expected)`` the library's description of itself (the function
+    fills an int array) compared with what the caller built it for: a library that does not
+    match its config raises KernelBuildError instead of computing the wrong thing."""
+    lib = load(spec)
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, list(argtypes)
+    if info is not None:
+        name, expected = info
+        got = (ctypes.c_int * len(expected))()
+        getattr(lib, name)(got, len(expected))
+        if list(got) != list(expected):
+            raise KernelBuildError(f"library {spec.describe()} reports {list(got)} from {name}, "
+                                   f"expected {list(expected)}")
+    return lib

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.kernels import mixed_gemm_decode as decode
-from qcompile.kernels.build import KernelBuildError, KernelSpec, build_many, load
+from qcompile.kernels.build import KernelBuildError, KernelSpec, build_many, load, load_checked
 from qcompile.kernels.mixed_gemm import aligned
 
 __all__ = [
@@ -233,14 +233,10 @@ _decode_fns: dict[torch.dtype, object] = {}
 def _decode_function(out_dtype: torch.dtype):
     fn = _decode_fns.get(out_dtype)
     if fn is None:
-        lib = load(decode_spec(out_dtype))
-        info = (ctypes.c_int * 1)()
-        lib.qc_int8_gemm_decode_info(info, 1)
-        if info[0] != int(out_dtype == torch.bfloat16):
-            raise KernelBuildError(f"int8 decode library reports out_bf16={info[0]}")
+        lib = load_checked(decode_spec(out_dtype), {
+            "qc_int8_gemm_decode": (ctypes.c_int, [_vp] * 8 + [_i] * 8 + [_vp]),
+        }, info=("qc_int8_gemm_decode_info", [int(out_dtype == torch.bfloat16)]))
         fn = lib.qc_int8_gemm_decode
-        fn.argtypes = [_vp] * 8 + [_i] * 8 + [_vp]
-        fn.restype = ctypes.c_int
         _decode_fns[out_dtype] = fn
     return fn
 

@@ -536,21 +536,13 @@ def _lib(cfg: MixedGemmConfig) -> ctypes.CDLL:
     lib = _libs.get(cfg)
     if lib is not None:
         return lib
-    from .build import KernelBuildError, KernelSpec, load
+    from .build import KernelSpec, load_checked
     with _lib_lock:
-        lib = load(KernelSpec(SOURCE, cfg.defines(), "sm_90a"))
-        lib.qc_mixed_gemm_sm90.restype = _I
-        lib.qc_mixed_gemm_sm90.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P,
-                                           _I64, _P]
-        lib.qc_mixed_gemm_sm90_workspace_size.restype = _I64
-        lib.qc_mixed_gemm_sm90_workspace_size.argtypes = [_I] * 6
-        lib.qc_mixed_gemm_sm90_offsets.restype = _I
-        lib.qc_mixed_gemm_sm90_offsets.argtypes = [_I, _I, _P]
-        info = (ctypes.c_int * 11)()
-        lib.qc_mixed_gemm_sm90_info(info, 11)
-        if list(info) != cfg.info():
-            raise KernelBuildError(f"library for {config_name(cfg)} reports {list(info)}, "
-                                   f"expected {cfg.info()}")
+        lib = load_checked(KernelSpec(SOURCE, cfg.defines(), "sm_90a"), {
+            "qc_mixed_gemm_sm90": (_I, [_P] * 7 + [_I] * 6 + [_P, _I64, _P]),
+            "qc_mixed_gemm_sm90_workspace_size": (_I64, [_I] * 6),
+            "qc_mixed_gemm_sm90_offsets": (_I, [_I, _I, _P]),
+        }, info=("qc_mixed_gemm_sm90_info", cfg.info()))
         _libs[cfg] = lib
         return lib
 
@@ -732,18 +724,10 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             norm_out=next_norm is not None)):
         # the GEMM kernels take none of them (nor a decode launch without the shared memory
         # they need): PyTorch ops around the GEMM
-        xin = x
-        if norm is not None:
-            xin = ops.rms_norm(x, norm, eps)
-        elif norm_ssq is not None:
-            xin = (x.float() * ops.rms_from_sums(norm_ssq, k, eps)).to(x.dtype)
-        y = mixed_gemm_cuda(xin, qweight, scales, zeros, bias, bits, True, group_size, "none",
-                            layout, config, gated=gated)
-        if residual is not None:
-            y = ops.add_residual(y, residual)
-        if next_norm is None:
-            return y
-        return y, (y.float() * next_norm.float()).to(y.dtype), ops.norm_sums(y)
+        return ops.around_gemm(
+            lambda xin: mixed_gemm_cuda(xin, qweight, scales, zeros, bias, bits, True,
+                                        group_size, "none", layout, config, gated=gated),
+            x, norm, eps, residual, norm_ssq, next_norm)
     if isinstance(config, decode.DecodeChoice):
         _check(decode.fits(m, n, k, group, _decode_mode(mode), config),
                f"decode kernel {config.name} does not take M={m} N={n} K={k} g={group}")

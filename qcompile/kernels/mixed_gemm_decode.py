@@ -194,15 +194,11 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     lib = _libs.get(b)
     if lib is not None:
         return lib
-    from .build import KernelBuildError, load
+    from .build import load_checked
     with _lock:
-        lib = load(kernel_spec(b))
-        lib.qc_mixed_gemm_decode.restype = _I
-        lib.qc_mixed_gemm_decode.argtypes = [_P] * 13 + [_I] * 9 + [ctypes.c_float, _P]
-        info = (ctypes.c_int * 4)()
-        lib.qc_mixed_gemm_decode_info(info, 4)
-        if list(info) != b.info():
-            raise KernelBuildError(f"decode library {b} reports {list(info)}, expected {b.info()}")
+        lib = load_checked(kernel_spec(b), {
+            "qc_mixed_gemm_decode": (_I, [_P] * 13 + [_I] * 9 + [ctypes.c_float, _P]),
+        }, info=("qc_mixed_gemm_decode_info", b.info()))
         _libs[b] = lib
         return lib
 

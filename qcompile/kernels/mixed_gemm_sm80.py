@@ -645,27 +645,15 @@ def _lib(cfg: MixedGemmSm80Config) -> ctypes.CDLL:
     lib = _libs.get(cfg)
     if lib is not None:
         return lib
-    from .build import KernelBuildError, load
+    from .build import load_checked
+    fn = "qc_mixed_gemm_sm80" if cfg.mode == "rs" else "qc_mixed_gemm_gz_sm80"
+    # the group-wise (gz) kernel takes zeros and a group size; the rowscale one neither
+    args, ws_args = (([_P] * 5 + [_I] * 5, 5) if cfg.mode == "rs" else ([_P] * 6 + [_I] * 5, 4))
     with _lib_lock:
-        lib = load(kernel_spec(cfg))
-        if cfg.mode == "rs":
-            lib.qc_mixed_gemm_sm80.restype = _I
-            lib.qc_mixed_gemm_sm80.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _I64, _P]
-            lib.qc_mixed_gemm_sm80_workspace_size.restype = _I64
-            lib.qc_mixed_gemm_sm80_workspace_size.argtypes = [_I] * 5
-            info_fn = lib.qc_mixed_gemm_sm80_info
-        else:
-            lib.qc_mixed_gemm_gz_sm80.restype = _I
-            lib.qc_mixed_gemm_gz_sm80.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P,
-                                                  _I64, _P]
-            lib.qc_mixed_gemm_gz_sm80_workspace_size.restype = _I64
-            lib.qc_mixed_gemm_gz_sm80_workspace_size.argtypes = [_I] * 4
-            info_fn = lib.qc_mixed_gemm_gz_sm80_info
-        info = (ctypes.c_int * 8)()
-        info_fn(info, 8)
-        if list(info) != cfg.info():
-            raise KernelBuildError(f"library for {config_name(cfg)} reports {list(info)}, "
-                                   f"expected {cfg.info()}")
+        lib = load_checked(kernel_spec(cfg), {
+            fn: (_I, args + [_P, _I64, _P]),
+            f"{fn}_workspace_size": (_I64, [_I] * ws_args),
+        }, info=(f"{fn}_info", cfg.info()))
         _libs[cfg] = lib
         return lib
 
