@@ -11,7 +11,9 @@ row runs the four shapes of every layer in model order. Each row says the time p
 the bytes of weight read per second.
 
 Implementations: `qcompile` (the heuristic's choice; `qcompile[decode.t8.r32.w4]` forces a
-launch shape on every GEMM with `--shapes-sweep`), `cublas_bf16` (F.linear on the
+launch shape on every GEMM with `--shapes-sweep`), `qcompile_sm80` (the sm_80 family, not
+in the default list: at M <= 8 the same decode kernel on that family's layout, whose 16-row
+tiles each hold their K contiguously), `cublas_bf16` (F.linear on the
 dequantized bf16 weight) and `read_floor` (a plain Triton kernel that only reads the
 qcompile weight's bytes: what streaming those bytes costs in this setting, the floor).
 
@@ -116,6 +118,9 @@ class Layerset:
             else:
                 qweight, nbytes, call, dequant = self._mixed_layer(pattern, n, k)
             self._add("qcompile", call, nbytes)
+            if "qcompile_sm80" in self.calls and pattern != "w8a8_static":
+                _q, nb80, call80, _d = self._mixed_layer(pattern, n, k, family="sm80")
+                self._add("qcompile_sm80", call80, nb80)
             if "cublas_bf16" in self.calls:
                 w = dequant()
                 self._add("cublas_bf16", lambda x, config=None, w=w: F.linear(x, w),
@@ -131,10 +136,13 @@ class Layerset:
             self.bytes[impl] += nbytes
 
     @staticmethod
-    def _mixed_layer(pattern: str, n: int, k: int):
+    def _mixed_layer(pattern: str, n: int, k: int, family: str = "sm90"):
         """(packed weight, bytes qcompile reads, its call, the bf16 weight) of a weight-only
-        layer prepared for the Hopper family."""
-        from qcompile.kernels import mixed_gemm as mg
+        layer prepared for the Hopper family, or with family="sm80" for the sm_80 one (same
+        interface; its group-wise layout keeps each 16-row tile's K contiguous)."""
+        import importlib
+        mg = importlib.import_module("qcompile.kernels.mixed_gemm" + ("_sm80" if family == "sm80"
+                                                                      else ""))
         fmt, w, _mod = make_weights(pattern, n, k)
         layout = mg.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
                                   n, k, DT, "cuda")
@@ -216,6 +224,8 @@ def main(argv=None) -> int:
                     label = impl if config is None else f"{impl}[{config}]"
                     rows = [(f"{s.n}x{s.k}", [s]) for s in sets] + [("step", sets)]
                     for name, group in rows:
+                        if any(not s.calls[impl] for s in group):
+                            continue  # (qcompile_sm80 has no W8A8 layer)
                         if config is not None and any(
                                 not decode.fits(m, s.n, s.k, 128, decode.MODE_GROUPZERO,
                                                 decode.choice_from_name(config))
