@@ -70,6 +70,45 @@ def test_heuristic_and_candidates():
     assert dec.candidates(33, 4096, 4096) == []
 
 
+def test_staged_scales_choice():
+    """``.sz`` launches (scales and zeros staged in shared memory): names, where they fit, and
+    the heuristic taking them for group-wise weights whose CTAs make four waves or more."""
+    c = dec.DecodeChoice(8, 32, 4, sz_smem=True)
+    assert c.name == "decode.t8.r32.w4.sz" and dec.choice_from_name(c.name) == c
+    assert mg.choice_from_name(c.name) == c
+    for bad in ("decode.t8.r32.w4.zz", "decode.t8.r32.w4.sz.sz"):
+        with pytest.raises(ValueError, match="no decode-kernel choice"):
+            dec.choice_from_name(bad)
+    # their region: the reduction's tiles or the staged words, whichever is larger
+    assert c.smem_bytes() == 4 * 2 * 512
+    assert c.smem_bytes(4096, 128) == 32 * 2 * 64 == 4096
+    assert c.smem_bytes(4096, 64) == 8192
+    assert dec.DecodeChoice(8, 32, 4).smem_bytes(4096, 64) == 4096  # not staged: unchanged
+    assert dec.fits(1, 28672, 4096, 128, dec.MODE_GROUPZERO, c)
+    assert not dec.fits(1, 28672, 4096, 4096, dec.MODE_ROWSCALE, c)  # per-channel: no groups
+    assert not dec.fits(1, 4096, 65536, 64, dec.MODE_GROUPZERO, c)   # 64 KB of staged words
+    # the norm a fused op stages comes on top
+    assert c.takes_norm(4, 4096) and c.takes(4, 4096, staged=True, group=128)
+    assert not c.takes(8, 4096, staged=True, group=64)  # 8 KB + 64 KB of x * norm
+    # the heuristic: 28672 rows are 896 32-row CTAs, 6.8 waves on 132 SMs
+    assert dec.heuristic(1, 28672, 4096, group=128) == c
+    assert dec.heuristic(8, 28672, 4096, group=64) == c
+    assert dec.heuristic(1, 28672, 4096) == dec.DecodeChoice(8, 32, 8)           # per-channel
+    assert dec.heuristic(9, 28672, 4096, group=128) == dec.DecodeChoice(16, 32, 8)
+    assert dec.heuristic(1, 14336, 4096, group=128) == dec.DecodeChoice(8, 32, 8)  # 3.4 waves
+    assert dec.heuristic(1, 4096, 4096, group=128) == dec.DecodeChoice(8, 32, 16)
+    # larger than the 8-warp reduction's 8 KB (K = 16384 in groups of 64): not taken
+    assert dec.heuristic(1, 28672, 16384, group=64) == dec.DecodeChoice(8, 32, 8)
+    # candidates: both forms for group-wise weights, none staged otherwise
+    names = dec.candidates(1, 4096, 4096, group=128)
+    assert "decode.t8.r32.w8.sz" in names and "decode.t8.r32.w8" in names
+    assert not any(n.endswith(".sz") for n in dec.candidates(1, 4096, 4096))
+    # the Hopper family passes the group of group-wise layouts only
+    assert mg.heuristic_choice(1, 28672, 4096, "bf16", 4, 2, 132, 128) == c
+    assert mg.heuristic_choice(1, 28672, 4096, "bf16", 8, 0, 132, None) == \
+        dec.DecodeChoice(8, 32, 8)
+
+
 def test_builds_are_data_for_qcompile_build():
     sm90 = dec.builds(dec.LAYOUT_SM90)
     v2 = dec.builds(dec.LAYOUT_SM80_V2)

@@ -279,12 +279,17 @@ def heuristic_choice(m: int, n: int, k: int, act: str, bits: int, mode: int,
     :func:`decode_max_m` tokens where it takes the format, else :func:`choose_config`."""
     if (m <= decode_max_m(n, bits, sm_count)
             and decode.fits(m, n, k, group_size or k, _decode_mode(mode))):
-        return decode.heuristic(m, n, k, sm_count)
+        return decode.heuristic(m, n, k, sm_count, _decode_group(mode, group_size, k))
     return choose_config(m, n, k, act, bits, mode, sm_count, group_size)
 
 
 def _decode_mode(mode: int) -> int:
     return decode.MODE_ROWSCALE if mode == 0 else decode.MODE_GROUPZERO
+
+
+def _decode_group(mode: int, group_size: int | None, k: int) -> int:
+    """The group size the decode kernel's heuristic is told: 0 for per-channel scales."""
+    return 0 if mode == 0 else (group_size or k)
 
 
 _DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk"}
@@ -336,7 +341,7 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
     first = choice_name(heuristic_choice(m, n, k, act, bits, mode, sm_count, group_size))
     names = [first]
     if decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
-        names += decode.candidates(m, n, k, sm_count)
+        names += decode.candidates(m, n, k, sm_count, _decode_group(mode, group_size, k))
     family = sorted(_family(act, bits, mode, group_size, k), key=lambda c: c.tile_n)
     smallest_fit = next((c.tile_n for c in family if c.tile_n >= m), family[-1].tile_n)
     for cfg in family:
@@ -721,7 +726,7 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                                            eps=eps, norm_ssq=norm_ssq))
     if fused and not (isinstance(config, decode.DecodeChoice) and config.takes(
             m, k, x.element_size(), staged=norm is not None, given=norm_ssq is not None,
-            norm_out=next_norm is not None)):
+            norm_out=next_norm is not None, group=0 if mode == 0 else group)):
         # the GEMM kernels take none of them (nor a decode launch without the shared memory
         # they need): PyTorch ops around the GEMM
         return ops.around_gemm(

@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "MAX_TOKENS",
     "PREFIX",
+    "SZ_SMEM_MIN_WAVES",
     "DecodeBuild",
     "DecodeChoice",
     "builds",
@@ -47,6 +48,9 @@ _TOKEN_TILES = (8, 16, 32)
 _ROW_TILES = (16, 32)
 _WARPS = (4, 8, 16)
 _SMEM_LIMIT = 48 * 1024
+# The heuristic stages group scales and zeros in shared memory (``DecodeChoice.sz_smem``)
+# where the CTAs make at least this many waves over the SMs (see heuristic).
+SZ_SMEM_MIN_WAVES = 4
 
 
 @dataclass(frozen=True)
@@ -78,31 +82,38 @@ def builds(layout: int) -> tuple[DecodeBuild, ...]:
 @dataclass(frozen=True)
 class DecodeChoice:
     """A launch shape: tokens per CTA (8/16/32), weight rows per CTA (16/32), warps per CTA
-    (they split K)."""
+    (they split K); ``sz_smem``: each CTA stages its group scales and zeros in shared memory
+    first (group-wise weights only; name suffix ``.sz``)."""
 
     tokens: int = 8
     rows: int = 16
     warps: int = 8
+    sz_smem: bool = False
 
     @property
     def name(self) -> str:
-        return f"{PREFIX}t{self.tokens}.r{self.rows}.w{self.warps}"
+        return f"{PREFIX}t{self.tokens}.r{self.rows}.w{self.warps}" + (".sz" if self.sz_smem else "")
 
-    def smem_bytes(self) -> int:
-        return self.warps * (self.rows // 16) * (self.tokens // 8) * 4 * 32 * 4
+    def smem_bytes(self, k: int = 0, group: int = 0) -> int:
+        """The reduction's tiles, or the staged scales and zeros of K in groups of ``group``
+        where they take more (they share the region)."""
+        reduce = self.warps * (self.rows // 16) * (self.tokens // 8) * 4 * 32 * 4
+        staged = (k // group) * (self.rows // 16) * 64 if self.sz_smem and group else 0
+        return max(reduce, staged)
 
     def takes(self, m: int, k: int, act_bytes: int = 2, staged: bool = False,
-              given: bool = False, norm_out: bool = False) -> bool:
-        """Whether a launch for m tokens of K fits shared memory with, past the reduction's
-        tiles: the sums of squares of an RMSNorm (``staged`` or ``given``), x * norm of the
-        CTA's tokens (``staged``: at K = 4096, 4 tokens with the heuristic's 8-warp CTAs),
-        the squares of the CTA's results (``norm_out``, after the sums' region)."""
+              given: bool = False, norm_out: bool = False, group: int = 0) -> bool:
+        """Whether a launch for m tokens of K (group-wise weights: in groups of ``group``) fits
+        shared memory with, past the reduction's tiles: the sums of squares of an RMSNorm
+        (``staged`` or ``given``), x * norm of the CTA's tokens (``staged``: at K = 4096, 4
+        tokens with the heuristic's 8-warp CTAs), the squares of the CTA's results
+        (``norm_out``, after the sums' region)."""
         if norm_out and (staged or given):
             return False  # the kernel that writes the next norm's input reads none
         extra = self.warps * self.tokens * 4 if (staged or given or norm_out) else 0
         extra += min(self.tokens, m) * k * act_bytes if staged else 0
         extra += self.rows * self.tokens * 4 if norm_out else 0
-        return self.smem_bytes() + extra <= _SMEM_LIMIT
+        return self.smem_bytes(k, group) + extra <= _SMEM_LIMIT
 
     def takes_norm(self, m: int, k: int, act_bytes: int = 2) -> bool:
         """Whether a launch with a staged RMSNorm (``norm``) for m tokens of K fits."""
@@ -120,10 +131,11 @@ def is_name(name: str) -> bool:
 def choice_from_name(name: str) -> DecodeChoice:
     """Inverse of ``DecodeChoice.name``; ValueError for anything else."""
     parts = name[len(PREFIX):].split(".") if is_name(name) else []
+    sz_smem = len(parts) == 4 and parts[3] == "sz"
     try:
-        if len(parts) != 3 or [p[0] for p in parts] != ["t", "r", "w"]:
+        if len(parts) != 3 + sz_smem or [p[0] for p in parts[:3]] != ["t", "r", "w"]:
             raise ValueError
-        choice = DecodeChoice(int(parts[0][1:]), int(parts[1][1:]), int(parts[2][1:]))
+        choice = DecodeChoice(int(parts[0][1:]), int(parts[1][1:]), int(parts[2][1:]), sz_smem)
     except ValueError:
         raise ValueError(f"no decode-kernel choice named {name!r}") from None
     if not choice.valid():
@@ -138,42 +150,59 @@ def fits(m: int, n: int, k: int, group: int, mode: int, choice: DecodeChoice | N
     per_group = group // TILE_K  # chunks a group: a power of two (the kernel shifts by it)
     if mode == MODE_GROUPZERO and (group % TILE_K or k % group or per_group & (per_group - 1)):
         return False
+    if choice is not None and choice.sz_smem and (
+            mode != MODE_GROUPZERO or choice.smem_bytes(k, group) > _SMEM_LIMIT):
+        return False
     return choice is None or (choice.valid() and n % choice.rows == 0)
 
 
-def heuristic(m: int, n: int, k: int, sm_count: int = 132) -> DecodeChoice:
+def heuristic(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> DecodeChoice:
     """The launch shape without measurements: the smallest token tile holding m, 32-row CTAs
-    where N is large, 16 warps a CTA while the CTAs fit one to an SM, else 8.
+    where N is large, 16 warps a CTA while the CTAs fit one to an SM, else 8. For group-wise
+    weights (``group``: their group size; 0 for none) up to 8 tokens, where the CTAs make at
+    least SZ_SMEM_MIN_WAVES waves: the scales and zeros staged in shared memory, 4-warp CTAs.
 
     From the GEMMs of a decode step run in sequence (bench_stream --shapes-sweep, H100,
     db5afc8, M = 1, us a GEMM): int4 g128 6144x4096 r32.w8 11.1 (r32.w16 13.2), 4096x4096
     r32.w16 8.3 (w8 9.7), 28672x4096 r32.w8 32.1 (w4 35.8, w16 39.7), 4096x14336 r32.w16 18.8
     (w8 25.8); int8 per-channel within 2% of its best shape in all four with the same rule.
     With more CTAs than SMs, 16-warp CTAs run one to an SM (registers) and leave a tail
-    wave; 4-warp CTAs each stream too little of K to hide the latency."""
-    del k
+    wave; 4-warp CTAs each stream too little of K to hide the latency.
+
+    The staged scales (36c64ca, same harness, int4 g128, M = 1, us a GEMM, staged / not):
+    28672x4096 r32.w4 28.1 / 34.3, r32.w8 29.0 / 31.0; 6144x4096 r32.w8 10.9 / 10.6,
+    4096x4096 r32.w16 8.8 / 8.0, 4096x14336 r32.w16 18.6 / 17.6 (one CTA an SM or about:
+    the staging's barrier is not hidden). Taken only where its region is no larger than the
+    8-warp reduction's, so the shared memory left for a fused norm is never less."""
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
     # 32-row CTAs only where that still gives every SM of an H100 about one (N >= 4096): for
     # N = 1024 (k/v projections) 16-row CTAs double the CTAs, and SMs, reading the weight
     rows = 32 if n % 32 == 0 and n // 32 >= 128 else 16
+    if group and tokens == 8 and n // rows >= SZ_SMEM_MIN_WAVES * sm_count:
+        staged = DecodeChoice(tokens, rows, 4, sz_smem=True)
+        if staged.smem_bytes(k, group) <= DecodeChoice(tokens, rows, 8).smem_bytes():
+            return staged
     warps = 16 if n // rows <= sm_count else 8
     while not DecodeChoice(tokens, rows, warps).valid():
         warps //= 2
     return DecodeChoice(tokens, rows, warps)
 
 
-def candidates(m: int, n: int, k: int, sm_count: int = 132) -> list[str]:
+def candidates(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> list[str]:
     """Launch shapes worth timing for m tokens: the heuristic's first, then the token tile
-    holding m with every row tile and warp count."""
+    holding m with every row tile and warp count (for group-wise weights, ``group`` their
+    group size, each with and without the staged scales)."""
     if m > MAX_TOKENS:
         return []
-    first = heuristic(m, n, k, sm_count)
+    first = heuristic(m, n, k, sm_count, group)
     names = [first.name]
     for rows in _ROW_TILES:
         for warps in _WARPS:
-            c = DecodeChoice(first.tokens, rows, warps)
-            if c.valid() and n % rows == 0:
-                names.append(c.name)
+            for sz_smem in (False, True) if group else (False,):
+                c = DecodeChoice(first.tokens, rows, warps, sz_smem)
+                if c.valid() and n % rows == 0 and (
+                        not sz_smem or c.smem_bytes(k, group) <= _SMEM_LIMIT):
+                    names.append(c.name)
     return list(dict.fromkeys(names))
 
 
@@ -197,7 +226,7 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     from .build import load_checked
     with _lock:
         lib = load_checked(kernel_spec(b), {
-            "qc_mixed_gemm_decode": (_I, [_P] * 13 + [_I] * 9 + [ctypes.c_float, _P]),
+            "qc_mixed_gemm_decode": (_I, [_P] * 13 + [_I] * 10 + [ctypes.c_float, _P]),
         }, info=("qc_mixed_gemm_decode_info", b.info()))
         _libs[b] = lib
         return lib
@@ -233,9 +262,11 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
     float32) = the sums of out^2 over each 16 rows. No host syncs (CUDA-graph safe)."""
     m, k = x2.shape
     n = out.shape[1] * (2 if gated else 1)
+    rowscale = build.mode == MODE_ROWSCALE
     if (not fits(m, n, k, group, build.mode, choice) or (gated and choice.rows != 32)
             or not choice.takes(m, k, x2.element_size(), staged=norm is not None,
-                                given=norm_ssq is not None, norm_out=next_norm is not None)
+                                given=norm_ssq is not None, norm_out=next_norm is not None,
+                                group=0 if rowscale else group)
             or (norm is not None and norm_ssq is not None)):
         raise ValueError(f"decode kernel {choice.name} does not take M={m} N={n} K={k} g={group}"
                          + (" gated" if gated else ""))
@@ -250,7 +281,6 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
         _contiguous("ssq_out", ssq_out, (m, n // 16), torch.float32)
         if normed is None or ssq_out is None:
             raise ValueError("next_norm needs normed and ssq_out")
-    rowscale = build.mode == MODE_ROWSCALE
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     rc = _lib(build).qc_mixed_gemm_decode(
         x2.data_ptr(), qweight.data_ptr(),
@@ -261,8 +291,8 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
         _ptr(next_norm), _ptr(normed) if next_norm is not None else None,
         _ptr(ssq_out) if next_norm is not None else None,
         m, n, k, k if rowscale else group,
-        choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), k // 16, float(eps),
-        stream)
+        choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), k // 16,
+        int(choice.sz_smem), float(eps), stream)
     if rc != 0:
         raise RuntimeError(f"qc_mixed_gemm_decode ({choice.name}, {build}, M={m} N={n} K={k} "
                            f"g={group}) failed with CUDA error {rc}")

@@ -111,8 +111,8 @@ def test_formats(fam_name, act, bits, signed, group, zero_mode):
                                     f"g={group} {zero_mode}")
 
 
-_SHAPES = [dec.DecodeChoice(t, r, w) for t in (8, 16, 32) for r in (16, 32) for w in (1, 4, 8, 16)
-           if dec.DecodeChoice(t, r, w).valid()]
+_SHAPES = [dec.DecodeChoice(t, r, w, sz) for t in (8, 16, 32) for r in (16, 32)
+           for w in (1, 4, 8, 16) for sz in (False, True) if dec.DecodeChoice(t, r, w).valid()]
 
 
 @pytest.mark.parametrize("fam_name", list(FAMILIES))
@@ -388,3 +388,55 @@ def test_given_sums_in_the_gated_kernel(m, config):
     op_out = torch.ops.qcompile.mixed_gemm_gated(xg, *tensors, None, bits, True, group, "none",
                                                  dtype, layout, config or "", None, 1e-6, sums)
     _check(op_out, ref, dtype, f"op gated given sums {config} M={m}")
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bits,signed,group,zero_mode", [(4, False, 128, "sub"),
+                                                         (8, True, 64, "none")])
+@pytest.mark.parametrize("m,rows,warps", [(1, 32, 4), (5, 16, 8), (8, 32, 16)])
+def test_staged_scales_in_every_fused_path(act, bits, signed, group, zero_mode, m, rows, warps):
+    """The scales and zeros staged in shared memory (``.sz`` launches) give the same bits as
+    the launch that loads them in the main loop, in the plain, gated, norm, residual,
+    norm_out and given-sums kernels, and match float64."""
+    from qcompile.kernels import ops
+
+    n, k = 512, 1024
+    dtype = ACTS[act]
+    plain = dec.DecodeChoice(8, rows, warps)
+    staged = dec.DecodeChoice(8, rows, warps, sz_smem=True)
+    layout, tensors, w = _prepared(mg, n, k, bits, signed, group, zero_mode, act, seed=3)
+    x = (_x(m, k, dtype) * 3).to(dtype)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    nw = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype)
+    residual = torch.randn(m, n, device="cuda", generator=g).to(dtype)
+    next_w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(dtype)
+    xg = (x.float() * nw.float()).to(dtype)
+    runs = {
+        "plain": dict(),
+        "norm + residual": dict(norm=nw, eps=1e-5, residual=residual),
+        "norm_out": dict(residual=residual, next_norm=next_w),
+        "given sums": dict(eps=1e-5, norm_ssq=ops.norm_sums(x)),
+    }
+    refs = {
+        "plain": _ref(x, w),
+        "norm + residual": _rms64(x, nw, 1e-5) @ w.t() + residual.double().cpu(),
+        "norm_out": _ref(x, w) + residual.double().cpu(),
+        "given sums": _rms64(x, nw, 1e-5) @ w.t(),
+    }
+    for what, kw in runs.items():
+        xin = xg if what == "given sums" else x
+        a = mg.mixed_gemm_cuda(xin, *tensors, None, bits, True, group, "none", layout,
+                               config=plain, **kw)
+        b = mg.mixed_gemm_cuda(xin, *tensors, None, bits, True, group, "none", layout,
+                               config=staged, **kw)
+        for ta, tb in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(ta, tb), f"{what} {staged.name} M={m}"
+        _check(b[0] if isinstance(b, tuple) else b, refs[what], dtype, f"{what} {staged.name}")
+    if rows == 32:
+        lay_g, ten_g, wg, wu = _gated_prepared(n, k, bits, signed, group, zero_mode, dtype)
+        a = mg.mixed_gemm_cuda(x, *ten_g, None, bits, True, group, "none", lay_g,
+                               config=plain, gated=True)
+        b = mg.mixed_gemm_cuda(x, *ten_g, None, bits, True, group, "none", lay_g,
+                               config=staged, gated=True)
+        assert torch.equal(a, b), f"gated {staged.name} M={m}"
+        _check(b, torch.nn.functional.silu(_ref(x, wg)) * _ref(x, wu), dtype, "gated staged")

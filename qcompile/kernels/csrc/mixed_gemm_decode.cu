@@ -38,6 +38,13 @@
 // power-of-two multiple of 64, so one group per chunk), applied per chunk in fp32 after the MMAs:
 // s * sum(x h) + (z' - kBiasH s) * sum(x), sum(x) from an MMA with an all-ones A. In
 // rowscale mode the bias comes off once at the end (kBiasH * sum(x) over all chunks).
+// Where a grid has many waves of CTAs (the `sz_smem` launch argument; groupzero only), each
+// CTA first stages its rows' scales and zeros in shared memory, behind one barrier, and the
+// main loop reads a lane's four values with one 8-byte shared load instead of four 2-byte
+// global loads: fewer registers (62 instead of 74), so more CTAs an SM. In the GEMM sequence
+// of a decode step on an H100 (int4 g128, M = 1) 28672x4096 took 28.1 us with 4-warp CTAs
+// against 31.0 for the best launch without; with few CTAs (4096 or 6144 rows) the staging's
+// barrier at the start cost 0.2-0.9 us instead (benchmarks/NOTES.md).
 //
 // Gated (the `gated` launch argument, 32-row CTAs): the weight's 16-row tiles alternate a
 // gated MLP's gate and up rows (ops.interleave_gate_up), so a CTA's two row tiles are the gate
@@ -328,11 +335,38 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 #endif
 }
 
+#if QC_MODE == 2
+// The staged scales and zeros: one 8-byte word per (group, row tile, lane group g) holding the
+// scales of rows g and g + 8, then their zeros, as a lane of group g reads them.
+__host__ __device__ constexpr int sz_smem_bytes(int K, int group_shift, int kR) {
+  return (K >> (6 + group_shift)) * kR * 8 * 8;
+}
+
+// Fill them from the [K/g, N] tensors: each item is the 16-byte run of one half (8 rows) of a
+// row tile's scales or zeros in one group.
+template <int kR>
+__device__ __forceinline__ void stage_scales_zeros(uint2* szs, const Params& p, int tile0) {
+  const int groups = p.K >> (6 + p.group_shift);
+  // item i: half h (rows 8h .. 8h + 7), tensor q (0 scales, 1 zeros), row tile r, group gi
+  for (int i = threadIdx.x; i < groups * kR * 4; i += blockDim.x) {
+    const int h = i & 1, q = (i >> 1) & 1, r = (i >> 2) % kR, gi = (i >> 2) / kR;
+    const Act* src = (q ? p.zeros : p.scales) + (size_t)gi * p.N + (tile0 + r) * 16 + 8 * h;
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+    const Act* vals = reinterpret_cast<const Act*>(&v);
+    Act* dst = reinterpret_cast<Act*>(szs + (gi * kR + r) * 8) + 2 * q + h;
+#pragma unroll
+    for (int gg = 0; gg < 8; ++gg) dst[4 * gg] = vals[gg];  // lane group gg's word
+  }
+}
+#endif
+
 // kNorm: where the RMSNorm comes from (a template parameter so that the kernels without one
 // are the same code as before it existed); staged launches have shared memory for x * norm
-// after the reduction's tiles and the sums of squares (see qc_mixed_gemm_decode)
-template <int kNT, int kR, int kNorm>
+// after the reduction's tiles and the sums of squares (see qc_mixed_gemm_decode). kSzSmem:
+// the scales and zeros staged in shared memory (groupzero only).
+template <int kNT, int kR, int kNorm, bool kSzSmem>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
+  static_assert(!kSzSmem || QC_MODE == 2, "only group scales and zeros are staged");
   constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -372,7 +406,13 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 
   // RMSNorm: shared memory past the reduction's tiles holds the warps' sums of squares
   // [warps][8 kNT] and then x * norm for the CTA's tokens [rows][K]
-  float* ss_red = red + warps * kR * kNT * 4 * 32;  // past reduce_smem_bytes<kR, kNT, float>
+  // the staged scales and zeros, read in the main loop only, share the reduction's region
+  int region0 = reduce_smem_bytes<kR, kNT, float>(warps) / 4;
+#if QC_MODE == 2
+  uint2* szs = reinterpret_cast<uint2*>(red);
+  if (kSzSmem) region0 = max(region0, sz_smem_bytes(K, p.group_shift, kR) / 4);
+#endif
+  float* ss_red = red + region0;  // past the reduction's tiles (or the staged scales)
   Act* xs = reinterpret_cast<Act*>(ss_red + warps * 8 * kNT);
   const int rows = kNorm == kNormStaged ? min(8 * kNT, M - m0) : 0;
   if (kNorm == kNormStaged) {
@@ -406,6 +446,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       for (int r = 0; r < kR; ++r) {
         load_chunk(raw[u][r], p.w + (walk[r].lane + c * walk[r].stride), walk[r].second);
 #if QC_MODE == 2
+        if (kSzSmem) continue;
         // chunk c's group is c >> group_shift (a shift: a division here was ~25 instructions
         // a chunk-tile). (One 2-byte load a lane for the tile's 16 scales and 16 zeros, handed
         // out by shuffles, was faster at 28672x4096 but slower over a decode step's shapes.)
@@ -422,10 +463,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       }
     }
   };
-  if (kNorm == kNormStaged) {
-    // the first round's weights are in flight while the CTA stages x * norm
+  // the first round's weights are in flight while the CTA stages x * norm and the scales
+  constexpr bool kStaging = kNorm == kNormStaged || kSzSmem;
+  if (kStaging) {
     if (warp < chunks) load_round(warp);
-    stage_norm(xs, ss_red, p.x + (size_t)m0 * K, p.norm, rows, K, 8 * kNT);
+    if (kNorm == kNormStaged) stage_norm(xs, ss_red, p.x + (size_t)m0 * K, p.norm, rows, K, 8 * kNT);
+#if QC_MODE == 2
+    if (kSzSmem) stage_scales_zeros<kR>(szs, p, tile0);
+#endif
     __syncthreads();
   }
 
@@ -438,7 +483,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
-    if (kNorm != kNormStaged || c0 != warp) load_round(c0);
+    if (!kStaging || c0 != warp) load_round(c0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -478,10 +523,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
         float s[2], zz[2];
+        if (kSzSmem) {
+          const uint2 v = szs[((c >> p.group_shift) * kR + r) * 8 + g];
+          const Act* w = reinterpret_cast<const Act*>(&v);  // scales g, g + 8, zeros g, g + 8
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {  // rows g, g + 8
-          s[h] = static_cast<float>(sz[u][r][0][h]);
-          zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(sz[u][r][1][h]));
+          for (int h = 0; h < 2; ++h) {
+            s[h] = static_cast<float>(w[h]);
+            zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(w[2 + h]));
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {  // rows g, g + 8
+            s[h] = static_cast<float>(sz[u][r][0][h]);
+            zz[h] = fmaf(-kBiasH, s[h], static_cast<float>(sz[u][r][1][h]));
+          }
         }
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
@@ -502,6 +557,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
+  if (kSzSmem) __syncthreads();  // every warp is done with the staged scales it overwrites
   if (kNorm == kNormGiven) {
     // a warp a token: the op before's partial sums of squares, in a fixed order (the
     // reduction's barrier orders these writes before the reads in finish)
@@ -577,6 +633,16 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 
 }  // namespace
 
+// f(integral_constant<bool, staged>): the staged kernels exist in groupzero builds only.
+template <typename F>
+cudaError_t launch_sz(bool staged, F&& f) {
+#if QC_MODE == 2
+  if (staged) return f(std::integral_constant<bool, true>{});
+#endif
+  (void)staged;
+  return f(std::integral_constant<bool, false>{});
+}
+
 extern "C" {
 
 // The compiled configuration, so Python can check it loaded what it asked for.
@@ -596,20 +662,22 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // norm_ssq the partial sums of squares of that input (summed in order). residual ([M, N] like
 // out, not with gated) or null: added to the result. next_norm ([N]) or null, not with
 // gated, norm or norm_ssq: also normed [M, N] = out * next_norm and ssq_out [M, N / 16]
-// float32, the sums of out^2 over each 16 rows (the next op's norm_ssq).
+// float32, the sums of out^2 over each 16 rows (the next op's norm_ssq). sz_smem (groupzero):
+// stage the CTA's scales and zeros in shared memory first.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, const void* norm,
                          const void* residual, const void* norm_ssq, const void* next_norm,
                          void* normed, void* ssq_out, int M, int N, int K, int group,
                          int token_tiles, int row_tiles, int warps, int gated, int ssq_parts,
-                         float eps, void* stream) {
+                         int sz_smem, float eps, void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (uint64_t)N * K >= (1ull << 32) ||  // byte offsets in 32 bits (WeightWalk)
       (gated && row_tiles != 2) ||        // a CTA must hold a gate tile and its up tile
       (gated && (residual != nullptr || next_norm != nullptr)) || !(eps >= 0.f) ||
       (norm != nullptr && norm_ssq != nullptr) || (norm_ssq != nullptr && ssq_parts <= 0) ||
       (next_norm != nullptr && (norm != nullptr || norm_ssq != nullptr)) ||
-      (next_norm != nullptr && (normed == nullptr || ssq_out == nullptr)))
+      (next_norm != nullptr && (normed == nullptr || ssq_out == nullptr)) ||
+      (sz_smem && QC_MODE != 2))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
   // group: 64 times a power of two, dividing K
@@ -648,33 +716,40 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
-    // At most 32 resident warps an SM: int8 per-channel weights need few registers, and 5
-    // CTAs of 8 warps an SM streamed 28672x4096 slower than 4 (decode-step sequence, H100:
-    // 48.8 vs 45.0 us)
     const int mode = norm != nullptr       ? kNormStaged
                      : norm_ssq != nullptr ? kNormGiven
                      : next_norm != nullptr ? kNormOut
                                             : kNormNone;
-    const auto kernel = mode == kNormStaged  ? mixed_gemm_decode_kernel<kNT, kR, kNormStaged>
-                        : mode == kNormGiven ? mixed_gemm_decode_kernel<kNT, kR, kNormGiven>
-                        : mode == kNormOut   ? mixed_gemm_decode_kernel<kNT, kR, kNormOut>
-                                             : mixed_gemm_decode_kernel<kNT, kR, kNormNone>;
-    // one cache per kernel: a benign race, every writer writes the same
-    static int cached[4][kMaxWarps + 1] = {};
-    // past the reduction's tiles: the sums of squares (a norm), x * norm of the CTA's tokens
-    // (staged), the squares of a tile's results (next_norm); launch_decode refuses more than
-    // 48 KB in all
-    const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
-    // (the squares go after the sums' region, so next_norm keeps that region too)
-    const int sums_bytes = mode != kNormNone
-                               ? warps * 8 * kNT * static_cast<int>(sizeof(float))
-                               : 0;
-    const int staged_bytes = mode == kNormStaged ? tile_rows * K * static_cast<int>(sizeof(Act)) : 0;
-    const int squares_bytes = next_norm != nullptr ? kR * 16 * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
-    const int smem = capped_smem<kMaxWarps>(
-        kernel, warps, reduce_smem_bytes<kR, kNT, float>(warps) + sums_bytes + staged_bytes + squares_bytes,
-        32, cached[mode]);
-    return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
+    return launch_sz(sz_smem != 0, [&](auto staged) {
+      constexpr bool kSz = decltype(staged)::value;
+      const auto kernel = mode == kNormStaged  ? mixed_gemm_decode_kernel<kNT, kR, kNormStaged, kSz>
+                          : mode == kNormGiven ? mixed_gemm_decode_kernel<kNT, kR, kNormGiven, kSz>
+                          : mode == kNormOut   ? mixed_gemm_decode_kernel<kNT, kR, kNormOut, kSz>
+                                               : mixed_gemm_decode_kernel<kNT, kR, kNormNone, kSz>;
+      // one cache per kernel: a benign race, every writer writes the same
+      static int cached[4][kMaxWarps + 1] = {};
+      // past the reduction's tiles (or the staged scales and zeros, in their place): the sums
+      // of squares (a norm), x * norm of the CTA's tokens (staged), the squares of a tile's
+      // results (next_norm); launch_decode refuses more than 48 KB in all
+      const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
+      int region0_bytes = reduce_smem_bytes<kR, kNT, float>(warps);
+#if QC_MODE == 2
+      if (kSz) region0_bytes = max(region0_bytes, sz_smem_bytes(K, p.group_shift, kR));
+#endif
+      // (the squares go after the sums' region, so next_norm keeps that region too)
+      const int sums_bytes = mode != kNormNone
+                                 ? warps * 8 * kNT * static_cast<int>(sizeof(float))
+                                 : 0;
+      const int staged_bytes = mode == kNormStaged ? tile_rows * K * static_cast<int>(sizeof(Act)) : 0;
+      const int squares_bytes = next_norm != nullptr ? kR * 16 * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+      // At most 32 resident warps an SM: int8 per-channel weights need few registers, and 5
+      // CTAs of 8 warps an SM streamed 28672x4096 slower than 4 (decode-step sequence, H100:
+      // 48.8 vs 45.0 us)
+      const int smem = capped_smem<kMaxWarps>(
+          kernel, warps, region0_bytes + sums_bytes + staged_bytes + squares_bytes, 32,
+          cached[mode]);
+      return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
+    });
   }));
 }
 
