@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import commit  # noqa: E402
-from bench_w4a16 import DT, make_weights  # noqa: E402
+from bench_w4a16 import DT, GROUP, make_weights  # noqa: E402
 
 LAYER_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # qkv, o, gate/up, down
 
@@ -178,11 +178,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes-sweep", action="store_true",
                     help="also every decode launch shape (forced on all GEMMs)")
     ap.add_argument("--flush-check", action="store_true")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LAYER_SHAPES),
+                    help="N x K of the GEMMs in step order (default: a Llama-3-8B layer's)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_stream.jsonl"))
     args = ap.parse_args(argv)
     from qcompile.kernels import mixed_gemm_decode as decode
 
     impls = args.impls.split(",")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     meta = dict(bench="bench_stream", device=torch.cuda.get_device_name(), torch=torch.__version__,
                 commit=commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -209,16 +212,16 @@ def main(argv=None) -> int:
                            median_us=round(us, 2), flush=flush, layers=1)
             del ls
         for pattern in args.patterns.split(","):
-            sets = [Layerset(pattern, n, k, args.layers, impls, floor_make)
-                    for n, k in LAYER_SHAPES]
+            sets = [Layerset(pattern, n, k, args.layers, impls, floor_make) for n, k in shapes]
             for m in (int(v) for v in args.ms.split(",")):
-                xs = {k: torch.randn(m, k, device="cuda", dtype=DT) for _, k in LAYER_SHAPES}
+                xs = {k: torch.randn(m, k, device="cuda", dtype=DT) for _, k in shapes}
                 # W8A8's qcompile call takes the int8 activation; cuBLAS and the floor bf16
                 xq = {k: torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
-                      for _, k in LAYER_SHAPES}
+                      for _, k in shapes}
                 variants = [(i, None) for i in impls]
                 if args.shapes_sweep and "qcompile" in impls:
-                    names = {c for n, k in LAYER_SHAPES for c in decode.candidates(m, n, k)}
+                    group = GROUP if pattern == "w4a16_g128_zp" else 0  # .sz launches too
+                    names = {c for n, k in shapes for c in decode.candidates(m, n, k, group=group)}
                     variants += [("qcompile", c) for c in sorted(names)]
                 for impl, config in variants:
                     label = impl if config is None else f"{impl}[{config}]"
