@@ -90,12 +90,14 @@ def test_staged_scales_choice():
     # the norm a fused op stages comes on top
     assert c.takes_norm(4, 4096) and c.takes(4, 4096, staged=True, group=128)
     assert not c.takes(8, 4096, staged=True, group=64)  # 8 KB + 64 KB of x * norm
-    # the heuristic: 28672 rows are 896 32-row CTAs, 6.8 waves on 132 SMs
+    # the heuristic: 28672 rows are 896 32-row CTAs, 6.8 waves on 132 SMs: 4-warp CTAs
     assert dec.heuristic(1, 28672, 4096, group=128) == c
     assert dec.heuristic(8, 28672, 4096, group=64) == c
     assert dec.heuristic(1, 28672, 4096) == dec.DecodeChoice(8, 32, 8)           # per-channel
     assert dec.heuristic(9, 28672, 4096, group=128) == dec.DecodeChoice(16, 32, 8)
-    assert dec.heuristic(1, 14336, 4096, group=128) == dec.DecodeChoice(8, 32, 8)  # 3.4 waves
+    # 14336 rows, 3.4 waves: 8-warp CTAs; 6144 rows, 1.5 waves: not staged
+    assert dec.heuristic(1, 14336, 4096, group=128) == dec.DecodeChoice(8, 32, 8, sz_smem=True)
+    assert dec.heuristic(1, 6144, 4096, group=128) == dec.DecodeChoice(8, 32, 8)
     assert dec.heuristic(1, 4096, 4096, group=128) == dec.DecodeChoice(8, 32, 16)
     # larger than the 8-warp reduction's 8 KB (K = 16384 in groups of 64): not taken
     assert dec.heuristic(1, 28672, 16384, group=64) == dec.DecodeChoice(8, 32, 8)
@@ -140,7 +142,8 @@ def test_families_offer_it_where_it_reads_the_layout():
 def test_heuristic_threshold(monkeypatch):
     # below DECODE_MAX_M the heuristic (and so the report and the run-time default) is the
     # decode kernel where it takes the format, a CUTLASS config otherwise
-    assert mg.heuristic_choice(8, 14336, 4096, "bf16", 4, 2, 132, 128) == dec.heuristic(8, 14336, 4096)
+    assert mg.heuristic_choice(8, 14336, 4096, "bf16", 4, 2, 132, 128) == \
+        dec.heuristic(8, 14336, 4096, group=128)
     # to 16 tokens where N gives at most a 32-row CTA per SM, and for int8 weights
     assert mg.heuristic_choice(16, 4096, 4096, "bf16", 4, 2, 132, 128) == dec.heuristic(16, 4096, 4096)
     assert mg.heuristic_choice(16, 14336, 4096, "bf16", 8, 0, 132, None) == \

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_TOKENS",
     "PREFIX",
     "SZ_SMEM_MIN_WAVES",
+    "SZ_SMEM_W4_WAVES",
     "DecodeBuild",
     "DecodeChoice",
     "builds",
@@ -49,8 +50,10 @@ _ROW_TILES = (16, 32)
 _WARPS = (4, 8, 16)
 _SMEM_LIMIT = 48 * 1024
 # The heuristic stages group scales and zeros in shared memory (``DecodeChoice.sz_smem``)
-# where the CTAs make at least this many waves over the SMs (see heuristic).
-SZ_SMEM_MIN_WAVES = 4
+# where the CTAs make at least this many waves over the SMs, with 4-warp CTAs from
+# SZ_SMEM_W4_WAVES waves, else 8 (see heuristic).
+SZ_SMEM_MIN_WAVES = 3
+SZ_SMEM_W4_WAVES = 6
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,8 @@ def heuristic(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> De
     """The launch shape without measurements: the smallest token tile holding m, 32-row CTAs
     where N is large, 16 warps a CTA while the CTAs fit one to an SM, else 8. For group-wise
     weights (``group``: their group size; 0 for none) up to 8 tokens, where the CTAs make at
-    least SZ_SMEM_MIN_WAVES waves: the scales and zeros staged in shared memory, 4-warp CTAs.
+    least SZ_SMEM_MIN_WAVES waves: the scales and zeros staged in shared memory, 4-warp CTAs
+    from SZ_SMEM_W4_WAVES waves, else 8.
 
     From the GEMMs of a decode step run in sequence (bench_stream --shapes-sweep, H100,
     db5afc8, M = 1, us a GEMM): int4 g128 6144x4096 r32.w8 11.1 (r32.w16 13.2), 4096x4096
@@ -169,17 +173,19 @@ def heuristic(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> De
     With more CTAs than SMs, 16-warp CTAs run one to an SM (registers) and leave a tail
     wave; 4-warp CTAs each stream too little of K to hide the latency.
 
-    The staged scales (36c64ca, same harness, int4 g128, M = 1, us a GEMM, staged / not):
-    28672x4096 r32.w4 28.1 / 34.3, r32.w8 29.0 / 31.0; 6144x4096 r32.w8 10.9 / 10.6,
-    4096x4096 r32.w16 8.8 / 8.0, 4096x14336 r32.w16 18.6 / 17.6 (one CTA an SM or about:
-    the staging's barrier is not hidden). Taken only where its region is no larger than the
+    The staged scales (same harness, int4 g128, M = 1, us a GEMM, staged / not): 28672x4096
+    (896 CTAs, 6.8 waves) r32.w4 28.1 / 34.3, r32.w8 29.0 / 31.0; 14336x4096 (3.4 waves;
+    619f052) r32.w8 17.3 / 19.9, r32.w4 19.0 / 18.7; 6144x4096 (1.5) r32.w8 10.9 / 10.6;
+    4096x4096 r32.w16 8.8 / 8.0, 4096x14336 r32.w16 18.6 / 17.6 (one CTA an SM or about: the
+    staging's barrier is not hidden). Taken only where its region is no larger than the
     8-warp reduction's, so the shared memory left for a fused norm is never less."""
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
     # 32-row CTAs only where that still gives every SM of an H100 about one (N >= 4096): for
     # N = 1024 (k/v projections) 16-row CTAs double the CTAs, and SMs, reading the weight
     rows = 32 if n % 32 == 0 and n // 32 >= 128 else 16
     if group and tokens == 8 and n // rows >= SZ_SMEM_MIN_WAVES * sm_count:
-        staged = DecodeChoice(tokens, rows, 4, sz_smem=True)
+        warps = 4 if n // rows >= SZ_SMEM_W4_WAVES * sm_count else 8
+        staged = DecodeChoice(tokens, rows, warps, sz_smem=True)
         if staged.smem_bytes(k, group) <= DecodeChoice(tokens, rows, 8).smem_bytes():
             return staged
     warps = 16 if n // rows <= sm_count else 8
