@@ -105,6 +105,7 @@ def test_staged_scales_choice():
     names = dec.candidates(1, 4096, 4096, group=128)
     assert "decode.t8.r32.w8.sz" in names and "decode.t8.r32.w8" in names
     assert not any(n.endswith(".sz") for n in dec.candidates(1, 4096, 4096))
+    assert not any(n.endswith(".sz") for n in dec.candidates(16, 4096, 4096, group=128))
     # the Hopper family passes the group of group-wise layouts only
     assert mg.heuristic_choice(1, 28672, 4096, "bf16", 4, 2, 132, 128) == c
     assert mg.heuristic_choice(1, 28672, 4096, "bf16", 8, 0, 132, None) == \

@@ -197,14 +197,15 @@ def heuristic(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> De
 def candidates(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> list[str]:
     """Launch shapes worth timing for m tokens: the heuristic's first, then the token tile
     holding m with every row tile and warp count (for group-wise weights, ``group`` their
-    group size, each with and without the staged scales)."""
+    group size, and 8-token tiles each with and without the staged scales: with 16 tokens
+    they were slower everywhere measured, benchmarks/NOTES.md)."""
     if m > MAX_TOKENS:
         return []
     first = heuristic(m, n, k, sm_count, group)
     names = [first.name]
     for rows in _ROW_TILES:
         for warps in _WARPS:
-            for sz_smem in (False, True) if group else (False,):
+            for sz_smem in (False, True) if group and first.tokens == 8 else (False,):
                 c = DecodeChoice(first.tokens, rows, warps, sz_smem)
                 if c.valid() and n % rows == 0 and (
                         not sz_smem or c.smem_bytes(k, group) <= _SMEM_LIMIT):
