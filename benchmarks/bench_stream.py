@@ -140,9 +140,8 @@ class Layerset:
         """(packed weight, bytes qcompile reads, its call, the bf16 weight) of a weight-only
         layer prepared for the Hopper family, or with family="sm80" for the sm_80 one (same
         interface; its group-wise layout keeps each 16-row tile's K contiguous)."""
-        import importlib
-        mg = importlib.import_module("qcompile.kernels.mixed_gemm" + ("_sm80" if family == "sm80"
-                                                                      else ""))
+        from qcompile.kernels import mixed_gemm, mixed_gemm_sm80
+        mg = mixed_gemm_sm80 if family == "sm80" else mixed_gemm
         fmt, w, _mod = make_weights(pattern, n, k)
         layout = mg.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
                                   n, k, DT, "cuda")

@@ -726,7 +726,7 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                                            eps=eps, norm_ssq=norm_ssq))
     if fused and not (isinstance(config, decode.DecodeChoice) and config.takes(
             m, k, x.element_size(), staged=norm is not None, given=norm_ssq is not None,
-            norm_out=next_norm is not None, group=0 if mode == 0 else group)):
+            norm_out=next_norm is not None, group=_decode_group(mode, group, k))):
         # the GEMM kernels take none of them (nor a decode launch without the shared memory
         # they need): PyTorch ops around the GEMM
         return ops.around_gemm(

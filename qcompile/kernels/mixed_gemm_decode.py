@@ -203,12 +203,12 @@ def candidates(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> l
         return []
     first = heuristic(m, n, k, sm_count, group)
     names = [first.name]
+    mode = MODE_GROUPZERO if group else MODE_ROWSCALE
     for rows in _ROW_TILES:
         for warps in _WARPS:
             for sz_smem in (False, True) if group and first.tokens == 8 else (False,):
                 c = DecodeChoice(first.tokens, rows, warps, sz_smem)
-                if c.valid() and n % rows == 0 and (
-                        not sz_smem or c.smem_bytes(k, group) <= _SMEM_LIMIT):
+                if fits(m, n, k, group or k, mode, c):
                     names.append(c.name)
     return list(dict.fromkeys(names))
 
