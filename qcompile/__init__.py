@@ -20,7 +20,7 @@ import torch
 
 from . import _compat
 from .backend import collect, last_report, qcompile_backend, register
-from .export import ArtifactError, export, load
+from .export import ArtifactError, ExportError, export, load
 from .formats import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -35,7 +35,7 @@ backend = qcompile_backend
 __all__ = [
     "quantize", "explain", "last_report", "collect", "backend", "Report", "MatchRecord",
     "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "SmoothQuantLinear", "__version__",
-    "export", "load", "ArtifactError",
+    "export", "load", "ArtifactError", "ExportError",
 ]
 
 

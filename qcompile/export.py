@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +30,72 @@ log = logging.getLogger("qcompile")
 FORMAT_VERSION = 2  # 2: qcompile.json as an archive extra file; ops take `config`
 META_NAME = "qcompile.json"
 
-__all__ = ["export", "load", "ArtifactError", "FORMAT_VERSION"]
+__all__ = ["export", "load", "ArtifactError", "ExportError", "FORMAT_VERSION"]
 
 
 class ArtifactError(RuntimeError):
     """A file that is not a loadable qcompile artifact (corrupt, truncated, other version)."""
+
+
+class ExportError(RuntimeError):
+    """AOTInductor produced a library that could not be loaded (nothing is written)."""
+
+
+def elf_needed(path: str | Path) -> list[str] | None:
+    """The DT_NEEDED entries (shared libraries it links) of a 64-bit little-endian ELF shared
+    object; None for any other file."""
+    data = Path(path).read_bytes()
+    if data[:6] != b"\x7fELF\x02\x01":
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int, int]:  # type, offset, size, link
+        sh_type, = struct.unpack_from("<I", data, shoff + i * shentsize + 4)
+        offset, size, link = struct.unpack_from("<QQI", data, shoff + i * shentsize + 24)
+        return sh_type, offset, size, link
+
+    for i in range(shnum):
+        sh_type, offset, size, link = section(i)
+        if sh_type != 6:  # SHT_DYNAMIC
+            continue
+        _, str_off, _, _ = section(link)
+        needed = []
+        for e in range(offset, offset + size, 16):
+            tag, val = struct.unpack_from("<qQ", data, e)
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", str_off + val)
+                needed.append(data[str_off + val:end].decode())
+        return needed
+    return []
+
+
+def _check_cxx_runtime(files: Sequence[str]) -> None:
+    # A compiler that links libstdc++ statically into shared objects (some images set CXX
+    # to such a wrapper) gives the AOTInductor library its own copy of the C++ runtime.
+    # Loaded into a process that already has libstdc++ (any Python with torch), the two
+    # copies number std::locale facets differently and torch's runtime crashes with
+    # SIGSEGV in std::regex while constructing the model (seen with torch 2.11 on an
+    # H100 image). Refuse to write such an artifact, and say how to get a good one.
+    for f in files:
+        if not str(f).endswith(".so"):
+            continue
+        needed = elf_needed(f)
+        if needed is None or any(n.startswith(("libstdc++", "libc++")) for n in needed):
+            continue
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            compiler = get_cpp_compiler()
+        except Exception:  # the name is only for the message
+            compiler = "the C++ compiler"
+        raise ExportError(
+            f"AOTInductor's C++ compiler ({compiler}) linked the C++ runtime statically "
+            f"into {Path(f).name} (it needs no libstdc++.so): loading it in a process that "
+            "has libstdc++ crashes (two copies of std::locale). Set CXX to a compiler that "
+            "links libstdc++ dynamically (e.g. CXX=/usr/bin/g++, before importing torch) or "
+            "torch._inductor.config.cpp.cxx = ('/usr/bin/g++',), and export again")
 
 
 def _torch_minor(version: str) -> str:
@@ -102,6 +164,7 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
     log.info("export: compiling with AOTInductor into %s", path)
     aoti_files = torch._inductor.aot_compile(ep.module(), tuple(example_inputs),
                                              options={"aot_inductor.package": True})
+    _check_cxx_runtime(aoti_files)
     meta = {"format": FORMAT_VERSION, "qcompile": __version__, "torch": torch.__version__,
             "report": report.to_dicts()}
     # One archive written by torch's own writer, our record among its extra files, so the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import rel_err
 from torch import nn
 
 import qcompile
-from qcompile.export import FORMAT_VERSION, META_NAME, read_metadata
+from qcompile.export import FORMAT_VERSION, META_NAME, elf_needed, read_metadata
 
 
 def _model():
@@ -97,3 +98,45 @@ def test_export_checks_arguments(tmp_path):
         qcompile.export(nn.Linear(4, 4), torch.randn(2, 4), tmp_path / "a.pt2")
     with pytest.raises(ValueError, match="path must end in .pt2"):
         qcompile.export(nn.Linear(4, 4), (torch.randn(2, 4),), tmp_path / "a.zip")
+
+
+_REGEX_SO = """
+#include <regex>
+#include <string>
+extern "C" int qc_probe(const char* s) {
+  return std::regex_match(std::string(s), std::regex("(cpu|cuda)(:([0-9]+))?"));
+}
+"""
+
+
+def _static_gxx(tmp_path: Path) -> Path:
+    """A compiler wrapper that links libstdc++ into shared objects, as some images' CXX does."""
+    wrapper = tmp_path / "gxx-static"
+    wrapper.write_text('#!/bin/sh\ncase " $* " in *" -shared "*) exec g++ "$@" -static-libstdc++;; esac\n'
+                       'exec g++ "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_elf_needed_tells_a_statically_linked_cxx_runtime(tmp_path):
+    src = tmp_path / "re.cpp"
+    src.write_text(_REGEX_SO)
+    dyn, static = tmp_path / "dyn.so", tmp_path / "static.so"
+    subprocess.run(["g++", "-shared", "-fPIC", "-o", str(dyn), str(src)], check=True)
+    subprocess.run([str(_static_gxx(tmp_path)), "-shared", "-fPIC", "-o", str(static), str(src)],
+                   check=True)
+    assert "libstdc++.so.6" in elf_needed(dyn)
+    needed = elf_needed(static)
+    assert "libc.so.6" in needed and not any(n.startswith("libstdc++") for n in needed)
+    assert elf_needed(src) is None
+
+
+def test_export_refuses_a_library_with_its_own_cxx_runtime(tmp_path):
+    # Such a library crashes the loading process (std::regex in torch's model constructor):
+    # export says why and how to fix it, and writes nothing.
+    path = tmp_path / "static.pt2"
+    with torch._inductor.config.patch({"cpp.cxx": (str(_static_gxx(tmp_path)),)}):
+        with pytest.raises(qcompile.ExportError, match=r"linked the C\+\+ runtime statically.*"
+                           r"CXX=/usr/bin/g\+\+"):
+            qcompile.export(_model(), (torch.randn(8, 256),), path)
+    assert not path.exists()
