@@ -79,8 +79,10 @@ if args.export:
     example = (first, torch.tensor([args.prompt], device=device))
     start = time.perf_counter()
     qcompile.export(snapshot, example, path)
+    exported = qcompile.last_report()
     print(f"exported the decode step to {path} ({path.stat().st_size / 1e6:.1f} MB) in "
-          f"{time.perf_counter() - start:.0f} s")
+          f"{time.perf_counter() - start:.0f} s: {len(exported.matched)}/{len(exported)} matmuls "
+          "on qcompile ops")
     loaded = qcompile.load(path)
     exported_tokens, _ = generate(loaded, first, args.new)
     same = exported_tokens == tokens

@@ -120,15 +120,17 @@ def _drop_dead_asserts(graph: fx.Graph) -> None:
 
 
 def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None,
-                     report: Report | None = None) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``model`` with its quantized matmuls rewritten to qcompile ops."""
+                     report: Report | None = None, fuse_linears: bool = True
+                     ) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` with its quantized matmuls rewritten to qcompile ops, by
+    the backend's rewrite (``fuse_linears`` as its option of that name)."""
     from . import kernels  # noqa: F401  (registers the ops)
 
     report = report if report is not None else Report()
     with torch.no_grad():
         ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
         gm = ep.run_decompositions().module()
-        rewrite_graph(gm.graph, {}, report)
+        rewrite_graph(gm.graph, {}, report, fuse_linears)
         _drop_dead_asserts(gm.graph)
         gm.recompile()
         report.graphs += 1
@@ -136,7 +138,7 @@ def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shap
 
 
 def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
-           dynamic_shapes=None) -> Path:
+           dynamic_shapes=None, fuse_linears: bool = True) -> Path:
     """Export ``model`` to one AOTInductor ``.pt2`` file at ``path``; returns the path.
 
     Args:
@@ -144,6 +146,10 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
         example_inputs: a tuple of example arguments.
         path: where to write the artifact (``.pt2``).
         dynamic_shapes: as for ``torch.export.export`` (e.g. a dynamic token count).
+        fuse_linears: as the backend's option: quantized linears that share their input
+            (q/k/v, gate/up) run as one launch. The same rewrite as ``torch.compile(model,
+            backend="qcompile")`` makes, so the artifact computes what the compiled model
+            does, kernel for kernel.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -157,7 +163,7 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
     from .backend import _last
 
     report = Report()
-    ep = rewrite_exported(model, tuple(example_inputs), dynamic_shapes, report)
+    ep = rewrite_exported(model, tuple(example_inputs), dynamic_shapes, report, fuse_linears)
     _last.append(report)
     log.info("export: %d of %d matmuls run as qcompile ops", len(report.matched), len(report))
     path.parent.mkdir(parents=True, exist_ok=True)
