@@ -27,7 +27,7 @@ from .lowering.rewrite import rewrite_graph
 
 log = logging.getLogger("qcompile")
 
-FORMAT_VERSION = 2  # 2: qcompile.json as an archive extra file; ops take `config`
+FORMAT_VERSION = 3  # 2: qcompile.json as an archive extra file; ops take `config`; 3: dtype names
 META_NAME = "qcompile.json"
 
 __all__ = ["export", "load", "ArtifactError", "ExportError", "FORMAT_VERSION"]

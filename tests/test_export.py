@@ -45,7 +45,7 @@ def test_round_trip_matches_eager_for_any_m(artifact):
 def test_artifact_holds_the_report_and_versions(artifact):
     _, path = artifact
     meta = read_metadata(path)
-    assert meta["format"] == FORMAT_VERSION == 2 and meta["torch"] == torch.__version__
+    assert meta["format"] == FORMAT_VERSION == 3 and meta["torch"] == torch.__version__
     assert [r["format"] for r in meta["report"]] == [
         "w4a16 uint4 g64+zeros", "w8a8 int8 per-token x per-channel +bias"]
 

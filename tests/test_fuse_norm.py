@@ -185,7 +185,7 @@ def test_op_reference_with_norm_and_residual():
     x = (torch.randn(3, k) * 4).to(torch.bfloat16)
     weight = (torch.rand(k) + 0.5).to(torch.bfloat16)
     residual = torch.randn(3, n).to(torch.bfloat16)
-    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", torch.float32, "nk")
+    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", "float32", "nk")
     w = ops.dequantize(*args[:3], 4, False, group, "sub", torch.float64)
     xd = x.double()
     normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
@@ -212,7 +212,7 @@ def test_op_reference_norm_out_and_given_sums():
     q = torch.randint(0, 16, (n, k), dtype=torch.int16)
     scales = torch.rand(n, k // group) * 0.1 + 0.01
     zeros = torch.randint(0, 16, (n, k // group)).float()
-    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", torch.float32, "nk")
+    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", "float32", "nk")
     w = ops.dequantize(*args[:3], 4, False, group, "sub", torch.float64)
     x = torch.randn(3, k).to(torch.bfloat16)
     residual = (torch.randn(3, n) * 4).to(torch.bfloat16)
@@ -247,7 +247,7 @@ def test_dispatcher_fallback_around_the_plain_op():
     q = torch.randint(0, 16, (n, k), dtype=torch.int16)
     scales = torch.rand(n, k // group) * 0.1 + 0.01
     zeros = torch.randint(0, 16, (n, k // group)).float()
-    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", torch.float32, "nk")
+    args = (ops.pack_nk(q, 4), scales, zeros, None, 4, False, group, "sub", "float32", "nk")
     x = (torch.randn(3, k) * 4).to(torch.bfloat16)
     norm = (torch.rand(k) + 0.5).to(torch.bfloat16)
     residual = torch.randn(3, n).to(torch.bfloat16)

@@ -7,6 +7,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import qcompile  # noqa: F401  (registers the ops)
+from qcompile.kernels import ops
 from qcompile.kernels.ops import dequantize, pack_nk
 
 mixed_gemm = torch.ops.qcompile.mixed_gemm.default
@@ -27,7 +28,7 @@ def test_mixed_gemm_reference_matches_dequant_matmul(bits, signed, zero_mode):
     q, qw, s, z = _mixed_args(bits, signed, 32, zero_mode)
     x = torch.randn(3, 5, 64)
     bias = torch.randn(16)
-    out = mixed_gemm(x, qw, s, z, bias, bits, signed, 32, zero_mode, torch.float32, "nk")
+    out = mixed_gemm(x, qw, s, z, bias, bits, signed, 32, zero_mode, "float32", "nk")
     zz = 0 if z is None else z.repeat_interleave(32, 1)
     ss = s.repeat_interleave(32, 1)
     w = q * ss + zz if zero_mode == "add" else (q - zz) * ss
@@ -37,7 +38,7 @@ def test_mixed_gemm_reference_matches_dequant_matmul(bits, signed, zero_mode):
 def test_mixed_gemm_reference_rejects_kernel_layouts():
     q, qw, s, z = _mixed_args()
     with pytest.raises(ValueError, match="reference mixed_gemm reads layout 'nk'"):
-        mixed_gemm(torch.randn(2, 64), qw, s, z, None, 4, False, 32, "sub", torch.float32,
+        mixed_gemm(torch.randn(2, 64), qw, s, z, None, 4, False, 32, "sub", "float32",
                    "sm90_mixed_v1")
 
 
@@ -55,7 +56,7 @@ def test_int8_gemm_reference_is_exact_int_then_float_rescale(m, per_token):
     row = torch.rand(m if per_token else 1, 1) + 0.01
     col = torch.rand(1, 16) + 0.01
     bias = torch.randn(16)
-    out = int8_gemm(xq, wq, row, col, bias, torch.bfloat16)
+    out = int8_gemm(xq, wq, row, col, bias, "bfloat16")
     acc = (xq.double() @ wq.double().t())
     ref = (acc * row.double() * col.double() + bias.double()).to(torch.bfloat16)
     torch.testing.assert_close(out, ref, rtol=8e-3, atol=1e-2)
@@ -71,19 +72,19 @@ def test_int8_gemm_reference_subtracts_zero_points_in_int32(m):
     azp = torch.randint(-128, 128, (m, 1), dtype=torch.int32)
     adj = wq.sum(dim=1, dtype=torch.int32)
     row, col = torch.rand(m, 1) + 0.01, torch.rand(1, 16) + 0.01
-    out = int8_gemm(xq, wq, row, col, None, torch.float32, "", azp, adj)
+    out = int8_gemm(xq, wq, row, col, None, "float32", "", azp, adj)
     ref = ((xq.double() - azp.double()) @ wq.double().t()) * row.double() * col.double()
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-4)
     with pytest.raises(ValueError, match="azp and azp_adj come together"):
-        int8_gemm(xq, wq, row, col, None, torch.float32, "", azp, None)
+        int8_gemm(xq, wq, row, col, None, "float32", "", azp, None)
 
 
 def test_fake_impls_follow_symbolic_shapes():
     q, qw, s, z = _mixed_args()
 
     def f(x, xq, qw, s, z, wq, row, col):
-        a = mixed_gemm(x, qw, s, z, None, 4, False, 32, "sub", torch.float32, "nk")
-        b = int8_gemm(xq, wq, row, col, None, torch.float16)
+        a = mixed_gemm(x, qw, s, z, None, 4, False, 32, "sub", "float32", "nk")
+        b = int8_gemm(xq, wq, row, col, None, "float16")
         return a, b
 
     gm = make_fx(f, tracing_mode="symbolic")(
@@ -99,7 +100,18 @@ def test_fake_impls_follow_symbolic_shapes():
 def test_opcheck_both_ops():
     q, qw, s, z = _mixed_args()
     torch.library.opcheck(mixed_gemm, (torch.randn(4, 64), qw, s, z, None, 4, False, 32, "sub",
-                                       torch.float32, "nk"))
+                                       "float32", "nk"))
     torch.library.opcheck(int8_gemm, (torch.randint(-5, 5, (4, 64), dtype=torch.int8),
                                       torch.randint(-5, 5, (8, 64), dtype=torch.int8),
-                                      torch.rand(4, 1), torch.rand(1, 8), None, torch.float32))
+                                      torch.rand(4, 1), torch.rand(1, 8), None, "float32"))
+
+
+def test_ops_name_their_dtypes():
+    # dtype arguments are names (AOTInductor in torch 2.11 misreads ScalarType arguments)
+    assert "str dequant_dtype" in str(mixed_gemm._schema)
+    assert "str out_dtype" in str(int8_gemm._schema)
+    assert [ops.as_dtype(ops.dtype_name(d)) for d in ops.OP_DTYPES] == list(ops.OP_DTYPES)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ops.as_dtype("float64")
+    with pytest.raises(ValueError, match="qcompile ops compute in"):
+        ops.dtype_name(torch.float64)

@@ -219,7 +219,8 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
                     azp_adj=None):
     fam = cuda_family("int8_gemm")
     if fam is not None:
-        return fam.run(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp, azp_adj)
+        return fam.run(xq, wq, row_scale, col_scale, bias, ops.as_dtype(out_dtype), config, azp,
+                       azp_adj)
     return ops.int8_gemm_reference(xq, wq, row_scale, col_scale, bias, out_dtype, config, azp,
                                    azp_adj)
 

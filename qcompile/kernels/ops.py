@@ -25,11 +25,39 @@ __all__ = [
     "unpack_nk",
     "pack_nk",
     "dequantize",
+    "dtype_name",
+    "as_dtype",
+    "OP_DTYPES",
     "ZERO_MODES",
 ]
 
 ZERO_MODES = ("none", "sub", "add")
 REFERENCE_LAYOUT = "nk"
+
+# The ops name their dtype arguments (``dequant_dtype``, ``out_dtype``) by string, not as a
+# ScalarType: torch 2.11's AOTInductor runtime hands a ScalarType argument of a Python op
+# to it as the export schema's number (bfloat16 = 13 there), which it reads as c10's (13 =
+# quint8), so an exported W8A8 model failed and float32 would have become float64.
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+OP_DTYPES = tuple(_DTYPES.values())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name an op's dtype argument takes for ``dtype`` (bfloat16, float16, float32)."""
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"qcompile ops compute in {sorted(_DTYPES)}, got {dtype}")
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype an op's dtype argument names (a torch dtype passes through)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
 
 
 def pack_nk(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -78,9 +106,10 @@ def dequantize(
     signed: bool,
     group_size: int,
     zero_mode: str,
-    dequant_dtype: torch.dtype,
+    dequant_dtype: str | torch.dtype,
 ) -> torch.Tensor:
     """The weight [N, K] that a reference-layout mixed_gemm operand stands for."""
+    dequant_dtype = as_dtype(dequant_dtype)
     q = unpack_nk(qweight, bits, signed)
     n, k = q.shape
     groups = k // group_size
@@ -185,7 +214,7 @@ def mixed_gemm_reference(
     signed: bool,
     group_size: int,
     zero_mode: str,
-    dequant_dtype: torch.dtype,
+    dequant_dtype: str,
     layout: str,
     config: str = "",
     norm_weight: torch.Tensor | None = None,
@@ -250,7 +279,7 @@ def mixed_gemm_norm_out_reference(
     signed: bool,
     group_size: int,
     zero_mode: str,
-    dequant_dtype: torch.dtype,
+    dequant_dtype: str,
     layout: str,
     config: str,
     residual: torch.Tensor | None,
@@ -308,7 +337,7 @@ def mixed_gemm_gated_reference(
     signed: bool,
     group_size: int,
     zero_mode: str,
-    dequant_dtype: torch.dtype,
+    dequant_dtype: str,
     layout: str,
     config: str = "",
     norm_weight: torch.Tensor | None = None,
@@ -340,7 +369,7 @@ def int8_gemm_reference(
     row_scale: torch.Tensor,
     col_scale: torch.Tensor,
     bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
+    out_dtype: str,
     config: str = "",
     azp: torch.Tensor | None = None,
     azp_adj: torch.Tensor | None = None,
@@ -371,7 +400,7 @@ def int8_gemm_reference(
     out = acc.to(torch.float32) * row_scale.to(torch.float32) * col_scale.to(torch.float32)
     if bias is not None:
         out = out + bias.to(torch.float32)
-    return out.to(out_dtype)
+    return out.to(as_dtype(out_dtype))
 
 
 int8_gemm = torch.library.custom_op("qcompile::int8_gemm", mutates_args=())(
@@ -381,4 +410,4 @@ int8_gemm = torch.library.custom_op("qcompile::int8_gemm", mutates_args=())(
 @int8_gemm.register_fake
 def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
                     azp_adj=None):
-    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=as_dtype(out_dtype))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..kernels.ops import OP_DTYPES
 from .evaluate import ConstantEvaluator, NotConstant, value_users
 from .weight_only import NoMatch
 
@@ -160,6 +161,8 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
         raise NoMatch("_int_mm result is not rescaled in float32")
     match.end = cur
     match.out_dtype = cur.meta["val"].dtype
+    if match.out_dtype not in OP_DTYPES:
+        raise NoMatch(f"rescaled result in {match.out_dtype} (the op writes bf16, fp16, fp32)")
     match.col_scale = col.to(torch.float32).reshape(1, n)
     match.per_token = any(not _one_value(_shape(r)) for r in match.row_scales)
     if match.azp is not None and match.per_token == _one_value(_shape(match.azp)):

@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .. import kernels
+from ..kernels.ops import dtype_name
 from .evaluate import ConstantEvaluator, ancestors, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
 from .report import MatchRecord, Report, dump_graph
@@ -475,7 +476,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
         if gated is not None:
             new = b.call(torch.ops.qcompile.mixed_gemm_gated.default,
                          (x_arg, qw, s, z, None, match.bits, match.signed, match.group_size,
-                          match.zero_mode, match.dequant_dtype, prep.layout, prep.config,
+                          match.zero_mode, dtype_name(match.dequant_dtype), prep.layout, prep.config,
                           *fused_args),
                          like=product)
             new.meta["qcompile_records"] = [site.rec for site in sites]
@@ -495,7 +496,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             notes += "; + residual in the op"
         new = b.call(torch.ops.qcompile.mixed_gemm.default,
                      (x_arg, qw, s, z, bias, match.bits, match.signed, match.group_size,
-                      match.zero_mode, match.dequant_dtype, prep.layout, prep.config,
+                      match.zero_mode, dtype_name(match.dequant_dtype), prep.layout, prep.config,
                       *fused_args),
                      like=first.mm)
         new.meta["qcompile_records"] = [site.rec for site in sites]
@@ -595,7 +596,7 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) ->
         col = b.constant(_cat([site.match.col_scale for site in sites], 1), "col_scale")
         bias = (b.constant(_cat([site.match.bias for site in sites]), "bias")
                 if match.bias is not None else None)
-        args = (xq, wq, row, col, bias, match.out_dtype, config)
+        args = (xq, wq, row, col, bias, dtype_name(match.out_dtype), config)
         if match.azp is not None:
             azp = match.azp
             if _val(azp).dim() != 2:

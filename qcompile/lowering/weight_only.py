@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..kernels.ops import OP_DTYPES
 from .evaluate import ConstantEvaluator, NotConstant, UnreadableOp, ancestors, integer_nodes
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
@@ -185,6 +186,8 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
             continue
         tried += 1
         for dd in dict.fromkeys([w.dtype, torch.float32]):
+            if dd not in OP_DTYPES:
+                continue  # float64: the ops dequantize in bf16, fp16 or fp32
             rec = _reconstruct(qq, s, z, group, zero_mode, dd, w.dtype)
             if torch.equal(rec, w):
                 return WeightOnlyMatch(

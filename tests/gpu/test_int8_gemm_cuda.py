@@ -167,12 +167,12 @@ def test_registered_op_uses_kernel_and_falls_back():
     ops = pytest.importorskip("qcompile.kernels.ops")
     import qcompile.kernels  # noqa: F401  (registers the CUDA dispatcher of the ops)
     xq, wq, rs, cs, bias = _inputs(17, 512, 1024, True, True, True, torch.bfloat16, seed=5)
-    out = torch.ops.qcompile.int8_gemm(xq, wq, rs, cs, bias, torch.bfloat16)
+    out = torch.ops.qcompile.int8_gemm(xq, wq, rs, cs, bias, "bfloat16")
     _check(out, _reference(xq, wq, rs, cs, bias), torch.bfloat16, "registered op")
     # K % 16 != 0 is outside the kernels: the op falls back to the reference.
     xq, wq, rs, cs, bias = _inputs(17, 512, 1000, True, True, None, torch.float32, seed=6)
     assert ig.supports(xq, wq, rs, cs, bias, torch.bfloat16) is not None
-    out = torch.ops.qcompile.int8_gemm(xq, wq, rs, cs, bias, torch.bfloat16)
+    out = torch.ops.qcompile.int8_gemm(xq, wq, rs, cs, bias, "bfloat16")
     ref = ops.int8_gemm_reference(xq, wq, rs, cs, bias, torch.bfloat16)
     torch.testing.assert_close(out, ref)
 

@@ -214,7 +214,7 @@ def test_3d_input_and_op_dispatch():
     x = torch.randn(2, 5, k, device="cuda").to(torch.bfloat16)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     out = torch.ops.qcompile.mixed_gemm(x, qw, sc, zz, bias, 4, False, 128, "sub",
-                                        torch.bfloat16, layout)
+                                        "bfloat16", layout)
     assert out.shape == (2, 5, n)
     _check(out.reshape(10, n), _ref(x.reshape(10, k), w, bias), torch.bfloat16, "op, 3-D x")
 
@@ -247,18 +247,18 @@ def test_fallbacks():
     x = _x(5, k, torch.bfloat16)
     assert not mg.supports(x, qw, sc, 8, k, mg.LAYOUT_ROWSCALE)
     out = torch.ops.qcompile.mixed_gemm(x, qw, sc, zz, None, 8, True, k, "none",
-                                        torch.bfloat16, mg.LAYOUT_ROWSCALE)
+                                        "bfloat16", mg.LAYOUT_ROWSCALE)
     _check(out, _ref(x, w), torch.bfloat16, "fallback K=80")
     n, k = 64, 256
     layout, qw, sc, zz, w = _prepared(n, k, 4, False, 128, "sub", "bf16")
     x32 = torch.randn(3, k, device="cuda")
     out = torch.ops.qcompile.mixed_gemm(x32, qw, sc, zz, None, 4, False, 128, "sub",
-                                        torch.float32, layout)
+                                        "float32", layout)
     err = ((out.double().cpu() - _ref(x32, w)).norm() / _ref(x32, w).norm()).item()
     assert err < 1e-2, err  # scales/zeros were stored in bf16
     q, s, z, w = _problem(n, k, 4, False, 128, "sub", seed=4)
     out = torch.ops.qcompile.mixed_gemm(x32.to(torch.bfloat16), ops.pack_nk(q, 4).cuda(), s.cuda(),
-                                        z.cuda(), None, 4, False, 128, "sub", torch.float32, "nk")
+                                        z.cuda(), None, 4, False, 128, "sub", "float32", "nk")
     _check(out, _ref(x32.to(torch.bfloat16), w), torch.bfloat16, "nk layout via reference")
 
 

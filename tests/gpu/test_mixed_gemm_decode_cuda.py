@@ -24,6 +24,7 @@ from test_mixed_gemm_cuda import ACTS, _check, _poisoned, _problem, _ref, _x  # 
 from qcompile.kernels import mixed_gemm as mg  # noqa: E402
 from qcompile.kernels import mixed_gemm_decode as dec  # noqa: E402
 from qcompile.kernels import mixed_gemm_sm80 as m80  # noqa: E402
+from qcompile.kernels.ops import dtype_name  # noqa: E402
 
 FAMILIES = {"sm90": mg, "sm80": m80}
 
@@ -240,7 +241,7 @@ def test_gated_mlp_epilogue(act, bits, signed, group, zero_mode, m, config):
     _check(out, ref, dtype, f"gated {config} M={m}")
     # the op through the dispatcher, its config a token table
     op_out = torch.ops.qcompile.mixed_gemm_gated(x, *tensors, None, bits, True, group, "none",
-                                                 dtype, layout, config or "")
+                                                 dtype_name(dtype), layout, config or "")
     _check(op_out, ref, dtype, f"op gated {config} M={m}")
 
 
@@ -283,8 +284,9 @@ def test_rms_norm_and_residual_in_the_kernel(act, bits, signed, group, zero_mode
                              norm=weight, eps=eps, residual=residual)
     _check(out, ref + residual.double().cpu(), dtype, f"norm + residual {config} M={m}")
     # the op through the dispatcher, its config a token table
-    op_out = torch.ops.qcompile.mixed_gemm(x, *tensors, None, bits, True, grp, "none", dtype,
-                                           layout, config or "", weight, eps, residual)
+    op_out = torch.ops.qcompile.mixed_gemm(x, *tensors, None, bits, True, grp, "none",
+                                           dtype_name(dtype), layout, config or "", weight, eps,
+                                           residual)
     _check(op_out, ref + residual.double().cpu(), dtype, f"op norm + residual {config} M={m}")
 
 
@@ -305,7 +307,7 @@ def test_rms_norm_in_the_gated_kernel(act, m, config):
                              config=config, gated=True, norm=weight, eps=1e-6)
     _check(out, ref, dtype, f"gated norm {config} M={m}")
     op_out = torch.ops.qcompile.mixed_gemm_gated(x, *tensors, None, bits, True, group, "none",
-                                                 dtype, layout, config or "", weight, 1e-6)
+                                                 dtype_name(dtype), layout, config or "", weight, 1e-6)
     _check(op_out, ref, dtype, f"op gated norm {config} M={m}")
 
 
@@ -318,7 +320,7 @@ def test_rms_norm_and_residual_refusals():
                            config="decode.t8.r16.w8", norm=torch.ones(256, device="cuda",
                                                                       dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="residual"):
-        torch.ops.qcompile.mixed_gemm(x, *tensors, None, 4, True, 128, "none", torch.bfloat16,
+        torch.ops.qcompile.mixed_gemm(x, *tensors, None, 4, True, 128, "none", "bfloat16",
                                       layout, "", None, 0.0,
                                       torch.zeros(2, 128, device="cuda", dtype=torch.bfloat16))
 
@@ -358,11 +360,13 @@ def test_norm_out_then_given_sums(act, bits, signed, group, zero_mode, m, config
     _check(y, normed64 @ w.t(), dtype, f"given sums {config} M={m}")
     # through the dispatcher: the producer op, then the reader
     o2, n2, s2 = torch.ops.qcompile.mixed_gemm_norm_out(x, *tensors, None, bits, True, grp,
-                                                        "none", dtype, layout, config or "",
+                                                        "none", dtype_name(dtype), layout,
+                                                        config or "",
                                                         residual, weight)
     _check(o2, ref, dtype, f"op norm_out {config} M={m}")
-    y2 = torch.ops.qcompile.mixed_gemm(n2, *tensors, None, bits, True, grp, "none", dtype,
-                                       layout, config or "", None, 1e-5, None, s2)
+    y2 = torch.ops.qcompile.mixed_gemm(n2, *tensors, None, bits, True, grp, "none",
+                                       dtype_name(dtype), layout, config or "", None, 1e-5, None,
+                                       s2)
     _check(y2, normed64 @ w.t(), dtype, f"op given sums {config} M={m}")
 
 
@@ -386,7 +390,7 @@ def test_given_sums_in_the_gated_kernel(m, config):
                              config=config, gated=True, eps=1e-6, norm_ssq=sums)
     _check(out, ref, dtype, f"gated given sums {config} M={m}")
     op_out = torch.ops.qcompile.mixed_gemm_gated(xg, *tensors, None, bits, True, group, "none",
-                                                 dtype, layout, config or "", None, 1e-6, sums)
+                                                 dtype_name(dtype), layout, config or "", None, 1e-6, sums)
     _check(op_out, ref, dtype, f"op gated given sums {config} M={m}")
 
 
