@@ -67,8 +67,9 @@ def _kernels():
     @triton.jit
     def partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr,
                        sq_b, sq_h, sq_r, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-                       heads, rows, s, keys_per_split, sm_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                       heads, rows, s, keys_per_split,
+                       HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SM_SCALE: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // heads
@@ -91,9 +92,12 @@ def _kernels():
             n_ok = n < end
             k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0)
-            # (in fp32 whatever type the scale argument arrives as: under Inductor a Python
-            # float may come in as a float64 constant)
-            scores = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)
+            # The scale is a constant of the kernel (an fp32 multiply in every caller). As a
+            # float argument, Inductor's generated code passed it as a float64 constant, so
+            # torch.compile multiplied in float64 where eager and AOTInductor multiplied in
+            # float32: a compiled decode step and its exported artifact then parted by one
+            # bf16 ulp in some keys and, at near ties, in their greedy tokens.
+            scores = tl.dot(q, tl.trans(k)) * SM_SCALE
             scores = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), scores,
                               float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -156,8 +160,8 @@ def _run_kernels(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, rows, input_pos.shape[0], keys_per_split, dim ** -0.5,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=_BLOCK_N, num_warps=4)
+        heads, rows, input_pos.shape[0], keys_per_split,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=_BLOCK_N, SM_SCALE=dim ** -0.5, num_warps=4)
     wrap(merge_kernel)[(b * heads, rows)](
         o_part, ml_part, out, out.stride(0), out.stride(1), out.stride(2), heads, splits,
         HEAD_DIM=dim, BLOCK_R=block_r, SPLITS=triton.next_power_of_2(splits), num_warps=4)
