@@ -1,5 +1,8 @@
 """Export / load on CUDA: the loaded artifact runs the qcompile CUDA kernels (the decode
-kernels for a token, CUTLASS for many) and matches the model it was exported from."""
+kernels for a token, CUTLASS for many) and matches the model it was exported from.
+
+Export needs a C++ compiler that links libstdc++ dynamically: where $CXX links it statically
+(the H100 image's /opt/gcc/bin/g++), export raises ExportError; run with CXX=/usr/bin/g++."""
 
 from __future__ import annotations
 
