@@ -139,3 +139,23 @@ def test_decode_step_gate_and_up_become_one_gated_op(method):
             lines = [r for r in qcompile.last_report().records if "silu(gate) * up" in r.kernel]
             assert len(lines) == (4 if gated else 0)
             assert rel_err(out, ref) <= 2e-2
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_export_makes_the_backends_fusion(fuse):
+    # The exported graph runs what the compiled model runs: a and b (one format) as one op.
+    from qcompile.export import rewrite_exported
+    from qcompile.lowering.report import Report
+
+    torch.manual_seed(0)
+    model = _Heads()
+    qcompile.quantize(model, "w4a16", group_size=64, skip=("c",))
+    qcompile.quantize(model, "w8a16", skip=("a", "b"))
+    x = torch.randn(3, 128)
+    report = Report()
+    ep = rewrite_exported(model, (x,), report=report, fuse_linears=fuse)
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function" and n.target in QC_OPS]
+    assert len(ops) == (2 if fuse else 3)
+    assert ("one launch with" in report.records[0].kernel) == fuse
+    with torch.no_grad():
+        assert rel_err(ep.module()(x), model(x)) <= 2e-2
