@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.ops import int_mm
+
 __all__ = [
     "Int8WeightOnlyLinear",
     "Int4WeightOnlyLinear",
@@ -261,7 +263,7 @@ class SmoothQuantLinear(nn.Module):
         if self.act == "dynamic":
             x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-5) / 127.0
             xq = torch.round(x.float() / x_scale).clamp(-128, 127).to(torch.int8)
-            y = _int_mm(xq, self.qweight.t()).float() * x_scale * self.w_scales
+            y = int_mm(xq, self.qweight.t()).float() * x_scale * self.w_scales
         elif self.act == "dynamic_asym":
             # [min, max] of each token, widened to hold 0 so that 0 is exact
             lo = x.amin(dim=-1, keepdim=True).float().clamp(max=0.0)
@@ -269,26 +271,15 @@ class SmoothQuantLinear(nn.Module):
             x_scale = ((hi - lo) / 255.0).clamp(min=1e-5)
             zp = (-128.0 - torch.round(lo / x_scale)).clamp(-128, 127)
             xq = (torch.round(x.float() / x_scale) + zp).clamp(-128, 127).to(torch.int8)
-            acc = _int_mm(xq, self.qweight.t()) - zp.to(torch.int32) * self.azp_adj
+            acc = int_mm(xq, self.qweight.t()) - zp.to(torch.int32) * self.azp_adj
             y = acc.float() * x_scale * self.w_scales
         else:
             xq = torch.round(x.float() / self.act_scale).clamp(-128, 127).to(torch.int8)
-            y = _int_mm(xq, self.qweight.t()).float() * (self.act_scale * self.w_scales)
+            y = int_mm(xq, self.qweight.t()).float() * (self.act_scale * self.w_scales)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
-
-
-def _int_mm(xq: torch.Tensor, wq_t: torch.Tensor) -> torch.Tensor:
-    """``torch._int_mm`` for any number of rows. CUDA's refuses M <= 16, so an eager call
-    there pads the rows (exact; the pad is dropped). A traced call (torch.compile, export)
-    keeps the plain op: the rewrite recognises it and replaces it with the qcompile op."""
-    m = xq.shape[0]
-    # is_compiling first: a traced call must not test m (a guard on a dynamic M)
-    if not torch.compiler.is_compiling() and xq.is_cuda and m <= 16:
-        return torch._int_mm(F.pad(xq, (0, 0, 0, 17 - m)), wq_t)[:m]
-    return torch._int_mm(xq, wq_t)
 
 
 def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -363,6 +363,17 @@ def _mixed_gemm_gated_fake(x, qweight, scales, zeros, bias, bits, signed, group_
     return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 
+def int_mm(xq: torch.Tensor, wq_t: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` for any number of rows. CUDA's refuses M <= 16, so an eager call
+    there pads the rows (exact; the pad is dropped). A traced call (torch.compile, export)
+    keeps the plain op: the rewrite recognises it and replaces it with the qcompile op."""
+    # is_compiling first: a traced call must not test m (a guard on a dynamic M)
+    if not torch.compiler.is_compiling() and xq.is_cuda and xq.shape[0] <= 16:
+        m = xq.shape[0]
+        return torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, 17 - m)), wq_t)[:m]
+    return torch._int_mm(xq, wq_t)
+
+
 def int8_gemm_reference(
     xq: torch.Tensor,
     wq: torch.Tensor,
@@ -385,12 +396,9 @@ def int8_gemm_reference(
     del config
     if (azp is None) != (azp_adj is None):
         raise ValueError("int8_gemm: azp and azp_adj come together")
-    m, k = xq.shape
+    k = xq.shape[1]
     if xq.device.type == "cuda" and k % 8 == 0 and wq.shape[0] % 8 == 0:
-        # torch._int_mm refuses M <= 16: pad the rows (exact, the pad is discarded).
-        pad = max(0, 17 - m)
-        xp = torch.nn.functional.pad(xq, (0, 0, 0, pad)) if pad else xq
-        acc = torch._int_mm(xp, wq.t())[:m]
+        acc = int_mm(xq, wq.t())
     elif xq.device.type == "cuda":
         acc = (xq.double() @ wq.double().t()).to(torch.int32)  # exact below 2**53
     else:
