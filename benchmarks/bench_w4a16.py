@@ -264,10 +264,11 @@ def _all_choices(mg, m, n, k, bits, mode, experimental=False):
             continue  # hopeless pairings (16-token tiles at prefill, wide tiles at decode)
         out.append(mg.Choice(cfg, mg.DECOMP_DATA_PARALLEL, 1))
         if cfg.streamk:
+            # every split count from 2 up to the one that fills the SMs: more splits fill
+            # more SMs but chain more partial sums through the workspace
             tiles = -(-n // cfg.tile_m) * -(-m // cfg.tile_n)
-            splits = min(132 // tiles, k // cfg.tile_k // 8, 16)
-            if splits >= 2:
-                out.append(mg.Choice(cfg, mg.DECOMP_SPLIT_K, splits))
+            most = min(132 // tiles, k // cfg.tile_k // 8, 16)
+            out += [mg.Choice(cfg, mg.DECOMP_SPLIT_K, s) for s in range(2, most + 1)]
             out.append(mg.Choice(cfg, mg.DECOMP_STREAM_K, 1))
     return out
 
