@@ -143,6 +143,21 @@ def test_configs_and_heuristic():
     assert (ch.config.tile_n, ch.config.streamk) == (128, False)
     ch = mg.choose_config(128, 4096, 4096, "bf16", 8, 0)
     assert ch.config.tile_n == 64 and ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 2
+    # K split on few row tiles: per-channel int8 takes two token tiles and fewer splits ...
+    for m, tile_n in ((32, 16), (64, 32)):
+        for k in (4096, 14336):
+            ch = mg.choose_config(m, 4096, k, "bf16", 8, 0)
+            assert (ch.config.tile_n, ch.decomposition, ch.splits) == (tile_n, mg.DECOMP_SPLIT_K, 2)
+    # ... but not where the two token tiles leave K whole (enough row tiles for the SMs)
+    assert mg.choose_config(64, 14336, 4096, "bf16", 8, 0).config.tile_n == 64
+    # ... group-wise int4 one token tile and more splits where each split stays deep
+    # (K = 14336: 56 K tiles a split), else two (K = 4096: 16 K tiles with one)
+    ch = mg.choose_config(128, 4096, 14336, "bf16", 4, 2)
+    assert (ch.config.tile_n, ch.decomposition, ch.splits) == (128, mg.DECOMP_SPLIT_K, 4)
+    ch = mg.choose_config(128, 4096, 4096, "bf16", 4, 2)
+    assert (ch.config.tile_n, ch.decomposition, ch.splits) == (64, mg.DECOMP_SPLIT_K, 2)
+    ch = mg.choose_config(64, 4096, 4096, "bf16", 4, 2)
+    assert (ch.config.tile_n, ch.decomposition, ch.splits) == (64, mg.DECOMP_SPLIT_K, 4)
     # a group size must be a multiple of the chosen config's K tile
     for group in (32, 64, 128, 4096):
         for c in mg._family("bf16", 4, 2, group, 4096):

@@ -192,6 +192,11 @@ class Choice:
     splits: int = 1
 
 
+# K tiles a split must keep for group-wise weights to take one token tile over two (between
+# the 16 where two won and the 56 where one won, H100; choose_config's docstring)
+DEEP_SPLIT_K_TILES = 48
+
+
 def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
                   sm_count: int = 132, group_size: int | None = None) -> Choice:
     """Pick the kernel for out[m, n] = x[m, k] @ W[n, k].T.
@@ -209,6 +214,15 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     idle (4096 output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build
     splits K over about sm_count / tiles CTAs (split-K), keeping at least 8 K tiles (512)
     per split.
+
+    Where K is split, the tokens may sit in one token tile (more splits) or two (fewer):
+    two token tiles convert each weight twice, more splits chain more partial sums through
+    the workspace. Per-channel weights (mode 0: nothing but a convert in the main loop) take
+    two whenever that still splits K (H100, --explore, 5693d91, int8, us one / two token
+    tiles: 4096x4096 M=64 22.3 / 19.6, M=32 20.8 / 19.3; 4096x14336 M=64 41.4 / 39.1);
+    group-wise ones (mode 2: scale and zero in the main loop) take one where each split
+    still gets DEEP_SPLIT_K_TILES K tiles (int4 4096x14336 M=128 128x128 split-K 4 39.7 /
+    128x64 split-K 2 46.7; 4096x4096 M=128 24.5 / 21.6, M=32 18.1 / 18.8).
     """
     family = _family(act, bits, mode, group_size, k)
     if not family:
@@ -229,22 +243,32 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     small = sorted((c for c in family if c.streamk and c.tile_n <= 64), key=lambda c: c.tile_n)
     wide = sorted((c for c in family if c.coop and not c.streamk), key=lambda c: -c.tile_n)
     wide_split = [c for c in family if c.streamk and c.tile_n > 64]
+    streamk = sorted(small + wide_split, key=lambda c: c.tile_n)
+
+    def holding(tokens: int, builds: list[MixedGemmConfig]) -> MixedGemmConfig:
+        return next((c for c in builds if c.tile_n >= tokens), builds[-1])
+
+    # the same tokens split over K in one token tile or in two (docstring)
+    one, two = split_k(holding(m, streamk)), split_k(holding(-(-m // 2), streamk))
+    if mode == 0 and two.decomposition == DECOMP_SPLIT_K:
+        return two
     if m <= 64 or not (wide or wide_split):
-        fitting = [c for c in small if c.tile_n >= m]
-        return split_k(fitting[0] if fitting else small[-1])
+        return split_k(holding(m, small))
     # prefill: the widest data-parallel tile that still gives at least half the SMs a tile,
     # but none wider than the narrowest that holds m (H100, 14336x4096 M = 128, int4: a
     # 256-token tile 50.1 us, 128 tokens 30.9: the same 112 tiles, half the MMAs)
-    holding = [c.tile_n for c in wide if c.tile_n >= m]
-    widest = min(holding) if holding else max((c.tile_n for c in wide), default=0)
+    holds = [c.tile_n for c in wide if c.tile_n >= m]
+    widest = min(holds) if holds else max((c.tile_n for c in wide), default=0)
     for c in wide:
         if c.tile_n <= widest and tiles(c) >= sm_count // 2:
             return Choice(c)
     # too few output tiles: split K over a stream-K build of at most two token tiles a row
     # tile (H100, 4096x14336 M = 256, int4: 128x128 split-K 2 55.9 us, 128x64 data-parallel
-    # 76.4, cuBLAS 67.7; 4096x4096 M = 128: 128x64 split-K 2 21.7, 128x128 split-K 4 24.5)
-    streamk = sorted(small + wide_split, key=lambda c: c.tile_n)
-    return split_k(next((c for c in streamk if 2 * c.tile_n >= m), streamk[-1]))
+    # 76.4, cuBLAS 67.7), one where group-wise weights are deep enough (docstring)
+    if one.decomposition == DECOMP_SPLIT_K and (
+            math.ceil(k / one.config.tile_k) // one.splits >= DEEP_SPLIT_K_TILES):
+        return one
+    return two
 
 
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) instead
