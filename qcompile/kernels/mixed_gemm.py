@@ -171,7 +171,8 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
 # Built for measurement only (the benchmark's --explore --experimental): none beat the
 # configs above in any cell measured (H100, M = 64 / 256 / 2048, the three issue shapes;
 # benchmarks/NOTES.md), so neither the heuristic nor autotuning uses them. The 2x1 cluster
-# multicasts each token tile to two CTAs; 128x256 stream-K splits K with the widest tile.
+# multicasts each token tile to two CTAs; 128x256 stream-K splits K with the widest tile;
+# the 128-deep K tiles halve the main loop's barrier round trips at decode sizes.
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
@@ -179,6 +180,8 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
         MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
         MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
+        *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=True)
+          for tile_n in (16, 32, 64)),
     )
 )
 
