@@ -182,6 +182,8 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
         MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
         *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=True)
           for tile_n in (16, 32, 64)),
+        *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=False)
+          for tile_n in (128, 256)),
     )
 )
 
