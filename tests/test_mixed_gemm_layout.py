@@ -158,6 +158,15 @@ def test_configs_and_heuristic():
     assert (ch.config.tile_n, ch.decomposition, ch.splits) == (64, mg.DECOMP_SPLIT_K, 2)
     ch = mg.choose_config(64, 4096, 4096, "bf16", 4, 2)
     assert (ch.config.tile_n, ch.decomposition, ch.splits) == (64, mg.DECOMP_SPLIT_K, 4)
+    # the deeper K tile of a tile built both ways, where the group size allows it; autotuning
+    # times only that one
+    assert mg.choose_config(64, 4096, 4096, "bf16", 4, 2, group_size=128).config.tile_k == 128
+    assert mg.choose_config(64, 4096, 4096, "bf16", 4, 2, group_size=64).config.tile_k == 64
+    assert mg.choose_config(32, 4096, 4096, "bf16", 8, 0).config.tile_k == 128
+    for group, depth in ((128, 128), (64, 64)):
+        names = mg.candidates(64, 4096, 4096, "bf16", 4, group, mg.LAYOUT_GROUPZERO)
+        small = [mg.choice_from_name(n).config for n in names if not n.startswith("decode.")]
+        assert {c.tile_k for c in small if c.streamk and c.tile_n <= 64} == {depth}
     # a group size must be a multiple of the chosen config's K tile
     for group in (32, 64, 128, 4096):
         for c in mg._family("bf16", 4, 2, group, 4096):

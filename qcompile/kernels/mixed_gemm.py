@@ -27,6 +27,7 @@ the op's fake implementation assumes; its contents are in the order the kernel r
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import math
@@ -146,6 +147,15 @@ def _family(act: str, bits: int, mode: int, group: int | None = None,
     return tuple(c for c in CONFIGS if _fits(c, act, bits, mode, group, k))
 
 
+def _deepest(configs: tuple[MixedGemmConfig, ...]) -> list[MixedGemmConfig]:
+    """configs less those with a deeper-K twin (the same but tile_k) among them: the deeper
+    K tile makes fewer main-loop round trips and was as fast or faster where both were timed."""
+    best: dict[MixedGemmConfig, MixedGemmConfig] = {}
+    for c in sorted(configs, key=lambda c: c.tile_k):
+        best[dataclasses.replace(c, tile_k=TILE_K)] = c
+    return [c for c in configs if best[dataclasses.replace(c, tile_k=TILE_K)] is c]
+
+
 # Every (activation, bits, mode) has the general 128x64 stream-K kernel (it runs any M);
 # the two common formats (int4 group-wise, int8 per-channel, bf16) add decode tiles
 # (16 tokens; 32 for 17-32 tokens, H100, f341de1: int4 14336x4096 M = 32 25.6 us against 28.1
@@ -162,6 +172,14 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     MixedGemmConfig("bf16", bits, mode, 128, tile_n, streamk=(tile_n <= 32))
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 128, 256)
 ) + tuple(
+    # 128-deep K tiles for the stream-K tiles of up to 64 tokens: half the main loop's
+    # barrier round trips (H100, --explore, b9d33e1 / 396f572: same tile and split 0.86-1.0x
+    # the 64-deep time, e.g. int4 4096x14336 M=64 128x64 split-K 4 31.4 vs 32.6 us, 14336x4096
+    # M=64 27.6 vs 28.2; int8 4096x4096 M=128 128x64 split-K 2 20.6 vs 21.2). Groups must be
+    # multiples of 128 (the 64-deep builds keep group 64).
+    MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=True)
+    for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 64)
+) + tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
     for cfg in (MixedGemmConfig("bf16", bits, mode, 128, 128, streamk=True),
@@ -172,7 +190,8 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
 # configs above in any cell measured (H100, M = 64 / 256 / 2048, the three issue shapes;
 # benchmarks/NOTES.md), so neither the heuristic nor autotuning uses them. The 2x1 cluster
 # multicasts each token tile to two CTAs; 128x256 stream-K splits K with the widest tile;
-# the 128-deep K tiles halve the main loop's barrier round trips at decode sizes.
+# 128-deep K on the data-parallel prefill tiles (128x128: 30.9 vs 32.0 us int4 14336x4096
+# M=128 but 40.1 vs 36.5 int8; 128x256: 2-3x slower, its stages do not fit).
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
@@ -180,8 +199,6 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
         MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
         MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
-        *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=True)
-          for tile_n in (16, 32, 64)),
         *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=False)
           for tile_n in (128, 256)),
     )
@@ -197,8 +214,8 @@ class Choice:
     splits: int = 1
 
 
-# K tiles a split must keep for group-wise weights to take one token tile over two (between
-# the 16 where two won and the 56 where one won, H100; choose_config's docstring)
+# 64-deep K tiles a split must keep for group-wise weights to take one token tile over two
+# (between the 16 where two won and the 56 where one won, H100; choose_config's docstring)
 DEEP_SPLIT_K_TILES = 48
 
 
@@ -217,8 +234,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     stream-K build of at most two token tiles a row tile split over K (2026-11-26: 4096x14336
     M=256 55.9 us on 128x128 split-K 2, against 76.4 for 128x64). Small problems leave SMs
     idle (4096 output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build
-    splits K over about sm_count / tiles CTAs (split-K), keeping at least 8 K tiles (512)
-    per split.
+    splits K over about sm_count / tiles CTAs (split-K), keeping at least 512 of K per
+    split. Of two builds of one tile, the deeper K tile where the group size allows it.
 
     Where K is split, the tokens may sit in one token tile (more splits) or two (fewer):
     two token tiles convert each weight twice, more splits chain more partial sums through
@@ -238,16 +255,17 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         return math.ceil(n / c.tile_m) * math.ceil(m / c.tile_n)
 
     def split_k(c: MixedGemmConfig) -> Choice:
-        splits = min(sm_count // max(tiles(c), 1), math.ceil(k / c.tile_k) // 8, 16)
+        splits = min(sm_count // max(tiles(c), 1), k // (8 * TILE_K), 16)
         if splits >= 2:
             return Choice(c, DECOMP_SPLIT_K, splits)
         return Choice(c, DECOMP_DATA_PARALLEL, 1)
 
     # the stream-K builds of up to 64 tokens (decode and the general fallback), the
     # data-parallel prefill tiles, the stream-K prefill tile; the pingpong one is autotuning's
-    small = sorted((c for c in family if c.streamk and c.tile_n <= 64), key=lambda c: c.tile_n)
+    deepest = [c for c in _deepest(family) if c.streamk]
+    small = sorted((c for c in deepest if c.tile_n <= 64), key=lambda c: c.tile_n)
     wide = sorted((c for c in family if c.coop and not c.streamk), key=lambda c: -c.tile_n)
-    wide_split = [c for c in family if c.streamk and c.tile_n > 64]
+    wide_split = [c for c in deepest if c.tile_n > 64]
     streamk = sorted(small + wide_split, key=lambda c: c.tile_n)
 
     def holding(tokens: int, builds: list[MixedGemmConfig]) -> MixedGemmConfig:
@@ -270,8 +288,7 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     # too few output tiles: split K over a stream-K build of at most two token tiles a row
     # tile (H100, 4096x14336 M = 256, int4: 128x128 split-K 2 55.9 us, 128x64 data-parallel
     # 76.4, cuBLAS 67.7), one where group-wise weights are deep enough (docstring)
-    if one.decomposition == DECOMP_SPLIT_K and (
-            math.ceil(k / one.config.tile_k) // one.splits >= DEEP_SPLIT_K_TILES):
+    if one.decomposition == DECOMP_SPLIT_K and k // TILE_K // one.splits >= DEEP_SPLIT_K_TILES:
         return one
     return two
 
@@ -371,7 +388,7 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
     names = [first]
     if decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
         names += decode.candidates(m, n, k, sm_count, _decode_group(mode, group_size, k))
-    family = sorted(_family(act, bits, mode, group_size, k), key=lambda c: c.tile_n)
+    family = sorted(_deepest(_family(act, bits, mode, group_size, k)), key=lambda c: c.tile_n)
     smallest_fit = next((c.tile_n for c in family if c.tile_n >= m), family[-1].tile_n)
     for cfg in family:
         if cfg.tile_n > max(smallest_fit, 64) and m <= 64:
