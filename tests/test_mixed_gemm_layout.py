@@ -129,6 +129,11 @@ def test_configs_and_heuristic():
     ch = mg.choose_config(16, 14336, 4096, "bf16", 4, 2)
     assert ch.config.tile_n == 16 and ch.decomposition == mg.DECOMP_DATA_PARALLEL
     assert mg.choose_config(2048, 14336, 4096, "bf16", 4, 2).config.tile_n >= 128
+    # prefill on wide layers: the 2x1-cluster build of the data-parallel tile; narrow: none
+    for bits, mode in ((4, 2), (8, 0)):
+        assert mg.choose_config(2048, 14336, 4096, "bf16", bits, mode).config.cluster_m == 2
+        assert mg.choose_config(2048, 4096, 14336, "bf16", bits, mode).config.cluster_m == 1
+    assert mg.choose_config(2048, 14336, 4096, "fp16", 4, 2).config.cluster_m == 1  # not built
     # prefill with too few 128-token tiles for half the SMs: the 128x128 stream-K build
     # splits K (32 x 2 tiles x 2 splits), for both common formats
     for bits, mode in ((4, 2), (8, 0)):

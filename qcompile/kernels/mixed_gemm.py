@@ -183,13 +183,23 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
     for cfg in (MixedGemmConfig("bf16", bits, mode, 128, 128, streamk=True),
-                MixedGemmConfig("bf16", bits, mode, 64, 128, coop=False, streamk=False))
+                MixedGemmConfig("bf16", bits, mode, 64, 128, coop=False, streamk=False),
+                # the 128x256 tile on a 2x1 cluster (each token tile multicast to the two
+                # CTAs of a cluster): for wide layers (CLUSTER_MIN_N)
+                MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False))
 )
+
+# Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
+# where there is one. H100, 128x256, interleaved rounds in one process (bench_w4a16.jsonl, c2ab rows of 7a752d1),
+# median us plain / cluster: 14336x4096 M=2048 int4 343.7 / 331.1, int8 345.3 / 337.3; M=1024
+# int4 181.3 / 178.4, int8 183.7 / 181.7; but 4096x14336 M=1024 156.5 / 157.5 and 158.0 /
+# 161.3 (4096 rows: 32 row tiles, and a cluster's pair must wait for each other).
+CLUSTER_MIN_N = 8192
 
 # Built for measurement only (the benchmark's --explore --experimental): none beat the
 # configs above in any cell measured (H100, M = 64 / 256 / 2048, the three issue shapes;
-# benchmarks/NOTES.md), so neither the heuristic nor autotuning uses them. The 2x1 cluster
-# multicasts each token tile to two CTAs; 128x256 stream-K splits K with the widest tile;
+# benchmarks/NOTES.md), so neither the heuristic nor autotuning uses them. 128x256 stream-K
+# splits K with the widest tile;
 # 128-deep K on the data-parallel prefill tiles (128x128: 30.9 vs 32.0 us int4 14336x4096
 # M=128 but 40.1 vs 36.5 int8; 128x256: 2-3x slower, its stages do not fit).
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
@@ -198,7 +208,6 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     for cfg in (
         MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
-        MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
         *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=False)
           for tile_n in (128, 256)),
     )
@@ -264,7 +273,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     # data-parallel prefill tiles, the stream-K prefill tile; the pingpong one is autotuning's
     deepest = [c for c in _deepest(family) if c.streamk]
     small = sorted((c for c in deepest if c.tile_n <= 64), key=lambda c: c.tile_n)
-    wide = sorted((c for c in family if c.coop and not c.streamk), key=lambda c: -c.tile_n)
+    wide = sorted((c for c in family if c.coop and not c.streamk and c.cluster_m == 1),
+                  key=lambda c: -c.tile_n)
     wide_split = [c for c in deepest if c.tile_n > 64]
     streamk = sorted(small + wide_split, key=lambda c: c.tile_n)
 
@@ -284,7 +294,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     widest = min(holds) if holds else max((c.tile_n for c in wide), default=0)
     for c in wide:
         if c.tile_n <= widest and tiles(c) >= sm_count // 2:
-            return Choice(c)
+            clustered = [t for t in family if t == dataclasses.replace(c, cluster_m=2)]
+            return Choice(clustered[0] if clustered and n >= CLUSTER_MIN_N else c)
     # too few output tiles: split K over a stream-K build of at most two token tiles a row
     # tile (H100, 4096x14336 M = 256, int4: 128x128 split-K 2 55.9 us, 128x64 data-parallel
     # 76.4, cuBLAS 67.7), one where group-wise weights are deep enough (docstring)
