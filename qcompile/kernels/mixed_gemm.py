@@ -190,10 +190,10 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
-# where there is one. H100, 128x256, interleaved rounds in one process (bench_w4a16.jsonl, c2ab rows of 7a752d1),
-# median us plain / cluster: 14336x4096 M=2048 int4 343.7 / 331.1, int8 345.3 / 337.3; M=1024
-# int4 181.3 / 178.4, int8 183.7 / 181.7; but 4096x14336 M=1024 156.5 / 157.5 and 158.0 /
-# 161.3 (4096 rows: 32 row tiles, and a cluster's pair must wait for each other).
+# where there is one. H100, 128x256, interleaved rounds in one process (bench_w4a16.jsonl,
+# the c2ab rows of 7a752d1), median us plain / cluster: 14336x4096 M=2048 int4 343.7 / 331.1,
+# int8 345.3 / 337.3; M=1024 int4 181.3 / 178.4, int8 183.7 / 181.7; but 4096x14336 M=1024
+# 156.5 / 157.5 and 158.0 / 161.3 (the 4096-row layers gain nothing).
 CLUSTER_MIN_N = 8192
 
 # Built for measurement only (the benchmark's --explore --experimental): none beat the
