@@ -196,12 +196,12 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
 # 156.5 / 157.5 and 158.0 / 161.3 (the 4096-row layers gain nothing).
 CLUSTER_MIN_N = 8192
 
-# Built for measurement only (the benchmark's --explore --experimental): none beat the
-# configs above in any cell measured (H100, M = 64 / 256 / 2048, the three issue shapes;
-# benchmarks/NOTES.md), so neither the heuristic nor autotuning uses them. 128x256 stream-K
-# splits K with the widest tile;
-# 128-deep K on the data-parallel prefill tiles (128x128: 30.9 vs 32.0 us int4 14336x4096
-# M=128 but 40.1 vs 36.5 int8; 128x256: 2-3x slower, its stages do not fit).
+# Built for measurement only (the benchmark's --explore --experimental), so neither the
+# heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
+# (H100, the three issue shapes; benchmarks/NOTES.md), and the few cells they won in between
+# (64x256 pingpong at M = 512 / 1024) are single runs. 128x256 stream-K splits K with the
+# widest tile; 128-deep K on the data-parallel prefill tiles: 128x128 30.9 vs 32.0 us int4
+# 14336x4096 M=128 but 40.1 vs 36.5 int8, 128x256 2-3x slower (its stages do not fit).
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
