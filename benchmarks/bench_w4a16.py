@@ -208,6 +208,11 @@ def main(argv=None) -> int:
                                    f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)
                                   for c in _all_choices(mg, m, n, k, fmt["bits"], mode,
                                                         args.experimental)]
+                        # the heuristic's kernel once more after them: how far the clock
+                        # drifted over the cell (up to 6% at M = 2048, benchmarks/NOTES.md)
+                        cells.append(("qcompile_again", made["qcompile"], None))
+                        if "cublas_bf16" in made:
+                            cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
                     if args.decode:
                         for fam_name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
                             if fam_name not in made:
@@ -270,6 +275,11 @@ def _all_choices(mg, m, n, k, bits, mode, experimental=False):
             most = min(132 // tiles, k // cfg.tile_k // 8, 16)
             out += [mg.Choice(cfg, mg.DECOMP_SPLIT_K, s) for s in range(2, most + 1)]
             out.append(mg.Choice(cfg, mg.DECOMP_STREAM_K, 1))
+            if tiles > 132:
+                # more tiles than SMs: the last wave part full; CUTLASS's own mix of
+                # data-parallel waves and a stream-K remainder, and halves of K (split-K 2)
+                # that quantise into waves twice as finely
+                out += [mg.Choice(cfg, mg.DECOMP_HEURISTIC, 1), mg.Choice(cfg, mg.DECOMP_SPLIT_K, 2)]
     return out
 
 
