@@ -20,6 +20,7 @@ decode kernel (M <= 32) on each family's layout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -203,6 +204,10 @@ def main(argv=None) -> int:
                         if ch.config.streamk and m <= 64:
                             cells.append(("qcompile_streamk", made["qcompile"],
                                           mg.Choice(ch.config, mg.DECOMP_STREAM_K, 1)))
+                        if ch.decomposition == mg.DECOMP_STREAM_K and m > 64:
+                            # the data-parallel build of the same tile, for the fill rule
+                            dp = dataclasses.replace(ch.config, streamk=False)
+                            cells.append(("qcompile_dp", made["qcompile"], mg.Choice(dp)))
                     if "qcompile" in made and args.explore:
                         cells += [(f"qcompile[{mg.config_name(c.config)}/{_DECOMP[c.decomposition]}"
                                    f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)

@@ -134,6 +134,14 @@ def test_configs_and_heuristic():
         assert mg.choose_config(2048, 14336, 4096, "bf16", bits, mode).config.cluster_m == 2
         assert mg.choose_config(2048, 4096, 14336, "bf16", bits, mode).config.cluster_m == 1
     assert mg.choose_config(2048, 14336, 4096, "fp16", 4, 2).config.cluster_m == 1  # not built
+    # a last wave under STREAM_K_MAX_FILL full: the 256-token tile under stream-K (4096 rows,
+    # M = 768: 96 tiles on 132 SMs); full enough (M = 1024: 128 tiles) data-parallel
+    for bits, mode in ((4, 2), (8, 0)):
+        ch = mg.choose_config(768, 4096, 14336, "bf16", bits, mode)
+        assert (ch.config.tile_n, ch.config.streamk, ch.decomposition) == \
+            (256, True, mg.DECOMP_STREAM_K)
+        ch = mg.choose_config(1024, 4096, 14336, "bf16", bits, mode)
+        assert (ch.config.tile_n, ch.config.streamk) == (256, False)
     # prefill with too few 128-token tiles for half the SMs: the 128x128 stream-K build
     # splits K (32 x 2 tiles x 2 splits), for both common formats
     for bits, mode in ((4, 2), (8, 0)):

@@ -186,7 +186,10 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
                 MixedGemmConfig("bf16", bits, mode, 64, 128, coop=False, streamk=False),
                 # the 128x256 tile on a 2x1 cluster (each token tile multicast to the two
                 # CTAs of a cluster): for wide layers (CLUSTER_MIN_N)
-                MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False))
+                MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
+                # and under the stream-K scheduler: where its tiles leave the last wave of
+                # CTAs mostly empty (STREAM_K_MAX_FILL)
+                MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True))
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
@@ -196,17 +199,26 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
 # 156.5 / 157.5 and 158.0 / 161.3 (the 4096-row layers gain nothing).
 CLUSTER_MIN_N = 8192
 
+# How full (tiles / (SMs x waves)) the data-parallel 256-token tile's waves must be for the
+# heuristic to keep it; below, its stream-K build spreads the tiles' K over every SM. H100,
+# --explore, 6498870 (the heuristic re-timed after each cell: drift under 2%), us data-parallel
+# / stream-K: 4096x14336 (fill 0.73) M=768 int4 143.3 / 131.5, int8 143.8 / 131.1, M=1536
+# 291.7 / 251.4, 293.1 / 253.2; but 14336x4096 (fill 0.85) M=512 91.4 / 91.2, M=1024 179.9 /
+# 174.4, and at M=256 47.4 / 51.9 (8548031); 4096x14336 (fill 0.97) M=1024 160.3 / 170.7,
+# M=2048 338.0 / 390.1. CUTLASS's stream-K costs roughly 10-20% of the data-parallel time in
+# partial-sum fix-ups, so only a last wave under about three quarters full pays for it.
+STREAM_K_MAX_FILL = 0.8
+
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
 # (H100, the three issue shapes; benchmarks/NOTES.md), and the few cells they won in between
-# (64x256 pingpong at M = 512 / 1024) are single runs. 128x256 stream-K splits K with the
-# widest tile; 128-deep K on the data-parallel prefill tiles: 128x128 30.9 vs 32.0 us int4
-# 14336x4096 M=128 but 40.1 vs 36.5 int8, 128x256 2-3x slower (its stages do not fit).
+# (64x256 pingpong at M = 512 / 1024) are single runs. 128-deep K on the data-parallel
+# prefill tiles: 128x128 30.9 vs 32.0 us int4 14336x4096 M=128 but 40.1 vs 36.5 int8, 128x256
+# 2-3x slower (its stages do not fit).
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
     for cfg in (
-        MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
         *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=False)
           for tile_n in (128, 256)),
@@ -275,7 +287,9 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     small = sorted((c for c in deepest if c.tile_n <= 64), key=lambda c: c.tile_n)
     wide = sorted((c for c in family if c.coop and not c.streamk and c.cluster_m == 1),
                   key=lambda c: -c.tile_n)
-    wide_split = [c for c in deepest if c.tile_n > 64]
+    # (not the 256-token stream-K build: it serves the rule for part-empty waves below, and
+    # splitting K on it lost, H100 4096x14336 M=256 int4: split-K 4 60.7 us, 128x128 55.9)
+    wide_split = [c for c in deepest if 64 < c.tile_n < 256]
     streamk = sorted(small + wide_split, key=lambda c: c.tile_n)
 
     def holding(tokens: int, builds: list[MixedGemmConfig]) -> MixedGemmConfig:
@@ -294,6 +308,12 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     widest = min(holds) if holds else max((c.tile_n for c in wide), default=0)
     for c in wide:
         if c.tile_n <= widest and tiles(c) >= sm_count // 2:
+            # a last wave mostly empty: the same tile under the stream-K scheduler (measured
+            # for the 256-token tile; STREAM_K_MAX_FILL)
+            waves = tiles(c) / sm_count
+            streamed = [t for t in family if t == dataclasses.replace(c, streamk=True)]
+            if c.tile_n >= 256 and streamed and waves / math.ceil(waves) < STREAM_K_MAX_FILL:
+                return Choice(streamed[0], DECOMP_STREAM_K, 1)
             clustered = [t for t in family if t == dataclasses.replace(c, cluster_m=2)]
             return Choice(clustered[0] if clustered and n >= CLUSTER_MIN_N else c)
     # too few output tiles: split K over a stream-K build of at most two token tiles a row
