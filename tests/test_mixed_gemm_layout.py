@@ -142,6 +142,10 @@ def test_configs_and_heuristic():
             (256, True, mg.DECOMP_STREAM_K)
         ch = mg.choose_config(1024, 4096, 14336, "bf16", bits, mode)
         assert (ch.config.tile_n, ch.config.streamk) == (256, False)
+        # one part-full wave with a short K loop stays data-parallel; two waves do not
+        assert not mg.choose_config(768, 4096, 4096, "bf16", bits, mode).config.streamk
+        ch = mg.choose_config(1280, 4096, 4096, "bf16", bits, mode)
+        assert (ch.config.tile_n, ch.decomposition) == (256, mg.DECOMP_STREAM_K)
     # prefill with too few 128-token tiles for half the SMs: the 128x128 stream-K build
     # splits K (32 x 2 tiles x 2 splits), for both common formats
     for bits, mode in ((4, 2), (8, 0)):

@@ -208,6 +208,12 @@ CLUSTER_MIN_N = 8192
 # M=2048 338.0 / 390.1. CUTLASS's stream-K costs roughly 10-20% of the data-parallel time in
 # partial-sum fix-ups, so only a last wave under about three quarters full pays for it.
 STREAM_K_MAX_FILL = 0.8
+# ... and, where all its tiles fit one wave, only for K from this (a short K loop does not
+# carry the fix-ups: 96 tiles, us data-parallel / stream-K, 934357a, int4: 4096x4096 M=768
+# 45.7 / 47.3, 6144x4096 M=512 46.2 / 47.9, but 4096x14336 M=768 144.8 / 130.7; with more
+# than one wave stream-K won at K = 4096 too: 4096x4096 M=1280 89.6 / 67.1, 6144x4096 M=1024
+# 90.0 / 79.0).
+STREAM_K_ONE_WAVE_MIN_K = 8192
 
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the token counts
@@ -312,7 +318,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
             # for the 256-token tile; STREAM_K_MAX_FILL)
             waves = tiles(c) / sm_count
             streamed = [t for t in family if t == dataclasses.replace(c, streamk=True)]
-            if c.tile_n >= 256 and streamed and waves / math.ceil(waves) < STREAM_K_MAX_FILL:
+            if (c.tile_n >= 256 and streamed and waves / math.ceil(waves) < STREAM_K_MAX_FILL
+                    and (waves > 1 or k >= STREAM_K_ONE_WAVE_MIN_K)):
                 return Choice(streamed[0], DECOMP_STREAM_K, 1)
             clustered = [t for t in family if t == dataclasses.replace(c, cluster_m=2)]
             return Choice(clustered[0] if clustered and n >= CLUSTER_MIN_N else c)
