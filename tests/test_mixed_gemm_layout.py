@@ -134,18 +134,22 @@ def test_configs_and_heuristic():
         assert mg.choose_config(2048, 14336, 4096, "bf16", bits, mode).config.cluster_m == 2
         assert mg.choose_config(2048, 4096, 14336, "bf16", bits, mode).config.cluster_m == 1
     assert mg.choose_config(2048, 14336, 4096, "fp16", 4, 2).config.cluster_m == 1  # not built
-    # a last wave under STREAM_K_MAX_FILL full: the 256-token tile under stream-K (4096 rows,
-    # M = 768: 96 tiles on 132 SMs); full enough (M = 1024: 128 tiles) data-parallel
+    # the prefill cost model (whole waves of tiles): 4096 rows (32 row tiles) on 132 SMs take
+    # 256-token tiles at M = 1024 (128 tiles, one wave), 192-token tiles at M = 768 (128 tiles
+    # where 256 leave 96), the 256-token tile under stream-K at M = 1280 (160 tiles)
     for bits, mode in ((4, 2), (8, 0)):
-        ch = mg.choose_config(768, 4096, 14336, "bf16", bits, mode)
-        assert (ch.config.tile_n, ch.config.streamk, ch.decomposition) == \
-            (256, True, mg.DECOMP_STREAM_K)
-        ch = mg.choose_config(1024, 4096, 14336, "bf16", bits, mode)
-        assert (ch.config.tile_n, ch.config.streamk) == (256, False)
-        # one part-full wave with a short K loop stays data-parallel; two waves do not
-        assert not mg.choose_config(768, 4096, 4096, "bf16", bits, mode).config.streamk
-        ch = mg.choose_config(1280, 4096, 4096, "bf16", bits, mode)
-        assert (ch.config.tile_n, ch.decomposition) == (256, mg.DECOMP_STREAM_K)
+        for k in (4096, 14336):
+            ch = mg.choose_config(1024, 4096, k, "bf16", bits, mode)
+            assert (ch.config.tile_n, ch.config.streamk) == (256, False)
+            ch = mg.choose_config(768, 4096, k, "bf16", bits, mode)
+            assert (ch.config.tile_n, ch.config.streamk) == (192, False)
+            ch = mg.choose_config(1280, 4096, k, "bf16", bits, mode)
+            assert (ch.config.tile_n, ch.decomposition) == (256, mg.DECOMP_STREAM_K)
+        # one part-full wave with a short K loop never streams (6144 rows, M = 512: 96 tiles)
+        assert not mg.choose_config(512, 6144, 4096, "bf16", bits, mode).config.streamk
+        # 14336 rows: 256-token tiles (on the cluster) at M = 1024, 192 at M = 1536
+        assert mg.choose_config(1024, 14336, 4096, "bf16", bits, mode).config.tile_n == 256
+        assert mg.choose_config(1536, 14336, 4096, "bf16", bits, mode).config.tile_n == 192
     # prefill with too few 128-token tiles for half the SMs: the 128x128 stream-K build
     # splits K (32 x 2 tiles x 2 splits), for both common formats
     for bits, mode in ((4, 2), (8, 0)):

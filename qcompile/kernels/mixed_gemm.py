@@ -188,8 +188,11 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
                 # CTAs of a cluster): for wide layers (CLUSTER_MIN_N)
                 MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
                 # and under the stream-K scheduler: where its tiles leave the last wave of
-                # CTAs mostly empty (STREAM_K_MAX_FILL)
-                MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True))
+                # CTAs mostly empty (STREAM_K_COST)
+                MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
+                # a 192-token tile: a full wave where 128 and 256 leave one part-empty
+                # (TILE_FIXED_TOKENS)
+                MixedGemmConfig("bf16", bits, mode, 128, 192, streamk=False))
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
@@ -199,16 +202,24 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
 # 156.5 / 157.5 and 158.0 / 161.3 (the 4096-row layers gain nothing).
 CLUSTER_MIN_N = 8192
 
-# How full (tiles / (SMs x waves)) the data-parallel 256-token tile's waves must be for the
-# heuristic to keep it; below, its stream-K build spreads the tiles' K over every SM. H100,
-# --explore, 6498870 (the heuristic re-timed after each cell: drift under 2%), us data-parallel
-# / stream-K: 4096x14336 (fill 0.73) M=768 int4 143.3 / 131.5, int8 143.8 / 131.1, M=1536
-# 291.7 / 251.4, 293.1 / 253.2; but 14336x4096 (fill 0.85) M=512 91.4 / 91.2, M=1024 179.9 /
-# 174.4, and at M=256 47.4 / 51.9 (8548031); 4096x14336 (fill 0.97) M=1024 160.3 / 170.7,
-# M=2048 338.0 / 390.1. CUTLASS's stream-K costs roughly 10-20% of the data-parallel time in
-# partial-sum fix-ups, so only a last wave under about three quarters full pays for it.
-STREAM_K_MAX_FILL = 0.8
-# ... and, where all its tiles fit one wave, only for K from this (a short K loop does not
+# The prefill tiles' cost model (choose_config): a data-parallel output tile of t tokens takes
+# time in proportion to TILE_FIXED_TOKENS + t (converting its 128 weight rows costs about as
+# much as 55 tokens of MMAs: H100, 14336x4096 M=2048, 128-token tiles 401 us in 14 waves,
+# 256-token 340 in 7), and the kernel as many tile times as it has waves of tiles, the last one
+# counted whole. That picks the 192-token tile where 128 and 256 leave a wave part-empty
+# (interleaved rounds, c2d8bdb, us 192 / heuristic before / cuBLAS: int4 4096x4096 M=768 39.0 /
+# 46.2 / 39.3, M=1536 71.5 / 79.4 / 71.6; 14336x4096 M=1280 211.4 / 225.7 / 223.2, M=1536
+# 250.8 / 272.4 / 268.2; 4096x14336 M=768 117.2 / 128.9 / 126.7) and keeps every pick measured
+# before (benchmarks/NOTES.md).
+TILE_FIXED_TOKENS = 55
+# The 256-token tile under the stream-K scheduler spreads a fractional last wave over every SM
+# at this cost factor (CUTLASS's fix-ups of partial sums: 10-20% of the data-parallel time, so
+# taken where the last wave is under 0.8 full). H100, --explore, 6498870, us data-parallel /
+# stream-K: 4096x14336 (fill 0.73) M=768 int4 143.3 / 131.5, M=1536 291.7 / 251.4; 14336x4096
+# (fill 0.85) M=512 91.4 / 91.2, M=1024 179.9 / 174.4, M=256 47.4 / 51.9 (8548031); 4096x14336
+# (fill 0.97) M=1024 160.3 / 170.7, M=2048 338.0 / 390.1.
+STREAM_K_COST = 1.25
+# Stream-K where all the tiles fit one wave only for K from this (a short K loop does not
 # carry the fix-ups: 96 tiles, us data-parallel / stream-K, 934357a, int4: 4096x4096 M=768
 # 45.7 / 47.3, 6144x4096 M=512 46.2 / 47.9, but 4096x14336 M=768 144.8 / 130.7; with more
 # than one wave stream-K won at K = 4096 too: 4096x4096 M=1280 89.6 / 67.1, 6144x4096 M=1024
@@ -228,7 +239,6 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
         *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=False)
           for tile_n in (128, 256)),
-        MixedGemmConfig("bf16", bits, mode, 128, 192, streamk=False),
     )
 )
 
@@ -257,8 +267,9 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     stream-K), and 128x256 beat 128x128 at M=2048 (330-342 vs 391 us at 14336x4096).
 
     Token tile: for m <= 64 the smallest built tile (16 / 64) that holds m (fewer wasted
-    MMA columns at decode); beyond, the widest tile (256 / 128, data-parallel) that still
-    gives at least half the SMs a tile (none wider than the narrowest that holds m), else a
+    MMA columns at decode); beyond, of the data-parallel tiles (128 / 192 / 256) that give at
+    least half the SMs a tile, the one whose waves of tiles take least time by a cost model
+    (TILE_FIXED_TOKENS; the 256-token tile also under stream-K, STREAM_K_COST), else a
     stream-K build of at most two token tiles a row tile split over K (2026-11-26: 4096x14336
     M=256 55.9 us on 128x128 split-K 2, against 76.4 for 128x64). Small problems leave SMs
     idle (4096 output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build
@@ -308,22 +319,27 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         return two
     if m <= 64 or not (wide or wide_split):
         return split_k(holding(m, small))
-    # prefill: the widest data-parallel tile that still gives at least half the SMs a tile,
-    # but none wider than the narrowest that holds m (H100, 14336x4096 M = 128, int4: a
-    # 256-token tile 50.1 us, 128 tokens 30.9: the same 112 tiles, half the MMAs)
-    holds = [c.tile_n for c in wide if c.tile_n >= m]
-    widest = min(holds) if holds else max((c.tile_n for c in wide), default=0)
+    # prefill: of the data-parallel tiles that give at least half the SMs a tile (and the
+    # 256-token tile under stream-K), the least estimated time: whole waves of tiles, a tile
+    # costing its MMAs plus the conversion of its weights (TILE_FIXED_TOKENS); stream-K pays
+    # STREAM_K_COST for a fractional wave (and not with one wave of short K loops)
+    def tile_cost(c: MixedGemmConfig) -> float:
+        return TILE_FIXED_TOKENS + c.tile_n
+
+    options: list[tuple[float, int, Choice]] = []
     for c in wide:
-        if c.tile_n <= widest and tiles(c) >= sm_count // 2:
-            # a last wave mostly empty: the same tile under the stream-K scheduler (measured
-            # for the 256-token tile; STREAM_K_MAX_FILL)
-            waves = tiles(c) / sm_count
-            streamed = [t for t in family if t == dataclasses.replace(c, streamk=True)]
-            if (c.tile_n >= 256 and streamed and waves / math.ceil(waves) < STREAM_K_MAX_FILL
-                    and (waves > 1 or k >= STREAM_K_ONE_WAVE_MIN_K)):
-                return Choice(streamed[0], DECOMP_STREAM_K, 1)
-            clustered = [t for t in family if t == dataclasses.replace(c, cluster_m=2)]
-            return Choice(clustered[0] if clustered and n >= CLUSTER_MIN_N else c)
+        if tiles(c) < sm_count // 2:
+            continue
+        waves = tiles(c) / sm_count
+        clustered = [t for t in family if t == dataclasses.replace(c, cluster_m=2)]
+        options.append((math.ceil(waves) * tile_cost(c), -c.tile_n,
+                        Choice(clustered[0] if clustered and n >= CLUSTER_MIN_N else c)))
+        streamed = [t for t in family if t == dataclasses.replace(c, streamk=True)]
+        if c.tile_n >= 256 and streamed and (waves > 1 or k >= STREAM_K_ONE_WAVE_MIN_K):
+            options.append((waves * tile_cost(c) * STREAM_K_COST, -c.tile_n,
+                            Choice(streamed[0], DECOMP_STREAM_K, 1)))
+    if options:
+        return min(options, key=lambda o: o[:2])[2]
     # too few output tiles: split K over a stream-K build of at most two token tiles a row
     # tile (H100, 4096x14336 M = 256, int4: 128x128 split-K 2 55.9 us, 128x64 data-parallel
     # 76.4, cuBLAS 67.7), one where group-wise weights are deep enough (docstring)
