@@ -213,12 +213,12 @@ CLUSTER_MIN_N = 8192
 # before (benchmarks/NOTES.md).
 TILE_FIXED_TOKENS = 55
 # The 256-token tile under the stream-K scheduler spreads a fractional last wave over every SM
-# at this cost factor (CUTLASS's fix-ups of partial sums: 10-20% of the data-parallel time, so
-# taken where the last wave is under 0.8 full). H100, --explore, 6498870, us data-parallel /
-# stream-K: 4096x14336 (fill 0.73) M=768 int4 143.3 / 131.5, M=1536 291.7 / 251.4; 14336x4096
-# (fill 0.85) M=512 91.4 / 91.2, M=1024 179.9 / 174.4, M=256 47.4 / 51.9 (8548031); 4096x14336
-# (fill 0.97) M=1024 160.3 / 170.7, M=2048 338.0 / 390.1.
-STREAM_K_COST = 1.25
+# at this cost factor (CUTLASS's fix-ups of partial sums), so it is taken where the last wave
+# is under 0.87 full. H100, interleaved rounds (b3ce370; .device/pref.py rows), us data-parallel
+# / stream-K: 14336x4096 (fill 0.85) M=1024 int4 180.5 / 170.6, M=768 133.8 / 130.9, M=512
+# 90.8 / 90.9; 28672x4096 M=512 178.5 / 169.9; 4096x14336 M=1280 (fill 0.61) 284.2 / 206.3;
+# full waves: 4096x14336 M=1024 154.4 / 167.0, M=2048 324.4 / 383.1.
+STREAM_K_COST = 1.15
 # Stream-K where all the tiles fit one wave only for K from this (a short K loop does not
 # carry the fix-ups: 96 tiles, us data-parallel / stream-K, 934357a, int4: 4096x4096 M=768
 # 45.7 / 47.3, 6144x4096 M=512 46.2 / 47.9, but 4096x14336 M=768 144.8 / 130.7; with more
