@@ -160,9 +160,9 @@ def _deepest(configs: tuple[MixedGemmConfig, ...]) -> list[MixedGemmConfig]:
 # the two common formats (int4 group-wise, int8 per-channel, bf16) add decode tiles
 # (16 tokens; 32 for 17-32 tokens, H100, f341de1: int4 14336x4096 M = 32 25.6 us against 28.1
 # on the 64-token tile, 4096x4096 18.3 against 20.2 with split-K 4), data-parallel 128x128 /
-# 128x256 tiles for prefill (a wider token tile reuses each converted weight fragment for
-# more MMAs), a 128x128 stream-K build for prefill with
-# too few output tiles to fill the SMs (it splits K), and a 64x128 pingpong tile that
+# 128x192 / 128x256 tiles for prefill (a wider token tile reuses each converted weight
+# fragment for more MMAs), stream-K builds of 128x128 for prefill with too few output tiles
+# to fill the SMs (it splits K) and of 128x256 for part-empty waves, and a 64x128 pingpong tile that
 # autotuning may pick (H100, 4096x4096 M = 256: 23.1 us int4, 21.5 int8, against 25.3 / 24.7
 # for the 128x128 split-K the heuristic takes; benchmarks/NOTES.md).
 CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
