@@ -147,13 +147,22 @@ def _family(act: str, bits: int, mode: int, group: int | None = None,
     return tuple(c for c in CONFIGS if _fits(c, act, bits, mode, group, k))
 
 
-def _deepest(configs: tuple[MixedGemmConfig, ...]) -> list[MixedGemmConfig]:
+@functools.cache  # of immutable configs; the heuristic runs it on every call without a config
+def _deepest(configs: tuple[MixedGemmConfig, ...]) -> tuple[MixedGemmConfig, ...]:
     """configs less those with a deeper-K twin (the same but tile_k) among them: the deeper
     K tile makes fewer main-loop round trips and was as fast or faster where both were timed."""
-    best: dict[MixedGemmConfig, MixedGemmConfig] = {}
-    for c in sorted(configs, key=lambda c: c.tile_k):
-        best[dataclasses.replace(c, tile_k=TILE_K)] = c
-    return [c for c in configs if best[dataclasses.replace(c, tile_k=TILE_K)] is c]
+    key = {c: dataclasses.replace(c, tile_k=TILE_K) for c in configs}
+    best = {key[c]: c for c in sorted(configs, key=lambda c: c.tile_k)}
+    return tuple(c for c in configs if best[key[c]] is c)
+
+
+@functools.cache
+def _twin(c: MixedGemmConfig, family: tuple[MixedGemmConfig, ...],
+          **changes) -> MixedGemmConfig | None:
+    """The build of ``family`` that is ``c`` with ``changes`` (another schedule or cluster of
+    the same tile), or None where it is not built."""
+    twin = dataclasses.replace(c, **changes)
+    return twin if twin in family else None
 
 
 # Every (activation, bits, mode) has the general 128x64 stream-K kernel (it runs any M);
@@ -314,7 +323,7 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         return next((c for c in builds if c.tile_n >= tokens), builds[-1])
 
     # the same tokens split over K in one token tile or in two (docstring)
-    one, two = split_k(holding(m, streamk)), split_k(holding(-(-m // 2), streamk))
+    two = split_k(holding(-(-m // 2), streamk))
     if mode == 0 and two.decomposition == DECOMP_SPLIT_K:
         return two
     if m <= 64 or not (wide or wide_split):
@@ -331,18 +340,18 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         if tiles(c) < sm_count // 2:
             continue
         waves = tiles(c) / sm_count
-        clustered = [t for t in family if t == dataclasses.replace(c, cluster_m=2)]
-        options.append((math.ceil(waves) * tile_cost(c), -c.tile_n,
-                        Choice(clustered[0] if clustered and n >= CLUSTER_MIN_N else c)))
-        streamed = [t for t in family if t == dataclasses.replace(c, streamk=True)]
-        if c.tile_n >= 256 and streamed and (waves > 1 or k >= STREAM_K_ONE_WAVE_MIN_K):
+        clustered = _twin(c, family, cluster_m=2) if n >= CLUSTER_MIN_N else None
+        options.append((math.ceil(waves) * tile_cost(c), -c.tile_n, Choice(clustered or c)))
+        streamed = _twin(c, family, streamk=True) if c.tile_n >= 256 else None
+        if streamed and (waves > 1 or k >= STREAM_K_ONE_WAVE_MIN_K):
             options.append((waves * tile_cost(c) * STREAM_K_COST, -c.tile_n,
-                            Choice(streamed[0], DECOMP_STREAM_K, 1)))
+                            Choice(streamed, DECOMP_STREAM_K, 1)))
     if options:
         return min(options, key=lambda o: o[:2])[2]
     # too few output tiles: split K over a stream-K build of at most two token tiles a row
     # tile (H100, 4096x14336 M = 256, int4: 128x128 split-K 2 55.9 us, 128x64 data-parallel
     # 76.4, cuBLAS 67.7), one where group-wise weights are deep enough (docstring)
+    one = split_k(holding(m, streamk))
     if one.decomposition == DECOMP_SPLIT_K and k // TILE_K // one.splits >= DEEP_SPLIT_K_TILES:
         return one
     return two
