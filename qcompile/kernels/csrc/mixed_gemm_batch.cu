@@ -7,8 +7,11 @@
 // 2 GFLOP against an 8 MB int4 weight), but the decode kernel's CTAs own only 16-32 rows and
 // split K among their warps, so each CTA reads all of x: N / 32 passes over x from L2, 64 MB
 // at 4096x4096 and 64 tokens against the 8 MB weight. Here the warps of a CTA each own
-// 16 * kR rows and walk the *same* K chunks, so a chunk of x is fetched into L1 once a CTA and
-// read there by all its warps; a CTA covers 64-256 rows. To give every SM a CTA even so, K is
+// 16 * kR rows and walk the *same* K chunks: the CTA copies each round's slab of x (its tokens
+// x the round's chunks) into shared memory once (cp.async, double-buffered, while the warps'
+// weight loads of the round are in flight) and all its warps read it there; a CTA covers
+// 64-256 rows. (Read by every warp from global memory instead, through L1, x cost 2-3x the
+// time of the CUTLASS GEMM at 32-64 tokens on an H100: the warps' misses each went to L2.) To give every SM a CTA even so, K is
 // split over the CTAs of a thread-block cluster (grid.z, up to 8): each sums its K range and
 // the cluster adds the partial tiles through distributed shared memory, in rank order
 // (deterministic; no workspace, no second kernel, no atomics).
@@ -63,6 +66,25 @@ constexpr int kMaxWarps = 8;
 constexpr int kMaxSplits = 8;  // the portable cluster size
 // Chunk-tile loads a warp issues before converting any (as in the decode kernel).
 constexpr int kRoundLoads = kBits == 8 ? 2 : 4;
+constexpr int kPad = 8;  // activation elements after each staged token row: no bank conflicts
+
+// The chunks a round takes (kR row tiles a warp, each a chunk-tile load), the shared memory a
+// CTA stages x in (two slabs of 8 kNT tokens x the round's K) and its reduction's tiles.
+template <int kR>
+constexpr int round_chunks() { return kRoundLoads / kR > 0 ? kRoundLoads / kR : 1; }
+template <int kNT, int kR>
+constexpr int slab_pitch() { return round_chunks<kR>() * kChunkK + kPad; }
+template <int kNT, int kR>
+constexpr int smem_bytes(int warps) {
+  const int slabs = 2 * 8 * kNT * slab_pitch<kNT, kR>() * static_cast<int>(sizeof(Act));
+  const int reduce = warps * kR * kNT * 4 * 32 * static_cast<int>(sizeof(float));
+  return slabs > reduce ? slabs : reduce;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src));
+}
 
 static_assert(QC_MODE == 0 || QC_MODE == 2, "QC_MODE must be 0 (rowscale) or 2 (groupzero)");
 static_assert(!(QC_LAYOUT == 1 && QC_MODE == 0), "the sm80 v2 layout is group-wise only");
@@ -103,8 +125,13 @@ __device__ __forceinline__ void weights(uint32_t (&a)[4], Act2 s_lo, Act2 z_lo, 
 
 template <int kNT, int kR>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_batch_kernel(const Params p) {
-  constexpr int kUnroll = kRoundLoads / kR > 0 ? kRoundLoads / kR : 1;  // chunks a round
-  extern __shared__ float red[];  // [warps][kR][kNT][4][32], the cluster's partial tiles
+  constexpr int kUnroll = round_chunks<kR>();
+  constexpr int kPitch = slab_pitch<kNT, kR>();
+  // the x slabs [2][8 kNT][kPitch] in the main loop, then the cluster's partial tiles
+  // [warps][kR][kNT][4][32]
+  extern __shared__ float4 smem[];
+  Act* xs = reinterpret_cast<Act*>(smem);
+  float* red = reinterpret_cast<float*>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile0 = (blockIdx.x * warps + warp) * kR;  // this warp's first 16-row tile
@@ -120,15 +147,24 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_batch_kernel(const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][j][e] = 0.f;
 
-  // B fragments: lane (g, t) feeds token m0 + 8j + g
-  const Act* xrow[kNT];
+  // B fragments: lane (g, t) feeds token m0 + 8j + g, row 8j + g of a slab
   bool xok[kNT];
 #pragma unroll
-  for (int j = 0; j < kNT; ++j) {
-    const int m = m0 + 8 * j + g;
-    xok[j] = m < M;
-    xrow[j] = p.x + (size_t)(xok[j] ? m : 0) * K;
-  }
+  for (int j = 0; j < kNT; ++j) xok[j] = m0 + 8 * j + g < M;
+
+  // stage the x slab of chunks c0 .. c0 + kUnroll - 1 (those before c_end) into slab `buf`:
+  // the CTA's tokens below M only (the others' fragments are zeros, never read)
+  const int tokens = min(8 * kNT, M - m0);
+  const auto stage = [&](int buf, int c0) {
+    const int pieces = min(kUnroll, c_end - c0) * (kChunkK / 8);  // 16-byte pieces a token
+    for (int i = threadIdx.x; i < tokens * pieces; i += blockDim.x) {
+      const int row = i / pieces, q = i % pieces;
+      cp_async16(xs + (buf * 8 * kNT + row) * kPitch + 8 * q,
+                 p.x + (size_t)(m0 + row) * K + c0 * kChunkK + 8 * q);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  stage(0, c_begin);
 
   WeightWalk walk[kR];
   int sz_col[kR];
@@ -138,7 +174,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_batch_kernel(const 
     sz_col[r] = (tile0 + r) * 16 + g;
   }
 
-  for (int c0 = c_begin; c0 < c_end; c0 += kUnroll) {
+  for (int c0 = c_begin, buf = 0; c0 < c_end; c0 += kUnroll, buf ^= 1) {
     // a round: the loads of kUnroll chunks x kR row tiles, all issued before any is used
     uint32_t raw[kUnroll][kR][4][kWords];
     Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
@@ -159,13 +195,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_batch_kernel(const 
 #endif
       }
     }
+    // the next round's slab into the other buffer (free: every warp passed the barrier after
+    // reading it), then wait for this round's
+    if (c0 + kUnroll < c_end) stage(buf ^ 1, c0 + kUnroll);
+    else asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 1;\n" ::);
+    __syncthreads();
+    const Act* slab = xs + (buf * 8 * kNT + g) * kPitch;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u;
       if (c >= c_end) continue;
       uint32_t b[kNT][4][2];
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) load_x(b[j], xrow[j] + c * kChunkK, t, xok[j]);
+      for (int j = 0; j < kNT; ++j) load_x<true>(b[j], slab + 8 * j * kPitch + u * kChunkK, t, xok[j]);
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
         Act2 s_lo, z_lo, s_hi, z_hi;
@@ -185,6 +228,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_batch_kernel(const 
         }
       }
     }
+    __syncthreads();  // every warp is done with this slab before it is refilled
   }
 
   // out = sum * rowscale + bias for element (r, j, e) of the warp's tile with sum v
@@ -240,12 +284,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_batch_kernel(const 
 template <int kNT, int kR>
 cudaError_t launch(const Params& p, int warps, int splits, cudaStream_t s) {
   const auto kernel = mixed_gemm_batch_kernel<kNT, kR>;
-  const int smem = splits > 1 ? warps * kR * kNT * 4 * 32 * static_cast<int>(sizeof(float)) : 0;
+  const int smem = smem_bytes<kNT, kR>(warps);
   static bool opted = false;  // a benign race: every writer sets the same attribute
   if (!opted) {
-    const int most = kMaxWarps * kR * kNT * 4 * 32 * static_cast<int>(sizeof(float));
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<kNT, kR>(kMaxWarps));
     if (err != cudaSuccess) return err;
     opted = true;
   }
