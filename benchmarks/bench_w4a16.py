@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                             cands = fam.candidates(m, n, k, "bf16", fmt["bits"], fmt["group"],
                                                    layouts[fam_name], 132)
                             cells += [(f"{fam_name}[{c}]", made[fam_name], c)
-                                      for c in cands if c.startswith(("decode.", "batch."))]
+                                      for c in cands if c.startswith("decode.")]
                     for name, fn, choice in cells:
                         if choice is not None:
                             call = functools.partial(fn, x, choice)

@@ -60,16 +60,15 @@ def _export(args) -> int:
 
 
 def _build(args) -> int:
-    from qcompile.kernels import build, int8_gemm, mixed_gemm, mixed_gemm_batch, mixed_gemm_decode, mixed_gemm_sm80
+    from qcompile.kernels import build, int8_gemm, mixed_gemm, mixed_gemm_decode, mixed_gemm_sm80
     specs = [int8_gemm.kernel_spec(c, d) for c in int8_gemm.available_configs(args.arch)
              for d in int8_gemm._OUT_DTYPES]
     specs += [int8_gemm.decode_spec(d) for d in int8_gemm._OUT_DTYPES]
     if args.arch == "sm_90a":
         specs += [build.KernelSpec(mixed_gemm.SOURCE, c.defines(), "sm_90a")
                   for c in mixed_gemm.CONFIGS]
-        specs += [mod.kernel_spec(b)
-                  for b in mixed_gemm_decode.builds(mixed_gemm_decode.LAYOUT_SM90)
-                  for mod in (mixed_gemm_decode, mixed_gemm_batch)]
+        specs += [mixed_gemm_decode.kernel_spec(b)
+                  for b in mixed_gemm_decode.builds(mixed_gemm_decode.LAYOUT_SM90)]
     elif args.arch == "sm_80":
         specs += [mixed_gemm_sm80.kernel_spec(c) for c in mixed_gemm_sm80.CONFIGS]
         specs += [mixed_gemm_decode.kernel_spec(b)

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import mixed_gemm_batch as batch
 from . import mixed_gemm_decode as decode
 from . import ops
 
@@ -409,9 +408,8 @@ _DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk"}
 def choice_name(choice: Choice | decode.DecodeChoice) -> str:
     """The stable name of a choice (config plus work split), e.g.
     ``bf16.w4.gz.128x16x64.coop.sk/sk4`` (split-K into 4) or ``.../dp``; decode-kernel
-    choices are named by that module (``decode.t8.r16.w8``), small-batch-kernel ones by
-    theirs (``batch.t64.r128.w8.s4``)."""
-    if isinstance(choice, (decode.DecodeChoice, batch.BatchChoice)):
+    choices are named by that module (``decode.t8.r16.w8``)."""
+    if isinstance(choice, decode.DecodeChoice):
         return choice.name
     name = config_name(choice.config)
     if not choice.config.streamk:
@@ -426,12 +424,10 @@ def _configs_by_name() -> dict[str, MixedGemmConfig]:
     return {config_name(c): c for c in CONFIGS + EXPERIMENTAL_CONFIGS}
 
 
-def choice_from_name(name: str) -> Choice | decode.DecodeChoice | batch.BatchChoice:
+def choice_from_name(name: str) -> Choice | decode.DecodeChoice:
     """Inverse of :func:`choice_name`; ValueError for a name this family does not have."""
     if decode.is_name(name):
         return decode.choice_from_name(name)
-    if batch.is_name(name):
-        return batch.choice_from_name(name)
     base, _, split = name.partition("/")
     cfg = _configs_by_name().get(base)
     if cfg is None or (split and not cfg.streamk):
@@ -448,8 +444,7 @@ def choice_from_name(name: str) -> Choice | decode.DecodeChoice | batch.BatchCho
 def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, layout: str,
                sm_count: int = 132) -> list[str]:
     """Choices worth timing for one problem: the heuristic's first, the decode kernel's
-    launch shapes (m <= its limit), the small-batch kernel's (9 to 64 tokens), then every
-    built tile that is not wider than needed,
+    launch shapes (m <= its limit), then every built tile that is not wider than needed,
     each data-parallel and (stream-K builds, few output tiles) split-K 2 / 4 / 8 ways."""
     mode = _MODE_OF_LAYOUT[layout]
     group_size = None if mode == 0 else group_size
@@ -457,8 +452,6 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
     names = [first]
     if decode.fits(m, n, k, group_size or k, _decode_mode(mode)):
         names += decode.candidates(m, n, k, sm_count, _decode_group(mode, group_size, k))
-    if m > 8 and batch.fits(m, n, k, group_size or k, _decode_mode(mode)):
-        names += batch.candidates(m, n, k, sm_count)
     family = sorted(_deepest(_family(act, bits, mode, group_size, k)), key=lambda c: c.tile_n)
     smallest_fit = next((c.tile_n for c in family if c.tile_n >= m), family[-1].tile_n)
     for cfg in family:
@@ -555,9 +548,8 @@ def select_layout(bits: int, signed: bool, group_size: int, zero_mode: str, n: i
         return None  # e.g. group 32 where no config has a 32-wide K tile
     from .build import KernelSpec, build_many
     build_many([KernelSpec(SOURCE, c.defines(), "sm_90a") for c in family]
-               + [mod.kernel_spec(_decode_build(_ACT_NAMES[act_dtype], bits,
-                                                _MODE_OF_LAYOUT[layout]))
-                  for mod in (decode, batch)])
+               + [decode.kernel_spec(_decode_build(_ACT_NAMES[act_dtype], bits,
+                                                   _MODE_OF_LAYOUT[layout]))])
     return layout
 
 
@@ -574,15 +566,12 @@ def describe(layout: str, m: int | None, n: int, k: int, act_dtype: torch.dtype,
     where = "main-loop group scale+zero" if mode else "epilogue per-channel scale"
     if any(decode.is_name(name) for name in names):
         where += "; decode.*: qcompile's mma.sync decode kernel on this layout"
-    if any(batch.is_name(name) for name in names):
-        where += "; batch.*: qcompile's mma.sync small-batch kernel on this layout"
     return f"cutlass sm90 {', '.join(names)} ({where})" if m is not None else \
         f"cutlass sm90 by M: {', '.join(names)} ({where})"
 
 
-def _short_name(choice: Choice | decode.DecodeChoice | batch.BatchChoice) -> str:
-    return (choice.name if isinstance(choice, (decode.DecodeChoice, batch.BatchChoice))
-            else config_name(choice.config))
+def _short_name(choice: Choice | decode.DecodeChoice) -> str:
+    return choice.name if isinstance(choice, decode.DecodeChoice) else config_name(choice.config)
 
 
 def prepare_weight(q_nk: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -754,8 +743,7 @@ def _check(cond: bool, msg: str) -> None:
 def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                     signed: bool, group_size: int, zero_mode: str, layout: str,
-                    config: (MixedGemmConfig | Choice | decode.DecodeChoice | batch.BatchChoice
-                             | str | None) = None,
+                    config: MixedGemmConfig | Choice | decode.DecodeChoice | str | None = None,
                     out: torch.Tensor | None = None, gated: bool = False,
                     norm: torch.Tensor | None = None, eps: float = 0.0,
                     residual: torch.Tensor | None = None, norm_ssq: torch.Tensor | None = None,
@@ -881,15 +869,6 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             return (out.reshape(*lead, n), normed.reshape(*lead, n),
                     ssq_out.reshape(*lead, n // 16))
         return out.reshape(*lead, out.shape[1])
-    if isinstance(config, batch.BatchChoice):
-        _check(batch.fits(m, n, k, group, _decode_mode(mode), config),
-               f"small-batch kernel {config.name} does not take M={m} N={n} K={k} g={group}")
-        qweight, scales, zeros, bias = stage_weights("mixed_gemm_cuda", n, x.dtype, qweight,
-                                                     scales, zeros, bias)
-        with torch.cuda.device(dev):
-            batch.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,
-                      out, group)
-        return out.reshape(*lead, n)
     choice = config if isinstance(config, Choice) else Choice(config)
     cfg = choice.config
     _check(_fits(cfg, act, bits, mode, group, k),
