@@ -122,7 +122,8 @@ def test_configs_and_heuristic():
                         assert (ch.config.act, ch.config.bits, ch.config.mode) == (act, bits, mode)
                         assert ch.splits >= 1
                         assert ch.config.streamk or ch.decomposition == mg.DECOMP_DATA_PARALLEL
-                        assert ch.config.coop  # the pingpong tile is autotuning's only
+                        # the pingpong tile only for one wave over a short K loop
+                        assert ch.config.coop or (m, n, k, act) == (256, 4096, 4096, "bf16")
     # decode on a narrow layer: small token tile, K split over otherwise idle SMs
     ch = mg.choose_config(1, 4096, 4096, "bf16", 4, 2)
     assert ch.config.tile_n == 16 and ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 4
@@ -156,6 +157,20 @@ def test_configs_and_heuristic():
         ch = mg.choose_config(256, 4096, 14336, "bf16", bits, mode)
         assert (ch.config.tile_m, ch.config.tile_n, ch.config.streamk) == (128, 128, True)
         assert ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 2
+    # one wave of 64x128 pingpong tiles over a short K loop instead of splitting K (64 row
+    # tiles x 2 token tiles = 128 CTAs at M = 256), where the last token tile is nearly full
+    for bits, mode in ((4, 2), (8, 0)):
+        for m, n, k in ((256, 4096, 4096), (224, 4096, 4096), (384, 2048, 4096),
+                        (1024, 1024, 4096), (128, 6144, 4096), (256, 4096, 2048)):
+            ch = mg.choose_config(m, n, k, "bf16", bits, mode)
+            assert (ch.config.tile_m, ch.config.tile_n, ch.config.coop) == (64, 128, False)
+            assert ch.decomposition == mg.DECOMP_DATA_PARALLEL
+        for m, n, k in ((192, 4096, 4096),    # the last token tile half full
+                        (128, 4096, 4096),    # 64 tiles: under half the SMs
+                        (256, 4096, 8192),    # a long K loop
+                        (256, 6144, 4096)):   # 192 tiles: more than one wave
+            assert mg.choose_config(m, n, k, "bf16", bits, mode).config.coop
+    assert mg.choose_config(256, 4096, 4096, "fp16", 4, 2).config.coop  # not built for fp16
     # enough output tiles: the data-parallel build of the same tile
     ch = mg.choose_config(512, 4096, 4096, "bf16", 4, 2)
     assert (ch.config.tile_n, ch.config.streamk) == (128, False)

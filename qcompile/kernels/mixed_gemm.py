@@ -171,9 +171,8 @@ def _twin(c: MixedGemmConfig, family: tuple[MixedGemmConfig, ...],
 # on the 64-token tile, 4096x4096 18.3 against 20.2 with split-K 4), data-parallel 128x128 /
 # 128x192 / 128x256 tiles for prefill (a wider token tile reuses each converted weight
 # fragment for more MMAs), stream-K builds of 128x128 for prefill with too few output tiles
-# to fill the SMs (it splits K) and of 128x256 for part-empty waves, and a 64x128 pingpong tile that
-# autotuning may pick (H100, 4096x4096 M = 256: 23.1 us int4, 21.5 int8, against 25.3 / 24.7
-# for the 128x128 split-K the heuristic takes; benchmarks/NOTES.md).
+# to fill the SMs (it splits K) and of 128x256 for part-empty waves, and a 64x128 pingpong tile
+# for one wave of tiles over a short K loop (PINGPONG_MAX_K).
 CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     MixedGemmConfig(act, bits, mode, 128, 64)
     for act in ("bf16", "fp16") for bits in (4, 8) for mode in (0, 2)
@@ -234,6 +233,18 @@ STREAM_K_COST = 1.15
 # than one wave stream-K won at K = 4096 too: 4096x4096 M=1280 89.6 / 67.1, 6144x4096 M=1024
 # 90.0 / 79.0).
 STREAM_K_ONE_WAVE_MIN_K = 8192
+# The 64x128 pingpong tile, data-parallel, where too few 128-row tiles would have K split:
+# it gives the SMs as many CTAs as 128x128 split-K 2 without the partial sums' fix-up, which a
+# short K loop does not carry. Taken for K up to PINGPONG_MAX_K where its tiles make one wave
+# that fills at least half the SMs and the last token tile holds PINGPONG_MIN_LAST_TOKENS of
+# its 128 (partly filled, the tile ran 10-35% slower: measured, not explained). H100,
+# interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 / pingpong / cuBLAS, int4
+# (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224 25.5 / 23.5 / 25.1 (24.5 /
+# 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9 / 22.8 (24.1 / 21.0);
+# 1024x4096 M=768 25.3 / 23.1 (23.9 / 20.6); 6144x4096 M=128 26.3 / 23.0 (24.8 / 23.0); at
+# K = 8192 and 14336 it lost (4096x14336 M=256 55.8 / 64.7, 4096x8192 int4 37.7 / 40.2).
+PINGPONG_MAX_K = 4096
+PINGPONG_MIN_LAST_TOKENS = 96
 
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
@@ -284,6 +295,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     idle (4096 output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build
     splits K over about sm_count / tiles CTAs (split-K), keeping at least 512 of K per
     split. Of two builds of one tile, the deeper K tile where the group size allows it.
+    Beyond 64 tokens with K up to PINGPONG_MAX_K, the 64x128 pingpong tile where its tiles
+    make one wave of at least half the SMs (and the last token tile is nearly full) comes first.
 
     Where K is split, the tokens may sit in one token tile (more splits) or two (fewer):
     two token tiles convert each weight twice, more splits chain more partial sums through
@@ -309,7 +322,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         return Choice(c, DECOMP_DATA_PARALLEL, 1)
 
     # the stream-K builds of up to 64 tokens (decode and the general fallback), the
-    # data-parallel prefill tiles, the stream-K prefill tile; the pingpong one is autotuning's
+    # data-parallel prefill tiles, the stream-K prefill tile, the pingpong tile for one wave
+    # (PINGPONG_MAX_K)
     deepest = [c for c in _deepest(family) if c.streamk]
     small = sorted((c for c in deepest if c.tile_n <= 64), key=lambda c: c.tile_n)
     wide = sorted((c for c in family if c.coop and not c.streamk and c.cluster_m == 1),
@@ -322,6 +336,11 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     def holding(tokens: int, builds: list[MixedGemmConfig]) -> MixedGemmConfig:
         return next((c for c in builds if c.tile_n >= tokens), builds[-1])
 
+    if m > 64 and k <= PINGPONG_MAX_K and (m % 128 == 0 or m % 128 >= PINGPONG_MIN_LAST_TOKENS):
+        pingpong = next((c for c in family if not c.coop and (c.tile_m, c.tile_n) == (64, 128)),
+                        None)
+        if pingpong and sm_count // 2 <= tiles(pingpong) <= sm_count:
+            return Choice(pingpong)
     # the same tokens split over K in one token tile or in two (docstring)
     two = split_k(holding(-(-m // 2), streamk))
     if mode == 0 and two.decomposition == DECOMP_SPLIT_K:
