@@ -259,6 +259,8 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
         *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=False)
           for tile_n in (128, 256)),
+        MixedGemmConfig("bf16", bits, mode, 64, 128, 128, coop=False, streamk=False),
+        MixedGemmConfig("bf16", bits, mode, 128, 128, 128, streamk=True),
     )
 )
 
