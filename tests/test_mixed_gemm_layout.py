@@ -171,6 +171,11 @@ def test_configs_and_heuristic():
                         (256, 6144, 4096)):   # 192 tiles: more than one wave
             assert mg.choose_config(m, n, k, "bf16", bits, mode).config.coop
     assert mg.choose_config(256, 4096, 4096, "fp16", 4, 2).config.coop  # not built for fp16
+    # 128-deep in K for group-wise int4 where the groups allow it, else 64-deep
+    for group, depth in ((128, 128), (256, 128), (64, 64)):
+        ch = mg.choose_config(256, 4096, 4096, "bf16", 4, 2, group_size=group)
+        assert (ch.config.tile_m, ch.config.tile_k) == (64, depth)
+    assert mg.choose_config(256, 4096, 4096, "bf16", 8, 0).config.tile_k == 64
     # enough output tiles: the data-parallel build of the same tile
     ch = mg.choose_config(512, 4096, 4096, "bf16", 4, 2)
     assert (ch.config.tile_n, ch.config.streamk) == (128, False)

@@ -201,6 +201,13 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
                 # a 192-token tile: a full wave where 128 and 256 leave one part-empty
                 # (TILE_FIXED_TOKENS)
                 MixedGemmConfig("bf16", bits, mode, 128, 192, streamk=False))
+) + (
+    # the pingpong tile 128-deep in K for group-wise int4 (groups of 128 and more): H100,
+    # interleaved rounds (0cb0df1, .device/pp128.py rows), us 128- / 64-deep: 4096x4096 M=256
+    # 21.5 / 23.1, 2048x4096 M=384 21.3 / 22.9, 1024x4096 M=768 21.4 / 23.1, 6144x4096 M=128
+    # 21.8 / 23.3. (int8 per-channel: 0.95-0.99 of the 64-deep time but 1.06 at 6144x4096
+    # M=128, so it stays experimental there.)
+    MixedGemmConfig("bf16", 4, 2, 64, 128, 128, coop=False, streamk=False),
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
@@ -243,6 +250,7 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 # 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9 / 22.8 (24.1 / 21.0);
 # 1024x4096 M=768 25.3 / 23.1 (23.9 / 20.6); 6144x4096 M=128 26.3 / 23.0 (24.8 / 23.0); at
 # K = 8192 and 14336 it lost (4096x14336 M=256 55.8 / 64.7, 4096x8192 int4 37.7 / 40.2).
+# Its deepest build (128-deep for group-wise int4, CONFIGS) took another 7% off those cells.
 PINGPONG_MAX_K = 4096
 PINGPONG_MIN_LAST_TOKENS = 96
 
@@ -251,7 +259,9 @@ PINGPONG_MIN_LAST_TOKENS = 96
 # (H100, the three issue shapes; benchmarks/NOTES.md), and the few cells they won in between
 # (64x256 pingpong at M = 512 / 1024) are single runs. 128-deep K on the data-parallel
 # prefill tiles: 128x128 30.9 vs 32.0 us int4 14336x4096 M=128 but 40.1 vs 36.5 int8, 128x256
-# 2-3x slower (its stages do not fit).
+# 2-3x slower (its stages do not fit); on the 128x128 stream-K tile under split-K 2 within 3%
+# of the 64-deep build either way (0cb0df1: 4096x14336 M=256 int4 53.9 / 55.6, int8 52.7 /
+# 52.0); on the int8 pingpong tile (CONFIGS).
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
@@ -259,10 +269,9 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
         MixedGemmConfig("bf16", bits, mode, 64, 256, coop=False, streamk=False),
         *(MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=False)
           for tile_n in (128, 256)),
-        MixedGemmConfig("bf16", bits, mode, 64, 128, 128, coop=False, streamk=False),
         MixedGemmConfig("bf16", bits, mode, 128, 128, 128, streamk=True),
     )
-)
+) + (MixedGemmConfig("bf16", 8, 0, 64, 128, 128, coop=False, streamk=False),)
 
 
 @dataclass(frozen=True)
@@ -339,8 +348,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         return next((c for c in builds if c.tile_n >= tokens), builds[-1])
 
     if m > 64 and k <= PINGPONG_MAX_K and (m % 128 == 0 or m % 128 >= PINGPONG_MIN_LAST_TOKENS):
-        pingpong = next((c for c in family if not c.coop and (c.tile_m, c.tile_n) == (64, 128)),
-                        None)
+        pingpong = next((c for c in _deepest(family)
+                         if not c.coop and (c.tile_m, c.tile_n) == (64, 128)), None)
         if pingpong and sm_count // 2 <= tiles(pingpong) <= sm_count:
             return Choice(pingpong)
     # the same tokens split over K in one token tile or in two (docstring)
