@@ -271,7 +271,10 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
           for tile_n in (128, 256)),
         MixedGemmConfig("bf16", bits, mode, 128, 128, 128, streamk=True),
     )
-) + (MixedGemmConfig("bf16", 8, 0, 64, 128, 128, coop=False, streamk=False),)
+) + (MixedGemmConfig("bf16", 8, 0, 64, 128, 128, coop=False, streamk=False),) + tuple(
+    MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
+    for bits, mode in ((4, 2), (8, 0)) for tile_n in (32, 64)
+)
 
 
 @dataclass(frozen=True)
