@@ -176,6 +176,22 @@ def test_configs_and_heuristic():
         ch = mg.choose_config(256, 4096, 4096, "bf16", 4, 2, group_size=group)
         assert (ch.config.tile_m, ch.config.tile_k) == (64, depth)
     assert mg.choose_config(256, 4096, 4096, "bf16", 8, 0).config.tile_k == 64
+    # 17-64 tokens: the 32- / 64-token pingpong tiles (128-deep) where 64-row tiles make one
+    # wave of half the SMs or more (6144 rows: 96 tiles; 8192: 128) and the last is 3/4 full
+    for bits, mode in ((4, 2), (8, 0)):
+        for m, tile_n in ((24, 32), (32, 32), (48, 64), (64, 64)):
+            for n in (6144, 8192):
+                ch = mg.choose_config(m, n, 4096, "bf16", bits, mode, group_size=128)
+                assert (ch.config.tile_m, ch.config.tile_n, ch.config.tile_k) == (64, tile_n, 128)
+                assert not ch.config.coop and ch.decomposition == mg.DECOMP_DATA_PARALLEL
+        for m, n, k in ((17, 6144, 4096),    # a 32-token tile half full
+                        (40, 6144, 4096),    # a 64-token tile 5/8 full
+                        (64, 6144, 14336),   # a long K loop
+                        (64, 4096, 4096),    # 64 tiles: under half the SMs
+                        (64, 14336, 4096)):  # 224 tiles: more than one wave
+            assert mg.choose_config(m, n, k, "bf16", bits, mode, group_size=128).config.coop
+    # group 64: no 128-deep small pingpong tile, and the 64x128 one is a quarter full
+    assert mg.choose_config(32, 6144, 4096, "bf16", 4, 2, group_size=64).config.coop
     # enough output tiles: the data-parallel build of the same tile
     ch = mg.choose_config(512, 4096, 4096, "bf16", 4, 2)
     assert (ch.config.tile_n, ch.config.streamk) == (128, False)

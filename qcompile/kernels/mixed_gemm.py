@@ -171,8 +171,8 @@ def _twin(c: MixedGemmConfig, family: tuple[MixedGemmConfig, ...],
 # on the 64-token tile, 4096x4096 18.3 against 20.2 with split-K 4), data-parallel 128x128 /
 # 128x192 / 128x256 tiles for prefill (a wider token tile reuses each converted weight
 # fragment for more MMAs), stream-K builds of 128x128 for prefill with too few output tiles
-# to fill the SMs (it splits K) and of 128x256 for part-empty waves, and a 64x128 pingpong tile
-# for one wave of tiles over a short K loop (PINGPONG_MAX_K).
+# to fill the SMs (it splits K) and of 128x256 for part-empty waves, and 64-row pingpong tiles
+# (32 / 64 / 128 tokens) for one wave of tiles over a short K loop (PINGPONG_MAX_K).
 CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     MixedGemmConfig(act, bits, mode, 128, 64)
     for act in ("bf16", "fp16") for bits in (4, 8) for mode in (0, 2)
@@ -208,6 +208,14 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     # 21.8 / 23.3. (int8 per-channel: 0.95-0.99 of the 64-deep time but 1.06 at 6144x4096
     # M=128, so it stays experimental there.)
     MixedGemmConfig("bf16", 4, 2, 64, 128, 128, coop=False, streamk=False),
+) + tuple(
+    # and 32 / 64-token pingpong tiles, 128-deep, for one wave of them at 17-64 tokens: H100,
+    # interleaved rounds (080df8a, .device/pp_small.py rows), us split-K on the 128-row tiles /
+    # pingpong / cuBLAS, int4 (int8): 6144x4096 M=64 21.1 / 20.0 / 29.6 (24.1 / 20.5), M=32
+    # 19.7 / 19.1 (23.6 / 21.6); 8192x4096 M=32 21.1 / 19.1 / 36.8 (26.5 / 23.6), M=64 21.7 /
+    # 20.3 (27.3 / 23.6); but K = 14336 (6144x14336 M=64) int4 43.4 / 51.5
+    MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
+    for bits, mode in ((4, 2), (8, 0)) for tile_n in (32, 64)
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
@@ -240,11 +248,12 @@ STREAM_K_COST = 1.15
 # than one wave stream-K won at K = 4096 too: 4096x4096 M=1280 89.6 / 67.1, 6144x4096 M=1024
 # 90.0 / 79.0).
 STREAM_K_ONE_WAVE_MIN_K = 8192
-# The 64x128 pingpong tile, data-parallel, where too few 128-row tiles would have K split:
-# it gives the SMs as many CTAs as 128x128 split-K 2 without the partial sums' fix-up, which a
-# short K loop does not carry. Taken for K up to PINGPONG_MAX_K where its tiles make one wave
-# that fills at least half the SMs and the last token tile holds PINGPONG_MIN_LAST_TOKENS of
-# its 128 (partly filled, the tile ran 10-35% slower: measured, not explained). H100,
+# The 64-row pingpong tiles, data-parallel, where too few 128-row tiles would have K split:
+# they give the SMs as many CTAs as a split K without the partial sums' fix-up, which a short
+# K loop does not carry. The smallest holding the tokens (32 / 64 / 128; beyond 128, several
+# 128-token tiles) is taken for K up to PINGPONG_MAX_K where its tiles make one wave that fills
+# at least half the SMs and the last token tile is at least PINGPONG_MIN_LAST_FILL full
+# (partly filled, the tile ran 10-35% slower: measured, not explained). H100,
 # interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 / pingpong / cuBLAS, int4
 # (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224 25.5 / 23.5 / 25.1 (24.5 /
 # 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9 / 22.8 (24.1 / 21.0);
@@ -252,7 +261,7 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 # K = 8192 and 14336 it lost (4096x14336 M=256 55.8 / 64.7, 4096x8192 int4 37.7 / 40.2).
 # Its deepest build (128-deep for group-wise int4, CONFIGS) took another 7% off those cells.
 PINGPONG_MAX_K = 4096
-PINGPONG_MIN_LAST_TOKENS = 96
+PINGPONG_MIN_LAST_FILL = 0.75
 
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
@@ -271,10 +280,7 @@ EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
           for tile_n in (128, 256)),
         MixedGemmConfig("bf16", bits, mode, 128, 128, 128, streamk=True),
     )
-) + (MixedGemmConfig("bf16", 8, 0, 64, 128, 128, coop=False, streamk=False),) + tuple(
-    MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
-    for bits, mode in ((4, 2), (8, 0)) for tile_n in (32, 64)
-)
+) + (MixedGemmConfig("bf16", 8, 0, 64, 128, 128, coop=False, streamk=False),)
 
 
 @dataclass(frozen=True)
@@ -309,8 +315,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     idle (4096 output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build
     splits K over about sm_count / tiles CTAs (split-K), keeping at least 512 of K per
     split. Of two builds of one tile, the deeper K tile where the group size allows it.
-    Beyond 64 tokens with K up to PINGPONG_MAX_K, the 64x128 pingpong tile where its tiles
-    make one wave of at least half the SMs (and the last token tile is nearly full) comes first.
+    With K up to PINGPONG_MAX_K, a 64-row pingpong tile whose tiles make one wave of at least
+    half the SMs (and whose last token tile is nearly full) comes first.
 
     Where K is split, the tokens may sit in one token tile (more splits) or two (fewer):
     two token tiles convert each weight twice, more splits chain more partial sums through
@@ -350,10 +356,12 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     def holding(tokens: int, builds: list[MixedGemmConfig]) -> MixedGemmConfig:
         return next((c for c in builds if c.tile_n >= tokens), builds[-1])
 
-    if m > 64 and k <= PINGPONG_MAX_K and (m % 128 == 0 or m % 128 >= PINGPONG_MIN_LAST_TOKENS):
-        pingpong = next((c for c in _deepest(family)
-                         if not c.coop and (c.tile_m, c.tile_n) == (64, 128)), None)
-        if pingpong and sm_count // 2 <= tiles(pingpong) <= sm_count:
+    pingpongs = sorted((c for c in _deepest(family) if not c.coop), key=lambda c: c.tile_n)
+    if pingpongs and k <= PINGPONG_MAX_K:
+        pingpong = holding(m, pingpongs)
+        rest = m % pingpong.tile_n
+        if ((rest == 0 or rest >= PINGPONG_MIN_LAST_FILL * pingpong.tile_n)
+                and sm_count // 2 <= tiles(pingpong) <= sm_count):
             return Choice(pingpong)
     # the same tokens split over K in one token tile or in two (docstring)
     two = split_k(holding(-(-m // 2), streamk))
