@@ -177,15 +177,16 @@ def test_configs_and_heuristic():
         assert (ch.config.tile_m, ch.config.tile_k) == (64, depth)
     assert mg.choose_config(256, 4096, 4096, "bf16", 8, 0).config.tile_k == 64
     # 17-64 tokens: the 32- / 64-token pingpong tiles (128-deep) where 64-row tiles make one
-    # wave of half the SMs or more (6144 rows: 96 tiles; 8192: 128) and the last is 3/4 full
+    # wave of half the SMs or more (6144 rows: 96 tiles; 8192: 128), padding <= 32 tokens
     for bits, mode in ((4, 2), (8, 0)):
-        for m, tile_n in ((24, 32), (32, 32), (48, 64), (64, 64)):
+        for m, tile_n in ((17, 32), (24, 32), (32, 32), (33, 64), (40, 64), (64, 64)):
             for n in (6144, 8192):
                 ch = mg.choose_config(m, n, 4096, "bf16", bits, mode, group_size=128)
                 assert (ch.config.tile_m, ch.config.tile_n, ch.config.tile_k) == (64, tile_n, 128)
                 assert not ch.config.coop and ch.decomposition == mg.DECOMP_DATA_PARALLEL
-        for m, n, k in ((17, 6144, 4096),    # a 32-token tile half full
-                        (40, 6144, 4096),    # a 64-token tile 5/8 full
+        for m, n, k in ((16, 6144, 4096),    # under 17 tokens (not measured)
+                        (72, 6144, 4096),    # a 128-token tile padding 56
+                        (88, 6144, 4096),    # padding 40
                         (64, 6144, 14336),   # a long K loop
                         (64, 4096, 4096),    # 64 tiles: under half the SMs
                         (64, 14336, 4096)):  # 224 tiles: more than one wave

@@ -251,9 +251,12 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 # The 64-row pingpong tiles, data-parallel, where too few 128-row tiles would have K split:
 # they give the SMs as many CTAs as a split K without the partial sums' fix-up, which a short
 # K loop does not carry. The smallest holding the tokens (32 / 64 / 128; beyond 128, several
-# 128-token tiles) is taken for K up to PINGPONG_MAX_K where its tiles make one wave that fills
-# at least half the SMs and the last token tile is at least PINGPONG_MIN_LAST_FILL full
-# (partly filled, the tile ran 10-35% slower: measured, not explained). H100,
+# 128-token tiles) is taken from PINGPONG_MIN_M tokens for K up to PINGPONG_MAX_K where its
+# tiles make one wave that fills at least half the SMs and the last token tile pads at most
+# PINGPONG_MAX_PAD tokens: with more, the tile ran 10-35% slower (the padding rows of its
+# activation tile, out of bounds, seem to cost; measured, not explained: 6144x4096 M=72 and
+# 4096x4096 M=160, 56 and 96 padded, lost; M=17 and 40 on the 32 / 64-token tiles, 15 and 24
+# padded, won). H100,
 # interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 / pingpong / cuBLAS, int4
 # (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224 25.5 / 23.5 / 25.1 (24.5 /
 # 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9 / 22.8 (24.1 / 21.0);
@@ -261,7 +264,8 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 # K = 8192 and 14336 it lost (4096x14336 M=256 55.8 / 64.7, 4096x8192 int4 37.7 / 40.2).
 # Its deepest build (128-deep for group-wise int4, CONFIGS) took another 7% off those cells.
 PINGPONG_MAX_K = 4096
-PINGPONG_MIN_LAST_FILL = 0.75
+PINGPONG_MAX_PAD = 32
+PINGPONG_MIN_M = 17  # measured from 17 tokens (below, the decode kernel or 16-token tiles)
 
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
@@ -316,7 +320,7 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     splits K over about sm_count / tiles CTAs (split-K), keeping at least 512 of K per
     split. Of two builds of one tile, the deeper K tile where the group size allows it.
     With K up to PINGPONG_MAX_K, a 64-row pingpong tile whose tiles make one wave of at least
-    half the SMs (and whose last token tile is nearly full) comes first.
+    half the SMs (and whose last token tile pads few tokens) comes first.
 
     Where K is split, the tokens may sit in one token tile (more splits) or two (fewer):
     two token tiles convert each weight twice, more splits chain more partial sums through
@@ -357,11 +361,9 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         return next((c for c in builds if c.tile_n >= tokens), builds[-1])
 
     pingpongs = sorted((c for c in _deepest(family) if not c.coop), key=lambda c: c.tile_n)
-    if pingpongs and k <= PINGPONG_MAX_K:
+    if pingpongs and k <= PINGPONG_MAX_K and m >= PINGPONG_MIN_M:
         pingpong = holding(m, pingpongs)
-        rest = m % pingpong.tile_n
-        if ((rest == 0 or rest >= PINGPONG_MIN_LAST_FILL * pingpong.tile_n)
-                and sm_count // 2 <= tiles(pingpong) <= sm_count):
+        if (-m) % pingpong.tile_n <= PINGPONG_MAX_PAD and sm_count // 2 <= tiles(pingpong) <= sm_count:
             return Choice(pingpong)
     # the same tokens split over K in one token tile or in two (docstring)
     two = split_k(holding(-(-m // 2), streamk))
