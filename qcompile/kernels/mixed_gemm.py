@@ -256,12 +256,12 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 # PINGPONG_MAX_PAD tokens: with more, the tile ran 10-35% slower (the padding rows of its
 # activation tile, out of bounds, seem to cost; measured, not explained: 6144x4096 M=72 and
 # 4096x4096 M=160, 56 and 96 padded, lost; M=17 and 40 on the 32 / 64-token tiles, 15 and 24
-# padded, won). H100,
-# interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 / pingpong / cuBLAS, int4
-# (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224 25.5 / 23.5 / 25.1 (24.5 /
-# 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9 / 22.8 (24.1 / 21.0);
-# 1024x4096 M=768 25.3 / 23.1 (23.9 / 20.6); 6144x4096 M=128 26.3 / 23.0 (24.8 / 23.0); at
-# K = 8192 and 14336 it lost (4096x14336 M=256 55.8 / 64.7, 4096x8192 int4 37.7 / 40.2).
+# padded, won). H100, interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 /
+# pingpong / cuBLAS, int4 (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224
+# 25.5 / 23.5 / 25.1 (24.5 / 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9
+# / 22.8 (24.1 / 21.0); 1024x4096 M=768 25.3 / 23.1 (23.9 / 20.6); 6144x4096 M=128 26.3 /
+# 23.0 (24.8 / 23.0); at K = 8192 and 14336 it lost (4096x14336 M=256 55.8 / 64.7,
+# 4096x8192 int4 37.7 / 40.2).
 # Its deepest build (128-deep for group-wise int4, CONFIGS) took another 7% off those cells.
 PINGPONG_MAX_K = 4096
 PINGPONG_MAX_PAD = 32
@@ -274,7 +274,7 @@ PINGPONG_MIN_M = 17  # measured from 17 tokens (below, the decode kernel or 16-t
 # prefill tiles: 128x128 30.9 vs 32.0 us int4 14336x4096 M=128 but 40.1 vs 36.5 int8, 128x256
 # 2-3x slower (its stages do not fit); on the 128x128 stream-K tile under split-K 2 within 3%
 # of the 64-deep build either way (0cb0df1: 4096x14336 M=256 int4 53.9 / 55.6, int8 52.7 /
-# 52.0); on the int8 pingpong tile (CONFIGS).
+# 52.0); on the int8 64x128 pingpong tile, CONFIGS' comment on its int4 twin.
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
@@ -348,7 +348,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     # the stream-K builds of up to 64 tokens (decode and the general fallback), the
     # data-parallel prefill tiles, the stream-K prefill tile, the pingpong tile for one wave
     # (PINGPONG_MAX_K)
-    deepest = [c for c in _deepest(family) if c.streamk]
+    deep = _deepest(family)
+    deepest = [c for c in deep if c.streamk]
     small = sorted((c for c in deepest if c.tile_n <= 64), key=lambda c: c.tile_n)
     wide = sorted((c for c in family if c.coop and not c.streamk and c.cluster_m == 1),
                   key=lambda c: -c.tile_n)
@@ -360,7 +361,7 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     def holding(tokens: int, builds: list[MixedGemmConfig]) -> MixedGemmConfig:
         return next((c for c in builds if c.tile_n >= tokens), builds[-1])
 
-    pingpongs = sorted((c for c in _deepest(family) if not c.coop), key=lambda c: c.tile_n)
+    pingpongs = sorted((c for c in deep if not c.coop), key=lambda c: c.tile_n)
     if pingpongs and k <= PINGPONG_MAX_K and m >= PINGPONG_MIN_M:
         pingpong = holding(m, pingpongs)
         if (-m) % pingpong.tile_n <= PINGPONG_MAX_PAD and sm_count // 2 <= tiles(pingpong) <= sm_count:
