@@ -40,33 +40,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import commit  # noqa: E402
+from bench_common import commit, read_floor  # noqa: E402
 from bench_w4a16 import DT, GROUP, make_weights  # noqa: E402
 
 LAYER_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # qkv, o, gate/up, down
-
-
-def _read_floor_fn():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def read_kernel(ptr, out, n_words, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        base = tl.program_id(0) * BLOCK * ITERS
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for i in range(ITERS):
-            offs = base + i * BLOCK + tl.arange(0, BLOCK)
-            acc += tl.load(ptr + offs, mask=offs < n_words, other=0)
-        tl.store(out + tl.program_id(0), tl.sum(acc))
-
-    def make(t: torch.Tensor):
-        words = t.view(torch.int32).reshape(-1)
-        block, iters = 2048, 4
-        grid = (triton.cdiv(words.numel(), block * iters),)
-        out = torch.empty(grid[0], dtype=torch.int32, device=t.device)
-        return lambda x: read_kernel[grid](words, out, words.numel(), BLOCK=block, ITERS=iters,
-                                           num_warps=8)
-    return make
 
 
 def _graph(calls):
@@ -108,7 +85,7 @@ def _median_us(fn, flush: str = "zero", reps: int = 50) -> float:
 class Layerset:
     """`layers` distinct weights of one (N, K): the callables of every implementation."""
 
-    def __init__(self, pattern: str, n: int, k: int, layers: int, impls, floor_make):
+    def __init__(self, pattern: str, n: int, k: int, layers: int, impls):
         self.n, self.k = n, k
         self.calls: dict[str, list] = {i: [] for i in impls}
         self.bytes: dict[str, int] = {i: 0 for i in impls}
@@ -126,8 +103,8 @@ class Layerset:
                 self._add("cublas_bf16", lambda x, config=None, w=w: F.linear(x, w),
                           w.numel() * w.element_size())
             if "read_floor" in self.calls:
-                f = floor_make(qweight)
-                self._add("read_floor", lambda x, config=None, f=f: f(x),
+                f = read_floor(qweight)
+                self._add("read_floor", lambda x, config=None, f=f: f(),
                           qweight.numel() * qweight.element_size())
 
     def _add(self, impl: str, call, nbytes: int) -> None:
@@ -195,11 +172,10 @@ def main(argv=None) -> int:
         out.write(json.dumps(dict(meta, **kw)) + "\n")
         out.flush()
 
-    floor_make = _read_floor_fn()
     torch.manual_seed(0)
     with torch.no_grad():
         if args.flush_check:
-            ls = Layerset("w4a16_g128_zp", 14336, 4096, 1, ["qcompile", "read_floor"], floor_make)
+            ls = Layerset("w4a16_g128_zp", 14336, 4096, 1, ["qcompile", "read_floor"])
             x = torch.randn(1, 4096, device="cuda", dtype=DT)
             for impl in ("read_floor", "qcompile"):
                 g = _graph([lambda c=ls.calls[impl][0]: c(x)])
@@ -211,7 +187,7 @@ def main(argv=None) -> int:
                            median_us=round(us, 2), flush=flush, layers=1)
             del ls
         for pattern in args.patterns.split(","):
-            sets = [Layerset(pattern, n, k, args.layers, impls, floor_make) for n, k in shapes]
+            sets = [Layerset(pattern, n, k, args.layers, impls) for n, k in shapes]
             for m in (int(v) for v in args.ms.split(",")):
                 xs = {k: torch.randn(m, k, device="cuda", dtype=DT) for _, k in shapes}
                 # W8A8's qcompile call takes the int8 activation; cuBLAS and the floor bf16

@@ -12,7 +12,9 @@ Appends one JSON line per cell to benchmarks/results/bench_w4a16.jsonl (or --out
 prints a table with the ratio to cublas_bf16. Extra rows qcompile_dp / qcompile_streamk
 force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
 show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
-decode kernel (M <= 32) on each family's layout.
+decode kernel (M <= 32) on each family's layout. `read_floor` is no GEMM: a kernel that only
+reads the quantized weight's bytes (int4: the packed nibbles; scales and zeros, 1/16 more,
+not counted), timed the same way -- the floor under this timing, beside every cell.
 
   python benchmarks/bench_w4a16.py [--quick] [--out FILE] [--impls a,b] [--ms 1,16] [--decode]
 """
@@ -31,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, time_graph  # noqa: E402
+from bench_common import commit, read_floor, time_graph  # noqa: E402
 
 PATTERNS = ("w4a16_g128_zp", "w8a16_pc")
 IMPLS = ("qcompile", "qcompile_sm80", "cublas_bf16", "tinygemm", "inductor",
-         "inductor_max_autotune")
+         "inductor_max_autotune", "read_floor")
 MS = (1, 16, 64, 256, 2048)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 GROUP = 128
@@ -127,6 +129,9 @@ def build_impls(pattern, n, k, fmt, w, mod, impls):
             made["_mode"] = mg._MODE_OF_LAYOUT[layout]
     if "cublas_bf16" in impls:
         made["cublas_bf16"] = lambda x: F.linear(x, w)
+    if "read_floor" in impls:
+        floor = read_floor(mod.packed if fmt["bits"] == 4 else fmt["q"])
+        made["read_floor"] = lambda x: floor()
     if "tinygemm" in impls and fmt["bits"] == 4:
         try:
             q = fmt["q"].to(torch.int32)

@@ -8,7 +8,8 @@ Patterns (BASELINES.md):
 Implementations: qcompile (heuristic config; with --configs all every sm90 config and
 stream-K split mode as ``qcompile[<config>]``), qcompile_sm80, cublas_bf16 (F.linear in
 bf16), int_mm_unfused (torch._int_mm + float rescale, M > 16), inductor (torch.compile of
-the unfused pattern) and inductor_max_autotune.
+the unfused pattern), inductor_max_autotune, and read_floor (no GEMM: a kernel that only
+reads the int8 weight's bytes, timed the same way -- the floor under this timing).
 
 Timing as BASELINES.md says: one process; each implementation captured in a CUDA graph and
 ``graph.replay`` timed by ``triton.testing.do_bench`` (which flushes the L2 before every
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_common import commit, time_graph  # noqa: E402
+from bench_common import commit, read_floor, time_graph  # noqa: E402
 
 from qcompile.kernels import int8_gemm as ig  # noqa: E402
 from qcompile.kernels import mixed_gemm_decode as decode  # noqa: E402
@@ -90,6 +91,7 @@ def impls_for(pattern: str, m: int, n: int, k: int, args) -> dict[str, Callable[
 
     out: dict[str, Callable[[], object]] = {}
     out["cublas_bf16"] = lambda: F.linear(x, w, bias)
+    out["read_floor"] = read_floor(wq)
     out["qcompile"] = qcompile_fn()
     if args.configs and ig.device_arch() == "sm_90a":
         for cfg in ig.available_configs("sm_90a"):
