@@ -56,7 +56,7 @@ def _read_kernel():
     def read_kernel(ptr, out, n_words, BLOCK: tl.constexpr, ITERS: tl.constexpr):
         base = tl.program_id(0) * BLOCK * ITERS
         acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for i in range(ITERS):
+        for i in tl.static_range(ITERS):  # unrolled: the ITERS loads of a thread in flight at once
             offs = base + i * BLOCK + tl.arange(0, BLOCK)
             acc += tl.load(ptr + offs, mask=offs < n_words, other=0)
         tl.store(out + tl.program_id(0), tl.sum(acc))
