@@ -14,7 +14,7 @@ force the data-parallel / stream-K decomposition where the heuristic chose split
 show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
 decode kernel (M <= 32) on each family's layout. `read_floor` is no GEMM: a kernel that only
 reads the quantized weight's bytes (int4: the packed nibbles; scales and zeros, 1/16 more,
-not counted), timed the same way -- the floor under this timing, beside every cell.
+not counted), timed the same way: what streaming the weight costs under this timing.
 
   python benchmarks/bench_w4a16.py [--quick] [--out FILE] [--impls a,b] [--ms 1,16] [--decode]
 """

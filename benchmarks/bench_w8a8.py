@@ -9,7 +9,7 @@ Implementations: qcompile (heuristic config; with --configs all every sm90 confi
 stream-K split mode as ``qcompile[<config>]``), qcompile_sm80, cublas_bf16 (F.linear in
 bf16), int_mm_unfused (torch._int_mm + float rescale, M > 16), inductor (torch.compile of
 the unfused pattern), inductor_max_autotune, and read_floor (no GEMM: a kernel that only
-reads the int8 weight's bytes, timed the same way -- the floor under this timing).
+reads the int8 weight's bytes, timed the same way: what streaming it costs here).
 
 Timing as BASELINES.md says: one process; each implementation captured in a CUDA graph and
 ``graph.replay`` timed by ``triton.testing.do_bench`` (which flushes the L2 before every
