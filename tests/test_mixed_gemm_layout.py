@@ -165,7 +165,7 @@ def test_configs_and_heuristic():
             ch = mg.choose_config(m, n, k, "bf16", bits, mode)
             assert (ch.config.tile_m, ch.config.tile_n, ch.config.coop) == (64, 128, False)
             assert ch.decomposition == mg.DECOMP_DATA_PARALLEL
-        for m, n, k in ((192, 4096, 4096),    # the last token tile half full
+        for m, n, k in ((200, 4096, 4096),    # 128 pads 56; 80 / 96 make 192 tiles
                         (128, 4096, 4096),    # 64 tiles: under half the SMs
                         (256, 4096, 8192),    # a long K loop
                         (256, 6144, 4096)):   # 192 tiles: more than one wave
@@ -185,12 +185,19 @@ def test_configs_and_heuristic():
                 assert (ch.config.tile_m, ch.config.tile_n, ch.config.tile_k) == (64, tile_n, 128)
                 assert not ch.config.coop and ch.decomposition == mg.DECOMP_DATA_PARALLEL
         for m, n, k in ((16, 6144, 4096),    # under 17 tokens (not measured)
-                        (72, 6144, 4096),    # a 128-token tile padding 56
-                        (88, 6144, 4096),    # padding 40
                         (64, 6144, 14336),   # a long K loop
                         (64, 4096, 4096),    # 64 tiles: under half the SMs
                         (64, 14336, 4096)):  # 224 tiles: more than one wave
             assert mg.choose_config(m, n, k, "bf16", bits, mode, group_size=128).config.coop
+    # 80 / 96-token pingpong tiles: the one holding 65-96 tokens, and two of them where two
+    # 128-token tiles would pad more than 32 tokens (129-192 tokens on 4096 rows); several
+    # token tiles never of the 32 / 64-token ones (1024 rows, 256 tokens: split K)
+    for bits, mode in ((4, 2), (8, 0)):
+        for m, n, tile_n in ((72, 6144, 80), (88, 6144, 96), (80, 8192, 80), (136, 4096, 80),
+                             (160, 4096, 96), (192, 4096, 96), (320, 2048, 80)):
+            ch = mg.choose_config(m, n, 4096, "bf16", bits, mode, group_size=128)
+            assert (ch.config.tile_m, ch.config.tile_n, ch.config.coop) == (64, tile_n, False)
+        assert mg.choose_config(256, 1024, 4096, "bf16", bits, mode, group_size=128).config.coop
     # group 64: no 128-deep small pingpong tile, and the 64x128 one is a quarter full
     assert mg.choose_config(32, 6144, 4096, "bf16", 4, 2, group_size=64).config.coop
     # enough output tiles: the data-parallel build of the same tile

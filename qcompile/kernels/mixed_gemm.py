@@ -216,6 +216,15 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     # 20.3 (27.3 / 23.6); but K = 14336 (6144x14336 M=64) int4 43.4 / 51.5
     MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (32, 64)
+) + tuple(
+    # and 80 / 96-token ones, so that two token tiles pad at most PINGPONG_MAX_PAD tokens
+    # from 129 to 192 tokens where 128-token tiles padded 64-127 and lost: H100, interleaved
+    # rounds (ae30981, .device/pp_mid.py rows), 4096x4096, us split-K on the 128x128 tile /
+    # pingpong 80 / 96 / 128 / cuBLAS, int4 (int8): M=136 26.0 / 23.6 / 22.8 / 32.5 / 23.0
+    # (27.1 / 22.3 / 24.7 / 34.6 / 22.9), M=160 25.4 / 23.6 / 20.8 / 30.7 / 23.1 (26.0 / 22.1 /
+    # 20.3 / 32.5 / 23.2), M=192 25.1 / - / 20.8 / 26.9 / 23.7 (24.9 / - / 19.6 / 29.1 / 24.0)
+    MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
+    for bits, mode in ((4, 2), (8, 0)) for tile_n in (80, 96)
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
@@ -266,6 +275,9 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 PINGPONG_MAX_K = 4096
 PINGPONG_MAX_PAD = 32
 PINGPONG_MIN_M = 17  # measured from 17 tokens (below, the decode kernel or 16-token tiles)
+# Several token tiles a row tile only on pingpong tiles this wide (80 / 96 / 128 tokens, each
+# measured so; narrower ones would convert every weight row many times over, not measured)
+PINGPONG_SEVERAL_MIN_N = 80
 
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
@@ -363,9 +375,13 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
 
     pingpongs = sorted((c for c in deep if not c.coop), key=lambda c: c.tile_n)
     if pingpongs and k <= PINGPONG_MAX_K and m >= PINGPONG_MIN_M:
-        pingpong = holding(m, pingpongs)
-        if (-m) % pingpong.tile_n <= PINGPONG_MAX_PAD and sm_count // 2 <= tiles(pingpong) <= sm_count:
-            return Choice(pingpong)
+        # the smallest tile holding the tokens; beyond the widest, the widest whose token
+        # tiles' waves and padding qualify, of PINGPONG_SEVERAL_MIN_N tokens or more
+        holds = [c for c in pingpongs if c.tile_n >= m]
+        several = [c for c in pingpongs[::-1] if c.tile_n >= PINGPONG_SEVERAL_MIN_N]
+        for pingpong in holds[:1] or several:
+            if (-m) % pingpong.tile_n <= PINGPONG_MAX_PAD and sm_count // 2 <= tiles(pingpong) <= sm_count:
+                return Choice(pingpong)
     # the same tokens split over K in one token tile or in two (docstring)
     two = split_k(holding(-(-m // 2), streamk))
     if mode == 0 and two.decomposition == DECOMP_SPLIT_K:
@@ -488,8 +504,9 @@ def choice_from_name(name: str) -> Choice | decode.DecodeChoice:
 def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, layout: str,
                sm_count: int = 132) -> list[str]:
     """Choices worth timing for one problem: the heuristic's first, the decode kernel's
-    launch shapes (m <= its limit), then every built tile that is not wider than needed,
-    each data-parallel and (stream-K builds, few output tiles) split-K 2 / 4 / 8 ways."""
+    launch shapes (m <= its limit), then every built tile that is not wider than needed
+    (pingpong tiles only where they make one wave), each data-parallel and (stream-K
+    builds, few output tiles) split-K 2 / 4 / 8 ways."""
     mode = _MODE_OF_LAYOUT[layout]
     group_size = None if mode == 0 else group_size
     first = choice_name(heuristic_choice(m, n, k, act, bits, mode, sm_count, group_size))
@@ -501,8 +518,10 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
     for cfg in family:
         if cfg.tile_n > max(smallest_fit, 64) and m <= 64:
             continue  # wider token tiles only waste MMA columns at decode
-        names.append(choice_name(Choice(cfg)))
         tiles = math.ceil(n / cfg.tile_m) * math.ceil(m / cfg.tile_n)
+        if not cfg.coop and tiles > sm_count:
+            continue  # beyond one wave pingpong tiles lost wherever timed (14336 rows, NOTES)
+        names.append(choice_name(Choice(cfg)))
         if cfg.streamk and tiles < sm_count:
             for s in (2, 4, 8):
                 if k // cfg.tile_k >= 4 * s:
