@@ -259,11 +259,12 @@ STREAM_K_COST = 1.15
 STREAM_K_ONE_WAVE_MIN_K = 8192
 # The 64-row pingpong tiles, data-parallel, where too few 128-row tiles would have K split:
 # they give the SMs as many CTAs as a split K without the partial sums' fix-up, which a short
-# K loop does not carry. The smallest holding the tokens (32 / 64 / 128; beyond 128, several
-# 128-token tiles) is taken from PINGPONG_MIN_M tokens for K up to PINGPONG_MAX_K where its
-# tiles make one wave that fills at least half the SMs and the last token tile pads at most
-# PINGPONG_MAX_PAD tokens: with more, the tile ran 10-35% slower (the padding rows of its
-# activation tile, out of bounds, seem to cost; measured, not explained: 6144x4096 M=72 and
+# K loop does not carry. The smallest holding the tokens (32 / 64 / 80 / 96 / 128; beyond
+# 128, the widest of several token tiles that qualifies, PINGPONG_SEVERAL_MIN_N) is taken
+# from PINGPONG_MIN_M tokens for K up to PINGPONG_MAX_K where its tiles make one wave that
+# fills at least half the SMs and the last token tile pads at most PINGPONG_MAX_PAD tokens:
+# with more, the tile ran 10-35% slower (the padding rows of its activation tile, out of
+# bounds, seem to cost; measured, not explained: 6144x4096 M=72 and
 # 4096x4096 M=160, 56 and 96 padded, lost; M=17 and 40 on the 32 / 64-token tiles, 15 and 24
 # padded, won). H100, interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 /
 # pingpong / cuBLAS, int4 (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224
