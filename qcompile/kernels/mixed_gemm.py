@@ -172,7 +172,7 @@ def _twin(c: MixedGemmConfig, family: tuple[MixedGemmConfig, ...],
 # 128x192 / 128x256 tiles for prefill (a wider token tile reuses each converted weight
 # fragment for more MMAs), stream-K builds of 128x128 for prefill with too few output tiles
 # to fill the SMs (it splits K) and of 128x256 for part-empty waves, and 64-row pingpong tiles
-# (32 / 64 / 128 tokens) for one wave of tiles over a short K loop (PINGPONG_MAX_K).
+# (32 / 64 / 80 / 96 / 128 tokens) for one wave of tiles over a short K loop (PINGPONG_MAX_K).
 CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     MixedGemmConfig(act, bits, mode, 128, 64)
     for act in ("bf16", "fp16") for bits in (4, 8) for mode in (0, 2)
@@ -264,8 +264,8 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 # from PINGPONG_MIN_M tokens for K up to PINGPONG_MAX_K where its tiles make one wave that
 # fills at least half the SMs and the last token tile pads at most PINGPONG_MAX_PAD tokens:
 # with more, the tile ran 10-35% slower (the padding rows of its activation tile, out of
-# bounds, seem to cost; measured, not explained: 6144x4096 M=72 and
-# 4096x4096 M=160, 56 and 96 padded, lost; M=17 and 40 on the 32 / 64-token tiles, 15 and 24
+# bounds, seem to cost; measured, not explained: 6144x4096 M=72 and 4096x4096 M=160 on the
+# 128-token tile, 56 and 96 padded, lost; M=17 and 40 on the 32 / 64-token tiles, 15 and 24
 # padded, won). H100, interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 /
 # pingpong / cuBLAS, int4 (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224
 # 25.5 / 23.5 / 25.1 (24.5 / 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9
