@@ -57,6 +57,18 @@ def mode_options(mode: str | None) -> dict:
     return dict(list_mode_options(mode))
 
 
+def traced_node(t: torch.Tensor):
+    """The FX node that the make_fx trace in progress (AOTAutograd's) recorded for ``t``,
+    or None outside such a trace."""
+    from torch.fx.experimental import proxy_tensor
+    mode = proxy_tensor.get_proxy_mode()
+    if mode is None:
+        return None
+    slot = proxy_tensor.get_proxy_slot(t, mode.tracer, None)
+    proxy = getattr(slot, "proxy", None)
+    return getattr(proxy, "node", None)
+
+
 def no_dispatch_modes():
     """Leave any active FakeTensorMode (Inductor runs graph passes under one) so that
     constant weights can be evaluated on real data."""

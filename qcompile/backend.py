@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from . import _compat
+from .lowering.decompositions import decomposition_table
 from .lowering.report import MatchRecord, Report
 from .lowering.rewrite import rewrite_graph
 
@@ -183,9 +184,12 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     patches["joint_custom_pre_pass"] = qpass
     kept: list[list[int]] = []  # the graph inputs freezing keeps, as indices into flat
     with torch._inductor.config.patch(patches), _recording_freeze(kept):
+        # Inductor's table under the config just set, its matmul entries keeping quantized
+        # matmuls whole for the pass (lowering/decompositions.py says why)
+        decompositions = decomposition_table([const for _, const in flat])
         compiled = compile_fx(gm, example_inputs, inner_compile=functools.partial(
             _inner_compile, static=[i for i, (_, const) in enumerate(flat) if const],
-            kept=kept))
+            kept=kept), decompositions=decompositions)
     if release:
         _release(qpass.consumed)
     for c in _collectors:

@@ -29,9 +29,10 @@ class NotConstant(Exception):
 class UnreadableOp(Exception):
     """The expression uses an op that the affine probe does not read."""
 
-    def __init__(self, node: fx.Node):
+    def __init__(self, node: fx.Node, why: str = ""):
         super().__init__(str(node.target))
         self.node = node
+        self.why = why
 
 
 # Ops whose result is a function of their inputs' values that a float64 shadow can
@@ -131,13 +132,29 @@ class ConstantEvaluator:
             if n.target in _CASTS:
                 env[n] = env[n.args[0]]
                 continue
-            args = fx.node.map_arg(n.args, lambda a: _upcast(env[a]))  # noqa: B023
+            if any(a in depends for a in _index_operands(n)):
+                # the probed tensor picks entries (a lookup table's codes): not affine in it
+                raise UnreadableOp(n, "the integer tensor indexes a lookup table")
+            index_args = _index_operands(n)  # indices keep their integer type
+            args = fx.node.map_arg(n.args, lambda a: env[a] if a in index_args  # noqa: B023
+                                   else _upcast(env[a]))  # noqa: B023
             kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "rounding_mode")}
             if "rounding_mode" in n.kwargs and n.kwargs["rounding_mode"] is not None:
                 raise UnreadableOp(n)
             kwargs = fx.node.map_arg(kwargs, lambda a: _upcast(env[a]))  # noqa: B023
             env[n] = n.target(*args, **kwargs)
         return env[output]
+
+
+def _index_operands(n: fx.Node) -> list[fx.Node]:
+    """The nodes ``n`` uses as indices (not as values) among its arguments."""
+    if n.target is aten.index.Tensor:
+        return [a for a in (n.args[1] if len(n.args) > 1 else []) if isinstance(a, fx.Node)]
+    if n.target in (aten.index_select.default, aten.gather.default):
+        return [n.args[2]] if len(n.args) > 2 and isinstance(n.args[2], fx.Node) else []
+    if n.target is aten.repeat_interleave.self_Tensor:
+        return [n.args[1]] if len(n.args) > 1 and isinstance(n.args[1], fx.Node) else []
+    return []
 
 
 def _upcast(v: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Recognise ``_int_mm(xq, wq)`` followed by its float rescale (SmoothQuant W8A8).
+"""Recognise ``_int_mm(xq, wq)`` followed by its float rescale (SmoothQuant W8A8), also
+when spelled as an int32 matmul of int8 values (``matmul(xq.to(int32), wq.to(int32))``).
 
 Reads the single-user chain below the int matmul: for asymmetric activations first the
 int32 zero-point correction ``acc - zp * c`` (``zp`` a run-time [M, 1] or scalar int32, ``c``
@@ -37,13 +38,21 @@ class Int8Match:
     per_token: bool = False
     azp: fx.Node | None = None             # run-time int32 zero points (asymmetric activations)
     azp_adj: torch.Tensor | None = None    # int32 [N], subtracted times azp from the int32 sum
+    xq: fx.Node | None = None              # the activation operand (int8, or int8 widened)
+    view_shape: object = None              # the shape argument of a view in the chain
 
     @property
     def format(self) -> str:
         act = "per-token" if self.per_token else "per-tensor"
         if self.azp is not None:
             act += " asymmetric"
-        return f"w8a8 int8 {act} x per-channel{' +bias' if self.bias is not None else ''}"
+        spelled = " (int32 matmul)" if self.xq is not None and _dtype(self.xq) != torch.int8 else ""
+        return f"w8a8 int8 {act} x per-channel{' +bias' if self.bias is not None else ''}{spelled}"
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def _cast_dtype(node: fx.Node) -> torch.dtype | None:
@@ -67,9 +76,21 @@ def _one_value(shp: tuple) -> bool:
     return all(_is_one(d) for d in shp)
 
 
-def _per_row(shp: tuple | None) -> bool:
-    """A shape that gives each row one value: [M, 1], or one value for all."""
-    return shp is not None and (len(shp) == 2 and _is_one(shp[1]) or _one_value(shp))
+def _same_dim(a, b) -> bool:
+    # symbolic sizes compare by expression, so that no guard is added
+    return a == b if isinstance(a, int) and isinstance(b, int) else str(a) == str(b)
+
+
+def _per_row(shp: tuple | None, rows: tuple = ()) -> bool:
+    """A shape that gives each row one value: [M, 1] (or [B, S, 1] where the result is
+    [B, S, N], ``rows`` its leading sizes), or one value for all."""
+    if shp is None:
+        return False
+    if _one_value(shp):
+        return True
+    lead = shp[:-1]
+    return (len(shp) >= 2 and _is_one(shp[-1]) and len(lead) == len(rows)
+            and all(_is_one(d) or _same_dim(d, r) for d, r in zip(lead, rows)))
 
 
 def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torch.Tensor]:
@@ -87,23 +108,55 @@ def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torc
     adj = ev.value(consts[0])
     zv, shp = zp.meta.get("val"), _shape(zp)
     if adj.dtype != torch.int32 or tuple(adj.shape) not in ((n,), (1, n)) or \
-            not isinstance(zv, torch.Tensor) or zv.dtype != torch.int32 or not _per_row(shp):
+            not isinstance(zv, torch.Tensor) or zv.dtype != torch.int32 or \
+            not _per_row(shp, _shape(node)[:-1]):
         raise NoMatch(why)
     return zp, adj.reshape(n)
 
 
+_INT_CASTS = {prims.convert_element_type.default, aten._to_copy.default}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def int8_activation(a: fx.Node) -> fx.Node | None:
+    """For an int32 matmul's activation: the int8 tensor it is a widening cast of (through
+    views), so that casting it back to int8 loses nothing; else None."""
+    cur = a
+    while isinstance(cur, fx.Node) and cur.op == "call_function":
+        val = cur.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype == torch.int8:
+            return cur
+        if cur.target in _VIEWS or (cur.target in _INT_CASTS and isinstance(val, torch.Tensor)
+                                    and val.dtype in (torch.int16, torch.int32, torch.int64)):
+            cur = cur.args[0]
+            continue
+        return None
+    val = cur.meta.get("val") if isinstance(cur, fx.Node) else None
+    return cur if isinstance(val, torch.Tensor) and val.dtype == torch.int8 else None
+
+
 def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
-    """Read the rescale chain below ``mm`` (an ``aten._int_mm``) or raise NoMatch."""
-    a, b = mm.args
+    """Read the rescale chain below ``mm`` or raise NoMatch: ``aten._int_mm(xq, wq)``, or the
+    same product spelled as an int32 ``mm`` of int8 values widened to int32 (CPU code)."""
+    a, b = mm.args[:2]
     try:
         wq_kn = ev.value(b)
     except NotConstant:
         raise NoMatch("int8 weight operand is not constant") from None
-    if wq_kn.dtype != torch.int8 or ev.is_constant(a):
+    if ev.is_constant(a):
+        raise NoMatch("int matmul operands are not (activation, constant int8 weight)")
+    if mm.target is not aten._int_mm.default:
+        if int8_activation(a) is None:
+            raise NoMatch("int32 matmul whose activation is not an int8 tensor widened to int32")
+        if wq_kn.dtype.is_floating_point or wq_kn.numel() == 0 or \
+                int(wq_kn.min()) < -128 or int(wq_kn.max()) > 127:
+            raise NoMatch("int32 matmul whose weight does not hold int8 values")
+        wq_kn = wq_kn.to(torch.int8)
+    if wq_kn.dtype != torch.int8:
         raise NoMatch("_int_mm operands are not (activation, constant int8 weight)")
     n = wq_kn.shape[1]
     col = torch.ones(n, dtype=torch.float64, device=wq_kn.device)
-    match = Int8Match(wq=wq_kn.t().contiguous(), col_scale=col, bias=None)
+    match = Int8Match(wq=wq_kn.t().contiguous(), col_scale=col, bias=None, xq=a)
     cur, converted, cast_out = mm, False, False
     while len(value_users(cur)) == 1:
         u = value_users(cur)[0]
@@ -115,6 +168,11 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
                 raise NoMatch(f"zero-point correction computed in {u.meta['val'].dtype} "
                               "(qcompile corrects in int32)")
             match.azp, match.azp_adj = _zero_point_term(ev, u.args[1], n)
+            cur = u
+            continue
+        if u.target in _VIEWS and u.args[0] is cur:
+            # matmul of a 3-D activation: [M, N] -> [B, S, N]; the op's result is viewed so
+            match.view_shape = u.args[1]
             cur = u
             continue
         if u.target in _CASTS:
@@ -143,7 +201,7 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
                 col = col * v.reshape(-1)
             else:
                 shp = _shape(other)
-                if not _per_row(shp):
+                if not _per_row(shp, _shape(cur)[:-1]):
                     break
                 match.row_scales.append(other)
             cur = u

@@ -48,6 +48,7 @@ class Report:
 
     records: list[MatchRecord] = field(default_factory=list)
     graphs: int = 0           # compiled graphs these records come from
+    notes: list[str] = field(default_factory=list)  # graph-level findings (warnings)
 
     @property
     def matched(self) -> list[MatchRecord]:
@@ -64,6 +65,7 @@ class Report:
     def extend(self, other: Report) -> None:
         self.records.extend(other.records)
         self.graphs += other.graphs
+        self.notes.extend(other.notes)
 
     def to_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.records]
@@ -87,6 +89,7 @@ class Report:
             if i == 0:
                 lines.append("-" * len(lines[0]))
         lines.append(f"{len(self.matched)} of {len(self.records)} matmuls run as qcompile ops")
+        lines.extend(f"warning: {note}" for note in self.notes)
         return "\n".join(lines)
 
 

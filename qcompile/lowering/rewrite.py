@@ -52,7 +52,7 @@ def _source(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = str(list(stack.values())[-1][0])
-        return re.sub(r"^L\['[^']*'\]\.?", "", path) or path
+        return re.sub(r"^[LG]\['[^']*'\]\.?", "", path) or path
     return ""
 
 
@@ -526,7 +526,7 @@ class _Int8Site:
         """Sites with equal keys can share one launch: the same quantized activation, row
         scales and zero points (as values), output dtype and K, biases all present or not."""
         m, num = self.match, self.numbers
-        return ("int8", num[self.mm.args[0]], tuple(num[r] for r in m.row_scales),
+        return ("int8", num[m.xq], tuple(num[r] for r in m.row_scales),
                 None if m.azp is None else num[m.azp], m.out_dtype, int(m.wq.shape[1]),
                 m.bias is None)
 
@@ -567,7 +567,7 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) ->
     site's quantized activation, row scales and zero points, the weights concatenated."""
     first, match = sites[0], sites[0].match
     ns = [int(site.match.wq.shape[0]) for site in sites]
-    xq, end = first.mm.args[0], first.match.end
+    xq, end = match.xq, first.match.end
     if len(sites) > 1:  # the op goes before the earliest result it replaces
         order = {node: i for i, node in enumerate(b.graph.nodes)}
         end = min((site.match.end for site in sites), key=order.__getitem__)
@@ -580,6 +580,8 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) ->
     config, desc = kernels.prepare_int8_gemm(wq_all, _static_m(xq), match.out_dtype,
                                              has_bias=match.bias is not None)
     with b.graph.inserting_before(end):
+        if _val(xq).dtype != torch.int8:  # int32 matmul: int8 values widened (int8_activation)
+            xq = b.call(prims.convert_element_type.default, (xq, torch.int8))
         row = None
         for r in match.row_scales:
             if _val(r).dtype != torch.float32:
@@ -604,6 +606,9 @@ def _rewrite_int8(b: _Builder, ev: ConstantEvaluator, sites: list[_Int8Site]) ->
             args += (azp, b.constant(_cat([site.match.azp_adj for site in sites]), "azp_adj"))
         new = b.call(torch.ops.qcompile.int8_gemm.default, args, like=end)
         outs = _column_parts(b, new, ns)
+        if match.view_shape is not None:  # a 3-D activation's rows, as the chain viewed them
+            outs = [b.call(aten.view.default, (out, site.match.view_shape))
+                    for out, site in zip(outs, sites)]
     _note_launch(sites, desc, sum(ns))
     for site, out in zip(sites, outs):
         site.match.end.replace_all_uses_with(out)
@@ -686,13 +691,27 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
     builder = _Builder(graph)
     numbers = _value_numbers(graph) if fuse_linears else {}
     rewritten = 0
+    nodes_before = len(graph.nodes)
     group: list = []  # consecutive sites with one fusion key (few weights held)
 
     def flush() -> None:
-        if group:
-            rewrite = _rewrite_int8 if isinstance(group[0], _Int8Site) else _rewrite_mixed
+        nonlocal rewritten
+        if not group:
+            return
+        rewrite = _rewrite_int8 if isinstance(group[0], _Int8Site) else _rewrite_mixed
+        try:
             rewrite(builder, ev, group)
-            group.clear()
+        except Exception as e:  # noqa: BLE001 - the user's compile goes on without this rewrite
+            # The rewrite replaces uses only once its op is built, so what it added so far
+            # is dead code; the matmuls stay as they were.
+            log.warning("qcompile: rewriting %s failed, left to Inductor: %s: %s",
+                        ", ".join(site.rec.node for site in group), type(e).__name__, e)
+            log.debug("rewrite failure", exc_info=True)
+            for site in group:
+                site.rec.matched, site.rec.kernel = False, ""
+                site.rec.reason = f"rewrite failed ({type(e).__name__}: {e}); left to Inductor"
+            rewritten -= len(group)
+        group.clear()
 
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in MATMULS:
@@ -710,18 +729,67 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
                 flush()
         except NoMatch as e:
             rec.reason = str(e)
+        except Exception as e:  # noqa: BLE001 - never crash the user's compile on a graph
+            # we cannot read (an op that fails on the probe's values, say): leave it alone
+            log.debug("reading %s failed", node.name, exc_info=True)
+            rec.reason = (f"could not read the weight expression ({type(e).__name__}: "
+                          f"{_first_line(e)}); left to Inductor")
         finally:
             ev.cache.clear()  # evaluated weights are large: keep one matmul's at a time
         report.add(rec)
     flush()
-    if rewritten:
-        _link_norms(builder, graph)
+    if rewritten or len(graph.nodes) != nodes_before:  # or dead nodes of a failed rewrite
+        if rewritten:
+            _link_norms(builder, graph)
         graph.eliminate_dead_code()
         graph.lint()
         if gm is not None:
             gm.recompile()
+    if not rewritten:
+        _warn_if_unread(graph, constants, report)
     dump_graph("after", gm.print_readable(print_output=False) if gm else str(graph))
     return rewritten
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _warn_if_unread(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor],
+                    report: Report) -> None:
+    """One WARNING (and a report note) when the graph reads integer weight tensors into
+    matmuls or reductions and the pass rewrote none: the user expected a takeover."""
+    readers = set(MATMULS) | {aten.sum.dim_IntList, aten.sum.default}
+    weights = [n for n, t in constants.items()
+               if n.users and t.dim() >= 2 and not t.dtype.is_floating_point
+               and not t.dtype.is_complex and t.dtype != torch.bool]
+    if not weights:
+        return
+    reached = [n for n in descendants_of_any(graph, weights) if n.op == "call_function"
+               and n.target in readers]
+    if not reached:
+        return
+    unmatched = {r.node: r.reason for r in report.records if not r.matched}
+    reasons = [f"{n.name}: {unmatched[n.name]}" for n in reached if n.name in unmatched]
+    if reasons:
+        why = "; ".join(dict.fromkeys(reasons[:3]))
+    else:
+        why = ("no matmul reads them: the graph computes their product another way "
+               f"({', '.join(sorted({str(n.target) for n in reached}))})")
+    note = (f"{len(weights)} integer weight tensor(s) feed the computation but no matmul "
+            f"was rewritten to a qcompile op: {why}")
+    report.notes.append(note)
+    log.warning("qcompile: %s", note)
+
+
+def descendants_of_any(graph: fx.Graph, sources: list[fx.Node]) -> list[fx.Node]:
+    """Every node that depends on one of ``sources``, in graph order."""
+    seen = set(sources)
+    for node in graph.nodes:
+        if node not in seen and any(a in seen for a in node.all_input_nodes):
+            seen.add(node)
+    return [n for n in graph.nodes if n in seen]
 
 
 def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
@@ -730,7 +798,8 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     NoMatch says why not."""
     if builder.gm is None:
         raise NoMatch("graph has no owning module to hold new constants")
-    if op == "_int_mm":
+    out = _val(node)
+    if op == "_int_mm" or (op == "mm" and out is not None and out.dtype == torch.int32):
         match = recognize_int8(ev, node)
         rec.format, rec.bits, rec.k = match.format, 8, int(match.wq.shape[1])
         rec.n = int(match.wq.shape[0])

@@ -140,7 +140,8 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
         f1 = ev.shadow(b, p, torch.ones_like(qv, dtype=torch.float64))
         fq = ev.shadow(b, p, qv.to(torch.float64))
     except UnreadableOp as e:
-        raise NoMatch(f"weight produced by an op we do not read: {e.node.target}") from None
+        why = f" ({e.why})" if e.why else ""
+        raise NoMatch(f"weight produced by an op we do not read: {e.node.target}{why}") from None
     if f0.shape != w_kn.shape:
         raise NoMatch("dequantization changes the weight's shape in a way we do not read")
     a = f1 - f0
