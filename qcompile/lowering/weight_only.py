@@ -70,6 +70,15 @@ class NoMatch(Exception):
     """Why a matmul was left to Inductor; the message goes into the report."""
 
 
+class _ActOrderMiss(NoMatch):
+    """No permutation of K gives a kernel group size; ``classes``: how many groups of equal
+    scales the columns fell into (fewest: the integer tensor that explains the most)."""
+
+    def __init__(self, message: str, classes: int):
+        super().__init__(message)
+        self.classes = classes
+
+
 def _bits(qmin: int, qmax: int) -> tuple[int, bool] | None:
     for bits in (4, 8):
         if 0 <= qmin and qmax < 2**bits:
@@ -143,11 +152,11 @@ def _act_order_perm(s: torch.Tensor, o: torch.Tensor, g_true: int) -> torch.Tens
         more = ", ..." if len(shown) > 6 else ""
         if g_true > 1:
             raise _unsupported_group(g_true)
-        raise NoMatch(f"scales vary along K without a supported group size, and grouping "
-                      f"K's columns by equal scales and zeros (act-order, g_idx) gives "
-                      f"{len(sizes)} groups of sizes {', '.join(map(str, shown[:6]))}{more}, "
-                      f"not all multiples of one of "
-                      f"{', '.join(map(str, sorted(KERNEL_GROUP_SIZES)))}")
+        raise _ActOrderMiss(
+            f"scales vary along K without a supported group size, and grouping K's columns "
+            f"by equal scales and zeros (act-order, g_idx) gives {len(sizes)} groups of sizes "
+            f"{', '.join(map(str, shown[:6]))}{more}, not all multiples of one of "
+            f"{', '.join(map(str, sorted(KERNEL_GROUP_SIZES)))}", len(sizes))
     return torch.argsort(inverse, stable=True)
 
 
@@ -205,13 +214,17 @@ def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
         raise NoMatch("no integer tensor of at most 8 bits with one value per weight "
                       "element feeds the weight")
     candidates.sort(key=lambda t: t[:3])
-    first_reason = None
+    misses: list[NoMatch] = []
     for *_, node, qv in candidates:
         try:
             return _probe(ev, b, node, qv, w_kn)
         except NoMatch as e:
-            first_reason = first_reason or str(e)
-    raise NoMatch(first_reason)
+            misses.append(e)
+    reason = misses[0]
+    if isinstance(reason, _ActOrderMiss):  # e.g. GPTQ's zeros[g_idx], tried before q
+        reason = min((e for e in misses if isinstance(e, _ActOrderMiss)),
+                     key=lambda e: e.classes)
+    raise NoMatch(str(reason))
 
 
 def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
