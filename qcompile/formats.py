@@ -10,7 +10,9 @@ Formats:
   ``style="pre"`` dequantizes the weight, ``"post"`` scales the output (gpt-fast).
 - ``Int4WeightOnlyLinear`` (W4A16): groups of 32/64/128/256 along K, asymmetric with
   zeros or symmetric, packed as AWQ (8 nibbles per int32 along N, interleaved), as GPTQ
-  (8 nibbles per int32 along K, sequential) or two nibbles per uint8 along K.
+  (8 nibbles per int32 along K, sequential) or two nibbles per uint8 along K. GPTQ's
+  act-order (``desc_act``): groups of input columns in the order of decreasing activation
+  energy, found through an unsorted ``g_idx``.
 - ``SmoothQuantLinear`` (W8A8): int8 per-channel weights, activations quantized per
   token (dynamic) or per tensor (static), optional smoothing factors and bias.
 """
@@ -139,16 +141,24 @@ class Int4WeightOnlyLinear(nn.Module):
     - ``"gptq"``: int32 [K/8, N], 8 consecutive input channels per word; zeros int32
       [K/g, N/8] sequential along N; scales [K/g, N]; groups through ``g_idx``.
     Without zeros (symmetric) q is stored as ``q + 8`` and the forward subtracts 8.
+
+    ``g_idx`` (gptq only; int [K]): the group of each input column, for act-order
+    checkpoints whose groups are not runs of g consecutive columns; scales and zeros column
+    ``j`` then belong to the columns with ``g_idx == j``. Default ``arange(K) // g``.
     """
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, bias: torch.Tensor | None = None,
-                 packing: Literal["uint8", "awq", "gptq"] = "uint8"):
+                 packing: Literal["uint8", "awq", "gptq"] = "uint8",
+                 g_idx: torch.Tensor | None = None):
         super().__init__()
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         n, k = q.shape
         _check_group(k, group_size)
+        if g_idx is not None and (packing != "gptq" or tuple(g_idx.shape) != (k,)):
+            raise ValueError(f"g_idx needs packing='gptq' and shape ({k},), got "
+                             f"{packing!r} and {tuple(g_idx.shape)}")
         if packing in ("awq", "gptq") and (n % 8 or k % 8):
             raise ValueError(f"packing={packing!r} needs N and K divisible by 8, got {n}x{k}")
         self.in_features, self.out_features = k, n
@@ -167,16 +177,32 @@ class Int4WeightOnlyLinear(nn.Module):
             self.register_buffer("qweight", _pack_nibbles_int32(u.t(), 0, range(8)))
             self.register_buffer("qzeros", _pack_nibbles_int32(z.t(), 1, range(8)))
             self.register_buffer("scales", scales.t().contiguous())
-            self.register_buffer("g_idx", torch.arange(k, dtype=torch.int32) // group_size)
+            if g_idx is None:
+                g_idx = torch.arange(k, dtype=torch.int32, device=q.device) // group_size
+            self.register_buffer("g_idx", g_idx.to(torch.int32).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, zero_point: bool = True,
-                    packing: Literal["uint8", "awq", "gptq"] = "uint8"):
-        q, s, z = quantize_groupwise_int4(linear.weight, group_size, zero_point)
+                    packing: Literal["uint8", "awq", "gptq"] = "uint8",
+                    perm: torch.Tensor | None = None):
+        """``perm`` (gptq only): act-order, the input columns in the order GPTQ quantizes
+        them (decreasing diagonal of the Hessian); each group is g consecutive columns of
+        that order, and ``g_idx[perm[i]] = i // g`` as AutoGPTQ writes it."""
+        w, g_idx = linear.weight, None
+        if perm is not None:
+            if packing != "gptq":
+                raise ValueError(f"act-order (perm) needs packing='gptq', got {packing!r}")
+            perm = perm.to(torch.long)
+            w = w[:, perm]
+        q, s, z = quantize_groupwise_int4(w, group_size, zero_point)
+        if perm is not None:
+            inv = torch.argsort(perm)
+            q = q[:, inv]
+            g_idx = (torch.arange(q.shape[1], device=perm.device) // group_size)[inv]
         dtype = linear.weight.dtype
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, s.to(dtype), z, group_size, bias, packing)
+        return cls(q, s.to(dtype), z, group_size, bias, packing, g_idx)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] (W.T [K, N] for awq/gptq packing) computed as the library does."""
@@ -310,6 +336,26 @@ def _calibrate_absmax(model: nn.Module, linears, calibration) -> dict[int, float
 
 
 @torch.no_grad()
+def _calibrate_energy(model: nn.Module, linears, calibration) -> dict[int, torch.Tensor]:
+    """Per linear, the sum over calibration tokens of x[:, k]^2: the diagonal of GPTQ's
+    Hessian 2 X^T X, whose decreasing order is act-order's column order."""
+    energy: dict[int, torch.Tensor] = {}
+
+    def hook(mod, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        energy[id(mod)] = energy.get(id(mod), 0) + (x * x).sum(0)
+
+    hooks = [lin.register_forward_pre_hook(hook) for _, _, lin in linears]
+    try:
+        for batch in calibration:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return energy
+
+
+@torch.no_grad()
 def quantize(
     model: nn.Module,
     method: str,
@@ -321,6 +367,7 @@ def quantize(
     act: str = "dynamic",
     calibration: Iterable | None = None,
     skip: Iterable[str] = (),
+    act_order: bool = False,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` in place by quantized ones; return it.
 
@@ -336,6 +383,11 @@ def quantize(
         calibration: iterable of model inputs (a tensor or a tuple of arguments) used
             to measure activation ranges for ``act="static"``.
         skip: name prefixes of linears to leave in floating point (e.g. ``"lm_head"``).
+        act_order: W4A16 GPTQ packing only: GPTQ's ``desc_act``, groups formed over the input
+            columns in decreasing order of their activation energy on ``calibration``
+            (needed), stored through an unsorted ``g_idx``. Linears reading one input
+            (q/k/v) get one order. Only the grouping is GPTQ's: the rounding is still
+            round-to-nearest, not GPTQ's error feedback.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -351,14 +403,20 @@ def quantize(
         raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
     if method == "w8a8" and act == "static" and calibration is None:
         raise ValueError("act='static' needs calibration inputs (calibration=[...])")
+    if act_order and (method != "w4a16" or packing != "gptq" or calibration is None):
+        raise ValueError("act_order needs method='w4a16', packing='gptq' and calibration "
+                         "inputs (calibration=[...])")
     linears = _linears(model, skip)
     absmax = (_calibrate_absmax(model, linears, calibration)
               if method == "w8a8" and act == "static" else {})
+    energy = _calibrate_energy(model, linears, calibration) if act_order else {}
     for parent, name, lin in linears:
         if method == "w8a16":
             new = Int8WeightOnlyLinear.from_linear(lin, style=style)
         elif method == "w4a16":
-            new = Int4WeightOnlyLinear.from_linear(lin, group_size, zero_point, packing)
+            e = energy.get(id(lin))
+            perm = None if e is None else torch.argsort(e, descending=True, stable=True)
+            new = Int4WeightOnlyLinear.from_linear(lin, group_size, zero_point, packing, perm)
         else:
             new = SmoothQuantLinear.from_linear(lin, act=act, act_absmax=absmax.get(id(lin)))
         setattr(parent, name, new.to(lin.weight.device))

@@ -34,6 +34,7 @@ from torch._guards import detect_fake_mode
 
 from .. import kernels
 from ..kernels.ops import dtype_name
+from .act_order import gather_activation
 from .evaluate import ConstantEvaluator, ancestors, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
 from .report import MatchRecord, Report, dump_graph
@@ -161,7 +162,8 @@ class _MixedSite:
         m = self.match
         const_bias = self.bias is None or self.bias.op in ("placeholder", "get_attr")
         return (_activation_key(self.x), m.bits, m.signed, m.group_size, m.zero_mode,
-                m.dequant_dtype, int(m.q.shape[1]), self.bias is None, const_bias or id(self))
+                m.dequant_dtype, int(m.q.shape[1]), self.bias is None, const_bias or id(self),
+                m.perm_key())  # act-order: one gather of x serves sites of one perm
 
 
 def _activation_key(x: fx.Node) -> tuple:
@@ -469,6 +471,8 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             x_arg = b.call(aten.reshape.default, (h, list(_val(x).shape)))
             fused_args = (weight, eps)
             notes += "; RMSNorm in the op"
+        x_arg, fused_args, gathered = gather_activation(b, match.perm, x_arg, fused_args)
+        notes += gathered
         qw = (_reuse_or_constant(b, ev, first.w, qweight, "qweight") if len(sites) == 1
               else b.constant(qweight, "qweight"))
         s = b.constant(scales, "scales")

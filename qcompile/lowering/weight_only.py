@@ -8,10 +8,18 @@ give the group size; offset / scale gives integer zeros (or float ones, HQQ-styl
 recovered (q, scales, zeros) must reproduce the graph's weight bit for bit in the graph's
 dtype before anything is rewritten. Every packing (AWQ's interleaved nibbles, GPTQ's
 words along K, two nibbles per byte, plain int8) comes out the same way.
+
+GPTQ's act-order (``desc_act``) checkpoints index their groups through a ``g_idx`` that is
+not sorted: the scales vary along K without a group structure. Columns whose (scale,
+offset) columns are equal over every row are one group, so a permutation ``perm`` of K
+that sorts the columns by class gives the structure back; the match then describes
+``W[:, perm]``, and the rewrite gathers the activation the same way
+(``x[..., perm] @ W[:, perm].T == x @ W.T``), as Marlin and ExLlama run such checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +43,17 @@ class WeightOnlyMatch:
     group_size: int
     zero_mode: str
     dequant_dtype: torch.dtype
+    # int64 [K]: q, scales and zeros describe W[:, perm] (GPTQ act-order); None when the
+    # groups already follow K. The op must then read x[..., perm].
+    perm: torch.Tensor | None = None
+
+    def perm_key(self) -> bytes | None:
+        """A hashable, exact identity of ``perm`` (for fusion keys)."""
+        if self.perm is None:
+            return None
+        if not hasattr(self, "_perm_key"):
+            self._perm_key = self.perm.cpu().numpy().tobytes()
+        return self._perm_key
 
     @property
     def format(self) -> str:
@@ -43,11 +62,21 @@ class WeightOnlyMatch:
         zeros = {"none": "", "sub": "+zeros", "add": "+offsets"}[self.zero_mode]
         if self.zero_mode == "sub" and not torch.equal(self.zeros, torch.round(self.zeros)):
             zeros = "+float-zeros"
-        return f"w{self.bits}a16 {kind} {group}{zeros}"
+        order = " act-order" if self.perm is not None else ""
+        return f"w{self.bits}a16 {kind} {group}{zeros}{order}"
 
 
 class NoMatch(Exception):
     """Why a matmul was left to Inductor; the message goes into the report."""
+
+
+class _ActOrderMiss(NoMatch):
+    """No permutation of K gives a kernel group size; ``classes``: how many groups of equal
+    scales the columns fell into (fewest: the integer tensor that explains the most)."""
+
+    def __init__(self, message: str, classes: int):
+        super().__init__(message)
+        self.classes = classes
 
 
 def _bits(qmin: int, qmax: int) -> tuple[int, bool] | None:
@@ -68,6 +97,67 @@ def _true_group(s: torch.Tensor, o: torch.Tensor) -> int:
                 torch.equal(og, og[..., :1].expand_as(og)):
             return g
     return 1
+
+
+def _kernel_group(g_true: int, k: int) -> int | None:
+    """The group size the kernels run for scales constant over groups of g_true along K."""
+    if g_true == k:
+        return k
+    fits = [g for g in KERNEL_GROUP_SIZES if g_true % g == 0]
+    return fits[0] if fits else None
+
+
+def _unsupported_group(g_true: int) -> NoMatch:
+    return NoMatch(f"group size {g_true} not supported (kernels take "
+                   f"{', '.join(map(str, sorted(KERNEL_GROUP_SIZES)))} or per-channel)")
+
+
+def _first_columns(inverse: torch.Tensor) -> torch.Tensor:
+    """For class numbers ``inverse`` [K] (all of 0..C-1 present), each class's first column."""
+    k = inverse.numel()
+    first = torch.full((int(inverse.max()) + 1,), k, dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, torch.arange(k, device=inverse.device), "amin")
+
+
+def _column_classes(s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """For each column k of s and o ([N, K]), the number of its class: columns equal in both
+    over all N rows share one. Classes are numbered in the order of their first column, so
+    the numbering depends on the partition of K only (linears of one g_idx get one perm).
+    Classes found on a few rows are checked on all of them (a unique over every row's
+    columns is exact but slow: 2 s for 4096 x 4096 on a CPU core), which that exact unique
+    replaces only when the few rows merged unequal columns."""
+    st = torch.cat([s, o])
+    rows = torch.linspace(0, st.shape[0] - 1, min(16, st.shape[0])).long().unique()
+    _, inverse = torch.unique(st[rows], dim=1, return_inverse=True)
+    first = _first_columns(inverse)
+    if not torch.equal(st, st[:, first[inverse]]):
+        _, inverse = torch.unique(st, dim=1, return_inverse=True)
+        first = _first_columns(inverse)
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(first.numel(), device=first.device)
+    return rank[inverse]
+
+
+def _act_order_perm(s: torch.Tensor, o: torch.Tensor, g_true: int) -> torch.Tensor:
+    """A permutation of K under which s and o ([N, K]) have a group structure the kernels
+    take (GPTQ act-order's ``g_idx``), or NoMatch with the reason."""
+    inverse = _column_classes(s, o)
+    sizes = torch.bincount(inverse)
+    gcd = 0
+    for size in sizes.tolist():
+        gcd = math.gcd(gcd, size)
+    fits = [g for g in KERNEL_GROUP_SIZES if gcd % g == 0]
+    if not fits:
+        shown = sorted(set(sizes.tolist()))
+        more = ", ..." if len(shown) > 6 else ""
+        if g_true > 1:
+            raise _unsupported_group(g_true)
+        raise _ActOrderMiss(
+            f"scales vary along K without a supported group size, and grouping K's columns "
+            f"by equal scales and zeros (act-order, g_idx) gives {len(sizes)} groups of sizes "
+            f"{', '.join(map(str, shown[:6]))}{more}, not all multiples of one of "
+            f"{', '.join(map(str, sorted(KERNEL_GROUP_SIZES)))}", len(sizes))
+    return torch.argsort(inverse, stable=True)
 
 
 def _exact_dtype(t: torch.Tensor, prefer: list[torch.dtype]) -> torch.dtype | None:
@@ -124,13 +214,17 @@ def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
         raise NoMatch("no integer tensor of at most 8 bits with one value per weight "
                       "element feeds the weight")
     candidates.sort(key=lambda t: t[:3])
-    first_reason = None
+    misses: list[NoMatch] = []
     for *_, node, qv in candidates:
         try:
             return _probe(ev, b, node, qv, w_kn)
         except NoMatch as e:
-            first_reason = first_reason or str(e)
-    raise NoMatch(first_reason)
+            misses.append(e)
+    reason = misses[0]
+    if isinstance(reason, _ActOrderMiss):  # e.g. GPTQ's zeros[g_idx], tried before q
+        reason = min((e for e in misses if isinstance(e, _ActOrderMiss)),
+                     key=lambda e: e.classes)
+    raise NoMatch(str(reason))
 
 
 def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
@@ -151,14 +245,12 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
     w = w_kn.t()
     n, k = q.shape
     g_true = _true_group(s_el, o_el)
-    if g_true == k:
-        group = k
-    else:
-        fits = [g for g in KERNEL_GROUP_SIZES if g_true % g == 0]
-        if not fits:
-            raise NoMatch(f"group size {g_true} not supported (kernels take "
-                          f"{', '.join(map(str, sorted(KERNEL_GROUP_SIZES)))} or per-channel)")
-        group = fits[0]
+    group, perm = _kernel_group(g_true, k), None
+    if group is None:  # GPTQ act-order: the groups are K's columns in another order
+        perm = _act_order_perm(s_el, o_el, g_true)
+        q, s_el, o_el, w = q[:, perm], s_el[:, perm], o_el[:, perm], w[:, perm]
+        group = _kernel_group(_true_group(s_el, o_el), k)
+        assert group is not None
     s, o = s_el[:, ::group], o_el[:, ::group]
     fit = _bits(int(q.min()), int(q.max()))
     if fit is None:
@@ -195,7 +287,7 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, p: fx.Node, qv: torch.Tensor,
                     q=qq.to(torch.int16), scales=s.to(s_dtype).contiguous(),
                     zeros=None if z is None else z.to(z_dtype).contiguous(),
                     bits=bits, signed=sg, group_size=group, zero_mode=zero_mode,
-                    dequant_dtype=dd)
+                    dequant_dtype=dd, perm=perm)
             worst = max(worst, float((rec.double() - w.double()).abs().max()))
     if not tried:
         raise NoMatch("zeros are not representable in the weight's dtype or float32")
