@@ -39,6 +39,10 @@ def one_token_decomposition():
     table = decomposition.decompositions
     old = table.get(aten.mm.default)
     table[aten.mm.default] = _one_token_mm
+    # select_decomp_table() hands out a cached copy of the table (fast_random_decomps)
+    cached = getattr(decomposition, "fast_random_decomps", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
     try:
         yield
     finally:
@@ -46,6 +50,8 @@ def one_token_decomposition():
             del table[aten.mm.default]
         else:
             table[aten.mm.default] = old
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
 
 
 @pytest.fixture
