@@ -70,14 +70,17 @@ def _constant(ev: ConstantEvaluator, node, what: str) -> torch.Tensor:
     return v
 
 
-def _activation(node: fx.Node) -> tuple[fx.Node, torch.Tensor, int]:
+def _activation(node: fx.Node, k: int) -> tuple[fx.Node, torch.Tensor]:
+    """The op's activation [M, K] (K the weight's; a dynamic K is the op's to check)."""
     x = node.args[0]
     xv = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if not isinstance(xv, torch.Tensor) or xv.dim() != 2 or not isinstance(xv.shape[1], int):
-        raise NoMatch("activation is not a 2-D tensor with a static K")
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
+        raise NoMatch("activation is not a 2-D tensor")
+    if isinstance(xv.shape[1], int) and xv.shape[1] != k:
+        raise NoMatch(f"activation has K={xv.shape[1]}, the weight K={k}")
     if xv.dtype not in OP_DTYPES:
         raise NoMatch(f"activation dtype {xv.dtype} not supported")
-    return x, xv, int(xv.shape[1])
+    return x, xv
 
 
 def recognize_packed(ev: ConstantEvaluator, node: fx.Node) -> tuple[fx.Node, fx.Node,
@@ -89,17 +92,18 @@ def recognize_packed(ev: ConstantEvaluator, node: fx.Node) -> tuple[fx.Node, fx.
 
 
 def _recognize_int4(ev: ConstantEvaluator, node: fx.Node):
-    x, xv, k = _activation(node)
     w_node, group, sz_node = node.args[1:4]
     w = _constant(ev, w_node, "packed int4 weight")
     sz = _constant(ev, sz_node, "scales_and_zeros")
     if not isinstance(group, int):
         raise NoMatch("group size is not a constant int")
-    if group not in weight_only.KERNEL_GROUP_SIZES or k % group:
+    if group not in weight_only.KERNEL_GROUP_SIZES:
         raise NoMatch(f"group size {group} not supported (kernels take "
                       f"{', '.join(map(str, sorted(weight_only.KERNEL_GROUP_SIZES)))})")
-    if sz.dim() != 3 or sz.shape[0] != k // group or sz.shape[2] != 2:
+    if sz.dim() != 3 or sz.shape[2] != 2:
         raise NoMatch(f"scales_and_zeros of shape {tuple(sz.shape)}, not [K/g, N, 2]")
+    k = int(sz.shape[0]) * group
+    x, xv = _activation(node, k)
     if sz.dtype != xv.dtype:
         raise NoMatch(f"scales_and_zeros dtype {sz.dtype} differs from the activation's "
                       f"{xv.dtype}")
@@ -140,12 +144,13 @@ def _read_int4(op, w: torch.Tensor, group: int, n: int, k: int,
 
 
 def _recognize_int8(ev: ConstantEvaluator, node: fx.Node):
-    x, xv, k = _activation(node)
     w_node, s_node = node.args[1:3]
     w = _constant(ev, w_node, "int8 weight")
     s = _constant(ev, s_node, "int8pack scales")
-    if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != k:
+    if w.dtype != torch.int8 or w.dim() != 2:
         raise NoMatch(f"int8pack weight of {w.dtype} {tuple(w.shape)}, not int8 [N, K]")
+    k = int(w.shape[1])
+    x, xv = _activation(node, k)
     n = int(w.shape[0])
     if s.numel() != n or not s.is_floating_point():
         raise NoMatch(f"int8pack scales of shape {tuple(s.shape)}, not [N]")
