@@ -86,9 +86,10 @@ def _activation(node: fx.Node, k: int) -> tuple[fx.Node, torch.Tensor]:
 def recognize_packed(ev: ConstantEvaluator, node: fx.Node) -> tuple[fx.Node, fx.Node,
                                                                       PackedMatch]:
     """(activation, weight node, match) for one library op node, or NoMatch."""
-    if node.target in INT4_OPS:
-        return _recognize_int4(ev, node)
-    return _recognize_int8(ev, node)
+    with torch.no_grad():  # the model's tensors may be parameters that require grad
+        if node.target in INT4_OPS:
+            return _recognize_int4(ev, node)
+        return _recognize_int8(ev, node)
 
 
 def _recognize_int4(ev: ConstantEvaluator, node: fx.Node):
@@ -165,14 +166,18 @@ def _recognize_int8(ev: ConstantEvaluator, node: fx.Node):
     return x, w_node, match
 
 
-def _weight64(m: WeightOnlyMatch) -> torch.Tensor:
-    """The recovered weight [N, K] in float64, exactly."""
+def _product64(x: torch.Tensor, m: WeightOnlyMatch, rows: int = 1024) -> torch.Tensor:
+    """``x @ W^T`` in float64 for the recovered weight, exactly (W built 1024 rows at a time)."""
     n, k = m.q.shape
     g = m.group_size
-    w = m.q.double().reshape(n, k // g, g) * m.scales.double().reshape(n, -1, 1)
-    if m.zero_mode == "add":
-        w = w + m.zeros.double().reshape(n, -1, 1)
-    return w.reshape(n, k)
+    x64, parts = x.double(), []
+    for n0 in range(0, n, rows):
+        sl = slice(n0, min(n, n0 + rows))
+        w = m.q[sl].double().reshape(-1, k // g, g) * m.scales[sl].double().reshape(-1, k // g, 1)
+        if m.zero_mode == "add":
+            w = w + m.zeros[sl].double().reshape(-1, k // g, 1)
+        parts.append(x64 @ w.reshape(-1, k).t())
+    return torch.cat(parts, dim=1)
 
 
 def _check(run, match: PackedMatch, dtype: torch.dtype, k: int, device) -> None:
@@ -184,8 +189,7 @@ def _check(run, match: PackedMatch, dtype: torch.dtype, k: int, device) -> None:
     except RuntimeError as e:
         raise NoMatch(f"{match.source} op rejects a {dtype} activation at compile time: "
                       f"{str(e).splitlines()[0]}") from None
-    w = _weight64(match).to(device)
-    ref = xs.double() @ w.t()
+    ref = _product64(xs, match)
     denom = float(ref.norm())
     err = float((out.double() - ref).norm()) / (denom if denom > 0 else 1.0)
     if not err <= CHECK_TOL[dtype]:
