@@ -6,7 +6,8 @@ chains and before Inductor's own quantization fusions (ARCHITECTURE.md says why)
 graph's parameter and buffer placeholders are given their real values by the backend.
 
 For each matmul node (mm, addmm, _int_mm) the pass asks the recognisers in
-``weight_only`` and ``int8_rescale``; a recognised subgraph becomes one call of
+``weight_only`` and ``int8_rescale`` (``packed_ops`` for tinygemm's int4 and the int8pack
+ops, whose weight is read through the op); a recognised subgraph becomes one call of
 ``qcompile::mixed_gemm`` or ``qcompile::int8_gemm`` with the repacked weight as a new
 constant, and the dead dequantization is removed; anything else stays exactly as it was.
 
@@ -37,13 +38,15 @@ from ..kernels.ops import dtype_name
 from .act_order import gather_activation
 from .evaluate import ConstantEvaluator, ancestors, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
+from .packed_ops import OPS as PACKED_OPS
+from .packed_ops import recognize_packed
 from .report import MatchRecord, Report, dump_graph
 from .weight_only import NoMatch, WeightOnlyMatch, recognize_weight
 
 log = logging.getLogger("qcompile")
 aten, prims = torch.ops.aten, torch.ops.prims
 MATMULS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten._int_mm.default: "_int_mm",
-           aten.bmm.default: "bmm"}
+           aten.bmm.default: "bmm", **PACKED_OPS}
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _uid = itertools.count()
@@ -809,7 +812,10 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
         rec.n = int(match.wq.shape[0])
         rec.dtype = str(match.out_dtype).replace("torch.", "")
         return _Int8Site(node, match, rec, numbers)
-    if op == "bmm":
+    if node.target in PACKED_OPS:  # tinygemm int4 / int8pack: read through the op itself
+        x, w, match = recognize_packed(ev, node)
+        bias = None
+    elif op == "bmm":
         x, w3 = node.args[:2]
         w = _broadcast_source(w3)
         if w is None:
@@ -830,7 +836,8 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     xv = _val(x)
     if xv is None or xv.dtype not in ACT_DTYPES:
         raise NoMatch(f"activation dtype {None if xv is None else xv.dtype} not supported")
-    match = recognize_weight(ev, w)
+    if node.target not in PACKED_OPS:
+        match = recognize_weight(ev, w)
     n, k = match.q.shape
     rec.format, rec.bits, rec.group_size, rec.n, rec.k = (
         match.format, match.bits, match.group_size, n, k)
