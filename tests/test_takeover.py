@@ -178,7 +178,7 @@ def test_a_graph_with_integer_weights_and_no_takeover_warns_once(caplog):
         report = qcompile.explain(model, x)
     warnings = [r for r in caplog.records if r.name == "qcompile" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "no matmul was rewritten" in warnings[0].getMessage()
+    assert "read integer weights but none was rewritten" in warnings[0].getMessage()
     assert "lookup table" in warnings[0].getMessage()
     assert len(report.notes) == 1 and "warning: " in str(report)
     assert not report.matched and "lookup table" in report.records[0].reason
@@ -186,11 +186,26 @@ def test_a_graph_with_integer_weights_and_no_takeover_warns_once(caplog):
         assert rel_err(torch.compile(model, backend="qcompile")(x), model(x)) <= 1e-5
 
 
+class PositionIds(nn.Module):
+    """A float model with an integer buffer (position ids, as many transformers models
+    register) that reaches matmuls through the activation, not a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("position_ids", torch.arange(16).expand(1, -1))
+        self.pos = nn.Embedding(16, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x + self.pos(self.position_ids[:, : x.shape[1]]))
+
+
 def test_no_warning_when_taken_over_or_nothing_quantized(caplog):
     with caplog.at_level(logging.WARNING, logger="qcompile"):
         report = qcompile.explain(_mlp("w8a16", dtype=torch.float32), torch.randn(2, 128))
         plain = qcompile.explain(nn.Linear(8, 8), torch.randn(2, 8))
-    assert report.matched and not report.notes and not plain.notes
+        ids = qcompile.explain(PositionIds(), torch.randn(1, 16, 8))
+    assert report.matched and not report.notes and not plain.notes and not ids.notes
     assert not [r for r in caplog.records if r.name == "qcompile" and r.levelno >= logging.WARNING]
 
 

@@ -36,7 +36,7 @@ from torch._guards import detect_fake_mode
 from .. import kernels
 from ..kernels.ops import dtype_name
 from .act_order import gather_activation
-from .evaluate import ConstantEvaluator, ancestors, users_chain, value_users
+from .evaluate import ConstantEvaluator, ancestors, integer_nodes, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
 from .packed_ops import OPS as PACKED_OPS
 from .packed_ops import recognize_packed
@@ -753,7 +753,7 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
         if gm is not None:
             gm.recompile()
     if not rewritten:
-        _warn_if_unread(graph, constants, report)
+        _warn_if_unread(graph, ev, report)
     dump_graph("after", gm.print_readable(print_output=False) if gm else str(graph))
     return rewritten
 
@@ -763,40 +763,37 @@ def _first_line(e: Exception) -> str:
     return text[0][:200] if text else ""
 
 
-def _warn_if_unread(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor],
-                    report: Report) -> None:
-    """One WARNING (and a report note) when the graph reads integer weight tensors into
-    matmuls or reductions and the pass rewrote none: the user expected a takeover."""
-    readers = set(MATMULS) | {aten.sum.dim_IntList, aten.sum.default}
-    weights = [n for n, t in constants.items()
-               if n.users and t.dim() >= 2 and not t.dtype.is_floating_point
-               and not t.dtype.is_complex and t.dtype != torch.bool]
-    if not weights:
-        return
-    reached = [n for n in descendants_of_any(graph, weights) if n.op == "call_function"
-               and n.target in readers]
-    if not reached:
+def _warn_if_unread(graph: fx.Graph, ev: ConstantEvaluator, report: Report) -> None:
+    """One WARNING (and a report note) when the pass rewrote nothing although a matmul (or
+    the product a decomposed matmul left: a mul feeding a sum) reads a weight computed
+    from constants with an integer tensor among them: the user expected a takeover."""
+    readers = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in MATMULS:
+            operands = [node.args[2] if node.target is aten.addmm.default else node.args[1]]
+        elif node.target is aten.mul.Tensor and any(
+                u.target in (aten.sum.dim_IntList, aten.sum.default) for u in node.users):
+            operands = [a for a in node.args if isinstance(a, fx.Node)]
+        else:
+            continue
+        if any(isinstance(a, fx.Node) and ev.is_constant(a) and integer_nodes(ancestors(a))
+               for a in operands):
+            readers.append(node)
+    if not readers:
         return
     unmatched = {r.node: r.reason for r in report.records if not r.matched}
-    reasons = [f"{n.name}: {unmatched[n.name]}" for n in reached if n.name in unmatched]
+    reasons = [f"{n.name}: {unmatched[n.name]}" for n in readers if n.name in unmatched]
     if reasons:
         why = "; ".join(dict.fromkeys(reasons[:3]))
     else:
         why = ("no matmul reads them: the graph computes their product another way "
-               f"({', '.join(sorted({str(n.target) for n in reached}))})")
-    note = (f"{len(weights)} integer weight tensor(s) feed the computation but no matmul "
-            f"was rewritten to a qcompile op: {why}")
+               f"({', '.join(sorted({str(n.target) for n in readers}))})")
+    note = (f"{len(readers)} matmul(s) read integer weights but none was rewritten to a "
+            f"qcompile op: {why}")
     report.notes.append(note)
     log.warning("qcompile: %s", note)
-
-
-def descendants_of_any(graph: fx.Graph, sources: list[fx.Node]) -> list[fx.Node]:
-    """Every node that depends on one of ``sources``, in graph order."""
-    seen = set(sources)
-    for node in graph.nodes:
-        if node not in seen and any(a in seen for a in node.all_input_nodes):
-            seen.add(node)
-    return [n for n in graph.nodes if n in seen]
 
 
 def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
