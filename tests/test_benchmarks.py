@@ -58,3 +58,145 @@ def test_bench_decode_sweeps_a_library_setting(tmp_path):
     short = subprocess.run(cmd[:9] + ["2"] + cmd[10:], cwd=tmp_path, capture_output=True,
                            text=True, timeout=600)
     assert short.returncode == 2 and "--new must be at least 3" in short.stderr
+
+
+# --- bench_common's L2 flush, bench_w4a16 / bench_w8a8 arguments and rows (CPU) -------------
+
+import importlib  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+
+class _FakeDriver:
+    """triton 3.x's driver as do_bench uses it: a 256 MB buffer, cleared by zero-filling."""
+
+    def get_empty_cache_for_benchmark(self):
+        return torch.ones(256 * 2**20 // 4, dtype=torch.int32)
+
+    def clear_cache(self, cache):
+        cache.zero_()
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    """A triton whose do_bench calls the driver the way triton 3.x's does: ``cache =
+    driver.active.get_empty_cache_for_benchmark()``, then ``driver.active.clear_cache(cache)``
+    before every call (looked up each time); it returns 0.5 ms and keeps the buffers."""
+    triton = types.ModuleType("triton")
+    runtime = types.ModuleType("triton.runtime")
+    testing = types.ModuleType("triton.testing")
+    runtime.driver = types.SimpleNamespace(active=_FakeDriver())
+    caches = []
+
+    def do_bench(fn, warmup=25, rep=100, return_mode="mean"):
+        cache = runtime.driver.active.get_empty_cache_for_benchmark()
+        caches.append(cache)
+        for _ in range(3):
+            runtime.driver.active.clear_cache(cache)
+            fn()
+        return 0.5
+
+    testing.do_bench = do_bench
+    triton.runtime, triton.testing, triton.__version__ = runtime, testing, "3.6.0-fake"
+    triton.caches = caches
+    for name, mod in (("triton", triton), ("triton.runtime", runtime),
+                      ("triton.testing", testing)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return triton
+
+
+def test_clean_flush_reads_the_buffer_and_restores_clear_cache(fake_triton):
+    import bench_common as bc
+
+    driver = fake_triton.runtime.driver.active
+    original = driver.clear_cache
+    calls = []
+    assert bc.bench_us(lambda: calls.append(1), flush="clean") == 500.0
+    assert len(calls) == 3
+    # the clean flush only read the buffer: do_bench's ones are still there
+    assert bool((fake_triton.caches[-1] == 1).all())
+    assert driver.clear_cache == original and "clear_cache" not in vars(driver)
+    # the old behaviour: do_bench's own zero-fill
+    assert bc.bench_us(lambda: None, flush="zero") == 500.0
+    assert int(fake_triton.caches[-1].abs().sum()) == 0
+    with bc.l2_flush("clean"):
+        assert fake_triton.runtime.driver.active.clear_cache is bc.read_flush
+    assert driver.clear_cache == original and "clear_cache" not in vars(driver)
+    with bc.l2_flush("zero"):
+        assert driver.clear_cache == original
+
+
+def test_clean_flush_is_undone_when_the_timing_raises(fake_triton):
+    import bench_common as bc
+
+    driver = fake_triton.runtime.driver.active
+
+    def broken(fn, **kw):
+        assert fake_triton.runtime.driver.active.clear_cache is bc.read_flush
+        raise RuntimeError("boom")
+
+    fake_triton.testing.do_bench = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        bc.bench_us(lambda: None, flush="clean")
+    assert "clear_cache" not in vars(driver) and driver.clear_cache.__func__ is \
+        _FakeDriver.clear_cache
+    # a driver whose clear_cache is its own attribute gets that attribute back
+    own = lambda cache: None  # noqa: E731
+    driver.clear_cache = own
+    with pytest.raises(KeyError), bc.l2_flush("clean"):
+        raise KeyError("x")
+    assert driver.clear_cache is own
+
+
+def test_clean_flush_without_the_driver_hook_says_so(fake_triton):
+    import bench_common as bc
+
+    fake_triton.runtime.driver.active = types.SimpleNamespace(
+        get_empty_cache_for_benchmark=lambda: None)
+    with pytest.raises(RuntimeError, match=r"no triton.runtime.driver.active.clear_cache.*"
+                                           r"--flush zero"):
+        with bc.l2_flush("clean"):
+            pass
+    with pytest.raises(ValueError, match="flush must be one of"):
+        with bc.l2_flush("dirty"):
+            pass
+
+
+def test_read_flush_wants_a_buffer_beyond_the_l2():
+    import bench_common as bc
+
+    with pytest.raises(ValueError, match="does not flush"):
+        bc.read_flush(torch.ones(60 * 2**20 // 4, dtype=torch.int32))  # 60 MiB < 2 x 50 MiB
+    buf = torch.full((256 * 2**20 // 4,), 7, dtype=torch.int32)
+    bc.read_flush(buf)
+    assert bool((buf == 7).all())
+
+
+def test_bench_w8a8_arguments_and_rows():
+    bw8 = importlib.import_module("bench_w8a8")
+    assert bw8.parse_args([]).flush == "clean"
+    assert bw8.parse_args(["--flush", "zero"]).flush == "zero"
+    with pytest.raises(SystemExit):
+        bw8.parse_args(["--flush", "dirty"])
+    r = bw8.make_row({"commit": "abc"}, "w8a8_dynamic", 4096, 4096, 1, "qcompile", 29.71, "clean")
+    assert r["flush"] == "clean" and r["bench"] == "w8a8" and r["median_us"] == 29.71
+
+
+def test_bench_w8a8_table_reads_one_flush(tmp_path, capsys):
+    """--table-from shows --flush's rows; rows without "flush" count as zero-fill ones."""
+    bw8 = importlib.import_module("bench_w8a8")
+    base = {"bench": "w8a8", "pattern": "w8a8_static", "n": 4096, "k": 4096, "m": 1,
+            "impl": "qcompile", "device": "H100", "torch": "2.11"}
+    rows = [dict(base, median_us=11.0, date="2026-12-01"),
+            dict(base, median_us=22.0, date="2026-12-02", flush="clean")]
+    path = tmp_path / "w8a8.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bw8.table_from(path, bw8.parse_args(["--flush", "zero"]))
+    assert "| 11.0 |" in capsys.readouterr().out
+    bw8.table_from(path, bw8.parse_args([]))
+    assert "| 22.0 |" in capsys.readouterr().out
