@@ -177,6 +177,78 @@ def test_read_flush_wants_a_buffer_beyond_the_l2():
     assert bool((buf == 7).all())
 
 
+def test_bench_w4a16_arguments():
+    bw = importlib.import_module("bench_w4a16")
+    a = bw.parse_args(["--grid", "issue25"])
+    assert a.shapes == ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096))
+    assert a.ms == (1, 16, 64, 256, 2048)
+    assert a.patterns == ("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc")
+    assert a.acts == ("bf16", "fp16") and a.impls == ("qcompile", "cublas_bf16", "read_floor")
+    assert a.flush == "clean" and a.no_variants
+    # flags beside the preset override its parts
+    a = bw.parse_args(["--grid", "issue25", "--ms", "1", "--act", "fp16", "--flush", "zero",
+                       "--shapes", "4096x4096"])
+    assert (a.ms, a.acts, a.flush, a.shapes) == ((1,), ("fp16",), "zero", ((4096, 4096),))
+    a = bw.parse_args([])
+    assert a.acts == ("bf16",) and a.flush == "clean" and not a.no_variants
+    assert "w4a16_g128_sym" in a.patterns and a.impls == bw.IMPLS
+    for bad in (["--act", "fp32"], ["--flush", "dirty"], ["--patterns", "w4a16_g64"],
+                ["--grid", "nope"]):
+        with pytest.raises(SystemExit):
+            bw.parse_args(bad)
+
+
+def test_bench_w4a16_rows_record_flush_and_act():
+    bw = importlib.import_module("bench_w4a16")
+    meta = {"bench": "bench_w4a16", "commit": "abc"}
+    r = bw.make_row(meta, "w4a16_g128_sym", "fp16", 4096, 4096, 16, "cublas_bf16", 12.345,
+                    "clean")
+    assert r["flush"] == "clean" and r["act"] == "fp16" and r["impl"] == "cublas_bf16"
+    assert r["median_us"] == 12.35 and r["pattern"] == "w4a16_g128_sym" and r["commit"] == "abc"
+    r = bw.make_row(meta, "w4a16_g128_zp", "bf16", 4096, 4096, 1, "qcompile", 10.0, "zero",
+                    config="decode.x")
+    assert r["flush"] == "zero" and "act" not in r and r["config"] == "decode.x"
+    with pytest.raises(ValueError):
+        bw.make_row(meta, "w4a16_g128_zp", "bf16", 1, 1, 1, "qcompile", 1.0, "dirty")
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", ["w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc"])
+def test_bench_w4a16_weights(pattern, act):
+    """The eager module, the dequantized weight and qcompile's format agree; scales and the
+    weight are in the activation dtype; the symmetric pattern is signed int4 without zeros."""
+    bw = importlib.import_module("bench_w4a16")
+    n, k = 32, 256
+    fmt, w, mod = bw.make_weights(pattern, n, k, act, device="cpu")
+    assert w.dtype == act and w.shape == (n, k) and fmt["s"].dtype == act
+    q = fmt["q"].to(torch.float32)
+    s = fmt["s"].to(torch.float32).repeat_interleave(fmt["group"], dim=1)
+    z = 0 if fmt["z"] is None else fmt["z"].to(torch.float32).repeat_interleave(fmt["group"], 1)
+    torch.testing.assert_close(w.float(), ((q - z) * s).to(act).float(), rtol=0, atol=0)
+    if pattern == "w4a16_g128_sym":
+        assert fmt["signed"] and fmt["zero_mode"] == "none" and fmt["z"] is None
+        assert fmt["bits"] == 4 and fmt["group"] == 128
+        assert int(fmt["q"].min()) == -8 and int(fmt["q"].max()) == 7
+        assert mod.packed.dtype == torch.uint8 and mod.packed.shape == (n, k // 2)
+    x = torch.randn(3, k).to(act)
+    out = mod(x)
+    assert out.dtype == act
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w))
+
+
+def test_bench_w4a16_ratio_table():
+    bw = importlib.import_module("bench_w4a16")
+    res = {("w4a16_g128_sym", "fp16", 4096, 4096, "qcompile", 1): 10.0,
+           ("w4a16_g128_sym", "fp16", 4096, 4096, "cublas_bf16", 1): 25.0,
+           ("w4a16_g128_sym", "fp16", 4096, 4096, "read_floor", 1): 8.0,
+           ("w4a16_g128_sym", "fp16", 4096, 4096, "qcompile", 256): 40.0,
+           ("w4a16_g128_sym", "fp16", 4096, 4096, "cublas_bf16", 256): 30.0,
+           ("w4a16_g128_sym", "fp16", 4096, 4096, "read_floor", 256): 8.0}
+    [(p, a, nk, cells)] = bw.ratio_rows(res, (1, 16, 256))
+    assert (p, a, nk) == ("w4a16_g128_sym", "fp16", "4096x4096")
+    assert cells == {1: (10.0, 2.5, 1.25), 256: (40.0, 0.75, None)}
+
+
 def test_bench_w8a8_arguments_and_rows():
     bw8 = importlib.import_module("bench_w8a8")
     assert bw8.parse_args([]).flush == "clean"
