@@ -1,7 +1,7 @@
 """The GEMMs of a decode step as the model runs them: one after another, each on its own
 weight, none of them in the L2 -- the setting the end-to-end decode sees, which the
-one-kernel benchmarks (bench_w4a16, L2 flushed by a 256 MB zero-fill before every call)
-do not show.
+one-kernel benchmarks (bench_w4a16, L2 flushed by reading -- or, with --flush zero, by
+zero-filling -- a 256 MB buffer before every call) do not show.
 
 Patterns: w4a16_g128_zp and w8a16_pc (bench_w4a16's), w8a8_static (qcompile::int8_gemm on
 an int8 activation, per-channel weight scales). For each (N, K) of a Llama-3-8B layer

@@ -1,22 +1,34 @@
 """Weight-only quantized linear on the GPU: qcompile's CUTLASS mixed-input GEMM against
 bf16 cuBLAS, PyTorch's tinygemm int4 kernel and Inductor on the plain dequant + linear.
 
-Patterns (bf16 activations, random data):
-  w4a16_g128_zp  unsigned int4 [N, K] as two nibbles per byte, (q - z) * s, groups of 128
-  w8a16_pc       int8 [N, K], per-channel scale s[N]
+Patterns (random data; activations bf16, or fp16 with --act fp16):
+  w4a16_g128_zp   unsigned int4 [N, K] as two nibbles per byte, (q - z) * s, groups of 128
+  w4a16_g128_sym  signed int4 [-8, 7] as two nibbles per byte, q * s, groups of 128, no zeros
+  w8a16_pc        int8 [N, K], per-channel scale s[N]
+Scales and zeros are in the activation dtype; with fp16 activations cuBLAS (impl name still
+`cublas_bf16`) runs fp16 x fp16 on the dequantized fp16 weight and qcompile takes and returns
+fp16; those rows carry "act": "fp16" (rows without "act" are bf16).
+
 Timing follows shared/BASELINES.md: one process; every implementation captured in a CUDA
-graph and graph.replay timed by triton.testing.do_bench (which flushes the L2 before each
-call, so weights come from HBM); medians in microseconds.
+graph and graph.replay timed by triton.testing.do_bench, the L2 flushed before each call by
+reading a 256 MB buffer (--flush clean, the default: weights come from HBM and the L2 holds
+clean lines) or by do_bench's own zero-fill (--flush zero, how rows without "flush" were
+timed); medians in microseconds. Every row records "flush".
 
 Appends one JSON line per cell to benchmarks/results/bench_w4a16.jsonl (or --out) and
-prints a table with the ratio to cublas_bf16. Extra rows qcompile_dp / qcompile_streamk
+prints a table with the ratio to cublas_bf16, then one of cuBLAS / qcompile and, for
+M <= 16, qcompile / read_floor. `--grid issue25` is the preset of issue 25: N x K in
+4096x4096, 14336x4096, 4096x14336, 28672x4096, M in 1..2048, the three patterns, bf16 and
+fp16, impls qcompile, cublas_bf16, read_floor (no qcompile_dp/_streamk rows); flags given
+beside it override its parts. Extra rows qcompile_dp / qcompile_streamk
 force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
 show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
 decode kernel (M <= 32) on each family's layout. `read_floor` is no GEMM: a kernel that only
 reads the quantized weight's bytes (int4: the packed nibbles; scales and zeros, 1/16 more,
 not counted), timed the same way: what streaming the weight costs under this timing.
 
-  python benchmarks/bench_w4a16.py [--quick] [--out FILE] [--impls a,b] [--ms 1,16] [--decode]
+  python benchmarks/bench_w4a16.py [--quick | --grid issue25] [--out FILE] [--impls a,b]
+      [--ms 1,16] [--act bf16,fp16] [--flush clean|zero] [--decode]
 """
 
 from __future__ import annotations
@@ -33,19 +45,30 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, read_floor, time_graph  # noqa: E402
+from bench_common import FLUSHES, commit, read_floor, time_graph  # noqa: E402
 
-PATTERNS = ("w4a16_g128_zp", "w8a16_pc")
+PATTERNS = ("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc")
 IMPLS = ("qcompile", "qcompile_sm80", "cublas_bf16", "tinygemm", "inductor",
          "inductor_max_autotune", "read_floor")
 MS = (1, 16, 64, 256, 2048)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 GROUP = 128
-DT = torch.bfloat16
+DT = torch.bfloat16  # the default activation dtype
+ACTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ACT_NAME = {v: k for k, v in ACTS.items()}
+GRIDS = {
+    # issue 25: the decode and prefill sizes of Llama-3-8B/70B layers, both activation dtypes
+    "issue25": dict(shapes=((4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)),
+                    ms=(1, 16, 64, 256, 2048),
+                    patterns=("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc"),
+                    acts=("bf16", "fp16"), impls=("qcompile", "cublas_bf16", "read_floor"),
+                    no_variants=True),
+}
 
 
 class W4Dequant(torch.nn.Module):
-    """The plain pattern Inductor sees: unpack nibbles, (q - z) * s per group, linear."""
+    """The plain pattern Inductor sees: unpack nibbles, (q - z) * s per group, linear
+    (in the scales' dtype)."""
 
     def __init__(self, packed, scales, zeros):
         super().__init__()
@@ -53,11 +76,34 @@ class W4Dequant(torch.nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
 
-    def forward(self, x):
+    def weight(self):
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         q = torch.stack((self.packed & 0xF, self.packed >> 4), dim=-1).reshape(n, k // GROUP, GROUP)
-        w = (q.to(DT) - self.zeros[..., None]) * self.scales[..., None]
-        return F.linear(x, w.reshape(n, k))
+        w = (q.to(self.scales.dtype) - self.zeros[..., None]) * self.scales[..., None]
+        return w.reshape(n, k)
+
+    def forward(self, x):
+        return F.linear(x, self.weight())
+
+
+class W4SymDequant(torch.nn.Module):
+    """Signed int4 (two's-complement nibbles, low nibble first), q * s per group, linear."""
+
+    def __init__(self, packed, scales):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+
+    def weight(self):
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        b = self.packed.view(torch.int8)
+        lo = (b << 4) >> 4  # arithmetic shifts on int8 sign-extend each nibble
+        hi = b >> 4
+        q = torch.stack((lo, hi), dim=-1).reshape(n, k // GROUP, GROUP)
+        return (q.to(self.scales.dtype) * self.scales[..., None]).reshape(n, k)
+
+    def forward(self, x):
+        return F.linear(x, self.weight())
 
 
 class W8Dequant(torch.nn.Module):
@@ -66,46 +112,53 @@ class W8Dequant(torch.nn.Module):
         self.register_buffer("q", q)
         self.register_buffer("scales", scales)
 
+    def weight(self):
+        return self.q.to(self.scales.dtype) * self.scales[:, None]
+
     def forward(self, x):
-        return F.linear(x, self.q.to(DT) * self.scales[:, None])
+        return F.linear(x, self.weight())
 
 
-def make_weights(pattern: str, n: int, k: int):
-    """(format dict for qcompile, the dequantized bf16 weight, the eager module)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+def make_weights(pattern: str, n: int, k: int, act: torch.dtype = DT, device="cuda"):
+    """(format dict for qcompile, the dequantized weight in the activation dtype ``act``, the
+    eager module). Scales and zeros are in ``act``; the integers do not depend on it."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}; one of {PATTERNS}")
+    g = torch.Generator(device=device).manual_seed(0)
     if pattern == "w4a16_g128_zp":
-        q = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.int16)
+        q = torch.randint(0, 16, (n, k), device=device, generator=g, dtype=torch.int16)
         q = q.to(torch.uint8)
-        s = (torch.rand(n, k // GROUP, device="cuda", generator=g) * 0.02 + 0.001).to(DT)
-        z = torch.randint(0, 16, (n, k // GROUP), device="cuda", generator=g).to(DT)
+        s = (torch.rand(n, k // GROUP, device=device, generator=g) * 0.02 + 0.001).to(act)
+        z = torch.randint(0, 16, (n, k // GROUP), device=device, generator=g).to(act)
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
         mod = W4Dequant(packed, s, z)
         fmt = dict(q=q, s=s, z=z, bits=4, signed=False, group=GROUP, zero_mode="sub")
-    else:
-        q = torch.randint(-128, 128, (n, k), device="cuda", generator=g, dtype=torch.int16)
+    elif pattern == "w4a16_g128_sym":
+        q = torch.randint(-8, 8, (n, k), device=device, generator=g, dtype=torch.int16)
+        s = (torch.rand(n, k // GROUP, device=device, generator=g) * 0.02 + 0.001).to(act)
+        u = (q & 0xF).to(torch.uint8)  # two's-complement nibbles
+        packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
         q = q.to(torch.int8)
-        s = (torch.rand(n, device="cuda", generator=g) * 0.02 + 0.001).to(DT)
+        mod = W4SymDequant(packed, s)
+        fmt = dict(q=q, s=s, z=None, bits=4, signed=True, group=GROUP, zero_mode="none")
+    else:
+        q = torch.randint(-128, 128, (n, k), device=device, generator=g, dtype=torch.int16)
+        q = q.to(torch.int8)
+        s = (torch.rand(n, device=device, generator=g) * 0.02 + 0.001).to(act)
         mod = W8Dequant(q, s)
         fmt = dict(q=q, s=s[:, None], z=None, bits=8, signed=True, group=k, zero_mode="none")
     with torch.no_grad():
-        w = _dequant(mod, pattern)
+        w = mod.weight()
     return fmt, w, mod
-
-
-def _dequant(mod, pattern):
-    if pattern == "w4a16_g128_zp":
-        n, k = mod.packed.shape[0], mod.packed.shape[1] * 2
-        q = torch.stack((mod.packed & 0xF, mod.packed >> 4), dim=-1).reshape(n, k // GROUP, GROUP)
-        return ((q.to(DT) - mod.zeros[..., None]) * mod.scales[..., None]).reshape(n, k)
-    return mod.q.to(DT) * mod.scales[:, None]
 
 
 def _run_family_choice(fam, args, x, choice=None):
     return fam.mixed_gemm_cuda(x, *args, config=choice)
 
 
-def build_impls(pattern, n, k, fmt, w, mod, impls):
-    """name -> (x -> out) factories per impl for one weight; compiled modules reused over M."""
+def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
+    """name -> (x -> out) factories per impl for one weight (activations of dtype ``act``);
+    compiled modules reused over M."""
     from qcompile.kernels import mixed_gemm as mg
     from qcompile.kernels import mixed_gemm_sm80 as m80
 
@@ -115,31 +168,34 @@ def build_impls(pattern, n, k, fmt, w, mod, impls):
         if name not in impls:
             continue
         layout = fam.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
-                                   n, k, DT, "cuda")
+                                   n, k, act, "cuda")
         if layout is None:
-            print(f"  {name}: no layout for {pattern} {n}x{k}", flush=True)
+            print(f"  {name}: no layout for {pattern} {ACT_NAME[act]} {n}x{k}", flush=True)
             continue
         prepared = fam.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"], fmt["signed"],
-                                      fmt["group"], fmt["zero_mode"], layout, DT)
+                                      fmt["group"], fmt["zero_mode"], layout, act)
         args = (*prepared, None, fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
                 layout)
         made[name] = functools.partial(_run_family_choice, fam, args)
         made[f"_layout_{name}"] = layout
         if fam is mg:
             made["_mode"] = mg._MODE_OF_LAYOUT[layout]
-    if "cublas_bf16" in impls:
+    if "cublas_bf16" in impls:  # in the activation dtype: w is act's dequantized weight
         made["cublas_bf16"] = lambda x: F.linear(x, w)
     if "read_floor" in impls:
         floor = read_floor(mod.packed if fmt["bits"] == 4 else fmt["q"])
         made["read_floor"] = lambda x: floor()
-    if "tinygemm" in impls and fmt["bits"] == 4:
+    if "tinygemm" in impls and fmt["bits"] == 4 and act != torch.bfloat16:
+        print(f"  tinygemm: bf16 activations only, not {ACT_NAME[act]}", flush=True)
+    elif "tinygemm" in impls and fmt["bits"] == 4:
         try:
-            q = fmt["q"].to(torch.int32)
+            # tinygemm dequantizes (u - 8) * s + zp of unsigned nibbles u: zp = (8 - z) * s
+            # gives (q - z) * s; signed q is u = q + 8 with zp = 0
+            q = fmt["q"].to(torch.int32) + (8 if fmt["signed"] else 0)
             packed = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
             wt = torch._convert_weight_to_int4pack(packed, 8)
-            # tinygemm dequantizes (q - 8) * s + zp: zp = (8 - z) * s gives (q - z) * s
             s = fmt["s"].t()
-            zp = (8 - fmt["z"].t()) * s
+            zp = torch.zeros_like(s) if fmt["z"] is None else (8 - fmt["z"].t()) * s
             sz = torch.stack((s, zp), dim=-1).contiguous().to(DT)
             made["tinygemm"] = lambda x: torch._weight_int4pack_mm(x, wt, GROUP, sz)
         except Exception as e:  # noqa: BLE001 - report and go on
@@ -152,14 +208,24 @@ def build_impls(pattern, n, k, fmt, w, mod, impls):
     return made
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, resolved: patterns, acts, impls, ms, shapes as tuples (an explicit
+    flag over --grid's value over --quick's over the defaults)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="M in {1,16,256,2048}, shapes 4096x4096 and 14336x4096, no max-autotune")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default=None,
+                    help="a preset of shapes, M, patterns, acts and impls (issue25: see above)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_w4a16.jsonl"))
     ap.add_argument("--impls", default=None, help="comma list, default all")
-    ap.add_argument("--patterns", default=",".join(PATTERNS))
+    ap.add_argument("--patterns", default=None,
+                    help=f"comma list of {','.join(PATTERNS)} (default all)")
+    ap.add_argument("--act", default=None,
+                    help="activation dtypes, comma list of bf16,fp16 (default bf16)")
+    ap.add_argument("--flush", choices=FLUSHES, default="clean",
+                    help="L2 flush before each timed call: clean = read a 256 MB buffer "
+                         "(BASELINES.md), zero = do_bench's zero-fill (dirty lines)")
     ap.add_argument("--ms", default=None)
     ap.add_argument("--shapes", default=None, help="e.g. 14336x4096,4096x4096 (N x K)")
     ap.add_argument("--no-variants", action="store_true", help="skip qcompile_dp/_streamk rows")
@@ -172,15 +238,55 @@ def main(argv=None) -> int:
                     help="with --explore, include mixed_gemm.EXPERIMENTAL_CONFIGS (built here)")
     args = ap.parse_args(argv)
 
+    grid = GRIDS[args.grid] if args.grid else {}
+    if args.impls:
+        args.impls = tuple(args.impls.split(","))
+    elif "impls" in grid:
+        args.impls = grid["impls"]
+    else:
+        args.impls = (tuple(i for i in IMPLS if i != "inductor_max_autotune") if args.quick
+                      else IMPLS)
+    if args.ms:
+        args.ms = tuple(int(m) for m in args.ms.split(","))
+    else:
+        args.ms = grid.get("ms") or ((1, 16, 256, 2048) if args.quick else MS)
+    if args.shapes:
+        args.shapes = tuple(tuple(int(v) for v in s_.split("x")) for s_ in args.shapes.split(","))
+    else:
+        args.shapes = grid.get("shapes") or (SHAPES[:2] if args.quick else SHAPES)
+    args.patterns = (tuple(args.patterns.split(",")) if args.patterns
+                     else grid.get("patterns", PATTERNS))
+    args.acts = tuple(args.act.split(",")) if args.act else grid.get("acts", ("bf16",))
+    args.no_variants = args.no_variants or grid.get("no_variants", False)
+    for what, given, known in (("pattern", args.patterns, PATTERNS), ("act", args.acts, ACTS),
+                               ("impl", args.impls, IMPLS)):
+        bad = [v for v in given if v not in known]
+        if bad:
+            ap.error(f"unknown {what} {','.join(bad)}; known: {','.join(known)}")
+    return args
+
+
+def make_row(meta: dict, pattern: str, act: str, n: int, k: int, m: int, impl: str, us: float,
+             flush: str, **extra) -> dict:
+    """One result line: meta, the cell, the median, the flush it was timed under, and
+    "act": "fp16" where the activations were fp16 (rows without "act" are bf16)."""
+    if flush not in FLUSHES or act not in ACTS:
+        raise ValueError(f"flush {flush!r} / act {act!r}")
+    rec = dict(meta, pattern=pattern, n=n, k=k, m=m, impl=impl, median_us=round(us, 2),
+               flush=flush)
+    if act != "bf16":
+        rec["act"] = act
+    rec.update(extra)
+    return rec
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
     from qcompile.kernels import mixed_gemm as mg
     from qcompile.kernels import mixed_gemm_sm80 as m80
 
-    impls = tuple(args.impls.split(",")) if args.impls else (
-        tuple(i for i in IMPLS if i != "inductor_max_autotune") if args.quick else IMPLS)
-    ms = (tuple(int(m) for m in args.ms.split(",")) if args.ms
-          else ((1, 16, 256, 2048) if args.quick else MS))
-    shapes = (tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
-              if args.shapes else (SHAPES[:2] if args.quick else SHAPES))
+    impls, ms, shapes = args.impls, args.ms, args.shapes
     meta = dict(bench="bench_w4a16", device=torch.cuda.get_device_name(), torch=torch.__version__,
                 commit=commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -191,89 +297,105 @@ def main(argv=None) -> int:
     results: dict[tuple, float] = {}
     torch.manual_seed(0)
     with out_path.open("a") as f, torch.no_grad():
-        for pattern in args.patterns.split(","):
+        for pattern in args.patterns:
             for n, k in shapes:
-                fmt, w, mod = make_weights(pattern, n, k)
-                made = build_impls(pattern, n, k, fmt, w, mod, impls)
-                mode = made.pop("_mode", None)
-                layouts = {name[len("_layout_"):]: made.pop(name)
-                           for name in [n_ for n_ in made if n_.startswith("_layout_")]}
-                for m in ms:
-                    x = torch.randn(m, k, device="cuda").to(DT)
-                    cells = [(name, fn, None) for name, fn in made.items()]
-                    if "qcompile" in made and not args.no_variants:
-                        ch = mg.choose_config(m, n, k, "bf16", fmt["bits"], mode)
-                        if ch.decomposition == mg.DECOMP_SPLIT_K:
-                            cells.append(("qcompile_dp", made["qcompile"],
-                                          mg.Choice(ch.config, mg.DECOMP_DATA_PARALLEL, 1)))
-                        if ch.config.streamk and m <= 64:
-                            cells.append(("qcompile_streamk", made["qcompile"],
-                                          mg.Choice(ch.config, mg.DECOMP_STREAM_K, 1)))
-                        if ch.decomposition == mg.DECOMP_STREAM_K and m > 64:
-                            # the data-parallel build of the same tile, for the fill rule
-                            dp = dataclasses.replace(ch.config, streamk=False)
-                            cells.append(("qcompile_dp", made["qcompile"], mg.Choice(dp)))
-                    if "qcompile" in made and args.explore:
-                        cells += [(f"qcompile[{mg.config_name(c.config)}/{_DECOMP[c.decomposition]}"
-                                   f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)
-                                  for c in _all_choices(mg, m, n, k, fmt["bits"], mode,
-                                                        args.experimental)]
-                        # the heuristic's kernel once more after them: how far the clock
-                        # drifted over the cell (up to 6% at M = 2048, benchmarks/NOTES.md)
-                        cells.append(("qcompile_again", made["qcompile"], None))
-                        if "cublas_bf16" in made:
-                            cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
-                    if args.decode:
-                        for fam_name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
-                            if fam_name not in made:
+                for act_name in args.acts:
+                    act = ACTS[act_name]
+                    fmt, w, mod = make_weights(pattern, n, k, act)
+                    made = build_impls(pattern, n, k, fmt, w, mod, impls, act)
+                    mode = made.pop("_mode", None)
+                    layouts = {name[len("_layout_"):]: made.pop(name)
+                               for name in [n_ for n_ in made if n_.startswith("_layout_")]}
+                    for m in ms:
+                        x = torch.randn(m, k, device="cuda").to(act)
+                        cells = _cells(args, mg, m80, made, layouts, mode, fmt, act_name, m, n, k)
+                        for name, fn, choice in cells:
+                            us, extra = _time_cell(args, mg, name, fn, choice, x, w, mode, fmt,
+                                                   pattern, act_name, m, n, k)
+                            if us is None:
                                 continue
-                            cands = fam.candidates(m, n, k, "bf16", fmt["bits"], fmt["group"],
-                                                   layouts[fam_name], 132)
-                            cells += [(f"{fam_name}[{c}]", made[fam_name], c)
-                                      for c in cands if c.startswith("decode.")]
-                    for name, fn, choice in cells:
-                        if choice is not None:
-                            call = functools.partial(fn, x, choice)
-                        else:
-                            call = functools.partial(fn, x)
-                        extra = {}
-                        try:
-                            if name == "qcompile":
-                                ch = mg.heuristic_choice(m, n, k, "bf16", fmt["bits"], mode,
-                                                         132, fmt["group"])
-                                extra = dict(config=mg.choice_name(ch))
-                            if name.startswith("qcompile"):  # every qcompile row checks numbers
-                                ref = F.linear(x, w).double()
-                                err = ((call().double() - ref).norm() / ref.norm()).item()
-                                extra["rel_err_vs_bf16"] = err
-                                if not err < 1e-2:
-                                    print(f"  WARNING {name} {pattern} {n}x{k} M={m}: "
-                                          f"rel err {err:.3e}")
-                            us = time_graph(call)
-                        except Exception as e:  # noqa: BLE001 - one failing impl must not stop all
-                            print(f"  {name} {pattern} {n}x{k} M={m} failed: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]}", flush=True)
-                            continue
-                        results[(pattern, n, k, name, m)] = us
-                        rec = dict(meta, pattern=pattern, n=n, k=k, m=m, impl=name,
-                                   median_us=round(us, 2), **extra)
-                        f.write(json.dumps(rec) + "\n")
-                        f.flush()
-                        print(f"  {pattern} {n}x{k} M={m} {name}: {us:.1f} us", flush=True)
-                del made, mod, w, fmt
-                torch.cuda.empty_cache()
-    _table(results, ms)
+                            results[(pattern, act_name, n, k, name, m)] = us
+                            rec = make_row(meta, pattern, act_name, n, k, m, name, us,
+                                           args.flush, **extra)
+                            f.write(json.dumps(rec) + "\n")
+                            f.flush()
+                            print(f"  {pattern} {act_name} {n}x{k} M={m} {name}: {us:.1f} us",
+                                  flush=True)
+                    del made, mod, w, fmt
+                    torch.cuda.empty_cache()
+    _table(results, ms, args.flush)
+    _ratio_table(results, ms, args.flush)
     return 0
+
+
+def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
+    """(row name, x -> out factory, forced choice or None) of every row of one cell."""
+    cells = [(name, fn, None) for name, fn in made.items()]
+    if "qcompile" in made and not args.no_variants:
+        ch = mg.choose_config(m, n, k, act, fmt["bits"], mode)
+        if ch.decomposition == mg.DECOMP_SPLIT_K:
+            cells.append(("qcompile_dp", made["qcompile"],
+                          mg.Choice(ch.config, mg.DECOMP_DATA_PARALLEL, 1)))
+        if ch.config.streamk and m <= 64:
+            cells.append(("qcompile_streamk", made["qcompile"],
+                          mg.Choice(ch.config, mg.DECOMP_STREAM_K, 1)))
+        if ch.decomposition == mg.DECOMP_STREAM_K and m > 64:
+            # the data-parallel build of the same tile, for the fill rule
+            dp = dataclasses.replace(ch.config, streamk=False)
+            cells.append(("qcompile_dp", made["qcompile"], mg.Choice(dp)))
+    if "qcompile" in made and args.explore:
+        cells += [(f"qcompile[{mg.config_name(c.config)}/{_DECOMP[c.decomposition]}"
+                   f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)
+                  for c in _all_choices(mg, m, n, k, fmt["bits"], mode, args.experimental, act)]
+        # the heuristic's kernel once more after them: how far the clock
+        # drifted over the cell (up to 6% at M = 2048, benchmarks/NOTES.md)
+        cells.append(("qcompile_again", made["qcompile"], None))
+        if "cublas_bf16" in made:
+            cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
+    if args.decode:
+        for fam_name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
+            if fam_name not in made:
+                continue
+            cands = fam.candidates(m, n, k, act, fmt["bits"], fmt["group"],
+                                   layouts[fam_name], 132)
+            cells += [(f"{fam_name}[{c}]", made[fam_name], c)
+                      for c in cands if c.startswith("decode.")]
+    return cells
+
+
+def _time_cell(args, mg, name, fn, choice, x, w, mode, fmt, pattern, act, m, n, k):
+    """(median us or None if the row failed, the row's extra fields)."""
+    call = functools.partial(fn, x, choice) if choice is not None else functools.partial(fn, x)
+    extra = {}
+    try:
+        if name == "qcompile":
+            ch = mg.heuristic_choice(m, n, k, act, fmt["bits"], mode, 132, fmt["group"])
+            extra = dict(config=mg.choice_name(ch))
+        if name.startswith("qcompile"):  # every qcompile row checks numbers
+            ref = F.linear(x, w).double()
+            out = call()
+            if out.dtype != x.dtype:
+                raise TypeError(f"returned {out.dtype} for {x.dtype} activations")
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            # the historical field name; the reference is F.linear in the activation dtype
+            extra["rel_err_vs_bf16"] = err
+            if not err < 1e-2:
+                print(f"  WARNING {name} {pattern} {act} {n}x{k} M={m}: rel err {err:.3e}")
+        return time_graph(call, flush=args.flush), extra
+    except Exception as e:  # noqa: BLE001 - one failing impl must not stop all
+        print(f"  {name} {pattern} {act} {n}x{k} M={m} failed: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+        return None, extra
 
 
 _DECOMP = {0: "heur", 1: "dp", 2: "splitk", 3: "streamk"}
 
 
-def _all_choices(mg, m, n, k, bits, mode, experimental=False):
+def _all_choices(mg, m, n, k, bits, mode, experimental=False, act="bf16"):
     """Every config of the family, with each decomposition worth timing at this size."""
     out = []
     for cfg in mg.CONFIGS + (mg.EXPERIMENTAL_CONFIGS if experimental else ()):
-        if (cfg.act, cfg.bits, cfg.mode) != ("bf16", bits, mode):
+        if (cfg.act, cfg.bits, cfg.mode) != (act, bits, mode):
             continue
         if not ((cfg.tile_n <= 64 and m <= 256) or (cfg.tile_n >= 64 and m >= 64)):
             continue  # hopeless pairings (16-token tiles at prefill, wide tiles at decode)
@@ -293,17 +415,19 @@ def _all_choices(mg, m, n, k, bits, mode, experimental=False):
     return out
 
 
-def _table(results, ms):
-    rows = sorted({(p, n, k, i) for (p, n, k, i, _) in results},
-                  key=lambda r: (r[0], r[1], r[2], r[3] != "qcompile", r[3]))
-    w = max([len(r[3]) for r in rows] + [8])
+def _table(results, ms, flush="clean"):
+    """Every row: us and (cublas_bf16 time / this time) per M. results is keyed by
+    (pattern, act, n, k, impl, m)."""
+    rows = sorted({(p, a, n, k, i) for (p, a, n, k, i, _) in results},
+                  key=lambda r: (r[0], r[1], r[2], r[3], r[4] != "qcompile", r[4]))
+    w = max([len(r[4]) for r in rows] + [8])
     head = "".join(f"{'M=' + str(m):>16}" for m in ms)
-    print(f"\n{'pattern':15} {'N x K':11} {'impl':{w}}" + head)
-    for p, n, k, impl in rows:
-        line = f"{p:15} {f'{n}x{k}':11} {impl:{w}}"
+    print(f"\n{'pattern':15} {'act':4} {'N x K':11} {'impl':{w}}" + head)
+    for p, a, n, k, impl in rows:
+        line = f"{p:15} {a:4} {f'{n}x{k}':11} {impl:{w}}"
         for m in ms:
-            us = results.get((p, n, k, impl, m))
-            base = results.get((p, n, k, "cublas_bf16", m))
+            us = results.get((p, a, n, k, impl, m))
+            base = results.get((p, a, n, k, "cublas_bf16", m))
             if us is None:
                 line += f"{'-':>16}"
             elif base:
@@ -311,7 +435,49 @@ def _table(results, ms):
             else:
                 line += f"{us:16.1f}"
         print(line)
-    print("(us, median of graph replays with L2 flushed; (r x) = cublas_bf16 time / this time)")
+    print(f"(us, median of graph replays, L2 flushed ({flush}) before each; (r x) = cublas_bf16 "
+          "time / this time; cublas_bf16 runs in the act dtype)")
+
+
+def ratio_rows(results, ms):
+    """[(pattern, act, 'NxK', {m: (qcompile us, cublas/qcompile, qcompile/read_floor)})]:
+    the floor ratio only for M <= 16, where the weight read is the whole cost."""
+    out = []
+    for p, a, n, k in sorted({(p, a, n, k) for (p, a, n, k, i, _) in results
+                              if i == "qcompile"}):
+        cells = {}
+        for m in ms:
+            q = results.get((p, a, n, k, "qcompile", m))
+            if q is None:
+                continue
+            cub = results.get((p, a, n, k, "cublas_bf16", m))
+            floor = results.get((p, a, n, k, "read_floor", m))
+            cells[m] = (q, cub / q if cub else None,
+                        q / floor if floor and m <= 16 else None)
+        out.append((p, a, f"{n}x{k}", cells))
+    return out
+
+
+def _ratio_table(results, ms, flush="clean"):
+    rows = ratio_rows(results, ms)
+    if not rows:
+        return
+    print(f"\n# qcompile: us [cuBLAS / qcompile; qcompile / read_floor for M <= 16], "
+          f"flush {flush}")
+    print("| pattern | act | N x K | " + " | ".join(f"M={m}" for m in ms) + " |")
+    print("|---|---|---|" + "---|" * len(ms))
+    for p, a, nk, cells in rows:
+        txt = []
+        for m in ms:
+            if m not in cells:
+                txt.append("-")
+                continue
+            q, vs_cublas, vs_floor = cells[m]
+            parts = [f"{vs_cublas:.2f}x" if vs_cublas else "-"]
+            if m <= 16:
+                parts.append(f"floor {vs_floor:.2f}" if vs_floor else "floor -")
+            txt.append(f"{q:.1f} [{'; '.join(parts)}]")
+        print(f"| {p} | {a} | {nk} | " + " | ".join(txt) + " |")
 
 
 if __name__ == "__main__":

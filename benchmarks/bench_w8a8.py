@@ -12,11 +12,14 @@ the unfused pattern), inductor_max_autotune, and read_floor (no GEMM: a kernel t
 reads the int8 weight's bytes, timed the same way: what streaming it costs here).
 
 Timing as BASELINES.md says: one process; each implementation captured in a CUDA graph and
-``graph.replay`` timed by ``triton.testing.do_bench`` (which flushes the L2 before every
-call, so weights come from HBM); medians in microseconds. Appends one JSON line per cell to
---out and prints a table with the speed-up over cublas_bf16.
+``graph.replay`` timed by ``triton.testing.do_bench``, the L2 flushed before every call by
+reading a 256 MB buffer (``--flush clean``, the default: weights come from HBM, the L2 holds
+clean lines) or by do_bench's own zero-fill (``--flush zero``, how rows without "flush" were
+timed); medians in microseconds. Appends one JSON line per cell to --out, each with its
+"flush", and prints a table with the speed-up over cublas_bf16 (``--table-from`` reads the
+rows of one flush, ``--flush``'s).
 
-    python benchmarks/bench_w8a8.py [--quick] [--configs all] [--out FILE]
+    python benchmarks/bench_w8a8.py [--quick] [--configs all] [--flush clean|zero] [--out FILE]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_common import commit, read_floor, time_graph  # noqa: E402
+from bench_common import FLUSHES, commit, read_floor, time_graph  # noqa: E402
 
 from qcompile.kernels import int8_gemm as ig  # noqa: E402
 from qcompile.kernels import mixed_gemm_decode as decode  # noqa: E402
@@ -126,7 +129,7 @@ def impls_for(pattern: str, m: int, n: int, k: int, args) -> dict[str, Callable[
     return out
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer cells (2 shapes, M <= 2048)")
     p.add_argument("--configs", default=None,
@@ -143,10 +146,27 @@ def main() -> None:
     p.add_argument("--impls", default=None,
                    help="comma-separated name prefixes of the implementations to time (default: all)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per cell")
+    p.add_argument("--flush", choices=FLUSHES, default="clean",
+                   help="L2 flush before each timed call: clean = read a 256 MB buffer "
+                        "(BASELINES.md), zero = do_bench's zero-fill (dirty lines)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--table-from", default=None, metavar="JSONL",
-                   help="print the table of recorded results (latest per cell) and exit")
-    args = p.parse_args()
+                   help="print the table of recorded results (latest per cell, --flush's rows) "
+                        "and exit")
+    return p.parse_args(argv)
+
+
+def make_row(meta: dict, pattern: str, n: int, k: int, m: int, impl: str, us: float,
+             flush: str) -> dict:
+    """One result line: the cell, the median and the L2 flush it was timed under."""
+    if flush not in FLUSHES:
+        raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
+    return {"bench": "w8a8", "pattern": pattern, "n": n, "k": k, "m": m, "impl": impl,
+            "median_us": round(us, 2), "flush": flush, **meta}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.table_from:
         table_from(Path(args.table_from), args)
         return
@@ -179,26 +199,27 @@ def main() -> None:
                     if wanted and impl != "cublas_bf16" and not impl.startswith(wanted):
                         continue
                     try:
-                        us: float | None = time_graph(fn, args.rep_ms)
+                        us: float | None = time_graph(fn, args.rep_ms, args.flush)
                     except Exception as e:  # an implementation that cannot run this cell
                         print(f"# {pattern} {n}x{k} M={m} {impl}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else ''}", flush=True)
                         us = None
                     rows.setdefault((pattern, n, k, impl), {})[m] = us
                     if us is not None:
-                        rec = {"bench": "w8a8", "pattern": pattern, "n": n, "k": k, "m": m,
-                               "impl": impl, "median_us": round(us, 2), **meta}
+                        rec = make_row(meta, pattern, n, k, m, impl, us, args.flush)
                         with out_path.open("a") as f:
                             f.write(json.dumps(rec) + "\n")
                     print(f"{pattern} {n}x{k} M={m} {impl}: "
                           f"{'-' if us is None else f'{us:.1f} us'}", flush=True)
                 torch.cuda.empty_cache()
-    print_table(rows, ms, device)
+    print_table(rows, ms, device, flush=args.flush)
 
 
 def table_from(path: Path, args) -> None:
-    """Print the table of a results file: the latest record of each cell and implementation."""
+    """Print the table of a results file: the latest record of each cell and implementation
+    among those timed with ``args.flush`` (rows without "flush" were timed with "zero")."""
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("flush", "zero") == args.flush]
     wanted = tuple(args.impls.split(",")) if args.impls else None
     rows: dict[tuple[str, int, int, str], dict[int, float | None]] = {}
     for r in sorted(recs, key=lambda r: r["date"]):
@@ -209,11 +230,13 @@ def table_from(path: Path, args) -> None:
     order = {p: i for i, p in enumerate(PATTERNS)}
     rows = dict(sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], kv[0][2])))
     last = max(recs, key=lambda r: r["date"]) if recs else {}
-    print_table(rows, ms, last.get("device", "?"), last.get("torch", "?"))
+    print_table(rows, ms, last.get("device", "?"), last.get("torch", "?"), args.flush)
 
 
-def print_table(rows, ms, device, torch_version: str = torch.__version__) -> None:
-    print(f"\n# W8A8 linear, median us (speed-up vs cublas_bf16), {device}, torch {torch_version}")
+def print_table(rows, ms, device, torch_version: str = torch.__version__,
+                flush: str = "clean") -> None:
+    print(f"\n# W8A8 linear, median us (speed-up vs cublas_bf16), {device}, torch {torch_version}, "
+          f"L2 flush {flush}")
     print("| pattern | N x K | impl | " + " | ".join(f"M={m}" for m in ms) + " |")
     print("|---|---|---|" + "---|" * len(ms))
     for (pattern, n, k, impl), by_m in rows.items():
