@@ -16,6 +16,8 @@ The rules (also printed on the page):
   row of the same run (same commit, date and command: interleaved rounds), whose median is
   shown.
 - Kernel rows without ``flush`` were timed with do_bench's zero-fill flush and are labelled so.
+- Decode rows whose timed loop still waited for the GPU every token are a grid of their own
+  (``loop host-synced``), never the latest value of a current cell.
 - A field this script does not know becomes a grid field (shown in the grid's heading), so a
   new file or field is shown, never dropped or merged with other cells.
 """
@@ -56,6 +58,15 @@ DO_BENCH = {"bench_w4a16", "w8a8", "bench_stream", "l2_probe", "tma_probe"}
 PEERS = ("cublas_bf16", "tinygemm", "inductor_max_autotune", "inductor", "sdpa_default")
 FLOOR = "read_floor"
 BASELINE = "bf16 inductor"  # the decode column every other column is divided by
+# Decode rows measured before the timed loop stopped waiting for the GPU every token (a
+# host-to-device copy of each step's position; ~100-130 us a token of host time in every cell,
+# bf16 included). The commits of bench_decode.jsonl that do not descend from that fix
+# (`git merge-base --is-ancestor`); their rows are a grid of their own.
+HOST_SYNCED_LOOP = {
+    "1a25eab", "14d2286", "4ac22bf", "7194061", "3d4f97d", "45c81ec", "da55868", "9b5f759",
+    "026fce3", "ea75c2d", "1a555a0", "96d8e93", "0438d48", "78ecd6d", "20deaea",
+    "20deaea-olddecode", "db5afc8", "68369f1", "c3ee0b1", "4fda484", "b1df05b", "94e6b43",
+}
 PRETTY_MODEL = {"qcompile.llama": "the project's Llama (benchmarks/llama_model.py)"}
 
 
@@ -93,6 +104,8 @@ def classify(r: dict) -> tuple[tuple, tuple, str] | None:
     grid = {"bench": bench, "device": r.get("device", "?"), "value": vf}
     if vf == "median_us" and bench in DO_BENCH and "flush" not in r:
         grid["flush"] = "zero"
+    if bench == "decode" and r.get("commit") in HOST_SYNCED_LOOP:
+        grid["loop"] = "host-synced (before the timing fix)"
     for key, v in r.items():
         if key == "config" and vf == "median_us":
             continue  # the kernel configuration a kernel bench's heuristic picked
