@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import commit  # noqa: E402
 
 import qcompile
-from qcompile.llama import CONFIGS, Llama
+from llama_model import CONFIGS, Llama
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_decode.jsonl"
 
@@ -45,7 +45,7 @@ def _sync(device: str) -> None:
 
 
 class HFLlama(torch.nn.Module):
-    """transformers' LlamaForCausalLM with a static KV cache, called like qcompile.llama's
+    """transformers' LlamaForCausalLM with a static KV cache, called like llama_model.Llama's
     model: ``forward(tokens [B, S], input_pos [S]) -> logits``."""
 
     def __init__(self, cfg):
@@ -220,7 +220,7 @@ def main() -> int:
     p.add_argument("--impls", default="inductor,qcompile")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--models", default=None,
-                   help="qcompile.llama and/or transformers (default: both where transformers "
+                   help="qcompile.llama (benchmarks/llama_model.py; the name results files use) and/or transformers (default: both where transformers "
                         "is installed)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)

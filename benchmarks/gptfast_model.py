@@ -2,7 +2,7 @@
 them, for ``bench_gptfast.py``: what users who copy gpt-fast's model and loop actually run.
 
 Own code in gpt-fast's style (not a copy of it), and deliberately separate from
-``qcompile.llama``: a fused ``wqkv`` projection split into q, k, v; a ``KVCache`` module whose
+``llama_model``: a fused ``wqkv`` projection split into q, k, v; a ``KVCache`` module whose
 ``update`` writes ``k_cache[:, :, input_pos] = k`` (index_put); rotary embeddings from a
 precomputed ``freqs_cis`` buffer and a causal-mask buffer, both indexed by ``input_pos``;
 K/V heads repeated with ``repeat_interleave`` before ``F.scaled_dot_product_attention``.

@@ -3,7 +3,7 @@
     python examples/decode_llama.py                    # CPU: tiny model, reference kernels
     python examples/decode_llama.py --config llama3-8b-8l --format w4a16 --new 64   # GPU
 
-Quantizes a randomly initialised model (qcompile.llama, static KV cache), prefills a prompt,
+Quantizes a randomly initialised model (benchmarks/llama_model.py, static KV cache), prefills a prompt,
 then generates tokens one step at a time with the step compiled by backend="qcompile"
 (CUDA graphs on a GPU). With --export (the default) the one-token step is also exported
 to a .pt2 artifact, loaded back and run from the same state: it must produce the same
@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 import qcompile
-from qcompile.llama import CONFIGS, Llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from llama_model import CONFIGS, Llama  # noqa: E402  (the project's Llama, not in the package)
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import qcompile
-from qcompile.llama import Llama, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from llama_model import Llama, LlamaConfig  # noqa: E402  (the project's small test model)
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 CONFIG = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The benchmarks' models (llama_model, decode_attention, gptfast_model) are not part of the
+# package; tests import them from benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,7 +14,7 @@ from torch import nn
 
 import qcompile
 from qcompile.formats import Int4WeightOnlyLinear, quantize_groupwise_int4
-from qcompile.llama import CONFIGS, Llama
+from llama_model import CONFIGS, Llama
 
 INDEX = torch.ops.aten.index.Tensor
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}

@@ -1,4 +1,4 @@
-"""qcompile.attention on the CPU: the op's reference meaning (each row attends the keys up to
+"""benchmarks/decode_attention.py on the CPU: the op's reference meaning (each row attends the keys up to
 its token's position) against an explicit softmax, the split plan, and that off the GPU the
 op and the reference Llama keep to SDPA."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompile import attention
-from qcompile.llama import CONFIGS, Llama
+import decode_attention as attention
+from llama_model import CONFIGS, Llama
 
 
 def _explicit(q, k, v, pos):

@@ -7,7 +7,7 @@ import torch
 from conftest import TOL, rel_err
 
 import qcompile
-from qcompile.llama import CONFIGS, Llama
+from llama_model import CONFIGS, Llama
 
 N_LINEARS = 7 * CONFIGS["tiny"].n_layers + 1  # q, k, v, o, w1, w3, w2 per layer + output
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from test_backend import QC_OPS, GraphSpy, rel_err
 
 import qcompile
-from qcompile.llama import CONFIGS, Llama
+from llama_model import CONFIGS, Llama
 
 MIXED = torch.ops.qcompile.mixed_gemm.default
 

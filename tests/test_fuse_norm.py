@@ -17,7 +17,7 @@ from conftest import rel_err
 import qcompile
 from qcompile import kernels
 from qcompile.kernels import ops
-from qcompile.llama import CONFIGS, Llama
+from llama_model import CONFIGS, Llama
 
 MIXED = torch.ops.qcompile.mixed_gemm.default
 GATED = torch.ops.qcompile.mixed_gemm_gated.default

@@ -20,7 +20,7 @@ from test_backend import ATEN_MMS, QC_OPS, GraphSpy
 from torch import nn
 
 import qcompile
-from qcompile.llama import CONFIGS, Llama
+from llama_model import CONFIGS, Llama
 
 aten = torch.ops.aten
 

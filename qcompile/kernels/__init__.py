@@ -130,10 +130,9 @@ def fuses_in_kernel(layout: str) -> bool:
 # The weight width from which a decode step's RMSNorms and skip connections go into the decode
 # kernels (every width: a setting so that one process can compare with and without, e.g.
 # `bench_decode --set qcompile.kernels.FUSE_NORM_MIN_BITS=16,4`). With the norms linked (the op
-# before writes x * norm and the partial sums, the op after reads them) a GEMM pays 0.1-1.3 us
-# against ~2.4 us of norm kernel and a launch gap: H100, the reference Llama's decode step,
-# batch 1, one process, tokens/s unfused / fused: int4 g128 1480.3 / 1528.4, int8 per-channel
-# 1157.5 / 1206.3; 8 (int8 only) gave 1488.6 / 1196.3. (See its use in lowering.rewrite.)
+# before writes x * norm and the partial sums, the op after reads them) a GEMM pays less than
+# the norm kernel and launch gap it replaces, for int4 and int8 weights alike (the A/B rows
+# with `set` in benchmarks/results/bench_decode.jsonl). (See its use in lowering.rewrite.)
 FUSE_NORM_MIN_BITS = 4
 
 

@@ -419,9 +419,9 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
 
 
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) instead
-# of a CUTLASS config, where the format allows it. H100, Llama-3-8B shapes (8 layers), batch 1,
-# CUDA graphs (bench_decode, 2026-11-25): W4A16 781 tok/s with it vs 652 without, W8A16 680
-# vs 581. (The rewrite's decode-kernel fusions -- gated MLP, RMSNorm, skip -- use this bound.)
+# of a CUTLASS config, where the format allows it: measured end to end on Llama-3-8B shapes
+# against CUTLASS at every M (bench_decode --decode-max-m 8,0; docs/performance.md).
+# (The rewrite's decode-kernel fusions -- gated MLP, RMSNorm, skip -- use this bound.)
 DECODE_MAX_M = 8
 # Up to this many tokens the decode kernel also runs where CUTLASS has too few output tiles
 # for the SMs (at most one 32-row CTA per SM, N <= 32 x SMs) and for int8 weights. H100, L2

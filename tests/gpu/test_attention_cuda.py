@@ -1,4 +1,4 @@
-"""GPU tests of qcompile.attention's split-K/V kernels against float64: dtypes, head sizes,
+"""GPU tests of benchmarks/decode_attention.py's split-K/V kernels against float64: dtypes, head sizes,
 query rows (kv-head groups x new tokens), positions at the start, middle and end of the
 cache, a batch slice of a larger cache (its strides), split plans with empty runs, and the
 op under torch.compile with CUDA graphs; then the reference Llama's decode steps through the
@@ -14,8 +14,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from qcompile import attention  # noqa: E402
-from qcompile.llama import Llama, LlamaConfig  # noqa: E402
+import decode_attention as attention  # noqa: E402
+from llama_model import Llama, LlamaConfig  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.llama import Llama, LlamaConfig
+from llama_model import Llama, LlamaConfig
 
 pytestmark = pytest.mark.gpu
 CONFIG = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -71,7 +71,7 @@ def test_activation_quantization_is_one_triton_kernel():
 
     from torch._inductor.utils import run_and_get_code
 
-    from qcompile.llama import RMSNorm
+    from llama_model import RMSNorm
 
     dim, m = 4096, 64
     torch.manual_seed(0)
@@ -230,7 +230,7 @@ def test_decode_step_norms_and_skips_in_the_decode_kernel(method, batch):
     it and every skip connection into the op whose result it adds (the report says so), the
     ops run the decode kernel (no "reference" line), and the logits match eager's."""
     import qcompile
-    from qcompile.llama import CONFIGS, Llama
+    from llama_model import CONFIGS, Llama
 
     torch.manual_seed(0)
     model = Llama(CONFIGS["tiny"]).cuda().to(torch.bfloat16)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcompile import attention
+import decode_attention as attention
 
 __all__ = ["LlamaConfig", "Llama", "CONFIGS"]
 
