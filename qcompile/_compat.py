@@ -92,3 +92,10 @@ def benchmark_gpu(fn) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 20
+
+
+def move_program(ep, location):
+    """``ep`` with its tensors and device arguments moved (``{"cuda:0": "cuda:1"}``), by
+    torch.export's pass for it."""
+    from torch.export.passes import move_to_device_pass
+    return move_to_device_pass(ep, location)
