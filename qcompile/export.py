@@ -271,12 +271,28 @@ def _write_aoti(ep: torch.export.ExportedProgram, example_inputs: tuple, path: P
     package_pt2(str(path), aoti_files=aoti_files, extra_files={META_NAME: json.dumps(meta)})
 
 
+def _check_zip_end(path: Path) -> None:
+    """BadZipFile unless the file ends with a zip's end record (torch's writers and ours add
+    no comment). A truncated archive may still open: its members hold zips of their own (a
+    program's sample inputs are a ``torch.save`` file) and zipfile finds the last end record
+    before the cut, taking that member for the whole archive."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 22:
+            raise zipfile.BadZipFile("too short for a zip archive")
+        f.seek(-22, os.SEEK_END)
+        end = f.read(22)
+    if end[:4] != b"PK\x05\x06" or end[20:22] != b"\0\0":
+        raise zipfile.BadZipFile("the file does not end with a zip end record")
+
+
 def read_metadata(path: str | Path) -> dict:
     """The ``qcompile.json`` record of an artifact; ArtifactError if there is none."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such artifact: {path}")
     try:
+        _check_zip_end(path)
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
             if bad is not None:
