@@ -155,7 +155,7 @@ def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shap
     report = report if report is not None else Report()
     with torch.no_grad():
         ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-        gm = ep.run_decompositions().module()
+        gm = ep.run_decompositions(_compat.export_decompositions()).module()
         rewrite_graph(gm.graph, {}, report, fuse_linears)
         _drop_dead_asserts(gm.graph)
         gm.recompile()
