@@ -348,7 +348,16 @@ def check_metadata(path: str | Path, meta: dict, device_index: int = -1) -> None
         raise ArtifactError(f"{path} was {made} and runs only on a GPU of that architecture; "
                             "this machine has no CUDA GPU: export the model on the machine it "
                             "will run on")
-    index = device_index if device_index >= 0 else torch.cuda.current_device()
+    if device_index >= 0:
+        index = device_index
+    elif package == "program":  # its tensors load onto the device they were saved from
+        index = target.get("index", 0)
+    else:
+        index = torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ArtifactError(f"{path} was {made} as cuda:{index}, and this machine has "
+                            f"{torch.cuda.device_count()} GPU(s): load it with device_index= "
+                            "one of them")
     here = _arch(torch.device("cuda", index))
     if here != arch:
         raise ArtifactError(f"{path} was {made}: its weights are repacked for {arch} kernels, "

@@ -234,11 +234,15 @@ def test_gpu_artifact_on_another_gpu_architecture(artifact, tmp_path, nothing_lo
     export_module = sys.modules["qcompile.export"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(export_module, "_arch", lambda device: "sm_80")
     with pytest.raises(qcompile.ArtifactError, match=r"repacked for sm_90 kernels, and cuda:0 "
                        r"is NVIDIA A100-SXM4-80GB \(sm_80\): export the model again on this GPU"):
         qcompile.load(bad)
+    # a device this machine lacks
+    with pytest.raises(qcompile.ArtifactError, match=r"as cuda:1, and this machine has 1 GPU"):
+        qcompile.load(bad, device_index=1)
     # the same architecture passes the check (and reaches the loader)
     monkeypatch.setattr(export_module, "_arch", lambda device: "sm_90")
     with pytest.raises((AssertionError, qcompile.ArtifactError), match="a loader ran"):
