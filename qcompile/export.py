@@ -11,7 +11,8 @@ one of two kinds (``package=``):
   with Inductor through the qcompile backend's settings (freezing, combo kernels, CUDA graphs
   of a step that writes its KV cache), so the Triton fusions around the qcompile ops come
   back; ``compile=False`` runs the graph through the dispatcher as it is. It needs no
-  AOTInductor loader, so it loads wherever qcompile imports: CPU and CUDA, torch 2.11-2.13.
+  AOTInductor loader, so it loads wherever qcompile imports: CPU and CUDA, any torch
+  qcompile supports (2.11-2.13; the minor version it was exported with).
 - ``"aoti"``: the rewritten program compiled ahead of time by AOTInductor and packaged into
   a ``.pt2`` file; nothing is compiled on load. Its loader segfaults on the H100 image's
   torch 2.11 (any package, a plain ``nn.Linear`` included), so it is for CPU deployments.
@@ -208,9 +209,9 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
         package: which kind of artifact, chosen by what loads where:
 
             - ``"program"`` (default): the rewritten ``ExportedProgram`` saved by
-              ``torch.export.save``; :func:`load` compiles it with Inductor on load. It
-              loads on CPU and on CUDA with every torch qcompile supports (2.11-2.13), with
-              no AOTInductor loader involved, so it is the default everywhere.
+              ``torch.export.save``; :func:`load` compiles it with Inductor on load. No
+              AOTInductor loader is involved, so it loads on CPU and on CUDA with every
+              torch qcompile supports (2.11-2.13): the default everywhere.
             - ``"aoti"``: compiled ahead of time by AOTInductor (no compile on load, no
               Python model code at all). AOTInductor's loader on the H100 image's torch
               2.11 segfaults for any package, so choose it only where that loader is known
