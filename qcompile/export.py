@@ -1,40 +1,67 @@
-"""Export a quantized model once, load and run it elsewhere without graph capture.
+"""Export a quantized model once, load and run it elsewhere without the model's code.
 
 ``export`` traces the model with ``torch.export``, decomposes it to core ATen, runs the
 same recognition and rewrite as the backend (quantized matmuls become qcompile ops with
-repacked weights), exports the rewritten module again and packages it with AOTInductor
-into one ``.pt2`` file. A ``qcompile.json`` extra file in that archive records the artifact
-format and the qcompile / torch versions, checked by ``load`` before anything is run.
+repacked weights) and exports the rewritten module again. It writes one ``.pt2`` file of
+one of two kinds (``package=``):
 
-The packaged model calls the qcompile ops through the dispatcher, so ``load`` imports
-qcompile first; on CUDA those ops run the CUTLASS kernels, elsewhere the references.
+- ``"program"`` (the default): the rewritten ``ExportedProgram`` saved with
+  ``torch.export.save`` -- the qcompile ops in the graph, the repacked weights and scales as
+  its constants. ``load`` reads it with ``torch.export.load`` and, by default, compiles it
+  with Inductor through the qcompile backend's settings (freezing, combo kernels, CUDA graphs
+  of a step that writes its KV cache), so the Triton fusions around the qcompile ops come
+  back; ``compile=False`` runs the graph through the dispatcher as it is. It needs no
+  AOTInductor loader, so it loads wherever qcompile imports: CPU and CUDA, any torch
+  qcompile supports (2.11-2.13; the minor version it was exported with).
+- ``"aoti"``: the rewritten program compiled ahead of time by AOTInductor and packaged into
+  a ``.pt2`` file; nothing is compiled on load. Its loader segfaults on the H100 image's
+  torch 2.11 (any package, a plain ``nn.Linear`` included), so it is for CPU deployments.
+
+Either way a ``qcompile.json`` extra file in the archive records the artifact format, the
+package kind, the qcompile and torch versions and the target (CPU, or the GPU architecture
+the weights were repacked for), checked by ``load`` before anything is run. The graph
+calls the qcompile ops through the dispatcher, so ``load`` imports qcompile's op
+definitions first; on CUDA those ops run the CUTLASS kernels, elsewhere the references.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
+import os
+import shutil
 import struct
+import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.fx as fx
 
+from . import _compat
 from .lowering.report import Report
 from .lowering.rewrite import rewrite_graph
 
 log = logging.getLogger("qcompile")
 
-FORMAT_VERSION = 3  # 2: qcompile.json as an archive extra file; ops take `config`; 3: dtype names
+# 2: qcompile.json as an archive extra file; ops take `config`; 3: dtype names;
+# 4: two package kinds ("package"), the target device / GPU architecture, qcompile version checked
+FORMAT_VERSION = 4
 META_NAME = "qcompile.json"
+PACKAGES = ("program", "aoti")
+DEFAULT_PACKAGE = "program"  # the kind that loads on every machine qcompile runs on
 
-__all__ = ["export", "load", "ArtifactError", "ExportError", "FORMAT_VERSION"]
+__all__ = ["export", "load", "read_metadata", "ArtifactError", "ExportError", "FORMAT_VERSION",
+           "PACKAGES", "DEFAULT_PACKAGE"]
 
 
 class ArtifactError(RuntimeError):
-    """A file that is not a loadable qcompile artifact (corrupt, truncated, other version)."""
+    """A file that is not a loadable qcompile artifact here (corrupt, truncated, another
+    format, qcompile or torch version, made for another GPU architecture); nothing was run."""
 
 
 class ExportError(RuntimeError):
@@ -129,7 +156,7 @@ def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shap
     report = report if report is not None else Report()
     with torch.no_grad():
         ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-        gm = ep.run_decompositions().module()
+        gm = ep.run_decompositions(_compat.export_decompositions()).module()
         rewrite_graph(gm.graph, {}, report, fuse_linears)
         _drop_dead_asserts(gm.graph)
         gm.recompile()
@@ -137,25 +164,70 @@ def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shap
         return torch.export.export(gm, example_inputs, dynamic_shapes=dynamic_shapes)
 
 
+def _arch(device: torch.device) -> str:
+    """The GPU architecture of a CUDA device as ``sm_XY`` (what the weights were repacked for)."""
+    from .kernels import device_capability
+    major, minor = device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _target(model: torch.nn.Module, example_inputs: Sequence) -> dict:
+    """Where the exported program runs: the device of its weights and inputs, and on CUDA the
+    GPU architecture whose kernel layouts the rewrite repacked the weights into."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(t for t in torch.utils._pytree.tree_leaves(tuple(example_inputs))
+                 if isinstance(t, torch.Tensor))]
+    cuda = [t.device for t in tensors if t.device.type == "cuda"]
+    if not cuda:
+        types = sorted({t.device.type for t in tensors}) or ["cpu"]
+        return {"device": types[0]}
+    device = torch.device("cuda", cuda[0].index if cuda[0].index is not None
+                          else torch.cuda.current_device())
+    return {"device": "cuda", "index": device.index, "arch": _arch(device),
+            "name": torch.cuda.get_device_name(device)}
+
+
 def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
-           dynamic_shapes=None, fuse_linears: bool = True) -> Path:
-    """Export ``model`` to one AOTInductor ``.pt2`` file at ``path``; returns the path.
+           dynamic_shapes=None, fuse_linears: bool = True,
+           package: str = DEFAULT_PACKAGE) -> Path:
+    """Export ``model`` to one ``.pt2`` file at ``path``; returns the path.
 
     Args:
         model: the (quantized) model, on the device it will run on.
         example_inputs: a tuple of example arguments.
-        path: where to write the artifact (``.pt2``).
-        dynamic_shapes: as for ``torch.export.export`` (e.g. a dynamic token count).
+        path: where to write the artifact (``.pt2``); written whole or not at all.
+        dynamic_shapes: as for ``torch.export.export`` (e.g. a dynamic batch and sequence
+            length). Buffers the model writes in place (a static KV cache) stay buffers that
+            the loaded model writes in place. The decode kernels' fusions (RMSNorm and skip
+            connection inside the kernel) need a token count known at export and small
+            (``DECODE_MAX_M``): export a decode step with static shapes for its full speed;
+            with a dynamic token count it runs the fusions that hold for any count.
         fuse_linears: as the backend's option: quantized linears that share their input
             (q/k/v, gate/up) run as one launch. The same rewrite as ``torch.compile(model,
             backend="qcompile")`` makes, so the artifact computes what the compiled model
             does, kernel for kernel.
+        package: which kind of artifact, chosen by what loads where:
+
+            - ``"program"`` (default): the rewritten ``ExportedProgram`` saved by
+              ``torch.export.save``; :func:`load` compiles it with Inductor on load. No
+              AOTInductor loader is involved, so it loads on CPU and on CUDA with every
+              torch qcompile supports (2.11-2.13): the default everywhere.
+            - ``"aoti"``: compiled ahead of time by AOTInductor (no compile on load, no
+              Python model code at all). AOTInductor's loader on the H100 image's torch
+              2.11 segfaults for any package, so choose it only where that loader is known
+              to work: CPU (tested), or a GPU torch whose AOTInductor loader you have checked.
+
+    Both kinds load only with the same qcompile version and torch minor version, and an
+    artifact made on a GPU only on a GPU of the same architecture (``sm_90`` for H100): the
+    weights are repacked into that architecture's kernel layouts.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError("example_inputs must be a tuple of arguments, "
                         f"got {type(example_inputs).__name__}")
+    if package not in PACKAGES:
+        raise ValueError(f"package must be one of {PACKAGES}, got {package!r}")
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"path must end in .pt2, got {str(path)!r}")
@@ -163,22 +235,56 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
     from .backend import _last
 
     report = Report()
+    target = _target(model, example_inputs)
     ep = rewrite_exported(model, tuple(example_inputs), dynamic_shapes, report, fuse_linears)
     _last.append(report)
     log.info("export: %d of %d matmuls run as qcompile ops", len(report.matched), len(report))
+    meta = {"format": FORMAT_VERSION, "package": package, "qcompile": __version__,
+            "torch": torch.__version__, "target": target, "report": report.to_dicts()}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written under its own name in a scratch folder beside it, then moved into place: a
+    # failed or interrupted export leaves no file (and the archive's root folder, which
+    # torch names after the file, is the final name's).
+    scratch = Path(tempfile.mkdtemp(prefix=".qcompile-export-", dir=path.parent))
+    try:
+        tmp = scratch / path.name
+        if package == "aoti":
+            _write_aoti(ep, tuple(example_inputs), tmp, meta)
+        else:
+            log.info("export: saving the program with torch.export.save into %s", path)
+            torch.export.save(ep, str(tmp), extra_files={META_NAME: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def _write_aoti(ep: torch.export.ExportedProgram, example_inputs: tuple, path: Path,
+                meta: dict) -> None:
     log.info("export: compiling with AOTInductor into %s", path)
-    aoti_files = torch._inductor.aot_compile(ep.module(), tuple(example_inputs),
+    aoti_files = torch._inductor.aot_compile(ep.module(), example_inputs,
                                              options={"aot_inductor.package": True})
     _check_cxx_runtime(aoti_files)
-    meta = {"format": FORMAT_VERSION, "qcompile": __version__, "torch": torch.__version__,
-            "report": report.to_dicts()}
     # One archive written by torch's own writer, our record among its extra files, so the
     # file is exactly what torch writes and reads (rather than a package with a record
     # appended by Python's zipfile).
     from torch.export.pt2_archive._package import package_pt2
     package_pt2(str(path), aoti_files=aoti_files, extra_files={META_NAME: json.dumps(meta)})
-    return path
+
+
+def _check_zip_end(path: Path) -> None:
+    """BadZipFile unless the file ends with a zip's end record (torch's writers and ours add
+    no comment). A truncated archive may still open: its members hold zips of their own (a
+    program's sample inputs are a ``torch.save`` file) and zipfile finds the last end record
+    before the cut, taking that member for the whole archive."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 22:
+            raise zipfile.BadZipFile("too short for a zip archive")
+        f.seek(-22, os.SEEK_END)
+        end = f.read(22)
+    if end[:4] != b"PK\x05\x06" or end[20:22] != b"\0\0":
+        raise zipfile.BadZipFile("the file does not end with a zip end record")
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -187,6 +293,7 @@ def read_metadata(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no such artifact: {path}")
     try:
+        _check_zip_end(path)
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
             if bad is not None:
@@ -194,30 +301,135 @@ def read_metadata(path: str | Path) -> dict:
             names = [n for n in zf.namelist() if n.split("/")[-1] == META_NAME]
             if not names:
                 raise KeyError(META_NAME)
-            return json.loads(zf.read(names[0]))
+            meta = json.loads(zf.read(names[0]))
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise ArtifactError(f"{path} is not a qcompile artifact, or is truncated or "
                             f"corrupt ({e}); export it again with qcompile.export") from e
     except KeyError as e:
         raise ArtifactError(f"{path} has no {META_NAME}: it was not written by "
                             "qcompile.export") from e
+    except ValueError as e:  # JSON (UnicodeDecodeError is one too)
+        raise ArtifactError(f"{path} has an unreadable {META_NAME} ({e}): export it "
+                            "again") from e
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} has an unreadable {META_NAME} (not a JSON object): "
+                            "export it again")
+    return meta
 
 
-def load(path: str | Path, device_index: int = -1):
-    """Load an artifact written by :func:`export`; returns a callable model.
+def check_metadata(path: str | Path, meta: dict, device_index: int = -1) -> None:
+    """ArtifactError unless an artifact with record ``meta`` loads and runs here."""
+    from . import __version__
 
-    Raises ArtifactError if the file is corrupt or truncated, or was written by an
-    incompatible qcompile artifact format or torch version.
-    """
-    meta = read_metadata(path)
-    if meta.get("format") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has artifact format {meta.get('format')}, this qcompile "
-                            f"reads format {FORMAT_VERSION}: export the model again")
+    fmt = meta.get("format")
+    if fmt != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format {fmt}, this qcompile reads format "
+                            f"{FORMAT_VERSION}: export the model again")
+    package = meta.get("package")
+    if package not in PACKAGES:
+        raise ArtifactError(f"{path} is a {package!r} package; this qcompile loads "
+                            f"{' and '.join(map(repr, PACKAGES))} packages: export it again")
+    if meta.get("qcompile") != __version__:
+        raise ArtifactError(f"{path} was exported with qcompile {meta.get('qcompile')}, this is "
+                            f"qcompile {__version__}: export it again with this qcompile (the "
+                            "ops and weight layouts it holds are tied to the version)")
     if _torch_minor(meta.get("torch", "")) != _torch_minor(torch.__version__):
         raise ArtifactError(f"{path} was exported with torch {meta.get('torch')}, this is "
                             f"torch {torch.__version__}: export it again with this torch "
-                            "(AOTInductor artifacts are tied to the torch version)")
-    from torch._inductor import aoti_load_package
+                            "(its graph and, for AOTInductor, its compiled code are tied to "
+                            "the torch version)")
+    target = meta.get("target")
+    if not isinstance(target, dict) or "device" not in target:
+        raise ArtifactError(f"{path} does not say which device it was made for: export it again")
+    if target["device"] != "cuda":
+        return
+    arch = target.get("arch")
+    made = f"made on {target.get('name', 'a GPU')} ({arch})"
+    if not torch.cuda.is_available():
+        raise ArtifactError(f"{path} was {made} and runs only on a GPU of that architecture; "
+                            "this machine has no CUDA GPU: export the model on the machine it "
+                            "will run on")
+    if device_index >= 0:
+        index = device_index
+    elif package == "program":  # its tensors load onto the device they were saved from
+        index = target.get("index", 0)
+    else:
+        index = torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ArtifactError(f"{path} was {made} as cuda:{index}, and this machine has "
+                            f"{torch.cuda.device_count()} GPU(s): load it with device_index= "
+                            "one of them")
+    here = _arch(torch.device("cuda", index))
+    if here != arch:
+        raise ArtifactError(f"{path} was {made}: its weights are repacked for {arch} kernels, "
+                            f"and cuda:{index} is {torch.cuda.get_device_name(index)} ({here}): "
+                            "export the model again on this GPU")
 
-    from . import kernels  # noqa: F401  (registers the ops the package calls)
-    return aoti_load_package(str(path), device_index=device_index)
+
+def _register_ops() -> None:
+    """Import every module that defines an op an exported graph may call."""
+    from . import attention, kernels  # noqa: F401
+
+
+def _no_rewrite(graph, constants, report, fuse_linears=False):  # noqa: ARG001
+    """The graph of a loaded program holds qcompile ops already: nothing to rewrite (and the
+    rewrite's "integer weights but no takeover" warning would be wrong there)."""
+
+
+def _program_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str | None = None,
+                     options: dict | None = None):
+    """The qcompile backend for a loaded program: the same Inductor settings as a
+    ``backend="qcompile"`` compile (freezing, combo kernels, the static inputs that let CUDA
+    graphs record a step writing its KV cache, ``mode`` and ``options``), without running the
+    rewrite again on a graph whose matmuls are qcompile ops already."""
+    # the module, not the ``qcompile.backend`` attribute (the backend function itself)
+    backend = importlib.import_module(".backend", __package__)
+    patch = (mock.patch.object(backend, "rewrite_graph", _no_rewrite)
+             if hasattr(backend, "rewrite_graph") else contextlib.nullcontext())
+    with patch:
+        return backend.qcompile_backend(gm, example_inputs, mode=mode, options=options)
+
+
+def load(path: str | Path, device_index: int = -1, *, compile: bool = True,
+         mode: str | None = None, options: dict | None = None, dynamic: bool | None = None):
+    """Load an artifact written by :func:`export`; returns a callable model.
+
+    A ``"program"`` artifact comes back as the exported graph in a module (its buffers, a KV
+    cache included, are the module's: ``named_buffers()``), compiled with Inductor through
+    the qcompile backend's settings (``torch.compile(..., fullgraph=True)``; ``mode``,
+    ``options`` and ``dynamic`` as torch.compile's, e.g. ``mode="reduce-overhead"`` for CUDA
+    graphs) unless ``compile=False``, which runs it through the dispatcher as it is. The
+    compile happens on the first call. An ``"aoti"`` artifact comes back as AOTInductor's
+    runner (``compile``, ``mode``, ``options`` and ``dynamic`` do not apply).
+
+    ``device_index``: the CUDA device to run on (-1: for a program, the one it was exported
+    on; for AOTInductor, the current one).
+
+    Raises ArtifactError, having run nothing, if the file is corrupt or truncated, or was
+    written by another artifact format, qcompile version or torch version, or for another
+    GPU architecture (or a GPU on a machine without one).
+    """
+    meta = read_metadata(path)
+    check_metadata(path, meta, device_index)
+    _register_ops()  # the ops the graph calls
+    if meta["package"] == "aoti":
+        from torch._inductor import aoti_load_package
+        return aoti_load_package(str(path), device_index=device_index)
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # a damaged archive that still passed the zip checks
+        raise ArtifactError(f"{path} could not be read as an exported program "
+                            f"({type(e).__name__}: {_first_line(e)}); export it again") from e
+    target = meta["target"]
+    if target["device"] == "cuda" and device_index >= 0 and device_index != target.get("index"):
+        ep = _compat.move_program(ep, {f"cuda:{target.get('index')}": f"cuda:{device_index}"})
+    module = ep.module()
+    if not compile:
+        return module
+    return torch.compile(module, backend=_program_backend, mode=mode, options=options,
+                         dynamic=dynamic, fullgraph=True)
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""

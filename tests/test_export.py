@@ -1,9 +1,12 @@
-"""Export / load round trips on CPU, and clear errors for bad artifacts."""
+"""Export / load round trips on CPU, for both kinds of artifact (the program that
+load compiles, AOTInductor's package), and clear errors for bad artifacts."""
 
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,7 +16,16 @@ from conftest import rel_err
 from torch import nn
 
 import qcompile
-from qcompile.export import FORMAT_VERSION, META_NAME, elf_needed, read_metadata
+from qcompile.export import (
+    DEFAULT_PACKAGE,
+    FORMAT_VERSION,
+    META_NAME,
+    elf_needed,
+    read_metadata,
+)
+
+
+PACKAGES = ("program", "aoti")
 
 
 def _model():
@@ -25,12 +37,22 @@ def _model():
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def artifacts(tmp_path_factory):
+    """The small model exported as each kind of artifact, with a dynamic token count."""
     model = _model()
-    path = tmp_path_factory.mktemp("export") / "model.pt2"
-    dim = torch.export.Dim("m", min=1, max=1024)
-    qcompile.export(model, (torch.randn(8, 256),), path, dynamic_shapes=({0: dim},))
-    return model, path
+    folder = tmp_path_factory.mktemp("export")
+    paths = {}
+    for package in PACKAGES:
+        dim = torch.export.Dim("m", min=1, max=1024)
+        paths[package] = qcompile.export(model, (torch.randn(8, 256),), folder / f"{package}.pt2",
+                                         dynamic_shapes=({0: dim},), package=package)
+    return model, paths
+
+
+@pytest.fixture(params=PACKAGES)
+def artifact(request, artifacts):
+    model, paths = artifacts
+    return model, paths[request.param]
 
 
 def test_round_trip_matches_eager_for_any_m(artifact):
@@ -42,33 +64,150 @@ def test_round_trip_matches_eager_for_any_m(artifact):
             assert rel_err(loaded(x), model(x)) < 1e-5
 
 
+def test_program_runs_through_the_dispatcher_without_compiling(artifacts):
+    model, paths = artifacts
+    loaded = qcompile.load(paths["program"], compile=False)
+    assert isinstance(loaded, torch.fx.GraphModule)
+    targets = {n.target for n in loaded.graph.nodes if n.op == "call_function"}
+    assert torch.ops.qcompile.mixed_gemm.default in targets
+    assert torch.ops.qcompile.int8_gemm.default in targets
+    for m in (1, 300):
+        x = torch.randn(m, 256)
+        with torch.no_grad():
+            assert rel_err(loaded(x), model(x)) < 1e-5
+
+
 def test_artifact_holds_the_report_and_versions(artifact):
     _, path = artifact
     meta = read_metadata(path)
-    assert meta["format"] == FORMAT_VERSION == 3 and meta["torch"] == torch.__version__
+    assert meta["format"] == FORMAT_VERSION == 4 and meta["torch"] == torch.__version__
+    assert meta["package"] == path.stem and meta["qcompile"] == qcompile.__version__
+    assert meta["target"] == {"device": "cpu"}
     assert [r["format"] for r in meta["report"]] == [
         "w4a16 uint4 g64+zeros", "w8a8 int8 per-token x per-channel +bias"]
 
 
-def _copy_with_meta(src: Path, dst: Path, **changes):
+def test_the_default_package_is_the_program(tmp_path):
+    assert DEFAULT_PACKAGE == "program"
+    path = qcompile.export(nn.Linear(16, 8), (torch.randn(2, 16),), tmp_path / "plain.pt2")
+    assert read_metadata(path)["package"] == "program"
+    assert not list(tmp_path.glob(".qcompile-export-*"))  # no scratch left behind
+
+
+# -- a decoder with a KV cache: dynamic batch and sequence, cache written in place ----------
+
+def _llama(method: str = "w4a16"):
+    from qcompile.llama import CONFIGS, Llama
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"])
+    qcompile.quantize(model, method, group_size=64)
+    model.setup_caches(4, 64)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama_program(tmp_path_factory):
+    model = _llama()
+    path = tmp_path_factory.mktemp("llama") / "llama.pt2"
+    batch = torch.export.Dim("batch", min=1, max=4)
+    seq = torch.export.Dim.DYNAMIC
+    example = (torch.randint(0, 256, (2, 5)), torch.arange(5))
+    qcompile.export(model, example, path, dynamic_shapes=({0: batch, 1: seq}, {0: seq}))
+    return model, path
+
+
+def _steps(batch: int):
+    """A prefill of 6 tokens, then single tokens at positions 6, 7, 8."""
+    g = torch.Generator().manual_seed(batch)
+    yield torch.randint(0, 256, (batch, 6), generator=g), torch.arange(6)
+    for pos in range(6, 9):
+        yield torch.randint(0, 256, (batch, 1), generator=g), torch.tensor([pos])
+
+
+def _caches(module) -> dict[str, torch.Tensor]:
+    return {n.removeprefix("_orig_mod."): b for n, b in module.named_buffers()
+            if n.endswith("_cache")}
+
+
+def test_program_keeps_dynamic_batch_and_sequence_and_the_kv_cache(llama_program):
+    model, path = llama_program
+    loaded = qcompile.load(path, compile=False)
+    caches = _caches(loaded)
+    assert sorted(caches) == sorted(_caches(model)) and len(caches) == 4
+    pointers = {n: c.data_ptr() for n, c in caches.items()}
+    for batch in (1, 3, 2):  # none is the example's shape but the last
+        for c in (*caches.values(), *_caches(model).values()):
+            c.zero_()
+        with torch.no_grad():
+            for tokens, pos in _steps(batch):
+                assert rel_err(loaded(tokens, pos), model(tokens, pos)) < 1e-5
+        # the step wrote the module's own cache buffers, in place
+        for name, cache in _caches(loaded).items():
+            assert cache.data_ptr() == pointers[name]
+            assert rel_err(cache, _caches(model)[name]) < 1e-5
+            assert cache[:batch, :, :9].abs().sum() > 0 and not cache[:, :, 9:].any()
+
+
+def test_program_compiled_on_load_generates_what_the_model_does(llama_program):
+    model, path = llama_program
+    loaded = qcompile.load(path)  # compiled (Inductor) on the first call
+    assert isinstance(loaded, torch._dynamo.eval_frame.OptimizedModule)
+    for c in (*_caches(loaded).values(), *_caches(model).values()):
+        c.zero_()
+    out = {}
+    for name, step in (("model", model), ("loaded", loaded)):
+        tokens, pos = next(_steps(2))
+        with torch.no_grad():
+            logits = step(tokens, pos)
+            generated = [logits[:, -1:].argmax(-1)]
+            for i in range(3):
+                logits = step(generated[-1], torch.tensor([6 + i]))
+                generated.append(logits[:, -1:].argmax(-1))
+        out[name] = (logits, torch.cat(generated, 1))
+    assert torch.equal(out["loaded"][1], out["model"][1])
+    assert rel_err(out["loaded"][0], out["model"][0]) < 1e-4
+    for name, cache in _caches(loaded).items():
+        assert rel_err(cache, _caches(model)[name]) < 1e-5
+
+
+# -- bad files: a clear error, nothing run --------------------------------------------------
+
+def _copy_with_meta(src: Path, dst: Path, drop: bool = False, **changes):
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
             data = zin.read(item.filename)
             if item.filename.endswith("/" + META_NAME):
+                if drop:
+                    continue
                 meta = json.loads(data)
                 meta.update(changes)
-                if changes.get("drop"):
-                    continue
                 data = json.dumps(meta).encode()
             zout.writestr(item, data)
 
 
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if a loader is reached (a bad file must be refused before)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a loader ran on a file that should have been refused")
+    monkeypatch.setattr(torch.export, "load", refuse)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", refuse)
+
+
+_SM90 = {"device": "cuda", "index": 0, "arch": "sm_90", "name": "NVIDIA H100 80GB HBM3"}
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(format=99), f"has artifact format 99, this qcompile reads format {FORMAT_VERSION}"),
+    (dict(format=3), f"has artifact format 3, this qcompile reads format {FORMAT_VERSION}"),
+    (dict(package="onnx"), "is a 'onnx' package; this qcompile loads 'program' and 'aoti'"),
+    (dict(qcompile="0.0.1"), r"was exported with qcompile 0.0.1, this is qcompile"),
     (dict(torch="2.9.0"), "was exported with torch 2.9.0, this is torch"),
+    (dict(target=None), "does not say which device it was made for"),
     (dict(drop=True), "has no qcompile.json"),
-])
-def test_incompatible_artifacts_say_what_to_do(artifact, tmp_path, changes, match):
+], ids=["format", "old-format", "package", "qcompile", "torch", "no-target", "no-meta"])
+def test_incompatible_artifacts_say_what_to_do(artifact, tmp_path, nothing_loads, changes,
+                                                match):
     _, path = artifact
     bad = tmp_path / "bad.pt2"
     _copy_with_meta(path, bad, **changes)
@@ -76,19 +215,84 @@ def test_incompatible_artifacts_say_what_to_do(artifact, tmp_path, changes, matc
         qcompile.load(bad)
 
 
-def test_truncated_or_garbage_files_fail_cleanly(artifact, tmp_path):
+def test_gpu_artifact_on_a_machine_without_a_gpu(artifact, tmp_path, nothing_loads,
+                                                 monkeypatch):
+    _, path = artifact
+    bad = tmp_path / "h100.pt2"
+    _copy_with_meta(path, bad, target=_SM90)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(qcompile.ArtifactError, match=r"was made on NVIDIA H100 80GB HBM3 "
+                       r"\(sm_90\) .* this machine has no CUDA GPU"):
+        qcompile.load(bad)
+
+
+def test_gpu_artifact_on_another_gpu_architecture(artifact, tmp_path, nothing_loads,
+                                                  monkeypatch):
+    _, path = artifact
+    bad = tmp_path / "h100.pt2"
+    _copy_with_meta(path, bad, target=_SM90)
+    export_module = sys.modules["qcompile.export"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(export_module, "_arch", lambda device: "sm_80")
+    with pytest.raises(qcompile.ArtifactError, match=r"repacked for sm_90 kernels, and cuda:0 "
+                       r"is NVIDIA A100-SXM4-80GB \(sm_80\): export the model again on this GPU"):
+        qcompile.load(bad)
+    # a device this machine lacks
+    with pytest.raises(qcompile.ArtifactError, match=r"as cuda:1, and this machine has 1 GPU"):
+        qcompile.load(bad, device_index=1)
+    # the same architecture passes the check (and reaches the loader)
+    monkeypatch.setattr(export_module, "_arch", lambda device: "sm_90")
+    with pytest.raises((AssertionError, qcompile.ArtifactError), match="a loader ran"):
+        qcompile.load(bad)
+
+
+def test_truncated_or_garbage_files_fail_cleanly(artifact, tmp_path, nothing_loads):
     _, path = artifact
     data = path.read_bytes()
-    truncated = tmp_path / "truncated.pt2"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(qcompile.ArtifactError, match="truncated or corrupt"):
-        qcompile.load(truncated)
+    for size in (len(data) // 2, len(data) - 100, 1000):
+        truncated = tmp_path / f"truncated{size}.pt2"
+        truncated.write_bytes(data[:size])
+        with pytest.raises(qcompile.ArtifactError, match="truncated or corrupt"):
+            qcompile.load(truncated)
     garbage = tmp_path / "garbage.pt2"
     garbage.write_bytes(b"not a zip at all")
     with pytest.raises(qcompile.ArtifactError, match="not a qcompile artifact"):
         qcompile.load(garbage)
     with pytest.raises(FileNotFoundError):
         qcompile.load(tmp_path / "missing.pt2")
+
+
+def test_corrupt_member_fails_cleanly(artifact, tmp_path, nothing_loads):
+    # one byte of the largest member flipped: the zip's CRC tells
+    _, path = artifact
+    with zipfile.ZipFile(path) as zf:
+        big = max(zf.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # past the local header (its name and extra field: torch pads the extra to align data)
+    name_len, extra_len = struct.unpack_from("<HH", data, big.header_offset + 26)
+    offset = big.header_offset + 30 + name_len + extra_len + big.compress_size // 2
+    data[offset] ^= 0xFF
+    bad = tmp_path / "flipped.pt2"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(qcompile.ArtifactError, match="corrupt"):
+        qcompile.load(bad)
+
+
+def test_program_that_torch_cannot_read_fails_cleanly(artifacts, tmp_path):
+    # a well-formed archive with a good qcompile.json whose graph is damaged
+    _, paths = artifacts
+    bad = tmp_path / "damaged.pt2"
+    with zipfile.ZipFile(paths["program"]) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("models/model.json"):
+                data = data[: len(data) // 2]
+            zout.writestr(item, data)
+    with pytest.raises(qcompile.ArtifactError, match="could not be read as an exported program"):
+        qcompile.load(bad)
 
 
 def test_export_checks_arguments(tmp_path):
@@ -98,6 +302,10 @@ def test_export_checks_arguments(tmp_path):
         qcompile.export(nn.Linear(4, 4), torch.randn(2, 4), tmp_path / "a.pt2")
     with pytest.raises(ValueError, match="path must end in .pt2"):
         qcompile.export(nn.Linear(4, 4), (torch.randn(2, 4),), tmp_path / "a.zip")
+    with pytest.raises(ValueError, match=r"package must be one of \('program', 'aoti'\)"):
+        qcompile.export(nn.Linear(4, 4), (torch.randn(2, 4),), tmp_path / "a.pt2",
+                        package="onnx")
+    assert not list(tmp_path.iterdir())
 
 
 _REGEX_SO = """
@@ -144,5 +352,5 @@ def test_export_refuses_a_library_with_its_own_cxx_runtime(tmp_path):
     with torch._inductor.config.patch({"cpp.cxx": (str(_static_gxx(tmp_path)),)}):
         with pytest.raises(qcompile.ExportError, match=r"linked the C\+\+ runtime statically.*"
                            r"CXX=/usr/bin/g\+\+"):
-            qcompile.export(_model(), (torch.randn(8, 256),), path)
-    assert not path.exists()
+            qcompile.export(_model(), (torch.randn(8, 256),), path, package="aoti")
+    assert not path.exists() and not list(tmp_path.glob(".qcompile-export-*"))
