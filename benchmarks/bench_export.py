@@ -47,7 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_export.jsonl"
 
 
 def _configs() -> dict:
-    from qcompile.llama import CONFIGS, LlamaConfig
+    from llama_model import CONFIGS, LlamaConfig
     # a small model whose attention the Triton decode kernel takes (head_dim 64): for tests
     small = LlamaConfig(vocab_size=1024, dim=512, n_layers=2, n_heads=8, n_kv_heads=2,
                         intermediate=1024, max_seq_len=512)
@@ -96,7 +96,7 @@ def _measure(step, first: torch.Tensor, caches: dict, args) -> dict:
 
 
 def role_compiled(args) -> dict:
-    from qcompile.llama import Llama
+    from llama_model import Llama
 
     cfg = _configs()[args.config]
     torch.manual_seed(0)
@@ -145,7 +145,7 @@ def _child(args, role: str, path: Path, extra: list[str]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", default=None, help="qcompile.llama config, or 'small' "
+    p.add_argument("--config", default=None, help="llama_model config, or 'small' "
                    "(default: llama3-8b-8l on a GPU, tiny on the CPU)")
     p.add_argument("--formats", default="w4a16,w8a16,w8a8")
     p.add_argument("--package", default=None, choices=["program", "aoti"],

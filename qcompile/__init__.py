@@ -10,7 +10,7 @@ Public API:
 - ``explain(model, *inputs, ...)``: compile and run once, return the match ``Report``.
 - ``last_report()``, ``collect()``: the reports of compiles you ran yourself.
 - ``backend``: the backend callable (also registered by name as "qcompile").
-- ``export(model, example_inputs, path)`` / ``load(path)``: one AOTInductor ``.pt2`` file
+- ``export(model, example_inputs, path, package="program" | "aoti")`` / ``load(path)``: one ``.pt2`` file
   with the rewritten graph and the repacked weights.
 """
 

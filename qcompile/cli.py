@@ -3,7 +3,7 @@
 - ``qcompile explain pkg.module:function``: ``function()`` returns ``(model, inputs)``
   (inputs a tensor or a tuple of arguments); compile with the qcompile backend, run once,
   print the match report (``--json`` for data).
-- ``qcompile export pkg.module:function out.pt2 [--dynamic]``: export the model with
+- ``qcompile export pkg.module:function out.pt2 [--dynamic] [--package program|aoti]``: export the model with
   its quantized linears rewritten (see ``qcompile.export``).
 - ``qcompile build --arch sm_90a``: compile every CUDA kernel configuration into the
   cache ahead of time, so deployment machines do not compile.
@@ -53,7 +53,7 @@ def _export(args) -> int:
     if args.dynamic:
         dim = torch.export.Dim("tokens", min=1, max=args.max_tokens)
         dynamic = ({0: dim},) + (None,) * (len(inputs) - 1)
-    path = qcompile.export(model, inputs, args.path, dynamic_shapes=dynamic)
+    path = qcompile.export(model, inputs, args.path, dynamic_shapes=dynamic, package=args.package)
     report = qcompile.last_report()
     print(f"{path}: {len(report.matched)} of {len(report)} matmuls run as qcompile ops")
     return 0
@@ -95,11 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--no-freezing", action="store_true", help="turn Inductor freezing off")
     ex.add_argument("--json", action="store_true", help="print the report as JSON")
     ex.set_defaults(run=_explain)
-    xp = sub.add_parser("export", help="export a model to an AOTInductor .pt2 artifact")
+    xp = sub.add_parser("export", help="export a model to a .pt2 artifact (a torch.export program by default)")
     xp.add_argument("factory", help="module:function returning (model, inputs)")
     xp.add_argument("path", help="output file (.pt2)")
     xp.add_argument("--dynamic", action="store_true", help="dynamic first dim of input 0")
     xp.add_argument("--max-tokens", type=int, default=4096, help="upper bound when dynamic")
+    xp.add_argument("--package", default="program", choices=["program", "aoti"],
+                    help="artifact kind: a torch.export program (default) or AOTInductor")
     xp.set_defaults(run=_export)
     bd = sub.add_parser("build", help="prebuild the CUDA kernels into the cache")
     bd.add_argument("--arch", default="sm_90a", choices=["sm_90a", "sm_80"],

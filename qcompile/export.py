@@ -367,8 +367,10 @@ def check_metadata(path: str | Path, meta: dict, device_index: int = -1) -> None
 
 
 def _register_ops() -> None:
-    """Import every module that defines an op an exported graph may call."""
-    from . import attention, kernels  # noqa: F401
+    """Import the modules that define qcompile's ops (an exported graph calls them). Ops of
+    the user's own (a custom attention op, say) must be registered before ``load``, by
+    importing the module that defines them, as for any torch.export program."""
+    from . import kernels  # noqa: F401
 
 
 def _no_rewrite(graph, constants, report, fuse_linears=False):  # noqa: ARG001

@@ -97,7 +97,7 @@ def test_the_default_package_is_the_program(tmp_path):
 # -- a decoder with a KV cache: dynamic batch and sequence, cache written in place ----------
 
 def _llama(method: str = "w4a16"):
-    from qcompile.llama import CONFIGS, Llama
+    from llama_model import CONFIGS, Llama
     torch.manual_seed(0)
     model = Llama(CONFIGS["tiny"])
     qcompile.quantize(model, method, group_size=64)

@@ -76,7 +76,7 @@ def test_round_trip_runs_the_cuda_kernels(method, tmp_path):
 def test_llama_dynamic_batch_and_kv_cache_on_the_gpu(tmp_path):
     """A decode step exported with a dynamic batch: the loaded program writes its own KV
     cache in place and matches the model at batch sizes other than the example's."""
-    from qcompile.llama import Llama, LlamaConfig
+    from llama_model import Llama, LlamaConfig
     cfg = LlamaConfig(vocab_size=1024, dim=512, n_layers=2, n_heads=8, n_kv_heads=2,
                       intermediate=1024, max_seq_len=128)
     torch.manual_seed(0)
