@@ -130,7 +130,7 @@ class RandomWeight(nn.Module):
 
 def test_random_weight_expressions_never_raise_and_never_change_the_numbers():
     outcomes = {True: 0, False: 0}
-    for seed in range(48):
+    for seed in range(32):
         torch._dynamo.reset()
         model = RandomWeight(seed)
         x = torch.randn(5, K, dtype=model.dtype)
