@@ -341,7 +341,7 @@ def summary(rows, grids) -> list[str]:
     dec = []
     for bench, model, label in (("decode", "qcompile.llama", "the project's Llama-3-8B-shaped model, 8 layers"),
                                 ("decode", "transformers", "transformers' LlamaForCausalLM, same shapes"),
-                                ("gptfast_decode", None, "gpt-fast's model and decode loop")):
+                                ("gptfast_decode", None, "gpt-fast-style model and decode loop, 32 layers, gpt-fast's Inductor settings")):
         want = {"bench": bench} | ({"model": model} if model else {})
         g = _pick(grids, strict=bench != "gptfast_decode", **want)
         if g is None:
@@ -362,7 +362,7 @@ def summary(rows, grids) -> list[str]:
                 dates.add(_date(c[1]))
             devices.add(dict(g)["device"])
     if dec:
-        out += ["Decode, tokens/s (x bf16 under default Inductor, CUDA graphs):", "",
+        out += ["Decode on an H100, tokens/s (x bf16 compiled by Inductor under the same settings, CUDA graphs):", "",
                 "| model | batch | bf16 | W4A16 | W8A16 | W8A8 |", "|---|---|---|---|---|---|"] + dec + [""]
     lay = []
     for bench, pattern, label in SUMMARY_PATTERNS:
