@@ -104,8 +104,8 @@ def move_program(ep, location):
 def export_decompositions():
     """The table for ``ExportedProgram.run_decompositions``: core ATen, except that
     scaled_dot_product_attention stays whole, as Inductor keeps it for its fused attention
-    kernels (decomposed, a loaded program ran attention as bmm + softmax: 1.4x the step time
-    of the compiled model on CPU). ``None`` (torch's default table) where torch has no such
+    kernels (decomposed, a loaded program ran attention as bmm + softmax, markedly slower
+    than the compiled model; docs/design.md). ``None`` (torch's default table) where torch has no such
     table."""
     try:
         table = torch.export.default_decompositions()

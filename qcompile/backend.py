@@ -13,14 +13,14 @@ replaced by repacked copies, so the weights are not held twice; the eager model 
 longer run, nor be traced again. ``"fuse_linears"`` (default True) runs the quantized
 linears that read one activation in one format (q/k/v, gate/up; W8A8 ones when their
 activation quantizations are the same value) as one launch
-(``lowering/rewrite.py``): on an H100, Llama-3-8B-shaped decode at batch 1 went from 811 to
-865 tokens/s in W4A16 and from 708 to 788 in W8A16 (one process); ``False`` keeps one launch
-per linear. ``"combo_kernels"`` (Inductor's entry, default True here where Inductor has it)
-launches independent small Triton kernels as one: a decode step's rotary embeddings and KV
-cache writes (three kernels a layer) become one, which took Llama-3-8B-shaped W4A16 decode
-at batch 1 on an H100 from 1443 to 1491 tokens/s (one process); ``False`` restores
-Inductor's default. ``mode`` is torch.compile's. Under ``max_autotune``
-(``mode="max-autotune"``) the kernels are chosen by timing, per token-count range.
+(``lowering/rewrite.py``): one GEMM on concatenated weights instead of several small ones,
+which made batch-1 decode faster in W4A16 and W8A16 (docs/design.md); ``False`` keeps one
+launch per linear. ``"combo_kernels"`` (Inductor's entry, default True here where Inductor
+has it) launches independent small Triton kernels as one: a decode step's rotary embeddings
+and KV cache writes (three kernels a layer) become one, and the launch gaps saved showed in
+batch-1 decode throughput (docs/design.md); ``False`` restores Inductor's default. ``mode``
+is torch.compile's. Under ``max_autotune`` (``mode="max-autotune"``) the kernels are chosen
+by timing, per token-count range.
 """
 
 from __future__ import annotations

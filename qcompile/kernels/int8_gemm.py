@@ -87,7 +87,8 @@ SM90_CONFIGS: tuple[Int8GemmConfig, ...] = (
     # Decode: operands swapped, tokens on a 16/32/64-wide N tile, weight rows on the M tile.
     # Ping-pong with 64 weight rows per tile: twice the tiles of a 128-row tile (224 for
     # N=14336 on 132 SMs), no split-K reduction; the fastest measured for M <= 64, the
-    # 256-deep K tile (half the pipeline round trips) 1-5% ahead of the 128-deep one.
+    # 256-deep K tile (half the pipeline round trips) ahead of the 128-deep one wherever
+    # both were timed (docs/design.md).
     Int8GemmConfig("sm90_swap_64x16x256_pp", "sm_90a", (64, 16, 256), pingpong=True, swap_ab=True),
     Int8GemmConfig("sm90_swap_64x16_pp", "sm_90a", (64, 16, 128), pingpong=True, swap_ab=True),
     # Cooperative 128-row tiles with a stream-K scheduler, which splits K when N/128 tiles
@@ -125,11 +126,11 @@ def choose_config(M: int, N: int, K: int, out_dtype: torch.dtype, arch: str) -> 
     """The configuration for a problem.
 
     Token count M first: it decides whether the GEMM streams the weight (small M,
-    memory-bound) or is compute-bound. Choices from ``benchmarks/bench_w8a8.py --configs all``
-    on an H100 (N x K in 4096x4096, 14336x4096, 4096x14336; M in 1..2048; 2026-11-25): each
-    pick is the fastest measured config or within 0.5% of it (4096x4096 at M=64: 3% behind
-    sm90_swap_64x16_pp, which is ahead by 1-5% nowhere else); M = 96 / 128 / 192 measured
-    2026-11-26 (14336x4096 at M <= 128: 5% behind sm90_swap_128x64_sk).
+    memory-bound) or is compute-bound. Each pick is the fastest config, or about as fast,
+    where every config was timed (``benchmarks/bench_w8a8.py --configs all``; N x K in
+    4096x4096, 14336x4096, 4096x14336, M in 1..2048): one rule a range of M rather than
+    the winner of each cell, at the cost of two cells a few percent behind
+    (docs/design.md, heuristic).
     """
     del K, out_dtype
     if arch == "sm_90a":
@@ -138,8 +139,8 @@ def choose_config(M: int, N: int, K: int, out_dtype: torch.dtype, arch: str) -> 
         if M <= 256:
             # Wide layers have enough 128x256 tiles; narrow ones keep the swapped kernel,
             # whose 128x64 tiles (4 per 128 weight rows at M=256) fill more SMs, and up to
-            # M = 128 its 32-token tiles (H100, static scales, 2026-11-26: 4096x4096 M = 128
-            # 16.5 us against 20.2 for 64 tokens, 4096x14336 37.5 against 40.2).
+            # M = 128 its 32-token tiles, which make twice the tiles again and were faster
+            # than the 64-token ones there (docs/design.md).
             if N >= 8192:
                 return _BY_NAME["sm90_128x256_c2"]
             return _BY_NAME["sm90_swap_128x32_sk" if M <= 128 else "sm90_swap_128x64_sk"]

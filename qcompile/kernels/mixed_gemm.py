@@ -167,8 +167,8 @@ def _twin(c: MixedGemmConfig, family: tuple[MixedGemmConfig, ...],
 
 # Every (activation, bits, mode) has the general 128x64 stream-K kernel (it runs any M);
 # the two common formats (int4 group-wise, int8 per-channel, bf16) add decode tiles
-# (16 tokens; 32 for 17-32 tokens, H100, f341de1: int4 14336x4096 M = 32 25.6 us against 28.1
-# on the 64-token tile, 4096x4096 18.3 against 20.2 with split-K 4), data-parallel 128x128 /
+# (16 tokens; 32 for 17-32 tokens, which wastes fewer MMA columns than the 64-token tile and
+# was faster where both were timed), data-parallel 128x128 /
 # 128x192 / 128x256 tiles for prefill (a wider token tile reuses each converted weight
 # fragment for more MMAs), stream-K builds of 128x128 for prefill with too few output tiles
 # to fill the SMs (it splits K) and of 128x256 for part-empty waves, and 64-row pingpong tiles
@@ -181,10 +181,9 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 128, 256)
 ) + tuple(
     # 128-deep K tiles for the stream-K tiles of up to 64 tokens: half the main loop's
-    # barrier round trips (H100, --explore, b9d33e1 / 396f572: same tile and split 0.86-1.0x
-    # the 64-deep time, e.g. int4 4096x14336 M=64 128x64 split-K 4 31.4 vs 32.6 us, 14336x4096
-    # M=64 27.6 vs 28.2; int8 4096x4096 M=128 128x64 split-K 2 20.6 vs 21.2). Groups must be
-    # multiples of 128 (the 64-deep builds keep group 64).
+    # barrier round trips, and as fast or faster than the 64-deep build of the same tile and
+    # split wherever both were timed (docs/design.md). Groups must be multiples of 128 (the
+    # 64-deep builds keep group 64).
     MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=True)
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 64)
 ) + tuple(
@@ -202,60 +201,45 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
                 # (TILE_FIXED_TOKENS)
                 MixedGemmConfig("bf16", bits, mode, 128, 192, streamk=False))
 ) + (
-    # the pingpong tile 128-deep in K for group-wise int4 (groups of 128 and more): H100,
-    # interleaved rounds (0cb0df1, .device/pp128.py rows), us 128- / 64-deep: 4096x4096 M=256
-    # 21.5 / 23.1, 2048x4096 M=384 21.3 / 22.9, 1024x4096 M=768 21.4 / 23.1, 6144x4096 M=128
-    # 21.8 / 23.3. (int8 per-channel: 0.95-0.99 of the 64-deep time but 1.06 at 6144x4096
-    # M=128, so it stays experimental there.)
+    # the pingpong tile 128-deep in K for group-wise int4 (groups of 128 and more): half the
+    # round trips, faster than the 64-deep build in every cell timed. (For int8 per-channel
+    # it was not faster everywhere, so that build stays experimental; docs/design.md.)
     MixedGemmConfig("bf16", 4, 2, 64, 128, 128, coop=False, streamk=False),
 ) + tuple(
-    # and 32 / 64-token pingpong tiles, 128-deep, for one wave of them at 17-64 tokens: H100,
-    # interleaved rounds (080df8a, .device/pp_small.py rows), us split-K on the 128-row tiles /
-    # pingpong / cuBLAS, int4 (int8): 6144x4096 M=64 21.1 / 20.0 / 29.6 (24.1 / 20.5), M=32
-    # 19.7 / 19.1 (23.6 / 21.6); 8192x4096 M=32 21.1 / 19.1 / 36.8 (26.5 / 23.6), M=64 21.7 /
-    # 20.3 (27.3 / 23.6); but K = 14336 (6144x14336 M=64) int4 43.4 / 51.5
+    # and 32 / 64-token pingpong tiles, 128-deep, for one wave of them at 17-64 tokens: as
+    # many CTAs as split-K on the 128-row tiles without its fix-up, and faster than it at
+    # K = 4096, but not at K = 14336 (PINGPONG_MAX_K; docs/design.md)
     MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (32, 64)
 ) + tuple(
     # and 80 / 96-token ones, so that two token tiles pad at most PINGPONG_MAX_PAD tokens
-    # from 129 to 192 tokens where 128-token tiles padded 64-127 and lost: H100, interleaved
-    # rounds (ae30981, .device/pp_mid.py rows), 4096x4096, us split-K on the 128x128 tile /
-    # pingpong 80 / 96 / 128 / cuBLAS, int4 (int8): M=136 26.0 / 23.6 / 22.8 / 32.5 / 23.0
-    # (27.1 / 22.3 / 24.7 / 34.6 / 22.9), M=160 25.4 / 23.6 / 20.8 / 30.7 / 23.1 (26.0 / 22.1 /
-    # 20.3 / 32.5 / 23.2), M=192 25.1 / - / 20.8 / 26.9 / 23.7 (24.9 / - / 19.6 / 29.1 / 24.0)
+    # from 129 to 192 tokens, where 128-token tiles padded 64-127 and lost to split-K; with
+    # them the pingpong tiles beat split-K there (docs/design.md)
     MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
     for bits, mode in ((4, 2), (8, 0)) for tile_n in (80, 96)
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
-# where there is one. H100, 128x256, interleaved rounds in one process (bench_w4a16.jsonl,
-# the c2ab rows of 7a752d1), median us plain / cluster: 14336x4096 M=2048 int4 343.7 / 331.1,
-# int8 345.3 / 337.3; M=1024 int4 181.3 / 178.4, int8 183.7 / 181.7; but 4096x14336 M=1024
-# 156.5 / 157.5 and 158.0 / 161.3 (the 4096-row layers gain nothing).
+# where there is one: multicasting each token tile to the cluster's two CTAs made 14336-row
+# layers faster at long prefill, while 4096-row layers gained nothing (docs/design.md).
 CLUSTER_MIN_N = 8192
 
 # The prefill tiles' cost model (choose_config): a data-parallel output tile of t tokens takes
 # time in proportion to TILE_FIXED_TOKENS + t (converting its 128 weight rows costs about as
-# much as 55 tokens of MMAs: H100, 14336x4096 M=2048, 128-token tiles 401 us in 14 waves,
-# 256-token 340 in 7), and the kernel as many tile times as it has waves of tiles, the last one
-# counted whole. That picks the 192-token tile where 128 and 256 leave a wave part-empty
-# (interleaved rounds, c2d8bdb, us 192 / heuristic before / cuBLAS: int4 4096x4096 M=768 39.0 /
-# 46.2 / 39.3, M=1536 71.5 / 79.4 / 71.6; 14336x4096 M=1280 211.4 / 225.7 / 223.2, M=1536
-# 250.8 / 272.4 / 268.2; 4096x14336 M=768 117.2 / 128.9 / 126.7) and keeps every pick measured
-# before (benchmarks/NOTES.md).
+# much as that many tokens of MMAs, fitted to the 128- and 256-token tiles' times at one
+# long prefill), and the kernel as many tile times as it has waves of tiles, the last one
+# counted whole. That picks the 192-token tile where 128 and 256 leave a wave part-empty,
+# which beat the earlier pick and matched or beat cuBLAS in every such cell timed, and keeps
+# every pick measured before (docs/design.md).
 TILE_FIXED_TOKENS = 55
 # The 256-token tile under the stream-K scheduler spreads a fractional last wave over every SM
 # at this cost factor (CUTLASS's fix-ups of partial sums), so it is taken where the last wave
-# is under 0.87 full. H100, interleaved rounds (b3ce370; .device/pref.py rows), us data-parallel
-# / stream-K: 14336x4096 (fill 0.85) M=1024 int4 180.5 / 170.6, M=768 133.8 / 130.9, M=512
-# 90.8 / 90.9; 28672x4096 M=512 178.5 / 169.9; 4096x14336 M=1280 (fill 0.61) 284.2 / 206.3;
-# full waves: 4096x14336 M=1024 154.4 / 167.0, M=2048 324.4 / 383.1.
+# is under about 0.87 full: there it beat the data-parallel tile, and with full waves it lost
+# (docs/design.md).
 STREAM_K_COST = 1.15
-# Stream-K where all the tiles fit one wave only for K from this (a short K loop does not
-# carry the fix-ups: 96 tiles, us data-parallel / stream-K, 934357a, int4: 4096x4096 M=768
-# 45.7 / 47.3, 6144x4096 M=512 46.2 / 47.9, but 4096x14336 M=768 144.8 / 130.7; with more
-# than one wave stream-K won at K = 4096 too: 4096x4096 M=1280 89.6 / 67.1, 6144x4096 M=1024
-# 90.0 / 79.0).
+# Stream-K where all the tiles fit one wave only for K from this: a short K loop does not
+# carry the fix-ups (with one wave, data-parallel won at K = 4096 and stream-K at K = 14336;
+# with more than one wave stream-K won at K = 4096 too; docs/design.md).
 STREAM_K_ONE_WAVE_MIN_K = 8192
 # The 64-row pingpong tiles, data-parallel, where too few 128-row tiles would have K split:
 # they give the SMs as many CTAs as a split K without the partial sums' fix-up, which a short
@@ -263,16 +247,10 @@ STREAM_K_ONE_WAVE_MIN_K = 8192
 # 128, the widest of several token tiles that qualifies, PINGPONG_SEVERAL_MIN_N) is taken
 # from PINGPONG_MIN_M tokens for K up to PINGPONG_MAX_K where its tiles make one wave that
 # fills at least half the SMs and the last token tile pads at most PINGPONG_MAX_PAD tokens:
-# with more, the tile ran 10-35% slower (the padding rows of its activation tile, out of
-# bounds, seem to cost; measured, not explained: 6144x4096 M=72 and 4096x4096 M=160 on the
-# 128-token tile, 56 and 96 padded, lost; M=17 and 40 on the 32 / 64-token tiles, 15 and 24
-# padded, won). H100, interleaved rounds (c1e8972, .device/pp64.py rows), us split-K 2 /
-# pingpong / cuBLAS, int4 (int8): 4096x4096 M=256 25.5 / 23.3 / 27.9 (24.4 / 21.2), M=224
-# 25.5 / 23.5 / 25.1 (24.5 / 21.5), but M=160 25.6 / 28.5 (26.3 / 31.5); 2048x4096 M=384 24.9
-# / 22.8 (24.1 / 21.0); 1024x4096 M=768 25.3 / 23.1 (23.9 / 20.6); 6144x4096 M=128 26.3 /
-# 23.0 (24.8 / 23.0); at K = 8192 and 14336 it lost (4096x14336 M=256 55.8 / 64.7,
-# 4096x8192 int4 37.7 / 40.2).
-# Its deepest build (128-deep for group-wise int4, CONFIGS) took another 7% off those cells.
+# with more padding it ran slower than split-K (the padding rows of its activation tile, out
+# of bounds, seem to cost; measured, not explained), and at K = 8192 and 14336 it lost to
+# split-K. Its deepest build (128-deep for group-wise int4, CONFIGS) is faster still. The
+# cells are in docs/design.md.
 PINGPONG_MAX_K = 4096
 PINGPONG_MAX_PAD = 32
 PINGPONG_MIN_M = 17  # measured from 17 tokens (below, the decode kernel or 16-token tiles)
@@ -282,12 +260,11 @@ PINGPONG_SEVERAL_MIN_N = 80
 
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
-# (H100, the three issue shapes; benchmarks/NOTES.md), and the few cells they won in between
-# (64x256 pingpong at M = 512 / 1024) are single runs. 128-deep K on the data-parallel
-# prefill tiles: 128x128 30.9 vs 32.0 us int4 14336x4096 M=128 but 40.1 vs 36.5 int8, 128x256
-# 2-3x slower (its stages do not fit); on the 128x128 stream-K tile under split-K 2 within 3%
-# of the 64-deep build either way (0cb0df1: 4096x14336 M=256 int4 53.9 / 55.6, int8 52.7 /
-# 52.0); on the int8 64x128 pingpong tile, CONFIGS' comment on its int4 twin.
+# (the three issue shapes), and the few cells they won in between (64x256 pingpong at
+# M = 512 / 1024) are single runs. 128-deep K on the data-parallel prefill tiles won one int4
+# cell and lost int8 (on 128x256 its stages do not fit and it ran far slower); on the 128x128
+# stream-K tile under split-K it timed as the 64-deep build either way; on the int8 64x128
+# pingpong tile, CONFIGS' comment on its int4 twin (docs/design.md, tried and lost).
 EXPERIMENTAL_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     cfg
     for bits, mode in ((4, 2), (8, 0))
@@ -310,7 +287,8 @@ class Choice:
 
 
 # 64-deep K tiles a split must keep for group-wise weights to take one token tile over two
-# (between the 16 where two won and the 56 where one won, H100; choose_config's docstring)
+# (between the 16 where two won and the 56 where one won; choose_config's docstring says why,
+# docs/design.md has the cells)
 DEEP_SPLIT_K_TILES = 48
 
 
@@ -318,17 +296,16 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
                   sm_count: int = 132, group_size: int | None = None) -> Choice:
     """Pick the kernel for out[m, n] = x[m, k] @ W[n, k].T.
 
-    Measured on an H100 (benchmarks/results/bench_w4a16.jsonl, 2026-11-25, --explore rows):
-    split-K beat CUTLASS's stream-K at every decode cell (4096x4096 int4 M=1: 17.2 us
-    split-K 4, 18.3 stream-K, 24.1 data-parallel; 14336x4096: 25.4 data-parallel, 33.3
-    stream-K), and 128x256 beat 128x128 at M=2048 (330-342 vs 391 us at 14336x4096).
+    A split fixed per call (split-K) rather than CUTLASS's stream-K decomposition at decode,
+    and the 128x256 tile over 128x128 for long prefill: each was the faster where both were
+    timed (docs/design.md, heuristic).
 
     Token tile: for m <= 64 the smallest built tile (16 / 64) that holds m (fewer wasted
     MMA columns at decode); beyond, of the data-parallel tiles (128 / 192 / 256) that give at
     least half the SMs a tile, the one whose waves of tiles take least time by a cost model
     (TILE_FIXED_TOKENS; the 256-token tile also under stream-K, STREAM_K_COST), else a
-    stream-K build of at most two token tiles a row tile split over K (2026-11-26: 4096x14336
-    M=256 55.9 us on 128x128 split-K 2, against 76.4 for 128x64). Small problems leave SMs
+    stream-K build of at most two token tiles a row tile split over K (faster than a
+    data-parallel 128x64 tile that leaves SMs idle). Small problems leave SMs
     idle (4096 output channels are 32 tiles of 128 rows on 132 SMs), so a stream-K build
     splits K over about sm_count / tiles CTAs (split-K), keeping at least 512 of K per
     split. Of two builds of one tile, the deeper K tile where the group size allows it.
@@ -338,11 +315,9 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     Where K is split, the tokens may sit in one token tile (more splits) or two (fewer):
     two token tiles convert each weight twice, more splits chain more partial sums through
     the workspace. Per-channel weights (mode 0: nothing but a convert in the main loop) take
-    two whenever that still splits K (H100, --explore, 5693d91, int8, us one / two token
-    tiles: 4096x4096 M=64 22.3 / 19.6, M=32 20.8 / 19.3; 4096x14336 M=64 41.4 / 39.1);
-    group-wise ones (mode 2: scale and zero in the main loop) take one where each split
-    still gets DEEP_SPLIT_K_TILES K tiles (int4 4096x14336 M=128 128x128 split-K 4 39.7 /
-    128x64 split-K 2 46.7; 4096x4096 M=128 24.5 / 21.6, M=32 18.1 / 18.8).
+    two whenever that still splits K; group-wise ones (mode 2: scale and zero in the main
+    loop, so a second conversion costs more) take one where each split still gets
+    DEEP_SPLIT_K_TILES K tiles (docs/design.md has the cells for both).
     """
     family = _family(act, bits, mode, group_size, k)
     if not family:
@@ -367,7 +342,7 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     wide = sorted((c for c in family if c.coop and not c.streamk and c.cluster_m == 1),
                   key=lambda c: -c.tile_n)
     # (not the 256-token stream-K build: it serves the rule for part-empty waves below, and
-    # splitting K on it lost, H100 4096x14336 M=256 int4: split-K 4 60.7 us, 128x128 55.9)
+    # splitting K on it was slower than 128x128 split-K where timed)
     wide_split = [c for c in deepest if 64 < c.tile_n < 256]
     streamk = sorted(small + wide_split, key=lambda c: c.tile_n)
 
@@ -410,8 +385,8 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     if options:
         return min(options, key=lambda o: o[:2])[2]
     # too few output tiles: split K over a stream-K build of at most two token tiles a row
-    # tile (H100, 4096x14336 M = 256, int4: 128x128 split-K 2 55.9 us, 128x64 data-parallel
-    # 76.4, cuBLAS 67.7), one where group-wise weights are deep enough (docstring)
+    # tile (faster than the data-parallel 128x64 tile and cuBLAS where timed), one where
+    # group-wise weights are deep enough (docstring)
     one = split_k(holding(m, streamk))
     if one.decomposition == DECOMP_SPLIT_K and k // TILE_K // one.splits >= DEEP_SPLIT_K_TILES:
         return one
@@ -424,11 +399,9 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
 # (The rewrite's decode-kernel fusions -- gated MLP, RMSNorm, skip -- use this bound.)
 DECODE_MAX_M = 8
 # Up to this many tokens the decode kernel also runs where CUTLASS has too few output tiles
-# for the SMs (at most one 32-row CTA per SM, N <= 32 x SMs) and for int8 weights. H100, L2
-# flushed, M = 16, us decode (16-token tile) / CUTLASS, 3273f1e: int4 g128 4096x4096 13.3 /
-# 17.3, 4096x14336 26.1 / 29.3; int8 per-channel 4096x4096 15.1 / 20.2, 4096x14336 33.2 /
-# 39.0, 14336x4096 30.9 / 36.2; but int4 14336x4096 27.0 / 25.3. At M = 32 CUTLASS won all
-# but the 4096x4096 cells (int4 14336x4096: 48.2 / 27.9).
+# for the SMs (at most one 32-row CTA per SM, N <= 32 x SMs) and for int8 weights: at 16
+# tokens it beat CUTLASS there but not on wide int4 layers, and at 32 tokens CUTLASS won
+# almost everywhere (docs/design.md).
 DECODE_WIDE_MAX_M = 16
 
 
@@ -521,7 +494,7 @@ def candidates(m: int, n: int, k: int, act: str, bits: int, group_size: int, lay
             continue  # wider token tiles only waste MMA columns at decode
         tiles = math.ceil(n / cfg.tile_m) * math.ceil(m / cfg.tile_n)
         if not cfg.coop and tiles > sm_count:
-            continue  # beyond one wave pingpong tiles lost wherever timed (14336 rows, NOTES)
+            continue  # beyond one wave pingpong tiles lost wherever timed (docs/design.md)
         names.append(choice_name(Choice(cfg)))
         if cfg.streamk and tiles < sm_count:
             for s in (2, 4, 8):

@@ -166,21 +166,19 @@ def heuristic(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> De
     least SZ_SMEM_MIN_WAVES waves: the scales and zeros staged in shared memory, 4-warp CTAs
     from SZ_SMEM_W4_WAVES waves, else 8.
 
-    From the GEMMs of a decode step run in sequence (bench_stream --shapes-sweep, H100,
-    db5afc8, M = 1, us a GEMM): int4 g128 6144x4096 r32.w8 11.1 (r32.w16 13.2), 4096x4096
-    r32.w16 8.3 (w8 9.7), 28672x4096 r32.w8 32.1 (w4 35.8, w16 39.7), 4096x14336 r32.w16 18.8
-    (w8 25.8); int8 per-channel within 2% of its best shape in all four with the same rule.
-    With more CTAs than SMs, 16-warp CTAs run one to an SM (registers) and leave a tail
-    wave; 4-warp CTAs each stream too little of K to hide the latency.
+    Why these warp counts: with more CTAs than SMs, 16-warp CTAs run one to an SM
+    (registers) and leave a tail wave; 4-warp CTAs each stream too little of K to hide the
+    latency. The rule was the fastest shape, or close to it, for every GEMM of a decode step
+    timed in sequence, int4 and int8 alike (docs/design.md, heuristic).
 
-    The staged scales (same harness, int4 g128, M = 1, us a GEMM, staged / not): 28672x4096
-    (896 CTAs, 6.8 waves) r32.w4 28.1 / 34.3, r32.w8 29.0 / 31.0; 14336x4096 (3.4 waves;
-    619f052) r32.w8 17.3 / 19.9, r32.w4 19.0 / 18.7; 6144x4096 (1.5) r32.w8 10.9 / 10.6;
-    4096x4096 r32.w16 8.8 / 8.0, 4096x14336 r32.w16 18.6 / 17.6 (one CTA an SM or about: the
-    staging's barrier is not hidden). Taken only where its region is no larger than the
-    8-warp reduction's, so the shared memory left for a fused norm is never less."""
+    Why staged scales only from several waves: staging costs a barrier at the start of each
+    CTA, hidden only where other CTAs stream meanwhile; with about one CTA an SM it was
+    slower than loading scales and zeros in the main loop, with many waves faster, and from
+    SZ_SMEM_W4_WAVES waves fastest with 4-warp CTAs (docs/design.md). Taken only where its
+    region is no larger than the 8-warp reduction's, so the shared memory left for a fused
+    norm is never less."""
     tokens = next(t for t in _TOKEN_TILES if t >= min(m, MAX_TOKENS))
-    # 32-row CTAs only where that still gives every SM of an H100 about one (N >= 4096): for
+    # 32-row CTAs only where that still gives each of 132 SMs about one (N >= 4096): for
     # N = 1024 (k/v projections) 16-row CTAs double the CTAs, and SMs, reading the weight
     rows = 32 if n % 32 == 0 and n // 32 >= 128 else 16
     if group and tokens == 8 and n // rows >= SZ_SMEM_MIN_WAVES * sm_count:
@@ -198,7 +196,7 @@ def candidates(m: int, n: int, k: int, sm_count: int = 132, group: int = 0) -> l
     """Launch shapes worth timing for m tokens: the heuristic's first, then the token tile
     holding m with every row tile and warp count (for group-wise weights, ``group`` their
     group size, and 8-token tiles each with and without the staged scales: with 16 tokens
-    they were slower everywhere measured, benchmarks/NOTES.md)."""
+    they were slower everywhere measured)."""
     if m > MAX_TOKENS:
         return []
     first = heuristic(m, n, k, sm_count, group)

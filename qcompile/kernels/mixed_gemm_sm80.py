@@ -4,7 +4,7 @@ sm_90 machine code built from the same PTX) on an H100 as one more candidate.
 
 Validation so far: ``tests/gpu/test_mixed_gemm_sm80_cuda.py`` passed on one H100 (the sm_90
 machine code built from the sm_80 PTX), and compute-sanitizer memcheck / racecheck found
-nothing in the group-wise kernel there (2026-11-25). Never run on an 8.x (Ampere/Ada) GPU.
+nothing in the group-wise kernel there. Never run on an 8.x (Ampere/Ada) GPU.
 
 What is here: configurations (data), :func:`choose_config` (the one heuristic), the named
 choices the autotuner times (:func:`candidates`, :func:`choice_name`), the offline weight
@@ -198,10 +198,8 @@ def config_name(cfg: MixedGemmSm80Config) -> str:
 
 
 # Rowscale (CUTLASS): token tiles 16 / 32 for decode, 64 / 128 for prefill, 128 output
-# channels per CTA. ptxas -v, nvcc 13.0 / CUTLASS 4.2 (2026-11-25), registers per thread
-# bf16/fp16 for the sm_80 | sm_90 machine code, no spills anywhere: 16x128 80/95 | 72/70,
-# 32x128 128/128 | 96/94, 64x128 168/168 | 168/168, 128x128 165/167 | 150/158. The 128x128
-# tile uses 8 warps of 64x32: with 4 warps of 64x64 it needs 255 registers and spills in fp16.
+# channels per CTA. No build spills registers (ptxas -v); the 128x128 tile uses 8 warps of
+# 64x32 because 4 warps of 64x64 need 255 registers and spill in fp16 (docs/design.md).
 _RS_TILES = (
     ((16, 128, 64), (16, 32, 64), 5),
     ((32, 128, 64), (32, 32, 64), 4),
@@ -211,11 +209,8 @@ _RS_TILES = (
 # Group-wise (csrc/mixed_gemm_gz_sm80.cu): the same token tiles; 4 warps (8 for 128x128).
 # Shared memory per CTA (int4 / int8): 16x128 s4 32 / 48 KiB, 32x128 s4 40 / 56, 64x128
 # s4 56 / 72, 128x128 s3 66 / 78 -- within sm_86/89's 99 KiB.
-# ptxas -v, nvcc 13.0 (2026-11-25), registers per thread for the sm_80 | sm_90 machine code,
-# in the order bf16 w4, fp16 w4, bf16 w8, fp16 w8; no spills anywhere (``__launch_bounds__(
-# threads, 1)``: without the 1, ptxas capped the sm_90 code of 16x128 w4 at 56 and spilled):
-#   16x128   77  76  79  80 |  79  77  88  86      32x128  126 123 127 128 | 128 128 130 136
-#   64x128  138 136 150 152 | 142 138 152 152     128x128  139 137 141 144 | 144 142 146 151
+# No build spills registers (ptxas -v) thanks to ``__launch_bounds__(threads, 1)``: without
+# the 1, ptxas capped the sm_90 code of 16x128 w4 too low and spilled (docs/design.md).
 _GZ_TILES = (
     ((16, 128, 64), (16, 32, 64), 4),
     ((32, 128, 64), (32, 32, 64), 4),
@@ -249,20 +244,19 @@ def choose_config(m: int, n: int, k: int, act: str, sm_count: int = 108, bits: i
                   mode: str = "rs") -> Choice:
     """Pick the kernel for out[m, n] = x[m, k] @ W[n, k].T.
 
-    Rowscale (the Hopper family's rules; on one H100 run 4096x4096 m=1 took 18.6 us at sk4,
-    dense bf16 22.0): the smallest token tile that
-    holds m for m <= 64; beyond, the widest tile that still gives at least half the SMs a
-    tile. When the output tiles leave SMs idle (decode: 4096 channels are 32 tiles of 128),
+    Rowscale (the Hopper family's rules, which beat dense bf16 at decode here too): the
+    smallest token tile that holds m for m <= 64; beyond, the widest tile that still gives
+    at least half the SMs a tile. When the output tiles leave SMs idle (decode: 4096 channels are 32 tiles of 128),
     K is split over about sm_count / tiles CTAs, keeping at least 8 K tiles (512) per split.
 
-    Group-wise, from one H100 run (sm_90 code of this sm_80 source, bf16, g128, 2026-11-25,
-    candidates timed with L2 flushed): the 16-token tile for m <= 16 and the 32-token tile
-    up to m = 64 (the 64-token tile was 2x slower at m = 64: its two warp rows convert the
-    same weights twice); for m <= 64 split-K over about 4 CTAs per SM (several CTAs fit an
-    SM; beyond, 1 per SM), at most 8 ways: 4096x4096 int4 m=1 15.4 us at sk8 vs 20.3 at
-    sk4 (dense bf16 22.0), 14336x4096 29.2 us at sk4 vs 52.9 data-parallel (dense 53.4).
-    Prefill as rowscale (128x128 at m=2048: 3-4x slower than dense bf16 on an H100, which
-    has no wgmma in sm_80 code; there the Hopper family is the one to use).
+    Group-wise (timed only as the sm_90 code of this source on a Hopper GPU): the 16-token
+    tile for m <= 16 and the 32-token tile up to m = 64 (the 64-token tile was much slower
+    at m = 64: its two warp rows convert the same weights twice); for m <= 64 split-K over
+    about 4 CTAs per SM (several small CTAs fit an SM, and a weight stream needs many in
+    flight; beyond, 1 per SM), at most 8 ways: faster than fewer splits, data-parallel and
+    dense bf16 where timed. Prefill as rowscale (on Hopper far slower than dense bf16, since
+    sm_80 code has no wgmma; there the Hopper family is the one to use). docs/design.md
+    has the figures.
     """
     family = _family(act, bits, mode)
     if not family:
@@ -293,9 +287,10 @@ _DECOMP_SUFFIX = {DECOMP_DATA_PARALLEL: "dp", DECOMP_STREAM_K: "streamk", DECOMP
 
 
 # Token counts up to which the heuristic runs the decode kernel (mixed_gemm_decode) on the v2
-# layout instead of the group-wise GEMM. Measured on an H100 only (sm_90 code of this sm_80
-# family, L2 flushed): int4 g128 M=1 14336x4096 26.2 us vs 30.1, 4096x4096 12.6 vs 16.6 (one run);
-# the same limit as the Hopper family, where it also won end to end.
+# layout instead of the group-wise GEMM: a weight stream wants more bytes in flight than the
+# GEMM's shared-memory pipeline keeps. Timed only as sm_90 code on Hopper, where it beat the
+# group-wise GEMM (docs/design.md); the same limit as the Hopper family, where it also won
+# end to end.
 DECODE_MAX_M = 8
 _DECODE_GROUPZERO = {act: {bits: decode.DecodeBuild(act, bits, decode.LAYOUT_SM80_V2,
                                                     decode.MODE_GROUPZERO) for bits in (4, 8)}

@@ -112,7 +112,7 @@ def autotune(run: Callable[[str, torch.Tensor], object],
     the heuristic (no table row). Token counts up to ``heuristic_max_m`` keep the heuristic
     untimed (no row): the family's decode kernel, whose launch shapes timed one call alone
     (L2 flushed, idle GPU) rank otherwise than inside a model's step, where each GEMM
-    follows another kernel (benchmarks/NOTES.md: tuned decode steps ran slower).
+    follows another kernel (tuned decode steps ran slower; docs/design.md, heuristic).
     """
     if m is not None and m <= heuristic_max_m:
         return Tuned("", {})
