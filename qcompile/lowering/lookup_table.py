@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels.ops import OP_DTYPES
-from .evaluate import ConstantEvaluator, UnreadableOp, ancestors
+from .evaluate import ConstantEvaluator, NotConstant, UnreadableOp, ancestors
 from .weight_only import NoMatch, _exact_dtype, _kernel_group, _true_group, _unsupported_group
 
 aten = torch.ops.aten
@@ -234,7 +234,10 @@ def recognize_lookup(ev: ConstantEvaluator, b: fx.Node, miss: NoMatch | None = N
                      ) -> LookupTableMatch:
     """The lookup-table form of the matmul operand ``b`` ([K, N]); NoMatch says why not
     (``miss``, weight_only's reason, when no lookup of a constant table feeds b)."""
-    w_kn = ev.value(b)
+    try:
+        w_kn = ev.value(b)
+    except NotConstant:
+        raise miss or NoMatch("weight operand is not constant") from None
     if not isinstance(w_kn, torch.Tensor) or w_kn.dim() != 2:
         raise miss or NoMatch("weight operand is not a 2-D tensor")
     found, misses = _lookups(ev, b, w_kn.numel())
