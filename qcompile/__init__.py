@@ -6,7 +6,7 @@ a CUTLASS kernel on NVIDIA GPUs and a reference implementation elsewhere.
 
 Public API:
 - ``quantize(model, method, ...)``: replace a model's ``nn.Linear`` layers by reference
-  quantized modules (formats W8A16, W4A16, W8A8).
+  quantized modules (formats W8A16, W4A16, W8A8, NF4 / FP4).
 - ``explain(model, *inputs, ...)``: compile and run once, return the match ``Report``.
 - ``last_report()``, ``collect()``: the reports of compiles you ran yourself.
 - ``backend``: the backend callable (also registered by name as "qcompile").
@@ -24,6 +24,7 @@ from .export import ArtifactError, ExportError, export, load
 from .formats import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
+    LookupTable4bitLinear,
     SmoothQuantLinear,
     quantize,
 )
@@ -34,7 +35,8 @@ backend = qcompile_backend
 
 __all__ = [
     "quantize", "explain", "last_report", "collect", "backend", "Report", "MatchRecord",
-    "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "SmoothQuantLinear", "__version__",
+    "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "SmoothQuantLinear",
+    "LookupTable4bitLinear", "__version__",
     "export", "load", "ArtifactError", "ExportError",
 ]
 

@@ -13,6 +13,9 @@ Formats:
   (8 nibbles per int32 along K, sequential) or two nibbles per uint8 along K. GPTQ's
   act-order (``desc_act``): groups of input columns in the order of decreasing activation
   energy, found through an unsorted ``g_idx``.
+- ``LookupTable4bitLinear`` (NF4 / FP4, QLoRA's bitsandbytes formats): 4-bit codes into a
+  16-value table times a per-block absmax (blocks of 32..256 along K), stored as
+  bitsandbytes stores them; the absmax optionally itself quantized to 8 bits ("double quant").
 - ``SmoothQuantLinear`` (W8A8): int8 per-channel weights, activations quantized per
   token (dynamic) or per tensor (static), optional smoothing factors and bias.
 """
@@ -32,6 +35,7 @@ __all__ = [
     "Int8WeightOnlyLinear",
     "Int4WeightOnlyLinear",
     "SmoothQuantLinear",
+    "LookupTable4bitLinear",
     "quantize",
     "quantize_per_channel_int8",
     "quantize_groupwise_int4",
@@ -40,7 +44,8 @@ __all__ = [
     "GROUP_SIZES",
 ]
 
-METHODS = ("w8a16", "w4a16", "w8a8")
+METHODS = ("w8a16", "w4a16", "w8a8", "nf4", "fp4")
+LUT_METHODS = ("nf4", "fp4")
 ACT_MODES = ("dynamic", "static", "dynamic_asym")  # W8A8 activation quantization
 PACKINGS = ("uint8", "awq", "gptq")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -236,6 +241,86 @@ class Int4WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _lut_code(name: str) -> torch.Tensor:
+    from .lowering.lookup_table import code_table  # bitsandbytes' values, written down once
+    return code_table(name)
+
+
+class LookupTable4bitLinear(nn.Module):
+    """NF4 / FP4 (bitsandbytes' ``Linear4bit``): ``W = table[c] * absmax`` per block of
+    ``block_size`` consecutive weights along K, the product in float32, then cast to x's type.
+
+    Stored as bitsandbytes stores it: ``qweight`` uint8 [N * K / 2, 1], the flattened codes
+    two per byte (element 2i in the high nibble), ``table`` float32 [16], ``absmax`` float32
+    [N * K / block_size]. With ``double_quant`` the absmax is itself quantized in blocks of
+    256: ``absmax = absmax_code[absmax_q] * absmax2[i // 256] + absmax_offset`` (uint8 codes
+    into a 256-value linear code, one float32 scale per 256 blocks, the mean as offset).
+    """
+
+    def __init__(self, codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor,
+                 block_size: int, bias: torch.Tensor | None = None, double_quant: bool = False):
+        super().__init__()
+        n, k = codes.shape
+        _check_group(k, block_size)
+        self.in_features, self.out_features, self.block_size = k, n, block_size
+        self.double_quant = double_quant
+        c = codes.reshape(-1).to(torch.uint8)
+        self.register_buffer("qweight", ((c[0::2] << 4) | c[1::2]).reshape(-1, 1))
+        self.register_buffer("table", table.to(torch.float32).contiguous())
+        absmax = absmax.reshape(-1).to(torch.float32)
+        if double_quant:
+            nb = absmax.numel()
+            offset = absmax.mean()
+            v = torch.nn.functional.pad(absmax - offset, (0, -nb % 256)).reshape(-1, 256)
+            absmax2 = v.abs().amax(1).clamp(min=1e-12)
+            code = torch.linspace(-1, 1, 256, device=absmax.device)
+            q8 = torch.round((v / absmax2[:, None] + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+            self.register_buffer("absmax_q", q8.reshape(-1)[:nb].contiguous())
+            self.register_buffer("absmax_code", code)
+            self.register_buffer("absmax2", absmax2.contiguous())
+            self.register_buffer("absmax_offset", offset.reshape(()).clone())
+            self.absmax = None
+        else:
+            self.register_buffer("absmax", absmax.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, table: str | torch.Tensor = "nf4",
+                    block_size: int = 64, double_quant: bool = False):
+        """Round each weight to the nearest ``table`` value (``"nf4"``, ``"fp4"``, or any [16]
+        tensor in [-1, 1]) after dividing its block by the block's largest magnitude."""
+        w = linear.weight.detach().float()
+        t = (_lut_code(table) if isinstance(table, str) else table.detach().float().reshape(16))
+        t = t.to(w.device)
+        n, k = w.shape
+        _check_group(k, block_size)
+        blocks = w.reshape(-1, block_size)
+        absmax = blocks.abs().amax(1).clamp(min=1e-8)
+        codes = (blocks / absmax[:, None]).unsqueeze(-1).sub(t).abs().argmin(-1)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(codes.reshape(n, k), t, absmax, block_size, bias, double_quant)
+
+    def block_absmax(self) -> torch.Tensor:
+        """The per-block absmax [N * K / block_size] float32 (double quant read back)."""
+        if not self.double_quant:
+            return self.absmax
+        nb = self.absmax_q.numel()
+        q = torch.nn.functional.pad(self.absmax_q, (0, -nb % 256)).reshape(-1, 256)
+        nested = self.absmax_code[q.long()] * self.absmax2[:, None]
+        return nested.reshape(-1)[:nb] + self.absmax_offset
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] as bitsandbytes' dequantize_4bit computes it (float32, then ``dtype``)."""
+        a = self.qweight.reshape(-1)
+        codes = torch.stack((a >> 4, a & 15), dim=-1).reshape(-1)
+        w = self.table[codes.long()].reshape(-1, self.block_size) * self.block_absmax()[:, None]
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
 class SmoothQuantLinear(nn.Module):
     """W8A8 SmoothQuant: int8 x int8 on the integer units, rescaled per token and channel.
 
@@ -368,11 +453,14 @@ def quantize(
     calibration: Iterable | None = None,
     skip: Iterable[str] = (),
     act_order: bool = False,
+    block_size: int = 64,
+    double_quant: bool = False,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` in place by quantized ones; return it.
 
     Args:
-        method: ``"w8a16"``, ``"w4a16"`` or ``"w8a8"``.
+        method: ``"w8a16"``, ``"w4a16"``, ``"w8a8"``, or ``"nf4"`` / ``"fp4"`` (4-bit
+            lookup-table codes, bitsandbytes' formats: ``LookupTable4bitLinear``).
         group_size: W4A16 group along K (32, 64, 128 or 256).
         zero_point: W4A16 asymmetric with zeros (True) or symmetric.
         packing: W4A16 storage: ``"uint8"``, ``"awq"`` or ``"gptq"``.
@@ -388,6 +476,8 @@ def quantize(
             (needed), stored through an unsorted ``g_idx``. Linears reading one input
             (q/k/v) get one order. Only the grouping is GPTQ's: the rounding is still
             round-to-nearest, not GPTQ's error feedback.
+        block_size: nf4 / fp4: weights along K sharing one absmax (32, 64, 128 or 256).
+        double_quant: nf4 / fp4: the absmax itself quantized to 8 bits in blocks of 256.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -395,6 +485,8 @@ def quantize(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "w4a16" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if method in LUT_METHODS and block_size not in GROUP_SIZES:
+        raise ValueError(f"block_size must be one of {GROUP_SIZES}, got {block_size!r}")
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
     if style not in ("pre", "post"):
@@ -417,6 +509,8 @@ def quantize(
             e = energy.get(id(lin))
             perm = None if e is None else torch.argsort(e, descending=True, stable=True)
             new = Int4WeightOnlyLinear.from_linear(lin, group_size, zero_point, packing, perm)
+        elif method in LUT_METHODS:
+            new = LookupTable4bitLinear.from_linear(lin, method, block_size, double_quant)
         else:
             new = SmoothQuantLinear.from_linear(lin, act=act, act_absmax=absmax.get(id(lin)))
         setattr(parent, name, new.to(lin.weight.device))

@@ -156,12 +156,13 @@ def test_cpp_wrapper(gpu_like_decomposition):
 
 
 class LookupTableLinear(nn.Module):
-    """A 4-bit lookup-table weight (NF4-like): ``table[codes] * absmax`` per 64-block."""
+    """A 4-bit lookup-table weight (NF4-like): ``table[codes] * absmax`` per 64-block; with
+    ``entries=32`` a 5-bit table, which the pass does not read (at most 16 values)."""
 
-    def __init__(self, n: int = 64, k: int = 128):
+    def __init__(self, n: int = 64, k: int = 128, entries: int = 16):
         super().__init__()
-        self.register_buffer("codes", torch.randint(0, 16, (n, k), dtype=torch.uint8))
-        self.register_buffer("table", torch.linspace(-1, 1, 16))
+        self.register_buffer("codes", torch.randint(0, entries, (n, k), dtype=torch.uint8))
+        self.register_buffer("table", torch.linspace(-1, 1, entries))
         self.register_buffer("absmax", torch.rand(n, k // 64) + 0.5)
 
     def forward(self, x):
@@ -170,16 +171,27 @@ class LookupTableLinear(nn.Module):
         return x @ w.reshape(n, k).t()
 
 
-def test_a_graph_with_integer_weights_and_no_takeover_warns_once(caplog):
+def test_a_lookup_table_weight_is_taken_over():
     torch.manual_seed(0)
     model = LookupTableLinear()
+    x = torch.randn(3, 128)
+    report = qcompile.explain(model, x)
+    assert len(report.matched) == 1 and not report.notes, str(report)
+    assert report.records[0].format == "w4a16 lut16 b64"
+    with torch.no_grad():
+        assert rel_err(torch.compile(model, backend="qcompile")(x), model(x)) <= 1e-6
+
+
+def test_a_graph_with_integer_weights_and_no_takeover_warns_once(caplog):
+    torch.manual_seed(0)
+    model = LookupTableLinear(entries=32)
     x = torch.randn(3, 128)
     with caplog.at_level(logging.WARNING, logger="qcompile"):
         report = qcompile.explain(model, x)
     warnings = [r for r in caplog.records if r.name == "qcompile" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "read integer weights but none was rewritten" in warnings[0].getMessage()
-    assert "lookup table" in warnings[0].getMessage()
+    assert "lookup table of 32 values" in warnings[0].getMessage()
     assert len(report.notes) == 1 and "warning: " in str(report)
     assert not report.matched and "lookup table" in report.records[0].reason
     with torch.no_grad():

@@ -22,6 +22,9 @@ __all__ = [
     "add_residual",
     "norm_sums",
     "int8_gemm_reference",
+    "lut_gemm",
+    "lut_gemm_reference",
+    "lut_dequantize",
     "unpack_nk",
     "pack_nk",
     "dequantize",
@@ -419,3 +422,56 @@ int8_gemm = torch.library.custom_op("qcompile::int8_gemm", mutates_args=())(
 def _int8_gemm_fake(xq, wq, row_scale, col_scale, bias, out_dtype, config="", azp=None,
                     azp_adj=None):
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=as_dtype(out_dtype))
+
+
+# --- lookup-table weights (NF4, FP4, any 16-value codebook) ---------------------------------
+
+def lut_dequantize(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                   group_size: int, dequant_dtype: str | torch.dtype) -> torch.Tensor:
+    """The weight [N, K] a ``lut_gemm`` operand stands for: ``table[c] * s`` per group of
+    ``group_size`` along K, rounded once in ``dequant_dtype``. ``codes``: the codes c [N, K]
+    (values in [0, 16)) packed as :func:`pack_nk` packs 4 bits; ``table``: [16] float32;
+    ``scales``: [N, K / group_size]."""
+    dd = as_dtype(dequant_dtype)
+    c = unpack_nk(codes, 4, False).long()
+    n, k = c.shape
+    if tuple(table.shape) != (16,) or k % group_size or \
+            tuple(scales.shape) != (n, k // group_size):
+        raise ValueError(f"lut_gemm: table must be [16] and scales [N, K / group_size] = "
+                         f"{(n, k // max(group_size, 1))}, got {tuple(table.shape)} and "
+                         f"{tuple(scales.shape)}")
+    w = table.to(dd)[c].reshape(n, k // group_size, group_size) * \
+        scales.to(dd).reshape(n, -1, 1)
+    return w.reshape(n, k)
+
+
+def lut_gemm_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    dequant_dtype: str,
+    layout: str,
+    config: str = "",
+) -> torch.Tensor:
+    """``qcompile::lut_gemm``: ``linear(x, W, bias)`` with ``W = lut_dequantize(...)`` cast to
+    x's type; the dequantized weight equals the graph's bit for bit (the rewrite checks it).
+    ``layout`` must be the reference "nk"; ``config`` names a kernel choice (ignored here)."""
+    del config
+    if layout != REFERENCE_LAYOUT:
+        raise ValueError(f"the reference lut_gemm reads layout {REFERENCE_LAYOUT!r}, got "
+                         f"{layout!r}")
+    w = lut_dequantize(codes, table, scales, group_size, dequant_dtype)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+# The op is its reference implementation on every device until the CUDA kernels exist.
+lut_gemm = torch.library.custom_op("qcompile::lut_gemm", mutates_args=())(lut_gemm_reference)
+
+
+@lut_gemm.register_fake
+def _lut_gemm_fake(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                   config=""):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))

@@ -38,6 +38,7 @@ from ..kernels.ops import dtype_name
 from .act_order import gather_activation
 from .evaluate import ConstantEvaluator, ancestors, integer_nodes, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
+from .lookup_table import LookupTableMatch, is_bnb_gemm, recognize_bnb_gemm, recognize_lookup
 from .packed_ops import OPS as PACKED_OPS
 from .packed_ops import recognize_packed
 from .report import MatchRecord, Report, dump_graph
@@ -521,6 +522,35 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
 
 
 @dataclass
+class _LutSite:
+    """A recognised lookup-table (NF4, FP4, 16-value codebook) matmul: one lut_gemm each."""
+
+    mm: fx.Node
+    x: fx.Node
+    bias: fx.Node | None
+    match: LookupTableMatch
+    rec: MatchRecord
+
+    def fusion_key(self) -> tuple:
+        return ("lut", id(self))  # not fused with other matmuls (yet)
+
+
+def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> None:
+    """``qcompile::lut_gemm`` in place of the matmul (and the dequantization it read). Its
+    reference runs on every device for now: the report's kernel column says so."""
+    del ev
+    for site in sites:
+        m = site.match
+        with b.graph.inserting_before(site.mm):
+            args = (site.x, b.constant(kernels.ops.pack_nk(m.codes, 4), "codes"),
+                    b.constant(m.table, "table"), b.constant(m.scales, "scales"), site.bias,
+                    m.group_size, dtype_name(m.dequant_dtype), kernels.ops.REFERENCE_LAYOUT, "")
+            new = b.call(torch.ops.qcompile.lut_gemm.default, args, like=site.mm)
+        site.rec.kernel = "reference (dequantize, then matmul; no lookup-table kernel yet)"
+        site.mm.replace_all_uses_with(new)
+
+
+@dataclass
 class _Int8Site:
     """A recognised ``_int_mm`` + rescale, and the value numbers of what it reads."""
 
@@ -705,7 +735,8 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
         nonlocal rewritten
         if not group:
             return
-        rewrite = _rewrite_int8 if isinstance(group[0], _Int8Site) else _rewrite_mixed
+        rewrite = (_rewrite_int8 if isinstance(group[0], _Int8Site) else
+                   _rewrite_lut if isinstance(group[0], _LutSite) else _rewrite_mixed)
         try:
             rewrite(builder, ev, group)
         except Exception as e:  # noqa: BLE001 - the user's compile goes on without this rewrite
@@ -721,9 +752,9 @@ def rewrite_graph(graph: fx.Graph, constants: dict[fx.Node, torch.Tensor], repor
         group.clear()
 
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in MATMULS:
+        if node.op != "call_function" or (node.target not in MATMULS and not is_bnb_gemm(node)):
             continue
-        op = MATMULS[node.target]
+        op = MATMULS.get(node.target, "bnb gemm_4bit")
         rec = _record(node, op)
         try:
             site = _match_one(builder, ev, node, op, rec, numbers)
@@ -802,6 +833,9 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     NoMatch says why not."""
     if builder.gm is None:
         raise NoMatch("graph has no owning module to hold new constants")
+    if is_bnb_gemm(node):  # bitsandbytes' 4-bit matmul: the weight is in its arguments
+        x, bias, lut = recognize_bnb_gemm(ev, node)
+        return _lut_site(node, x, bias, lut, rec)
     out = _val(node)
     if op == "_int_mm" or (op == "mm" and out is not None and out.dtype == torch.int32):
         match = recognize_int8(ev, node)
@@ -834,8 +868,18 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     if xv is None or xv.dtype not in ACT_DTYPES:
         raise NoMatch(f"activation dtype {None if xv is None else xv.dtype} not supported")
     if node.target not in PACKED_OPS:
-        match = recognize_weight(ev, w)
+        try:
+            match = recognize_weight(ev, w)
+        except NoMatch as miss:  # NF4 / FP4 / a 16-value codebook, or miss itself
+            return _lut_site(node, x, bias, recognize_lookup(ev, w, miss), rec)
     n, k = match.q.shape
     rec.format, rec.bits, rec.group_size, rec.n, rec.k = (
         match.format, match.bits, match.group_size, n, k)
     return _mixed_site(node, x, w, bias, match, ev, rec)
+
+
+def _lut_site(node: fx.Node, x: fx.Node, bias: fx.Node | None, match: LookupTableMatch,
+              rec: MatchRecord) -> _LutSite:
+    n, k = match.codes.shape
+    rec.format, rec.bits, rec.group_size, rec.n, rec.k = match.format, 4, match.group_size, n, k
+    return _LutSite(node, x, bias, match, rec)
