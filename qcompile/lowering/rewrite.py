@@ -882,4 +882,9 @@ def _lut_site(node: fx.Node, x: fx.Node, bias: fx.Node | None, match: LookupTabl
               rec: MatchRecord) -> _LutSite:
     n, k = match.codes.shape
     rec.format, rec.bits, rec.group_size, rec.n, rec.k = match.format, 4, match.group_size, n, k
+    if match.codes.device.type == "cuda":
+        # lut_gemm has no GPU kernel yet: its reference would dequantize the whole weight on
+        # every call, where Inductor (freezing) may keep a folded float weight; leave it
+        raise NoMatch(f"{match.format} recognised, but there is no GPU kernel for lookup-table "
+                      "weights yet: left to Inductor")
     return _LutSite(node, x, bias, match, rec)
