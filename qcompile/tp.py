@@ -22,6 +22,10 @@ gets one scale per shard and output channel (finer than the unsharded model's).
 Not handled here: attention head counts (a model that reads ``n_head`` from an attribute must
 divide it itself; one that infers heads from the shapes needs nothing), fused qkv weights,
 the lookup-table formats (NF4/FP4) and GPTQ act-order (unsorted ``g_idx``) row-wise.
+
+DTensor spelling: ``parallelize_module(model, mesh, {"wq": qcompile.tp.ColwiseParallel(),
+"wo": qcompile.tp.RowwiseParallel(), ...})``, torch's styles extended to
+``Int8WeightOnlyLinear`` (other formats raise NotImplementedError: use ``shard``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from torch import nn
 
 from .formats import Int4WeightOnlyLinear, Int8WeightOnlyLinear, SmoothQuantLinear
 
-__all__ = ["shard", "shard_linear", "AllReduce", "DEFAULT_PLAN", "STYLES"]
+__all__ = ["shard", "shard_linear", "AllReduce", "ColwiseParallel", "RowwiseParallel",
+           "DEFAULT_PLAN", "STYLES"]
 
 STYLES = ("colwise", "rowwise")
 
@@ -227,3 +232,78 @@ def shard(model: nn.Module, rank: int, world_size: int,
         new = shard_linear(child, style, rank, world_size, full)
         setattr(parent, child_name, AllReduce(new, group) if style == "rowwise" else new)
     return model
+
+
+# --- DTensor spelling: torch's parallelize_module with styles that also take qcompile's formats
+
+def _dtensor_placements(module: nn.Module, col: bool) -> dict[str, str]:
+    """Buffer/parameter name -> "shard0" | "shard1" | "replicate" for a format DTensor can run
+    (its forward's ops have DTensor sharding rules); others raise NotImplementedError."""
+    if isinstance(module, Int8WeightOnlyLinear):
+        if col:
+            return {"qweight": "shard0", "scales": "shard0", "bias": "shard0"}
+        return {"qweight": "shard1", "scales": "replicate", "bias": "replicate"}
+    raise NotImplementedError(
+        f"DTensor styles take nn.Linear and Int8WeightOnlyLinear, not "
+        f"{type(module).__name__} (on torch 2.13 DTensor's sharding rules give wrong numbers "
+        f"for the int4 nibble unpacking); shard it with qcompile.tp.shard (functional "
+        f"collectives) instead")
+
+
+def _dtensor_partition(col: bool, world_size: int):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    def partition(name, module, mesh):
+        where = _dtensor_placements(module, col)
+        pl = {"shard0": [Shard(0)], "shard1": [Shard(1)], "replicate": [Replicate()]}
+        for bname, b in list(module.named_buffers(recurse=False)):
+            if b is not None:
+                module.register_buffer(bname, distribute_tensor(b, mesh, pl[where[bname]]))
+        if module.bias is not None:
+            module.bias = nn.Parameter(distribute_tensor(module.bias.detach(), mesh,
+                                                         pl[where["bias"]]), requires_grad=False)
+    return partition
+
+
+def _make_dtensor_styles():
+    from functools import partial
+
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor import parallel as tpar
+
+    def apply(style, module, mesh, col):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            return super(type(style), style)._apply(module, mesh)
+        if not col:  # as RowwiseParallel sets it for nn.Linear: input sharded on its last dim
+            from torch.distributed.tensor import Shard
+            style.desired_input_layouts = (Shard(-1),)
+        return distribute_module(
+            module, mesh, _dtensor_partition(col, mesh.size()),
+            partial(style._prepare_input_fn, style.input_layouts,
+                    style.desired_input_layouts),
+            partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
+
+    class ColwiseParallel(tpar.ColwiseParallel):
+        """torch's ColwiseParallel, also for qcompile's Int8WeightOnlyLinear (qweight and
+        scales Shard(0))."""
+
+        def _apply(self, module, device_mesh):
+            return apply(self, module, device_mesh, True)
+
+    class RowwiseParallel(tpar.RowwiseParallel):
+        """torch's RowwiseParallel, also for qcompile's Int8WeightOnlyLinear (qweight
+        Shard(1), scales replicated); the partial sums are all-reduced by DTensor."""
+
+        def _apply(self, module, device_mesh):
+            return apply(self, module, device_mesh, False)
+
+    return ColwiseParallel, RowwiseParallel
+
+
+def __getattr__(name: str):
+    # the DTensor styles import torch.distributed.tensor only when asked for
+    if name in ("ColwiseParallel", "RowwiseParallel"):
+        col, row = _make_dtensor_styles()
+        globals().update(ColwiseParallel=col, RowwiseParallel=row)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,8 @@ with ``qcompile.tp.shard`` (q/k/v, w1/w3 column-wise; wo, w2 row-wise + function
 all_reduce) and compiles it with backend="qcompile". Checked on every rank: all 7 quantized
 linears taken over, the output equal to the unsharded eager model's within TOL, and the
 all_reduce still in the post-grad graph (left to Inductor). Both orders: quantize then shard,
-shard then quantize. The refusal of a row-wise split that cuts an int4 group needs no
+shard then quantize; and torch's DTensor spelling (parallelize_module with
+qcompile.tp's Colwise/RowwiseParallel, W8A16). The refusal of a row-wise split that cuts an int4 group needs no
 processes.
 """
 
@@ -118,6 +119,37 @@ def _run_case(rank: int, name: str) -> str:
     return f"{name}: rank {rank} {len(report.matched)}/7 matched, rel err {err:.1e}"
 
 
+def _run_dtensor(rank: int) -> str:
+    """torch's parallelize_module with qcompile.tp's Colwise/RowwiseParallel on a W8A16 block:
+    DTensor's redistributions (Partial -> Replicate) become the all_reduce in the graph."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    full = qcompile.quantize(Block(), "w8a16")
+    x = torch.randn(2, 8, 256)
+    plan = {**{n: tp.ColwiseParallel() for n in ("wq", "wk", "wv", "w1", "w3")},
+            **{n: tp.RowwiseParallel() for n in ("wo", "w2")}}
+    with torch.no_grad():
+        ref = full(x)
+        model = parallelize_module(copy.deepcopy(full), mesh, plan)
+    torch._dynamo.reset()
+    graphs, spy = _spy()
+    with torch.no_grad(), qcompile.collect() as report, \
+            torch._inductor.config.patch(post_grad_custom_post_pass=spy):
+        out = torch.compile(model, backend="qcompile")(x)
+    assert len(report.matched) == 7 and not report.unmatched, str(report)
+    err = rel_err(out, ref)
+    assert err <= TOL[torch.float32], f"dtensor rank {rank}: rel err {err:.2e}"
+    reduces = [t for g in graphs for t in g if "all_reduce" in t]
+    assert len(reduces) == 2, reduces
+    with pytest.raises(NotImplementedError, match="Int4WeightOnlyLinear"):
+        int4 = qcompile.quantize(Block(), "w4a16", group_size=64)
+        parallelize_module(int4, mesh, {"w1": tp.ColwiseParallel()})
+    return f"dtensor_w8a16: rank {rank} {len(report.matched)}/7 matched, rel err {err:.1e}"
+
+
 def _worker(rank: int, port: int, names: list[str], outdir: str) -> None:
     import torch.distributed as dist
 
@@ -125,7 +157,7 @@ def _worker(rank: int, port: int, names: list[str], outdir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        lines = [_run_case(rank, n) for n in names]
+        lines = [_run_case(rank, n) for n in names] + [_run_dtensor(rank)]
         with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(lines))
     finally:
@@ -139,7 +171,7 @@ def test_sharded_block_two_gloo_ranks(tmp_path):
     mp.spawn(_worker, args=(_free_port(), names, str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
-        assert len(lines) == len(names)
+        assert len(lines) == len(names) + 1
         print("\n".join(lines))
 
 
