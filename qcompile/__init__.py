@@ -12,13 +12,15 @@ Public API:
 - ``backend``: the backend callable (also registered by name as "qcompile").
 - ``export(model, example_inputs, path, package="program" | "aoti")`` / ``load(path)``: one ``.pt2`` file
   with the rewritten graph and the repacked weights.
+- ``tp.shard(model, rank, world_size, plan)``: tensor parallelism, linears (quantized or
+  not) split column- or row-wise over ``torch.distributed`` ranks (module ``qcompile.tp``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _compat
+from . import _compat, tp
 from .backend import collect, last_report, qcompile_backend, register
 from .export import ArtifactError, ExportError, export, load
 from .formats import (
@@ -37,7 +39,7 @@ __all__ = [
     "quantize", "explain", "last_report", "collect", "backend", "Report", "MatchRecord",
     "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "SmoothQuantLinear",
     "LookupTable4bitLinear", "__version__",
-    "export", "load", "ArtifactError", "ExportError",
+    "export", "load", "ArtifactError", "ExportError", "tp",
 ]
 
 
