@@ -404,19 +404,26 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str
     return found
 
 
-@torch.no_grad()
-def _calibrate_absmax(model: nn.Module, linears, calibration) -> dict[int, float]:
-    absmax: dict[int, float] = {}
-    hooks = [lin.register_forward_pre_hook(
-        lambda mod, args: absmax.__setitem__(
-            id(mod), max(absmax.get(id(mod), 0.0), float(args[0].abs().max()))))
-        for _, _, lin in linears]
+def _run_calibration(model: nn.Module, linears, calibration, hook) -> None:
+    """Run the calibration batches through ``model`` with ``hook(module, args)`` called
+    before every listed linear."""
+    hooks = [lin.register_forward_pre_hook(hook) for _, _, lin in linears]
     try:
         for batch in calibration:
             model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def _calibrate_absmax(model: nn.Module, linears, calibration) -> dict[int, float]:
+    absmax: dict[int, float] = {}
+
+    def hook(mod, args):
+        absmax[id(mod)] = max(absmax.get(id(mod), 0.0), float(args[0].abs().max()))
+
+    _run_calibration(model, linears, calibration, hook)
     return absmax
 
 
@@ -430,13 +437,7 @@ def _calibrate_energy(model: nn.Module, linears, calibration) -> dict[int, torch
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
         energy[id(mod)] = energy.get(id(mod), 0) + (x * x).sum(0)
 
-    hooks = [lin.register_forward_pre_hook(hook) for _, _, lin in linears]
-    try:
-        for batch in calibration:
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_calibration(model, linears, calibration, hook)
     return energy
 
 
