@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat
+from .evaluate import is_integer_tensor
 
 log = logging.getLogger("qcompile")
 aten = torch.ops.aten
@@ -78,9 +79,7 @@ class _Provenance:
                 stack.extend(pending)
                 continue
             stack.pop()
-            val = n.meta.get("val")
-            is_int = isinstance(val, torch.Tensor) and not val.dtype.is_floating_point \
-                and not val.dtype.is_complex and val.dtype != torch.bool
+            is_int = is_integer_tensor(n.meta.get("val"))
             if n.op == "placeholder":
                 const = self._placeholder_is_constant(n)
             elif n.op == "get_attr":

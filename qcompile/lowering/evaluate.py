@@ -132,10 +132,10 @@ class ConstantEvaluator:
             if n.target in _CASTS:
                 env[n] = env[n.args[0]]
                 continue
-            if any(a in depends for a in _index_operands(n)):
+            index_args = _index_operands(n)  # indices keep their integer type
+            if any(a in depends for a in index_args):
                 # the probed tensor picks entries (a lookup table's codes): not affine in it
                 raise UnreadableOp(n, "the integer tensor indexes a lookup table")
-            index_args = _index_operands(n)  # indices keep their integer type
             args = fx.node.map_arg(n.args, lambda a: env[a] if a in index_args  # noqa: B023
                                    else _upcast(env[a]))  # noqa: B023
             kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "rounding_mode")}
@@ -163,15 +163,15 @@ def _upcast(v: Any) -> Any:
     return v
 
 
+def is_integer_tensor(val: Any) -> bool:
+    """Whether ``val`` (a node's fake-tensor metadata) is a tensor of an integer type."""
+    return isinstance(val, torch.Tensor) and not val.dtype.is_floating_point \
+        and not val.dtype.is_complex and val.dtype != torch.bool
+
+
 def integer_nodes(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     """Nodes whose value (per the graph's fake-tensor metadata) is an integer tensor."""
-    out = []
-    for n in nodes:
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point \
-                and not val.dtype.is_complex and val.dtype != torch.bool:
-            out.append(n)
-    return out
+    return [n for n in nodes if is_integer_tensor(n.meta.get("val"))]
 
 
 def value_users(node: fx.Node) -> list[fx.Node]:

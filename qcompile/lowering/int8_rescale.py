@@ -114,7 +114,6 @@ def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torc
     return zp, adj.reshape(n)
 
 
-_INT_CASTS = {prims.convert_element_type.default, aten._to_copy.default}
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
@@ -126,7 +125,7 @@ def int8_activation(a: fx.Node) -> fx.Node | None:
         val = cur.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dtype == torch.int8:
             return cur
-        if cur.target in _VIEWS or (cur.target in _INT_CASTS and isinstance(val, torch.Tensor)
+        if cur.target in _VIEWS or (cur.target in _CASTS and isinstance(val, torch.Tensor)
                                     and val.dtype in (torch.int16, torch.int32, torch.int64)):
             cur = cur.args[0]
             continue

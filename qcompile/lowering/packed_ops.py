@@ -99,8 +99,7 @@ def _recognize_int4(ev: ConstantEvaluator, node: fx.Node):
     if not isinstance(group, int):
         raise NoMatch("group size is not a constant int")
     if group not in weight_only.KERNEL_GROUP_SIZES:
-        raise NoMatch(f"group size {group} not supported (kernels take "
-                      f"{', '.join(map(str, sorted(weight_only.KERNEL_GROUP_SIZES)))})")
+        raise weight_only._unsupported_group(group)
     if sz.dim() != 3 or sz.shape[2] != 2:
         raise NoMatch(f"scales_and_zeros of shape {tuple(sz.shape)}, not [K/g, N, 2]")
     k = int(sz.shape[0]) * group
@@ -168,15 +167,14 @@ def _recognize_int8(ev: ConstantEvaluator, node: fx.Node):
 
 def _product64(x: torch.Tensor, m: WeightOnlyMatch, rows: int = 1024) -> torch.Tensor:
     """``x @ W^T`` in float64 for the recovered weight, exactly (W built 1024 rows at a time)."""
-    n, k = m.q.shape
-    g = m.group_size
-    x64, parts = x.double(), []
+    n = m.q.shape[0]
+    x64, f64, parts = x.double(), torch.float64, []
     for n0 in range(0, n, rows):
         sl = slice(n0, min(n, n0 + rows))
-        w = m.q[sl].double().reshape(-1, k // g, g) * m.scales[sl].double().reshape(-1, k // g, 1)
-        if m.zero_mode == "add":
-            w = w + m.zeros[sl].double().reshape(-1, k // g, 1)
-        parts.append(x64 @ w.reshape(-1, k).t())
+        w = weight_only._reconstruct(m.q[sl], m.scales[sl],
+                                     None if m.zeros is None else m.zeros[sl],
+                                     m.group_size, m.zero_mode, f64, f64)
+        parts.append(x64 @ w.t())
     return torch.cat(parts, dim=1)
 
 

@@ -36,6 +36,7 @@ from torch._guards import detect_fake_mode
 from .. import kernels
 from ..kernels.ops import dtype_name
 from .act_order import gather_activation
+from .decompositions import WEIGHT_OPERAND
 from .evaluate import ConstantEvaluator, ancestors, integer_nodes, users_chain, value_users
 from .int8_rescale import Int8Match, recognize_int8
 from .lookup_table import LookupTableMatch, is_bnb_gemm, recognize_bnb_gemm, recognize_lookup
@@ -802,8 +803,8 @@ def _warn_if_unread(graph: fx.Graph, ev: ConstantEvaluator, report: Report) -> N
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in MATMULS:
-            operands = [node.args[2] if node.target is aten.addmm.default else node.args[1]]
+        if node.target in MATMULS:  # the weight operand (the second for _int_mm, packed ops)
+            operands = [node.args[WEIGHT_OPERAND.get(node.target, 1)]]
         elif node.target is aten.mul.Tensor and any(
                 u.target in (aten.sum.dim_IntList, aten.sum.default) for u in node.users):
             operands = [a for a in node.args if isinstance(a, fx.Node)]
