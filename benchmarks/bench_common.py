@@ -166,8 +166,9 @@ def read_floor(t: torch.Tensor) -> Callable[[], object]:
     words, one small store a program), timed the same way as the GEMMs beside it: what
     streaming those bytes costs in that setting. After the "zero" flush this includes
     writing back the dirty lines the fill left in the L2, as every kernel's reads must then;
-    after the "clean" one (the default) it does not. A reference rather than a bound: a hand-written CUDA reader took 4-11% less on an
-    H100, and the int8 decode kernel beats it at 58.7 MB (benchmarks/NOTES.md)."""
+    after the "clean" one (the default) it does not. A reference rather than a bound: a
+    hand-written CUDA reader took 4-11% less on an H100, and the int8 decode kernel beats it
+    at 58.7 MB (benchmarks/results/read_floor_sweep.jsonl)."""
     if t.numel() * t.element_size() % 4:
         raise ValueError("read_floor: the tensor's size must be a multiple of 4 bytes")
     kernel = _read_kernel()

@@ -220,8 +220,8 @@ def main() -> int:
     p.add_argument("--impls", default="inductor,qcompile")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--models", default=None,
-                   help="qcompile.llama (benchmarks/llama_model.py; the name results files use) and/or transformers (default: both where transformers "
-                        "is installed)")
+                   help="qcompile.llama (benchmarks/llama_model.py; the name results files "
+                        "use) and/or transformers (default: both where transformers is installed)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -348,7 +348,7 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
                    f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)
                   for c in _all_choices(mg, m, n, k, fmt["bits"], mode, args.experimental, act)]
         # the heuristic's kernel once more after them: how far the clock
-        # drifted over the cell (up to 6% at M = 2048, benchmarks/NOTES.md)
+        # drifted over the cell (the qcompile_again rows of results/bench_w4a16.jsonl)
         cells.append(("qcompile_again", made["qcompile"], None))
         if "cublas_bf16" in made:
             cells.append(("cublas_bf16_again", made["cublas_bf16"], None))

@@ -341,7 +341,8 @@ def summary(rows, grids) -> list[str]:
     dec = []
     for bench, model, label in (("decode", "qcompile.llama", "the project's Llama-3-8B-shaped model, 8 layers"),
                                 ("decode", "transformers", "transformers' LlamaForCausalLM, same shapes"),
-                                ("gptfast_decode", None, "gpt-fast-style model and decode loop, 32 layers, gpt-fast's Inductor settings")):
+                                ("gptfast_decode", None, "gpt-fast-style model and decode loop, "
+                                 "32 layers, gpt-fast's Inductor settings")):
         want = {"bench": bench} | ({"model": model} if model else {})
         g = _pick(grids, strict=bench != "gptfast_decode", **want)
         if g is None:

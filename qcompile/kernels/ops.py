@@ -2,8 +2,9 @@
 
 These ops (the mixed-input GEMM and its fused decode variants, the int8 GEMM, and the
 lookup-table GEMM, which has only its reference so far) are the only thing the graph
-rewrite emits and the only thing kernels implement; docs/kernels.md states the contract. The reference implementations here are
-plain PyTorch (CPU and CUDA) and define the numerics every kernel is tested against.
+rewrite emits and the only thing kernels implement; docs/kernels.md states the contract.
+The reference implementations here are plain PyTorch (CPU and CUDA) and define the
+numerics every kernel is tested against.
 This module knows nothing of graphs and nothing of CUDA kernels; ``qcompile.kernels``
 registers the one CUDA implementation of each op, which hands the call to the kernel
 family that owns the weight layout.

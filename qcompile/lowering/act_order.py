@@ -18,8 +18,8 @@ aten = torch.ops.aten
 def gather_activation(b, perm: torch.Tensor | None, x_arg: fx.Node, fused_args: tuple
                       ) -> tuple[fx.Node, tuple, str]:
     """(x_arg[..., perm], fused_args with an RMSNorm's weight gathered, a note for the
-    report), or the arguments unchanged and no note when perm is None. ``b`` is the rewrite's node builder; ``fused_args`` is () or the
-    op's (norm_weight, norm_eps)."""
+    report), or the arguments unchanged and no note when perm is None. ``b`` is the
+    rewrite's node builder; ``fused_args`` is () or the op's (norm_weight, norm_eps)."""
     if perm is None:
         return x_arg, fused_args, ""
     p = b.constant(perm.to(torch.long), "perm")
