@@ -30,6 +30,28 @@ def static_input_marker(t: torch.Tensor) -> bool:
         t, torch.nn.Parameter)
 
 
+def guard_identity(gm, example_inputs, is_constant) -> int:
+    """Make Dynamo's guards check that each graph input for which ``is_constant(value)``
+    holds is the very tensor it was at compile time (ID_MATCH on its source), as Dynamo does
+    itself when Inductor's freezing is on while it traces. The compiled graph holds values
+    computed from those tensors (repacked weights), so a model of the same class with other
+    weights must not reuse it. Returns how many guards were added (0 outside Dynamo)."""
+    from torch._dynamo.guards import GuardBuilder, install_guard
+    from torch._guards import TracingContext
+
+    if TracingContext.try_get() is None:
+        return 0
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    added = 0
+    for node, value in zip(placeholders, example_inputs):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is None or not is_constant(value):
+            continue
+        install_guard(source.make_guard(GuardBuilder.ID_MATCH))
+        added += 1
+    return added
+
+
 def flatten_subclass(t):
     """The plain tensors AOTAutograd sees for ``t`` (tensor subclasses are desugared)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass

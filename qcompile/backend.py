@@ -190,6 +190,10 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
         compiled = compile_fx(gm, example_inputs, inner_compile=functools.partial(
             _inner_compile, static=[i for i, (_, const) in enumerate(flat) if const],
             kept=kept), decompositions=decompositions)
+    # The graph now holds values computed from the weights (repacked, folded): recompile
+    # rather than reuse it for another model instance (the same code, other weights)
+    _compat.guard_identity(gm, example_inputs, lambda t: isinstance(t, torch.Tensor)
+                           and _compat.static_input_marker(t))
     if release:
         _release(qpass.consumed)
     for c in _collectors:

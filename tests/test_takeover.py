@@ -313,3 +313,24 @@ def test_int32_matmul_near_misses_are_left_alone():
     assert not report.matched and "does not hold int8 values" in report.records[0].reason
     with torch.no_grad():
         assert rel_err(torch.compile(big, backend="qcompile")(x), big(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["w8a16", "w4a16", "nf4"])
+def test_a_second_model_of_the_same_class_gets_its_own_weights(method):
+    """The compiled graph holds values computed from one model's weights (repacked, folded):
+    a second instance of the same class, other weights, must recompile, not reuse it."""
+    x = torch.randn(3, 128)
+    kwargs = {"block_size": 64} if method == "nf4" else {"group_size": 64} if method == "w4a16" \
+        else {}
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(128, 256), nn.SiLU(), nn.Linear(256, 64, bias=False))
+        models.append(qcompile.quantize(m, method, **kwargs))
+    assert rel_err(models[0](x), models[1](x)) > 0.1  # really other weights
+    with torch.no_grad(), qcompile.collect() as report:
+        outs = [torch.compile(m, backend="qcompile")(x) for m in models]
+        refs = [m(x) for m in models]
+    assert report.graphs == 2 and len(report.matched) == 4, str(report)
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) <= 1e-5
