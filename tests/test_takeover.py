@@ -132,17 +132,18 @@ def test_every_setting_takes_over_a_batch_1_step(gpu_like_decomposition, setting
     assert rel_err(out, ref) <= TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8"])
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
-def test_formats_under_grad_modes(gpu_like_decomposition, method, grad_mode):
-    model = _mlp(method)
-    x = torch.randn(1, 128, dtype=torch.bfloat16)
+def test_formats_under_grad_modes(gpu_like_decomposition, method, grad_mode, dtype):
+    model = _mlp(method, dtype=dtype)
+    x = torch.randn(1, 128, dtype=dtype)
     ctx = torch.no_grad() if grad_mode == "no_grad" else torch.inference_mode()
     with ctx, qcompile.collect() as report:
         out = torch.compile(lambda t: model(t), backend="qcompile", fullgraph=True)(x)
         ref = model(x)
     assert len(report.matched) == len(report) == 2, str(report)
-    assert rel_err(out, ref) <= TOL[torch.bfloat16]
+    assert rel_err(out, ref) <= TOL[dtype]
 
 
 def test_cpp_wrapper(gpu_like_decomposition):
