@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.mark.parametrize("script,args", [
-    ("demo.py", ["--method", "w4a16"]),
+    ("demo.py", []),  # the README's quick start: every format, one process
     ("read_report.py", []),
     ("torchao_model.py", []),
     ("export_and_load.py", []),
