@@ -6,6 +6,8 @@ reference op, and the heuristic's picks. Nothing here needs a GPU or nvcc.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ctypes
 
 import pytest
@@ -123,7 +125,11 @@ def test_configs_and_heuristic():
                         assert ch.splits >= 1
                         assert ch.config.streamk or ch.decomposition == mg.DECOMP_DATA_PARALLEL
                         # the pingpong tile only for one wave over a short K loop
-                        assert ch.config.coop or (m, n, k, act) == (256, 4096, 4096, "bf16")
+                        assert ch.config.coop or (m, n, k) == (256, 4096, 4096)
+                        if act == "fp16":  # fp16 (AWQ) runs the tiles and choices of bf16
+                            bf = mg.choose_config(m, n, k, "bf16", bits, mode)
+                            assert dataclasses.replace(bf.config, act="fp16") == ch.config
+                            assert (bf.splits, bf.decomposition) == (ch.splits, ch.decomposition)
     # decode on a narrow layer: small token tile, K split over otherwise idle SMs
     ch = mg.choose_config(1, 4096, 4096, "bf16", 4, 2)
     assert ch.config.tile_n == 16 and ch.decomposition == mg.DECOMP_SPLIT_K and ch.splits == 4
@@ -134,7 +140,7 @@ def test_configs_and_heuristic():
     for bits, mode in ((4, 2), (8, 0)):
         assert mg.choose_config(2048, 14336, 4096, "bf16", bits, mode).config.cluster_m == 2
         assert mg.choose_config(2048, 4096, 14336, "bf16", bits, mode).config.cluster_m == 1
-    assert mg.choose_config(2048, 14336, 4096, "fp16", 4, 2).config.cluster_m == 1  # not built
+    assert mg.choose_config(2048, 14336, 4096, "fp16", 4, 2).config.cluster_m == 2
     # the prefill cost model (whole waves of tiles): 4096 rows (32 row tiles) on 132 SMs take
     # 256-token tiles at M = 1024 (128 tiles, one wave), 192-token tiles at M = 768 (128 tiles
     # where 256 leave 96), the 256-token tile under stream-K at M = 1280 (160 tiles)
@@ -170,7 +176,7 @@ def test_configs_and_heuristic():
                         (256, 4096, 8192),    # a long K loop
                         (256, 6144, 4096)):   # 192 tiles: more than one wave
             assert mg.choose_config(m, n, k, "bf16", bits, mode).config.coop
-    assert mg.choose_config(256, 4096, 4096, "fp16", 4, 2).config.coop  # not built for fp16
+    assert not mg.choose_config(256, 4096, 4096, "fp16", 4, 2).config.coop  # as bf16
     # 128-deep in K for group-wise int4 where the groups allow it, else 64-deep
     for group, depth in ((128, 128), (256, 128), (64, 64)):
         ch = mg.choose_config(256, 4096, 4096, "bf16", 4, 2, group_size=group)

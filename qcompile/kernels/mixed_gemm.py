@@ -165,6 +165,8 @@ def _twin(c: MixedGemmConfig, family: tuple[MixedGemmConfig, ...],
     return twin if twin in family else None
 
 
+ACTS = ("bf16", "fp16")  # activation types every tile is built for
+
 # Every (activation, bits, mode) has the general 128x64 stream-K kernel (it runs any M);
 # the two common formats (int4 group-wise, int8 per-channel, bf16) add decode tiles
 # (16 tokens; 32 for 17-32 tokens, which wastes fewer MMA columns than the 64-token tile and
@@ -175,48 +177,48 @@ def _twin(c: MixedGemmConfig, family: tuple[MixedGemmConfig, ...],
 # (32 / 64 / 80 / 96 / 128 tokens) for one wave of tiles over a short K loop (PINGPONG_MAX_K).
 CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     MixedGemmConfig(act, bits, mode, 128, 64)
-    for act in ("bf16", "fp16") for bits in (4, 8) for mode in (0, 2)
+    for act in ACTS for bits in (4, 8) for mode in (0, 2)
 ) + tuple(
-    MixedGemmConfig("bf16", bits, mode, 128, tile_n, streamk=(tile_n <= 32))
-    for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 128, 256)
+    MixedGemmConfig(act, bits, mode, 128, tile_n, streamk=(tile_n <= 32))
+    for act in ACTS for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 128, 256)
 ) + tuple(
     # 128-deep K tiles for the stream-K tiles of up to 64 tokens: half the main loop's
     # barrier round trips, and as fast or faster than the 64-deep build of the same tile and
     # split wherever both were timed (docs/design.md). Groups must be multiples of 128 (the
     # 64-deep builds keep group 64).
-    MixedGemmConfig("bf16", bits, mode, 128, tile_n, 128, streamk=True)
-    for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 64)
+    MixedGemmConfig(act, bits, mode, 128, tile_n, 128, streamk=True)
+    for act in ACTS for bits, mode in ((4, 2), (8, 0)) for tile_n in (16, 32, 64)
 ) + tuple(
     cfg
-    for bits, mode in ((4, 2), (8, 0))
-    for cfg in (MixedGemmConfig("bf16", bits, mode, 128, 128, streamk=True),
-                MixedGemmConfig("bf16", bits, mode, 64, 128, coop=False, streamk=False),
+    for act in ACTS for bits, mode in ((4, 2), (8, 0))
+    for cfg in (MixedGemmConfig(act, bits, mode, 128, 128, streamk=True),
+                MixedGemmConfig(act, bits, mode, 64, 128, coop=False, streamk=False),
                 # the 128x256 tile on a 2x1 cluster (each token tile multicast to the two
                 # CTAs of a cluster): for wide layers (CLUSTER_MIN_N)
-                MixedGemmConfig("bf16", bits, mode, 128, 256, cluster_m=2, streamk=False),
+                MixedGemmConfig(act, bits, mode, 128, 256, cluster_m=2, streamk=False),
                 # and under the stream-K scheduler: where its tiles leave the last wave of
                 # CTAs mostly empty (STREAM_K_COST)
-                MixedGemmConfig("bf16", bits, mode, 128, 256, streamk=True),
+                MixedGemmConfig(act, bits, mode, 128, 256, streamk=True),
                 # a 192-token tile: a full wave where 128 and 256 leave one part-empty
                 # (TILE_FIXED_TOKENS)
-                MixedGemmConfig("bf16", bits, mode, 128, 192, streamk=False))
-) + (
+                MixedGemmConfig(act, bits, mode, 128, 192, streamk=False))
+) + tuple(
     # the pingpong tile 128-deep in K for group-wise int4 (groups of 128 and more): half the
     # round trips, faster than the 64-deep build in every cell timed. (For int8 per-channel
     # it was not faster everywhere, so that build stays experimental; docs/design.md.)
-    MixedGemmConfig("bf16", 4, 2, 64, 128, 128, coop=False, streamk=False),
+    MixedGemmConfig(act, 4, 2, 64, 128, 128, coop=False, streamk=False) for act in ACTS
 ) + tuple(
     # and 32 / 64-token pingpong tiles, 128-deep, for one wave of them at 17-64 tokens: as
     # many CTAs as split-K on the 128-row tiles without its fix-up, and faster than it at
     # K = 4096, but not at K = 14336 (PINGPONG_MAX_K; docs/design.md)
-    MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
-    for bits, mode in ((4, 2), (8, 0)) for tile_n in (32, 64)
+    MixedGemmConfig(act, bits, mode, 64, tile_n, 128, coop=False, streamk=False)
+    for act in ACTS for bits, mode in ((4, 2), (8, 0)) for tile_n in (32, 64)
 ) + tuple(
     # and 80 / 96-token ones, so that two token tiles pad at most PINGPONG_MAX_PAD tokens
     # from 129 to 192 tokens, where 128-token tiles padded 64-127 and lost to split-K; with
     # them the pingpong tiles beat split-K there (docs/design.md)
-    MixedGemmConfig("bf16", bits, mode, 64, tile_n, 128, coop=False, streamk=False)
-    for bits, mode in ((4, 2), (8, 0)) for tile_n in (80, 96)
+    MixedGemmConfig(act, bits, mode, 64, tile_n, 128, coop=False, streamk=False)
+    for act in ACTS for bits, mode in ((4, 2), (8, 0)) for tile_n in (80, 96)
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build
