@@ -5,6 +5,8 @@ Patterns (random data; activations bf16, or fp16 with --act fp16):
   w4a16_g128_zp   unsigned int4 [N, K] as two nibbles per byte, (q - z) * s, groups of 128
   w4a16_g128_sym  signed int4 [-8, 7] as two nibbles per byte, q * s, groups of 128, no zeros
   w8a16_pc        int8 [N, K], per-channel scale s[N]
+  nf4_b64         NF4 codes [N, K] (two per byte), table[c] * absmax, float32 absmax per 64
+                  along K (bitsandbytes' Linear4bit default); qcompile runs qcompile::lut_gemm
 Scales and zeros are in the activation dtype; with fp16 activations cuBLAS (impl name still
 `cublas_bf16`) runs fp16 x fp16 on the dequantized fp16 weight and qcompile takes and returns
 fp16; those rows carry "act": "fp16" (rows without "act" are bf16).
@@ -18,9 +20,12 @@ timed); medians in microseconds. Every row records "flush".
 Appends one JSON line per cell to benchmarks/results/bench_w4a16.jsonl (or --out) and
 prints a table with the ratio to cublas_bf16, then one of cuBLAS / qcompile and, for
 M <= 16, qcompile / read_floor. `--grid issue25` is the preset of issue 25: N x K in
-4096x4096, 14336x4096, 4096x14336, 28672x4096, M in 1..2048, the three patterns, bf16 and
-fp16, impls qcompile, cublas_bf16, read_floor (no qcompile_dp/_streamk rows); flags given
-beside it override its parts. Extra rows qcompile_dp / qcompile_streamk
+4096x4096, 14336x4096, 4096x14336, 28672x4096, M in 1..2048, the three affine patterns, bf16
+and fp16, impls qcompile, cublas_bf16, read_floor, marlin (no qcompile_dp/_streamk rows);
+`--grid issue27` NF4 beside int4 g128+zeros on 4096x4096 and 14336x4096, bf16. Flags given
+beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
+source (importable as `marlin`): the symmetric cells exactly, the zeros cells a symmetric
+stand-in of the same bytes (its rows say "weights"). Extra rows qcompile_dp / qcompile_streamk
 force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
 show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
 decode kernel (M <= 32) on each family's layout. `read_floor` is no GEMM: a kernel that only
@@ -47,9 +52,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import FLUSHES, commit, read_floor, time_graph  # noqa: E402
 
-PATTERNS = ("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc")
+PATTERNS = ("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc", "nf4_b64")
+LUT_BLOCK = 64
 IMPLS = ("qcompile", "qcompile_sm80", "cublas_bf16", "tinygemm", "inductor",
-         "inductor_max_autotune", "read_floor")
+         "inductor_max_autotune", "read_floor", "marlin")
 MS = (1, 16, 64, 256, 2048)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 GROUP = 128
@@ -61,9 +67,35 @@ GRIDS = {
     "issue25": dict(shapes=((4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)),
                     ms=(1, 16, 64, 256, 2048),
                     patterns=("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc"),
-                    acts=("bf16", "fp16"), impls=("qcompile", "cublas_bf16", "read_floor"),
+                    acts=("bf16", "fp16"),
+                    impls=("qcompile", "cublas_bf16", "read_floor", "marlin"),
                     no_variants=True),
+    # issue 27: NF4 beside the affine int4 cells it is held to, same process
+    "issue27": dict(shapes=((4096, 4096), (14336, 4096)), ms=(1, 16, 64, 256, 2048),
+                    patterns=("nf4_b64", "w4a16_g128_zp"), acts=("bf16",),
+                    impls=("qcompile", "cublas_bf16", "read_floor"), no_variants=True),
 }
+
+
+class NF4Dequant(torch.nn.Module):
+    """bitsandbytes' layout written out: codes two per byte, table[c] * absmax per block."""
+
+    def __init__(self, packed, table, absmax, act):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("table", table)
+        self.register_buffer("absmax", absmax)
+        self.act = act
+
+    def weight(self):
+        c = torch.stack((self.packed & 0xF, self.packed >> 4), dim=-1).reshape(
+            self.packed.shape[0], -1).long()
+        n, k = c.shape
+        w = self.table[c].reshape(n, k // LUT_BLOCK, LUT_BLOCK) * self.absmax[..., None]
+        return w.reshape(n, k).to(self.act)
+
+    def forward(self, x):
+        return F.linear(x, self.weight())
 
 
 class W4Dequant(torch.nn.Module):
@@ -141,6 +173,15 @@ def make_weights(pattern: str, n: int, k: int, act: torch.dtype = DT, device="cu
         q = q.to(torch.int8)
         mod = W4SymDequant(packed, s)
         fmt = dict(q=q, s=s, z=None, bits=4, signed=True, group=GROUP, zero_mode="none")
+    elif pattern == "nf4_b64":
+        from qcompile.lowering.lookup_table import code_table
+        c = torch.randint(0, 16, (n, k), device=device, generator=g, dtype=torch.int16)
+        c = c.to(torch.uint8)
+        absmax = torch.rand(n, k // LUT_BLOCK, device=device, generator=g) * 0.02 + 0.01
+        packed = (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+        table = code_table("nf4").to(device)
+        mod = NF4Dequant(packed, table, absmax, act)
+        fmt = dict(codes=c, table=table, s=absmax, bits=4, group=LUT_BLOCK, lut=True)
     else:
         q = torch.randint(-128, 128, (n, k), device=device, generator=g, dtype=torch.int16)
         q = q.to(torch.int8)
@@ -163,9 +204,14 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
     from qcompile.kernels import mixed_gemm_sm80 as m80
 
     made = {}
+    if fmt.get("lut") and "qcompile" in impls:  # the lookup-table kernels (one family)
+        from qcompile.kernels import lut_gemm
+        lut_gemm.load(act)
+        prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
+        made["qcompile"] = lambda x: lut_gemm.run(x, *prepared, None, fmt["group"], "float32")
     # the Hopper family, and the Ampere-class one (sm_80 code, which also runs on Hopper)
     for name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
-        if name not in impls:
+        if name not in impls or fmt.get("lut"):
             continue
         layout = fam.select_layout(fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"],
                                    n, k, act, "cuda")
@@ -180,12 +226,16 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         made[f"_layout_{name}"] = layout
         if fam is mg:
             made["_mode"] = mg._MODE_OF_LAYOUT[layout]
+    if "marlin" in impls and fmt["bits"] == 4 and not fmt.get("lut"):
+        _add_marlin(made, fmt, n, k, act)
     if "cublas_bf16" in impls:  # in the activation dtype: w is act's dequantized weight
         made["cublas_bf16"] = lambda x: F.linear(x, w)
     if "read_floor" in impls:
         floor = read_floor(mod.packed if fmt["bits"] == 4 else fmt["q"])
         made["read_floor"] = lambda x: floor()
-    if "tinygemm" in impls and fmt["bits"] == 4 and act != torch.bfloat16:
+    if fmt.get("lut"):
+        pass  # neither tinygemm nor Inductor's comparisons are made for lookup tables here
+    elif "tinygemm" in impls and fmt["bits"] == 4 and act != torch.bfloat16:
         print(f"  tinygemm: bf16 activations only, not {ACT_NAME[act]}", flush=True)
     elif "tinygemm" in impls and fmt["bits"] == 4:
         try:
@@ -280,6 +330,30 @@ def make_row(meta: dict, pattern: str, act: str, n: int, k: int, m: int, impl: s
     return rec
 
 
+def _add_marlin(made, fmt, n, k, act):
+    """IST-DASLab's Marlin (fp16 activations, symmetric int4, groups of 128), built from source
+    (importable as ``marlin``; BASELINES.md says how), on this cell's integers: the symmetric
+    pattern exactly; for the zeros pattern a stand-in of the same shape and bytes (Marlin has
+    no zeros), timed only. bf16 cells have no Marlin row (it takes fp16 alone)."""
+    if act != torch.float16:
+        return
+    try:
+        import marlin
+    except ImportError as e:
+        print(f"  marlin unavailable: {e}", flush=True)
+        return
+    q = fmt["q"].to(torch.int16)
+    if not fmt["signed"]:
+        q = q - 8  # the zeros pattern's unsigned nibbles as a symmetric stand-in
+    s16 = fmt["s"].to(torch.half)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.half)
+    lin.weight.data = q.to(torch.half) * s16.repeat_interleave(GROUP, dim=1)
+    layer = marlin.Layer(k, n, groupsize=GROUP).cuda()
+    layer.pack(lin, s16)
+    made["marlin"] = layer
+    made["_marlin_weight"] = lin.weight.data if fmt["signed"] else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
@@ -304,6 +378,7 @@ def main(argv=None) -> int:
                     fmt, w, mod = make_weights(pattern, n, k, act)
                     made = build_impls(pattern, n, k, fmt, w, mod, impls, act)
                     mode = made.pop("_mode", None)
+                    marlin_w = made.pop("_marlin_weight", None)
                     layouts = {name[len("_layout_"):]: made.pop(name)
                                for name in [n_ for n_ in made if n_.startswith("_layout_")]}
                     for m in ms:
@@ -314,6 +389,13 @@ def main(argv=None) -> int:
                                                    pattern, act_name, m, n, k)
                             if us is None:
                                 continue
+                            if name == "marlin":
+                                extra["weights"] = ("same" if marlin_w is not None
+                                                    else "symmetric stand-in")
+                                if marlin_w is not None:
+                                    ref = F.linear(x, marlin_w).double()
+                                    extra["rel_err_vs_bf16"] = float(
+                                        (made["marlin"](x).double() - ref).norm() / ref.norm())
                             results[(pattern, act_name, n, k, name, m)] = us
                             rec = make_row(meta, pattern, act_name, n, k, m, name, us,
                                            args.flush, **extra)
@@ -331,7 +413,7 @@ def main(argv=None) -> int:
 def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
     """(row name, x -> out factory, forced choice or None) of every row of one cell."""
     cells = [(name, fn, None) for name, fn in made.items()]
-    if "qcompile" in made and not args.no_variants:
+    if "qcompile" in made and not args.no_variants and not fmt.get("lut"):
         ch = mg.choose_config(m, n, k, act, fmt["bits"], mode)
         if ch.decomposition == mg.DECOMP_SPLIT_K:
             cells.append(("qcompile_dp", made["qcompile"],
@@ -368,7 +450,9 @@ def _time_cell(args, mg, name, fn, choice, x, w, mode, fmt, pattern, act, m, n, 
     call = functools.partial(fn, x, choice) if choice is not None else functools.partial(fn, x)
     extra = {}
     try:
-        if name == "qcompile":
+        if name == "qcompile" and fmt.get("lut"):
+            extra = dict(config=("decode (lut)" if m <= 32 else "dequantize + cublas"))
+        elif name == "qcompile":
             ch = mg.heuristic_choice(m, n, k, act, fmt["bits"], mode, 132, fmt["group"])
             extra = dict(config=mg.choice_name(ch))
         if name.startswith("qcompile"):  # every qcompile row checks numbers

@@ -60,7 +60,8 @@ def _export(args) -> int:
 
 
 def _build(args) -> int:
-    from qcompile.kernels import build, int8_gemm, mixed_gemm, mixed_gemm_decode, mixed_gemm_sm80
+    from qcompile.kernels import (build, int8_gemm, lut_gemm, mixed_gemm, mixed_gemm_decode,
+                                  mixed_gemm_sm80)
     specs = [int8_gemm.kernel_spec(c, d) for c in int8_gemm.available_configs(args.arch)
              for d in int8_gemm._OUT_DTYPES]
     specs += [int8_gemm.decode_spec(d) for d in int8_gemm._OUT_DTYPES]
@@ -69,6 +70,7 @@ def _build(args) -> int:
                   for c in mixed_gemm.CONFIGS]
         specs += [mixed_gemm_decode.kernel_spec(b)
                   for b in mixed_gemm_decode.builds(mixed_gemm_decode.LAYOUT_SM90)]
+        specs += [mixed_gemm_decode.kernel_spec(b) for b in lut_gemm.builds()]
     elif args.arch == "sm_80":
         specs += [mixed_gemm_sm80.kernel_spec(c) for c in mixed_gemm_sm80.CONFIGS]
         specs += [mixed_gemm_decode.kernel_spec(b)

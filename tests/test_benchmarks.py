@@ -183,7 +183,8 @@ def test_bench_w4a16_arguments():
     assert a.shapes == ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096))
     assert a.ms == (1, 16, 64, 256, 2048)
     assert a.patterns == ("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc")
-    assert a.acts == ("bf16", "fp16") and a.impls == ("qcompile", "cublas_bf16", "read_floor")
+    assert a.acts == ("bf16", "fp16")
+    assert a.impls == ("qcompile", "cublas_bf16", "read_floor", "marlin")
     assert a.flush == "clean" and a.no_variants
     # flags beside the preset override its parts
     a = bw.parse_args(["--grid", "issue25", "--ms", "1", "--act", "fp16", "--flush", "zero",
@@ -272,3 +273,22 @@ def test_bench_w8a8_table_reads_one_flush(tmp_path, capsys):
     assert "| 11.0 |" in capsys.readouterr().out
     bw8.table_from(path, bw8.parse_args([]))
     assert "| 22.0 |" in capsys.readouterr().out
+
+
+def test_bench_w4a16_nf4_weights():
+    """The NF4 pattern: the eager module's weight is table[c] * absmax per 64, and the
+    lookup-table op on qcompile's format gives the same numbers."""
+    from qcompile.lowering.lookup_table import code_table
+
+    bw = importlib.import_module("bench_w4a16")
+    n, k = 32, 256
+    fmt, w, mod = bw.make_weights("nf4_b64", n, k, torch.bfloat16, device="cpu")
+    c = fmt["codes"].long()
+    ref = (code_table("nf4")[c] * fmt["s"].repeat_interleave(64, dim=1)).to(torch.bfloat16)
+    assert fmt["lut"] and fmt["group"] == 64 and torch.equal(w, ref)
+    assert mod.packed.shape == (n, k // 2)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    from qcompile.kernels import ops
+    out = torch.ops.qcompile.lut_gemm(x, ops.pack_nk(fmt["codes"], 4), fmt["table"], fmt["s"],
+                                      None, 64, "float32", ops.REFERENCE_LAYOUT, "")
+    torch.testing.assert_close(out, mod(x), rtol=0, atol=0)

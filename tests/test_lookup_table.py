@@ -319,3 +319,45 @@ def test_bitsandbytes_dequantize_4bit_before_a_matmul(double_quant):
     assert report.records[0].matched, str(report)
     assert report.records[0].format == "w4a16 nf4 b128 (bitsandbytes nf4)"
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dequant_dtype", [torch.bfloat16, torch.float32])
+def test_kernel_layout_round_trips_to_the_reference(dequant_dtype):
+    """The CUDA kernels' operands (codes c - 8 in the sm90 int4 layout, scales [K/g, N]) hold
+    the same weight: the op on them, on a CPU, gives the reference's numbers exactly."""
+    from qcompile.kernels import lut_gemm
+
+    torch.manual_seed(0)
+    n, k, g = 48, 256, 64
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    table = torch.randn(16)
+    scales = torch.rand(n, k // g) + 0.5
+    x = torch.randn(5, k, dtype=torch.bfloat16)
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    dd = ops.dtype_name(dequant_dtype)
+    ref = torch.ops.qcompile.lut_gemm(x, ops.pack_nk(codes, 4), table, scales, bias, g, dd,
+                                      ops.REFERENCE_LAYOUT, "")
+    qweight, table_k, scales_k = lut_gemm.prepare(codes, table, scales)
+    assert qweight.shape == (n, k // 2) and scales_k.shape == (k // g, n)
+    got = torch.ops.qcompile.lut_gemm(x, qweight, table_k, scales_k, bias, g, dd,
+                                      lut_gemm.LAYOUT, "")
+    assert torch.equal(got, ref)
+    back, s_back = lut_gemm._unprepare(qweight, scales_k, k)
+    assert torch.equal(back, codes.long()) and torch.equal(s_back, scales)
+
+
+def test_kernel_layout_refuses_what_the_kernels_do_not_take():
+    from qcompile.kernels import lut_gemm
+
+    assert lut_gemm.fits(4096, 4096, 64) and lut_gemm.fits(4096, 14336, 128)
+    assert not lut_gemm.fits(4096, 4096, 32)      # blocks below a 64-deep chunk
+    assert not lut_gemm.fits(4096, 4096, 192)     # not 64 x 2^i
+    assert not lut_gemm.fits(4104, 4096, 64)      # N not in 16-row tiles
+    assert lut_gemm.supported(torch.device("cpu"), 64, 64, 64, torch.bfloat16) == "not a CUDA device"
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        lut_gemm.prepare(torch.full((16, 64), 16, dtype=torch.uint8), torch.zeros(16),
+                         torch.ones(16, 1))
+    with pytest.raises(ValueError, match="lut_gemm reads layouts"):
+        torch.ops.qcompile.lut_gemm(torch.randn(1, 64), torch.zeros(16, 32, dtype=torch.uint8),
+                                    torch.zeros(16), torch.ones(16, 1), None, 64, "float32",
+                                    "tiled", "")

@@ -27,6 +27,7 @@ from .ops import pack_nk
 log = logging.getLogger("qcompile.kernels")
 
 __all__ = ["ops", "tuning", "PreparedGemm", "prepare_mixed_gemm", "prepare_int8_gemm",
+           "prepare_lut_gemm",
            "cuda_family", "device_capability", "mixed_families", "run_family", "fuses_in_kernel",
            "norm_fits_in_kernel", "FUSE_NORM_MIN_BITS"]
 
@@ -224,7 +225,20 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
                                    azp_adj)
 
 
+def _lut_gemm_cuda(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                   config=""):
+    """``qcompile::lut_gemm`` on CUDA: the lookup-table kernels for their layout, else the
+    reference."""
+    if layout == ops.LUT_KERNEL_LAYOUT:
+        fam = cuda_family("lut_gemm")
+        if fam is not None:
+            return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype)
+    return ops.lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype,
+                                  layout, config)
+
+
 torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)
+torch.library.register_kernel("qcompile::lut_gemm", "cuda", _lut_gemm_cuda)
 torch.library.register_kernel("qcompile::int8_gemm", "cuda", _int8_gemm_cuda)
 torch.library.register_kernel("qcompile::mixed_gemm_gated", "cuda", _mixed_gemm_gated_cuda)
 torch.library.register_kernel("qcompile::mixed_gemm_norm_out", "cuda", _mixed_gemm_norm_out_cuda)
@@ -326,6 +340,30 @@ def prepare_mixed_gemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     others = f" (beat {', '.join(f for f in results if f != best)})" if len(results) > 1 else ""
     return PreparedGemm(tensors, layout, tuned.config,
                         f"cutlass {arch} autotuned: {_pretty(tuned.config)}{others}")
+
+
+def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                     group_size: int, act_dtype: torch.dtype) -> PreparedGemm:
+    """Lay out a lookup-table weight (codes [N, K] in [0, 16), table [16], scales [N, K / g])
+    for ``qcompile::lut_gemm`` on codes' device: the reference "nk" layout on a CPU, the CUDA
+    kernels' layout on a GPU. ValueError (or KernelBuildError) says why a GPU cannot run it,
+    and the rewrite then leaves the matmul to Inductor: the reference would dequantize the
+    whole weight on every call."""
+    device = codes.device
+    if device.type != "cuda":
+        return PreparedGemm((pack_nk(codes, 4), table, scales), ops.REFERENCE_LAYOUT, "",
+                            "reference (plain PyTorch)")
+    fam = cuda_family("lut_gemm")
+    if fam is None:
+        raise ValueError(f"lookup-table kernels unavailable: {_family_errors.get('lut_gemm')}")
+    n, k = codes.shape
+    why = fam.supported(device, n, k, group_size, act_dtype)
+    if why is not None:
+        raise ValueError(why)
+    fam.load(act_dtype)
+    return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, "",
+                        f"qcompile lookup-table decode kernel up to {fam.decode.MAX_TOKENS} "
+                        "tokens; beyond, dequantize + cuBLAS")
 
 
 def prepare_int8_gemm(wq: torch.Tensor, m: int | None, out_dtype: torch.dtype,

@@ -531,23 +531,25 @@ class _LutSite:
     bias: fx.Node | None
     match: LookupTableMatch
     rec: MatchRecord
+    prepared: kernels.PreparedGemm
 
     def fusion_key(self) -> tuple:
         return ("lut", id(self))  # not fused with other matmuls (yet)
 
 
 def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> None:
-    """``qcompile::lut_gemm`` in place of the matmul (and the dequantization it read). Its
-    reference runs on every device for now: the report's kernel column says so."""
+    """``qcompile::lut_gemm`` in place of the matmul (and the dequantization it read), on the
+    operands ``kernels.prepare_lut_gemm`` laid out for the device."""
     del ev
     for site in sites:
-        m = site.match
+        m, prep = site.match, site.prepared
+        codes, table, scales = prep.tensors
         with b.graph.inserting_before(site.mm):
-            args = (site.x, b.constant(kernels.ops.pack_nk(m.codes, 4), "codes"),
-                    b.constant(m.table, "table"), b.constant(m.scales, "scales"), site.bias,
-                    m.group_size, dtype_name(m.dequant_dtype), kernels.ops.REFERENCE_LAYOUT, "")
+            args = (site.x, b.constant(codes, "codes"), b.constant(table, "table"),
+                    b.constant(scales, "scales"), site.bias, m.group_size,
+                    dtype_name(m.dequant_dtype), prep.layout, prep.config)
             new = b.call(torch.ops.qcompile.lut_gemm.default, args, like=site.mm)
-        site.rec.kernel = "reference (dequantize, then matmul; no lookup-table kernel yet)"
+        site.rec.kernel = prep.description
         site.mm.replace_all_uses_with(new)
 
 
@@ -883,9 +885,13 @@ def _lut_site(node: fx.Node, x: fx.Node, bias: fx.Node | None, match: LookupTabl
               rec: MatchRecord) -> _LutSite:
     n, k = match.codes.shape
     rec.format, rec.bits, rec.group_size, rec.n, rec.k = match.format, 4, match.group_size, n, k
-    if match.codes.device.type == "cuda":
-        # lut_gemm has no GPU kernel yet: its reference would dequantize the whole weight on
-        # every call, where Inductor (freezing) may keep a folded float weight; leave it
-        raise NoMatch(f"{match.format} recognised, but there is no GPU kernel for lookup-table "
-                      "weights yet: left to Inductor")
-    return _LutSite(node, x, bias, match, rec)
+    xv = x.meta.get("val")
+    act = xv.dtype if isinstance(xv, torch.Tensor) else None
+    try:
+        prepared = kernels.prepare_lut_gemm(match.codes, match.table, match.scales,
+                                            match.group_size, act)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: KernelBuildError
+        # on a GPU the reference would dequantize the whole weight on every call, where
+        # Inductor (freezing) may keep a folded float weight: leave it, and say why
+        raise NoMatch(f"{match.format} recognised, but {e}: left to Inductor") from None
+    return _LutSite(node, x, bias, match, rec, prepared)

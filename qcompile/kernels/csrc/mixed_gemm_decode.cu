@@ -61,6 +61,14 @@
 // Residual after (`residual` given, [M, N] like out): out = Act(sum + residual), the add of a
 // transformer block's skip connection, in fp32 and rounded once.
 //
+// Lookup-table weights (QC_MODE 3 "lut", sm90 layout, 4 bits): W = T[c] * s with a 16-value
+// table T (NF4, FP4, any codebook) and float32 block scales s [K/g, N]. The codes are laid
+// out as the signed int4 values c - 8, so a raw nibble u indexes the CTA's copy of the table
+// in shared memory at u (holding T[u ^ 8], rounded to the activation type): 16 values of 2
+// bytes are 8 words in 8 banks, so a warp's lookups never conflict. The MMA sums x * T[c]
+// over a chunk's one block and s scales it in fp32. The same build exports the prefill path's
+// dequantization (qc_lut_dequantize: W in the activation type, for a cuBLAS GEMM).
+//
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
 // Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info,
@@ -106,7 +114,10 @@ constexpr int kRoundLoads = kBits == 8 ? 2 : 4;
 
 static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
 static_assert(QC_LAYOUT == 0 || QC_LAYOUT == 1, "QC_LAYOUT must be 0 (sm90) or 1 (sm80 v2)");
-static_assert(QC_MODE == 0 || QC_MODE == 2, "QC_MODE must be 0 (rowscale) or 2 (groupzero)");
+static_assert(QC_MODE == 0 || QC_MODE == 2 || QC_MODE == 3,
+              "QC_MODE must be 0 (rowscale), 2 (groupzero) or 3 (lut)");
+static_assert(QC_MODE != 3 || (QC_LAYOUT == 0 && QC_WBITS == 4),
+              "lookup-table weights are 4-bit codes in the sm90 layout");
 static_assert(!(QC_LAYOUT == 1 && QC_MODE == 0), "the sm80 v2 layout is group-wise only");
 
 struct Params {
@@ -123,6 +134,8 @@ struct Params {
   const Act* norm;        // [K] RMSNorm weight, or null
   float eps;              // RMSNorm epsilon
   const Act* residual;    // [M, N] added to the result, or null
+  const float* lut_scales;  // lut: [K/g, N] block scales
+  const float* lut_table;   // lut: [16] the values of codes 0..15
   const float* norm_ssq;  // [M, ssq_parts]: x is already x * norm; its squares' partial sums
   int ssq_parts;
   const Act* next_norm;   // [N]: also write normed = out * next_norm and ssq_out, or null
@@ -286,7 +299,9 @@ __device__ __forceinline__ void stage_norm(Act* xs, float* ss, const Act* x, con
 // int4: 0x4300 | u is 128 + u in bf16, 0x6400 | u is 1024 + u in fp16 (u = q' + 8); int8:
 // 1024 + u in fp16 (u = q' + 128), and q' itself in bf16 (whose 8-bit significand cannot hold
 // a biased byte, so the float conversion of unpack_pair, exact, is used as is).
-#if QC_WBITS == 4
+#if QC_MODE == 3
+constexpr float kBiasH = 0.f;  // the table's values themselves, no bias
+#elif QC_WBITS == 4
 constexpr float kBiasH = QC_ACT_FP16 ? 1032.f : 136.f;
 #else
 constexpr float kBiasH = QC_ACT_FP16 ? 1152.f : 0.f;
@@ -317,9 +332,16 @@ __device__ __forceinline__ uint32_t signed_pair(uint32_t w) {
   return d;
 }
 
-// h of the A fragment {a0, a1, a2, a3} from one K step's raw words.
-__device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[kWords]) {
-#if QC_LAYOUT == 0 && QC_WBITS == 4
+// h of the A fragment {a0, a1, a2, a3} from one K step's raw words (lut: T[c] looked up in
+// the CTA's table, indexed by raw nibble; pair I is nibbles I and I + 4, as in signed_pair).
+__device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[kWords],
+                                         const unsigned short* lut) {
+#if QC_MODE == 3
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    a[i] = static_cast<uint32_t>(lut[(r[0] >> (4 * i)) & 0xfu]) |
+           (static_cast<uint32_t>(lut[(r[0] >> (4 * i + 16)) & 0xfu]) << 16);
+#elif QC_LAYOUT == 0 && QC_WBITS == 4
   a[0] = signed_pair<0>(r[0]); a[1] = signed_pair<1>(r[0]);
   a[2] = signed_pair<2>(r[0]); a[3] = signed_pair<3>(r[0]);
 #elif QC_LAYOUT == 0
@@ -369,6 +391,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   static_assert(!kSzSmem || QC_MODE == 2, "only group scales and zeros are staged");
   constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
+  __shared__ unsigned short lut[QC_MODE == 3 ? 16 : 1];  // lut: T[u ^ 8] at raw nibble u
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * kR;
@@ -436,6 +459,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   uint32_t raw[kUnroll][kR][4][kWords];
 #if QC_MODE == 2
   Act sz[kUnroll][kR][2][2];  // [.][.][scale, zero][rows g, g + 8]
+#elif QC_MODE == 3
+  float ls[kUnroll][kR][2];   // [.][.][rows g, g + 8] block scales
 #endif
   const auto load_round = [&](int c0) {
 #pragma unroll
@@ -459,14 +484,24 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
           sz[u][r][0][h] = sc[8 * h];
           sz[u][r][1][h] = zr[8 * h];
         }
+#elif QC_MODE == 3
+        const float* sc = p.lut_scales + ((c >> p.group_shift) * N + sz_col[r]);
+        ls[u][r][0] = __ldg(sc);
+        ls[u][r][1] = __ldg(sc + 8);
 #endif
       }
     }
   };
   // the first round's weights are in flight while the CTA stages x * norm and the scales
-  constexpr bool kStaging = kNorm == kNormStaged || kSzSmem;
+  constexpr bool kStaging = kNorm == kNormStaged || kSzSmem || QC_MODE == 3;
   if (kStaging) {
     if (warp < chunks) load_round(warp);
+#if QC_MODE == 3
+    if (threadIdx.x < 16) {
+      const Act v = Act(__ldg(p.lut_table + (threadIdx.x ^ 8)));
+      lut[threadIdx.x] = *reinterpret_cast<const unsigned short*>(&v);
+    }
+#endif
     if (kNorm == kNormStaged) stage_norm(xs, ss_red, p.x + (size_t)m0 * K, p.norm, rows, K, 8 * kNT);
 #if QC_MODE == 2
     if (kSzSmem) stage_scales_zeros<kR>(szs, p, tile0);
@@ -488,7 +523,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
       if (c >= chunks) continue;
-#if QC_MODE == 2
+#if QC_MODE >= 2
       float part[kR][kNT][4], sx[kNT][4];
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
@@ -513,12 +548,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           uint32_t a[4];
-          fragment(a, raw[u][r][ks]);
+          fragment(a, raw[u][r][ks], lut);
 #pragma unroll
           for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
         }
       }
-#if QC_MODE == 2
+#if QC_MODE == 3
+      // W = T[c] s over the chunk's one block: s sum(x T[c])
+#pragma unroll
+      for (int r = 0; r < kR; ++r)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[r][j][e] = fmaf(ls[u][r][e >> 1], part[r][j][e], acc[r][j][e]);
+#elif QC_MODE == 2
       // W = (h - kBiasH) s + z' over the chunk's one group: s sum(x h) + (z' - kBiasH s) sum(x)
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
@@ -632,6 +675,120 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 }
 
 }  // namespace
+
+#if QC_MODE == 3
+namespace {
+// The prefill path's dequantization: W [N, K] in the activation type from the prepared codes,
+// for a cuBLAS GEMM. A CTA (128 threads) takes one 16-row tile and kDequantChunks chunks of 64
+// k: thread i converts lane i % 32's word of K step i / 32 (8 values) into a shared tile,
+// then each thread stores 16 bytes of it (16 rows x 128 bytes a chunk, whole lines).
+// kInAct: round T[c] and s to the activation type and their product again (a graph that
+// dequantized in that type), else the float32 product rounded once.
+constexpr int kDequantChunks = 4;
+
+template <bool kInAct>
+__global__ void __launch_bounds__(128) lut_dequant_kernel(const uint8_t* w, const float* scales,
+                                                          const float* table, Act* out, int N,
+                                                          int K, int group_shift) {
+  __shared__ float tab[16];
+  __shared__ __align__(16) Act tile[16][kChunkK + 8];  // rows padded by 16 bytes
+  const int tid = threadIdx.x, nt = blockIdx.x;
+  if (tid < 16) tab[tid] = table[tid ^ 8];  // raw nibble u holds code u ^ 8
+  __syncthreads();
+  const int chunks = K / kChunkK, lane = tid & 31, step = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t tiles_n = N / 16;
+  const int c_end = min(chunks, (static_cast<int>(blockIdx.y) + 1) * kDequantChunks);
+  for (int c = blockIdx.y * kDequantChunks; c < c_end; ++c) {
+    const int j = 4 * c + step;  // the layout's K step
+    const uint32_t word =
+        __ldg(reinterpret_cast<const uint32_t*>(w + (size_t)(nt + tiles_n * j) * 128) + lane);
+    const float* sc = scales + (size_t)(c >> group_shift) * N + nt * 16 + g;
+    const float s2[2] = {__ldg(sc), __ldg(sc + 8)};
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {  // nibble q: row g + 8 m1, k 2t + k0 + 8 k2 of the step
+      const int m1 = q & 1, k2 = (q >> 1) & 1, k0 = q >> 2;
+      const float tv = tab[(word >> (4 * q)) & 0xfu];
+      const float v = kInAct ? static_cast<float>(Act(tv)) * static_cast<float>(Act(s2[m1]))
+                             : tv * s2[m1];
+      tile[g + 8 * m1][16 * step + 2 * t + k0 + 8 * k2] = Act(v);
+    }
+    __syncthreads();
+    const int row = tid >> 3, piece = tid & 7;
+    *reinterpret_cast<uint4*>(out + (size_t)(nt * 16 + row) * K + c * kChunkK + piece * 8) =
+        *reinterpret_cast<const uint4*>(&tile[row][piece * 8]);
+    __syncthreads();
+  }
+}
+}  // namespace
+
+extern "C" {
+
+int qc_mixed_gemm_decode_info(int* out, int n) {
+  int v[4] = {QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE};
+  for (int i = 0; i < n && i < 4; ++i) out[i] = v[i];
+  return 4;
+}
+
+// Lookup-table decode: out [M, N] = x [M, K] W^T (+ bias [N]) with W[n, k] = table[c] *
+// scales[k / group, n]; w the codes c - 8 in the sm90 int4 layout, scales float32 [K/group, N],
+// table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0.
+int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const void* table,
+                       const void* bias, void* out, int M, int N, int K, int group,
+                       int token_tiles, int row_tiles, int warps, void* stream) {
+  const int per_group = group / kChunkK;
+  if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
+      (uint64_t)N * K >= (1ull << 32) || group <= 0 || group % kChunkK ||
+      (per_group & (per_group - 1)) || K % group || scales == nullptr || table == nullptr)
+    return static_cast<int>(cudaErrorInvalidValue);
+  Params p = {};
+  p.x = static_cast<const Act*>(x);
+  p.w = static_cast<const uint8_t*>(w);
+  p.lut_scales = static_cast<const float*>(scales);
+  p.lut_table = static_cast<const float*>(table);
+  p.bias = static_cast<const Act*>(bias);
+  p.out = static_cast<Act*>(out);
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
+  auto s = static_cast<cudaStream_t>(stream);
+  return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
+    constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
+    const auto kernel = mixed_gemm_decode_kernel<kNT, kR, kNormNone, false>;
+    static int cached[kMaxWarps + 1] = {};
+    const int smem = capped_smem<kMaxWarps>(kernel, warps, reduce_smem_bytes<kR, kNT, float>(warps),
+                                            32, cached);
+    return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
+  }));
+}
+
+// The prefill path's weight: out [N, K] (activation type) = table[c] * scales, operands as
+// qc_lut_gemm_decode's; in_act: the product in the activation type (see lut_dequant_kernel).
+int qc_lut_dequantize(const void* w, const void* scales, const void* table, void* out, int N,
+                      int K, int group, int in_act, void* stream) {
+  const int per_group = group / kChunkK;
+  if (N <= 0 || K <= 0 || N % 16 || K % kChunkK || group <= 0 || group % kChunkK ||
+      (per_group & (per_group - 1)) || K % group)
+    return static_cast<int>(cudaErrorInvalidValue);
+  const int shift = __builtin_ctz(static_cast<unsigned>(per_group));
+  const int chunks = K / kChunkK;
+  dim3 grid(N / 16, (chunks + kDequantChunks - 1) / kDequantChunks);
+  if (grid.y > 65535) return static_cast<int>(cudaErrorInvalidValue);
+  auto s = static_cast<cudaStream_t>(stream);
+  const auto* wp = static_cast<const uint8_t*>(w);
+  const auto* sp = static_cast<const float*>(scales);
+  const auto* tp = static_cast<const float*>(table);
+  auto* op = static_cast<Act*>(out);
+  if (in_act)
+    lut_dequant_kernel<true><<<grid, 128, 0, s>>>(wp, sp, tp, op, N, K, shift);
+  else
+    lut_dequant_kernel<false><<<grid, 128, 0, s>>>(wp, sp, tp, op, N, K, shift);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // extern "C"
+#else  // QC_MODE != 3
 
 // f(integral_constant<bool, staged>): the staged kernels exist in groupzero builds only.
 template <typename F>
@@ -754,3 +911,4 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
 }
 
 }  // extern "C"
+#endif  // QC_MODE

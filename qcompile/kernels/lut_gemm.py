@@ -1,0 +1,162 @@
+"""CUDA kernels of ``qcompile::lut_gemm``: lookup-table weights (NF4, FP4, any 16-value codebook)
+``W[n, k] = table[c[n, k]] * scales[n, k // block]``.
+
+Two paths, chosen by token count at run time:
+
+- up to ``mixed_gemm_decode.MAX_TOKENS`` tokens, the decode kernel's lookup-table build
+  (``csrc/mixed_gemm_decode.cu``, ``QC_MODE`` 3): it streams the codes as it streams int4
+  weights and looks each one up in the CTA's copy of the table in shared memory, then runs
+  the same mma.sync main loop;
+- beyond, the weight dequantized into the activation type by the same library
+  (``qc_lut_dequantize``) and one cuBLAS GEMM. Prefill reads the 4-bit codes once and writes
+  and reads a 16-bit weight: cheaper than the GEMM from a few hundred tokens, a real cost
+  below (the kernels-vs-peers page says how much).
+
+Layout ``sm90_lut``: the codes c - 8 as the sm90 mixed GEMM's signed int4 weight
+(``mixed_gemm.reorder_weight``), the block scales float32 [K / block, N], the table float32
+[16]. It runs on compute capability 8.0 and later (mma.sync); the reference layout "nk" runs
+everywhere else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from . import mixed_gemm_decode as decode
+from .mixed_gemm import reorder_weight, unreorder_weight
+from .ops import as_dtype
+
+__all__ = ["LAYOUT", "MODE_LUT", "builds", "fits", "supported", "prepare", "run",
+           "reference_prepared"]
+
+LAYOUT = "sm90_lut"
+MODE_LUT = 3
+_ACTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+_libs: dict[str, ctypes.CDLL] = {}
+_lock = threading.Lock()
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+def builds() -> tuple[decode.DecodeBuild, ...]:
+    """The libraries (one per activation type) that ``qcompile build`` prebuilds."""
+    return tuple(decode.DecodeBuild(act, 4, decode.LAYOUT_SM90, MODE_LUT) for act in ("bf16", "fp16"))
+
+
+def fits(n: int, k: int, block: int) -> bool:
+    """Whether the kernels take an [N, K] weight in blocks of ``block`` along K: K in chunks
+    of 64, N in 16-row tiles, blocks of 64 times a power of two dividing K."""
+    per = block // decode.TILE_K
+    return (n > 0 and k > 0 and n % 16 == 0 and k % decode.TILE_K == 0 and block > 0
+            and block % decode.TILE_K == 0 and k % block == 0 and per & (per - 1) == 0
+            and n * k < 2**32)
+
+
+def supported(device: torch.device, n: int, k: int, block: int, act_dtype: torch.dtype
+              ) -> str | None:
+    """None when the kernels run this weight on ``device``, else why not."""
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "the lookup-table kernels need compute capability 8.0 or later"
+    if act_dtype not in _ACTS:
+        return f"activations in {act_dtype} (bf16 and fp16 run)"
+    if not fits(n, k, block):
+        return (f"N={n} K={k} block {block}: the kernels take N % 16 == 0, K % 64 == 0 and "
+                "blocks of 64 x 2^i along K")
+    return None
+
+
+def _lib(act: str) -> ctypes.CDLL:
+    lib = _libs.get(act)
+    if lib is not None:
+        return lib
+    from .build import load_checked
+    b = decode.DecodeBuild(act, 4, decode.LAYOUT_SM90, MODE_LUT)
+    with _lock:
+        lib = load_checked(decode.kernel_spec(b), {
+            "qc_lut_gemm_decode": (_I, [_P] * 6 + [_I] * 7 + [_P]),
+            "qc_lut_dequantize": (_I, [_P] * 4 + [_I] * 4 + [_P]),
+        }, info=("qc_mixed_gemm_decode_info", b.info()))
+        _libs[act] = lib
+        return lib
+
+
+def load(act_dtype: torch.dtype) -> None:
+    """Build (or find cached) and load the library for ``act_dtype`` now (compile time), so a
+    missing toolchain shows before the weight is laid out for it."""
+    _lib(_ACTS[act_dtype])
+
+
+def prepare(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, K] in [0, 16), table [16], scales [N, K / block]) -> the ``sm90_lut``
+    operands (codes, table, scales) in the op's argument order."""
+    c = codes.to(torch.int16)
+    if int(c.min()) < 0 or int(c.max()) > 15:
+        raise ValueError("lookup-table codes must be in [0, 16)")
+    qweight = reorder_weight((c - 8).to(torch.int8), 4)
+    return (qweight, table.to(torch.float32).reshape(16).contiguous(),
+            scales.to(torch.float32).t().contiguous())
+
+
+def _unprepare(qweight: torch.Tensor, scales: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes [N, K] (int64) and scales [N, K / block] of the ``sm90_lut`` operands."""
+    return (unreorder_weight(qweight, 4, k).to(torch.int64) + 8), scales.t()
+
+
+def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor,
+                       scales: torch.Tensor, bias: torch.Tensor | None, block: int,
+                       dequant_dtype: str | torch.dtype) -> torch.Tensor:
+    """Plain-PyTorch ``lut_gemm`` on the ``sm90_lut`` operands (any device): the weight the
+    graph computed, then ``linear``."""
+    codes, s = _unprepare(qweight, scales, x.shape[-1])
+    dd = as_dtype(dequant_dtype)
+    n, k = codes.shape
+    w = table.to(dd)[codes].reshape(n, k // block, block) * s.to(dd).reshape(n, -1, 1)
+    return torch.nn.functional.linear(x, w.reshape(n, k).to(x.dtype), bias)
+
+
+def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+        bias: torch.Tensor | None, block: int, dequant_dtype: str | torch.dtype) -> torch.Tensor:
+    """``lut_gemm`` on CUDA for the ``sm90_lut`` operands; the reference where the kernels do
+    not take the call (a non-contiguous or misaligned x, an activation type without a build).
+    No host syncs (CUDA-graph safe)."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    act = _ACTS.get(x.dtype)
+    if (act is None or not x.is_cuda or not fits(n, k, block) or x.numel() == 0
+            or scales.shape != (k // block, n) or scales.dtype != torch.float32
+            or table.shape != (16,) or table.dtype != torch.float32):
+        return reference_prepared(x, qweight, table, scales, bias, block, dequant_dtype)
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    lib = _lib(act)
+    if m <= decode.MAX_TOKENS:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        choice = decode.heuristic(m, n, k, sms)  # no staged scales: the table takes that place
+        rc = lib.qc_lut_gemm_decode(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                    table.data_ptr(), None if bias is None else bias.data_ptr(),
+                                    out.data_ptr(), m, n, k, block, choice.tokens // 8,
+                                    choice.rows // 16, choice.warps, stream)
+        what = f"qc_lut_gemm_decode ({choice.name})"
+    else:
+        w = torch.empty(n, k, device=x.device, dtype=x.dtype)
+        in_act = int(as_dtype(dequant_dtype) == x.dtype)
+        rc = lib.qc_lut_dequantize(qweight.data_ptr(), scales.data_ptr(), table.data_ptr(),
+                                   w.data_ptr(), n, k, block, in_act, stream)
+        what = "qc_lut_dequantize"
+        out = None if rc else torch.nn.functional.linear(x2, w, bias)
+    if rc != 0:
+        raise RuntimeError(f"{what} (M={m} N={n} K={k} block {block}) failed with CUDA error {rc}")
+    return out.reshape(*x.shape[:-1], n)
