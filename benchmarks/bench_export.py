@@ -123,6 +123,9 @@ def role_compiled(args) -> dict:
 
 
 def role_loaded(args) -> dict:
+    # the model's own op (its decode attention, a Triton op of this folder) must be registered
+    # before load, as for any exported program that calls it; no model code is imported
+    import decode_attention  # noqa: F401
     start = time.perf_counter()
     mode = "reduce-overhead" if args.device == "cuda" else None
     step = qcompile.load(args.path, mode=mode)

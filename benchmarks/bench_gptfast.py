@@ -1,7 +1,7 @@
 """gpt-fast's decode loop, as gpt-fast writes it: tokens/s with backend="inductor" and "qcompile".
 
     python benchmarks/bench_gptfast.py [--config llama3-8b] [--layers 32]
-        [--formats bf16,w4a16,w4a16_qc,w8a16,w8a8] [--impls inductor,qcompile] [--batch 1,8]
+        [--formats bf16,w4a16,w4a16_qc,w8a16,w8a8,nf4] [--impls inductor,qcompile] [--batch 1,8]
         [--prompt 512] [--new 128]
 
 What a user who copied gpt-fast's generate.py runs, rather than what suits qcompile:
@@ -21,7 +21,8 @@ Greedy argmax stands in for gpt-fast's sampling (no multinomial: runs are reprod
 Formats: ``bf16``; ``w4a16``: gpt-fast's int4 module (``aten._weight_int4pack_mm``, g128,
 inner_k_tiles 8); ``w4a16_qc``: ``qcompile.quantize(model, "w4a16", group_size=128)``;
 ``w8a16``: gpt-fast's int8 module (``F.linear(x, w.to(x.dtype)) * scales``);
-``w8a8``: ``qcompile.quantize(model, "w8a8")``. Every linear is quantized, the output head
+``w8a8``: ``qcompile.quantize(model, "w8a8")``; ``nf4``: ``qcompile.quantize(model, "nf4",
+block_size=64)`` (bitsandbytes' defaults). Every linear is quantized, the output head
 included (gpt-fast does so too). ``bf16`` runs with Inductor only (nothing to rewrite).
 
 Per cell (format x batch x impl): build, quantize, setup_caches, prefill the prompt, run
@@ -61,7 +62,7 @@ from bench_common import commit  # noqa: E402
 import qcompile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gptfast.jsonl"
-FORMATS = ("bf16", "w4a16", "w4a16_qc", "w8a16", "w8a8")
+FORMATS = ("bf16", "w4a16", "w4a16_qc", "w8a16", "w8a8", "nf4")
 INDUCTOR_LINES = ("coordinate_descent_tuning", "triton.unique_kernel_names", "fx_graph_cache")
 MODE, FULLGRAPH = "reduce-overhead", True
 
@@ -127,11 +128,13 @@ def build_model(config: str, layers: int | None, fmt: str, device: str,
         qcompile.quantize(model, "w4a16", group_size=128)
     elif fmt == "w8a8":
         qcompile.quantize(model, "w8a8")
+    elif fmt == "nf4":  # bitsandbytes' defaults: NF4 codes, an absmax per 64 weights
+        qcompile.quantize(model, "nf4", block_size=64)
     return model
 
 
 QUANTIZED = (*gm.QUANTIZED_TYPES, qcompile.Int4WeightOnlyLinear, qcompile.Int8WeightOnlyLinear,
-             qcompile.SmoothQuantLinear)
+             qcompile.SmoothQuantLinear, qcompile.LookupTable4bitLinear)
 
 
 def quantized_linears(model: torch.nn.Module) -> int:

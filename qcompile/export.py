@@ -31,6 +31,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -419,7 +420,12 @@ def load(path: str | Path, device_index: int = -1, *, compile: bool = True,
         return aoti_load_package(str(path), device_index=device_index)
     try:
         ep = torch.export.load(str(path))
-    except Exception as e:  # a damaged archive that still passed the zip checks
+    except Exception as e:  # an op not registered here, or a damaged archive
+        missing = unregistered_ops(path)
+        if missing:
+            raise ArtifactError(
+                f"{path} calls ops that are not registered in this process: "
+                f"{', '.join(missing)}; import the module that defines them before load") from e
         raise ArtifactError(f"{path} could not be read as an exported program "
                             f"({type(e).__name__}: {_first_line(e)}); export it again") from e
     target = meta["target"]
@@ -430,6 +436,28 @@ def load(path: str | Path, device_index: int = -1, *, compile: bool = True,
         return module
     return torch.compile(module, backend=_program_backend, mode=mode, options=options,
                          dynamic=dynamic, fullgraph=True)
+
+
+_OP_NAME = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)")
+
+
+def unregistered_ops(path: str | Path) -> list[str]:
+    """``namespace::op`` of every op the program in the artifact names (in its serialized
+    graphs) that this process has not registered: the usual reason a program cannot be read
+    back (a custom op whose module was not imported)."""
+    found = set()
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith(".json") and not name.endswith(META_NAME):
+                text = zf.read(name).decode("utf-8", errors="replace")
+                found.update(_OP_NAME.findall(text))
+    missing = []
+    for ns, op in sorted(found):
+        try:
+            getattr(getattr(torch.ops, ns), op)
+        except (AttributeError, RuntimeError):
+            missing.append(f"{ns}::{op}")
+    return missing
 
 
 def _first_line(e: Exception) -> str:

@@ -295,6 +295,22 @@ def test_program_that_torch_cannot_read_fails_cleanly(artifacts, tmp_path):
         qcompile.load(bad)
 
 
+def test_program_calling_an_unregistered_op_names_it(artifacts, tmp_path):
+    # as when the module that defines a model's own op (its attention, say) was not imported
+    _, paths = artifacts
+    bad = tmp_path / "other_op.pt2"
+    with zipfile.ZipFile(paths["program"]) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("models/model.json"):
+                assert b"torch.ops.qcompile.mixed_gemm" in data
+                data = data.replace(b"torch.ops.qcompile.", b"torch.ops.qcgone.")
+            zout.writestr(item, data)
+    with pytest.raises(qcompile.ArtifactError,
+                       match=r"not registered in this process: .*qcgone::mixed_gemm.*import the module"):
+        qcompile.load(bad)
+
+
 def test_export_checks_arguments(tmp_path):
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         qcompile.export("m", (torch.randn(2, 4),), tmp_path / "a.pt2")

@@ -55,7 +55,7 @@ def _eager_replay(bench, fmt: str, batch: int, prompt: int, steps: int, trace: d
     return out
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w4a16_qc", "w8a16", "w8a8"])
+@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w4a16_qc", "w8a16", "w8a8", "nf4"])
 def test_gptfast_decode_runs_and_matches_eager(bench, fmt):
     trace: dict = {}
     prompt, batch, warmup = 8, 2, 3
@@ -120,7 +120,7 @@ def gpu_mm_decomposition():
         clear()
 
 
-@pytest.mark.parametrize("fmt", ["w4a16_qc", "w8a16", "w8a8"])
+@pytest.mark.parametrize("fmt", ["w4a16_qc", "w8a16", "w8a8", "nf4"])
 def test_gptfast_batch1_taken_over_under_gpu_mm_decomposition(bench, gpu_mm_decomposition, fmt):
     """The user's report: gpt-fast's loop at batch 1 on a GPU, nothing taken over. Inductor's
     GPU decomposition turns each one-token matmul into mul + sum before qcompile's pass sees
