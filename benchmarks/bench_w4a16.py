@@ -208,7 +208,8 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         from qcompile.kernels import lut_gemm
         lut_gemm.load(act)
         prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
-        made["qcompile"] = lambda x: lut_gemm.run(x, *prepared, None, fmt["group"], "float32")
+        made["qcompile"] = lambda x, path=None: lut_gemm.run(x, *prepared, None, fmt["group"],
+                                                             "float32", path)
     # the Hopper family, and the Ampere-class one (sm_80 code, which also runs on Hopper)
     for name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
         if name not in impls or fmt.get("lut"):
@@ -434,7 +435,9 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
         cells.append(("qcompile_again", made["qcompile"], None))
         if "cublas_bf16" in made:
             cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
-    if args.decode:
+    if args.decode and fmt.get("lut") and "qcompile" in made:  # both paths at every M
+        cells += [(f"qcompile[{p}]", made["qcompile"], p) for p in ("decode", "dequant")]
+    elif args.decode:
         for fam_name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
             if fam_name not in made:
                 continue

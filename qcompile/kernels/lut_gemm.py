@@ -121,11 +121,20 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tens
     return torch.nn.functional.linear(x, w.reshape(n, k).to(x.dtype), bias)
 
 
+# Token counts up to which ``run`` takes the decode kernel (beyond, dequantize + cuBLAS).
+DECODE_MAX_M = decode.MAX_TOKENS
+PATHS = ("decode", "dequant")
+
+
 def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
-        bias: torch.Tensor | None, block: int, dequant_dtype: str | torch.dtype) -> torch.Tensor:
+        bias: torch.Tensor | None, block: int, dequant_dtype: str | torch.dtype,
+        path: str | None = None) -> torch.Tensor:
     """``lut_gemm`` on CUDA for the ``sm90_lut`` operands; the reference where the kernels do
     not take the call (a non-contiguous or misaligned x, an activation type without a build).
-    No host syncs (CUDA-graph safe)."""
+    ``path`` forces "decode" (any token count: CTAs of 32 tokens) or "dequant"; by default the
+    decode kernel up to DECODE_MAX_M tokens. No host syncs (CUDA-graph safe)."""
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
     k = x.shape[-1]
     n = qweight.shape[0]
     act = _ACTS.get(x.dtype)
@@ -141,10 +150,11 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         bias = bias.to(x.dtype).contiguous()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     lib = _lib(act)
-    if m <= decode.MAX_TOKENS:
+    if path == "decode" or (path is None and m <= DECODE_MAX_M):
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        choice = decode.heuristic(m, n, k, sms)  # no staged scales: the table takes that place
+        # no staged scales (the table takes that place); beyond 32 tokens, 32 a CTA
+        choice = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sms)
         rc = lib.qc_lut_gemm_decode(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                                     table.data_ptr(), None if bias is None else bias.data_ptr(),
                                     out.data_ptr(), m, n, k, block, choice.tokens // 8,

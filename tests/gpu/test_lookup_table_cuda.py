@@ -51,6 +51,9 @@ def test_lut_kernels_against_float64(dtype, block, m):
         w = ops.lut_dequantize(ops.pack_nk(codes, 4).cuda(), table.cuda(), scales.cuda(), block,
                                "float32").to(dtype)
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), rtol=0, atol=0)
+        # and the decode kernel forced past its range (CTAs of 32 tokens over the tokens)
+        dec = lut_gemm.run(x, qweight, table_k, scales_k, bias, block, "float32", path="decode")
+        assert _rel(dec, ref) <= TOL[dtype], (m, _rel(dec, ref))
 
 
 @pytest.mark.parametrize("table_name", ["fp4", "random"])
