@@ -78,7 +78,7 @@ def _lib(act: str) -> ctypes.CDLL:
     b = decode.DecodeBuild(act, 4, decode.LAYOUT_SM90, MODE_LUT)
     with _lock:
         lib = load_checked(decode.kernel_spec(b), {
-            "qc_lut_gemm_decode": (_I, [_P] * 6 + [_I] * 8 + [_P]),
+            "qc_lut_gemm_decode": (_I, [_P] * 6 + [_I] * 7 + [_P]),
             "qc_lut_dequantize": (_I, [_P] * 4 + [_I] * 4 + [_P]),
         }, info=("qc_mixed_gemm_decode_info", b.info()))
         _libs[act] = lib
@@ -158,8 +158,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         rc = lib.qc_lut_gemm_decode(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                                     table.data_ptr(), None if bias is None else bias.data_ptr(),
                                     out.data_ptr(), m, n, k, block, choice.tokens // 8,
-                                    choice.rows // 16, choice.warps, decode.PREFETCH_ROUNDS,
-                                    stream)
+                                    choice.rows // 16, choice.warps, stream)
         what = f"qc_lut_gemm_decode ({choice.name})"
     else:
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)

@@ -23,7 +23,6 @@ import torch
 
 __all__ = [
     "MAX_TOKENS",
-    "PREFETCH_ROUNDS",
     "PREFIX",
     "SZ_SMEM_MIN_WAVES",
     "SZ_SMEM_W4_WAVES",
@@ -55,9 +54,6 @@ _SMEM_LIMIT = 48 * 1024
 # SZ_SMEM_W4_WAVES waves, else 8 (see heuristic).
 SZ_SMEM_MIN_WAVES = 3
 SZ_SMEM_W4_WAVES = 6
-# How many rounds ahead each warp asks the L2 for the weight lines it reads next (0: none);
-# a setting so that one process can compare (bench_decode --set).
-PREFETCH_ROUNDS = 0
 
 
 @dataclass(frozen=True)
@@ -235,7 +231,7 @@ def _lib(b: DecodeBuild) -> ctypes.CDLL:
     from .build import load_checked
     with _lock:
         lib = load_checked(kernel_spec(b), {
-            "qc_mixed_gemm_decode": (_I, [_P] * 13 + [_I] * 10 + [ctypes.c_float, _I, _P]),
+            "qc_mixed_gemm_decode": (_I, [_P] * 13 + [_I] * 10 + [ctypes.c_float, _P]),
         }, info=("qc_mixed_gemm_decode_info", b.info()))
         _libs[b] = lib
         return lib
@@ -301,7 +297,7 @@ def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: tor
         _ptr(ssq_out) if next_norm is not None else None,
         m, n, k, k if rowscale else group,
         choice.tokens // 8, choice.rows // 16, choice.warps, int(gated), k // 16,
-        int(choice.sz_smem), float(eps), PREFETCH_ROUNDS, stream)
+        int(choice.sz_smem), float(eps), stream)
     if rc != 0:
         raise RuntimeError(f"qc_mixed_gemm_decode ({choice.name}, {build}, M={m} N={n} K={k} "
                            f"g={group}) failed with CUDA error {rc}")

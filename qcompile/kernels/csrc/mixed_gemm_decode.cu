@@ -134,7 +134,6 @@ struct Params {
   const Act* norm;        // [K] RMSNorm weight, or null
   float eps;              // RMSNorm epsilon
   const Act* residual;    // [M, N] added to the result, or null
-  int prefetch;           // rounds ahead whose weight lines are prefetched into L2 (0: none)
   const float* lut_scales;  // lut: [K/g, N] block scales
   const float* lut_table;   // lut: [16] the values of codes 0..15
   const float* norm_ssq;  // [M, ssq_parts]: x is already x * norm; its squares' partial sums
@@ -211,14 +210,6 @@ template <typename T, bool kShared>
 __device__ __forceinline__ T ld_x(const T* p) {
   if constexpr (kShared) return *p;
   else return __ldg(p);
-}
-
-// Ask the L2 for a weight line a later round reads (no register, no wait): while a warp
-// converts and multiplies one round, the memory system already streams the next, where
-// otherwise each warp's loads would wait for its previous round's arithmetic. Holding the
-// next round in registers instead costs the occupancy that keeps one wave of CTAs resident.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
 template <bool kShared = false>
@@ -528,19 +519,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
     if (!kStaging || c0 != warp) load_round(c0);
-    if (p.prefetch > 0) {  // this warp's chunks p.prefetch rounds on
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = c0 + (p.prefetch * kUnroll + u) * warps;
-        if (c >= chunks) continue;
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          const uint8_t* at = p.w + (walk[r].lane + c * walk[r].stride);
-          prefetch_l2(at);
-          if (kWords == 2) prefetch_l2(at + walk[r].second);
-        }
-      }
-    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -754,11 +732,10 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 
 // Lookup-table decode: out [M, N] = x [M, K] W^T (+ bias [N]) with W[n, k] = table[c] *
 // scales[k / group, n]; w the codes c - 8 in the sm90 int4 layout, scales float32 [K/group, N],
-// table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0;
-// prefetch as qc_mixed_gemm_decode's.
+// table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0.
 int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const void* table,
                        const void* bias, void* out, int M, int N, int K, int group,
-                       int token_tiles, int row_tiles, int warps, int prefetch, void* stream) {
+                       int token_tiles, int row_tiles, int warps, void* stream) {
   const int per_group = group / kChunkK;
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (uint64_t)N * K >= (1ull << 32) || group <= 0 || group % kChunkK ||
@@ -775,7 +752,6 @@ int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const v
   p.N = N;
   p.K = K;
   p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
-  p.prefetch = prefetch < 0 ? 0 : prefetch;
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
@@ -844,14 +820,13 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // out, not with gated) or null: added to the result. next_norm ([N]) or null, not with
 // gated, norm or norm_ssq: also normed [M, N] = out * next_norm and ssq_out [M, N / 16]
 // float32, the sums of out^2 over each 16 rows (the next op's norm_ssq). sz_smem (groupzero):
-// stage the CTA's scales and zeros in shared memory first. prefetch: how many rounds ahead a
-// warp asks the L2 for its weight lines (0: none).
+// stage the CTA's scales and zeros in shared memory first.
 int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const void* zeros,
                          const void* rowscale, const void* bias, void* out, const void* norm,
                          const void* residual, const void* norm_ssq, const void* next_norm,
                          void* normed, void* ssq_out, int M, int N, int K, int group,
                          int token_tiles, int row_tiles, int warps, int gated, int ssq_parts,
-                         int sz_smem, float eps, int prefetch, void* stream) {
+                         int sz_smem, float eps, void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (uint64_t)N * K >= (1ull << 32) ||  // byte offsets in 32 bits (WeightWalk)
       (gated && row_tiles != 2) ||        // a CTA must hold a gate tile and its up tile
@@ -890,7 +865,6 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.next_norm = static_cast<const Act*>(next_norm);
   p.normed = static_cast<Act*>(normed);
   p.ssq_out = static_cast<float*>(ssq_out);
-  p.prefetch = prefetch < 0 ? 0 : prefetch;
 #if QC_MODE == 2
   p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
 #else
