@@ -256,7 +256,9 @@ def recognize_lookup(ev: ConstantEvaluator, b: fx.Node, miss: NoMatch | None = N
 
 def _probe(ev: ConstantEvaluator, b: fx.Node, lk: _Lookup, w_kn: torch.Tensor
            ) -> LookupTableMatch:
-    pre = lk.pre if lk.pre is not None else torch.ones(lk.codes.shape, dtype=torch.float64)
+    dev = lk.codes.device  # the probes run where the graph's constants are (a GPU, say)
+    pre = (lk.pre.to(dev) if lk.pre is not None
+           else torch.ones(lk.codes.shape, dtype=torch.float64, device=dev))
     try:
         f0 = ev.shadow(b, lk.node, torch.zeros_like(pre))
         s_kn = ev.shadow(b, lk.node, pre)
@@ -284,8 +286,8 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, lk: _Lookup, w_kn: torch.Tensor
     s = s[:, ::group].contiguous()
     low = [w.dtype, torch.float32] if w.dtype != torch.float32 else [torch.float32]
     s_dtype = _exact_dtype(s, low)
-    table = torch.zeros(MAX_TABLE, dtype=torch.float64)
-    table[: lk.table.numel()] = lk.table
+    table = torch.zeros(MAX_TABLE, dtype=torch.float64, device=dev)
+    table[: lk.table.numel()] = lk.table.to(dev)
     if s_dtype is None or _exact_dtype(table, [torch.float32]) is None:
         raise NoMatch("the table or the scales are not representable in the weight's dtype "
                       "or float32")
