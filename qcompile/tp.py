@@ -13,15 +13,18 @@ The collectives are ordinary graph ops: qcompile rewrites the matmuls around the
 the all-reduce to Inductor.
 
 Works on ``nn.Linear`` and on qcompile's formats (``Int8WeightOnlyLinear``,
-``Int4WeightOnlyLinear`` with every packing, ``SmoothQuantLinear``), so ``qcompile.quantize``
-and ``shard`` compose in either order. A row-wise split must not cut a quantization group:
-``K / world_size`` has to be a multiple of the group size (else ``ValueError``). Group-wise
-int4 gives the same weights in both orders; per-channel int8 quantized after a row-wise split
-gets one scale per shard and output channel (finer than the unsharded model's).
+``Int4WeightOnlyLinear`` with every packing, ``SmoothQuantLinear``, the NF4/FP4
+``LookupTable4bitLinear``), so ``qcompile.quantize`` and ``shard`` compose in either order. A
+row-wise split must not cut a quantization group or block: ``K / world_size`` has to be a
+multiple of the group size (else ``ValueError``). Group-wise int4 and NF4/FP4 give the same
+weights in both orders (a double-quantized absmax is read back and kept as float32 in the
+shards, so that the weights stay exactly the unsharded model's); per-channel int8 quantized
+after a row-wise split gets one scale per shard and output channel (finer than the unsharded
+model's).
 
 Not handled here: attention head counts (a model that reads ``n_head`` from an attribute must
 divide it itself; one that infers heads from the shapes needs nothing), fused qkv weights,
-the lookup-table formats (NF4/FP4) and GPTQ act-order (unsorted ``g_idx``) row-wise.
+and GPTQ act-order (unsorted ``g_idx``) row-wise.
 
 DTensor spelling: ``parallelize_module(model, mesh, {"wq": qcompile.tp.ColwiseParallel(),
 "wo": qcompile.tp.RowwiseParallel(), ...})``, torch's styles extended to
@@ -36,7 +39,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .formats import Int4WeightOnlyLinear, Int8WeightOnlyLinear, SmoothQuantLinear
+from .formats import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, LookupTable4bitLinear,
+                      SmoothQuantLinear)
 
 __all__ = ["shard", "shard_linear", "AllReduce", "ColwiseParallel", "RowwiseParallel",
            "DEFAULT_PLAN", "STYLES"]
@@ -51,7 +55,8 @@ DEFAULT_PLAN: dict[str, str] = {
     "*gate_proj": "colwise", "*up_proj": "colwise", "*down_proj": "rowwise",
 }
 
-SHARDABLE = (nn.Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear, SmoothQuantLinear)
+SHARDABLE = (nn.Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear, SmoothQuantLinear,
+             LookupTable4bitLinear)
 
 
 class AllReduce(nn.Module):
@@ -150,6 +155,8 @@ def shard_linear(module: nn.Module, style: str, rank: int, world_size: int,
         return _rebuild(module, bufs, _bias(module, style, rank, 0, n), k1 - k0, n)
     if isinstance(module, Int4WeightOnlyLinear):
         return _shard_int4(module, col, rank, world_size, name)
+    if isinstance(module, LookupTable4bitLinear):
+        return _shard_lut(module, col, rank, world_size, name)
     raise TypeError(f"{name}: cannot shard {type(module).__name__}; shardable: "
                     + ", ".join(c.__name__ for c in SHARDABLE))
 
@@ -196,6 +203,30 @@ def _shard_int4(m: Int4WeightOnlyLinear, col: bool, rank: int, world_size: int,
         bufs = {"qweight": m.qweight[k0 // 8:k1 // 8], "qzeros": m.qzeros[g0:g1],
                 "scales": m.scales[g0:g1], "g_idx": m.g_idx[k0:k1] - g0}
     return _rebuild(m, bufs, _bias(m, style, rank, 0, n), k1 - k0, n)
+
+
+def _shard_lut(m: LookupTable4bitLinear, col: bool, rank: int, world_size: int,
+               name: str) -> nn.Module:
+    """NF4/FP4: the codes [N, K] and block absmax [N, K / block] sliced as a weight and its
+    group scales are (bitsandbytes' flat storage read back first)."""
+    n, k, b = m.out_features, m.in_features, m.block_size
+    a = m.qweight.reshape(-1)
+    codes = torch.stack((a >> 4, a & 15), dim=-1).reshape(n, k)
+    absmax = m.block_absmax().reshape(n, k // b)
+    if col:
+        n0, n1 = _span(n, rank, world_size, f"{name} out_features")
+        codes, absmax, bias = codes[n0:n1], absmax[n0:n1], _bias(m, "colwise", rank, n0, n1)
+    else:
+        if k % world_size or (k // world_size) % b:
+            raise ValueError(
+                f"layer {name!r}: a row-wise split over {world_size} ranks would cut its "
+                f"lookup-table blocks: the shard width {k / world_size:g} (in_features {k} / "
+                f"{world_size}) is not a multiple of block_size={b}")
+        k0, k1 = _span(k, rank, world_size, f"{name} in_features", b)
+        codes, absmax = codes[:, k0:k1], absmax[:, k0 // b:k1 // b]
+        bias = _bias(m, "rowwise", rank, 0, n)
+    return LookupTable4bitLinear(codes.contiguous(), m.table, absmax.contiguous(), b,
+                                 None if bias is None else bias.clone())
 
 
 def _style_of(name: str, plan: Mapping[str, str]) -> str | None:

@@ -27,7 +27,7 @@ from qcompile import tp
 
 WORLD = 2
 QC_OPS = ("qcompile.mixed_gemm", "qcompile.mixed_gemm_gated", "qcompile.mixed_gemm_norm_out",
-          "qcompile.int8_gemm")
+          "qcompile.int8_gemm", "qcompile.lut_gemm")
 
 
 class Block(nn.Module):
@@ -67,6 +67,10 @@ CASES = {
     # group-wise int4 quantized after the split: the same groups, the same weights
     "s_then_q_w4a16_gptq": ("shard_first", dict(method="w4a16", group_size=64, packing="gptq"),
                             torch.bfloat16),
+    # NF4 with a double-quantized absmax (read back into the shards), and NF4 after the split
+    "q_then_s_nf4_dq": ("quantize_first", dict(method="nf4", block_size=64, double_quant=True),
+                        torch.bfloat16),
+    "s_then_q_fp4": ("shard_first", dict(method="fp4", block_size=128), torch.float32),
 }
 
 
@@ -183,6 +187,9 @@ def test_rowwise_split_cutting_a_group_is_refused():
     # column-wise the same layer splits fine; row-wise over 3 ranks (64 columns each) too
     assert tp.shard(copy.deepcopy(m), 1, 2, plan={"0": "colwise"})[0].out_features == 32
     assert tp.shard(copy.deepcopy(m), 2, 3, plan={"0": "rowwise"})[0].linear.in_features == 64
+    lut = qcompile.quantize(nn.Sequential(nn.Linear(192, 64, bias=False)), "nf4", block_size=64)
+    with pytest.raises(ValueError, match=r"layer '0'.*lookup-table blocks.*block_size=64"):
+        tp.shard(lut, 0, 2, plan={"0": "rowwise"})
 
 
 def test_shards_add_up_to_the_layer():
@@ -194,7 +201,10 @@ def test_shards_add_up_to_the_layer():
                dict(method="w4a16", group_size=32), dict(method="w4a16", group_size=32,
                                                          packing="awq"),
                dict(method="w4a16", group_size=32, packing="gptq", zero_point=False),
-               dict(method="w8a8", act="static", calibration=[x])):
+               dict(method="w8a8", act="static", calibration=[x]),
+               dict(method="nf4", block_size=64), dict(method="nf4", block_size=32,
+                                                       double_quant=True),
+               dict(method="fp4", block_size=64)):
         lin = nn.Sequential(nn.Linear(128, 64))
         if kw:
             qcompile.quantize(lin, **kw)
