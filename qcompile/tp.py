@@ -102,6 +102,17 @@ def _rebuild(module: nn.Module, buffers: Mapping[str, torch.Tensor | None],
     return new
 
 
+def _row_span(k: int, rank: int, world_size: int, group: int, name: str, what: str,
+              field: str) -> tuple[int, int]:
+    """The input columns of a row-wise shard, refused where it would cut a group."""
+    if k % world_size or (k // world_size) % group:
+        raise ValueError(
+            f"layer {name!r}: a row-wise split over {world_size} ranks would cut its {what}: "
+            f"the shard width {k / world_size:g} (in_features {k} / {world_size}) is not a "
+            f"multiple of {field}={group}")
+    return _span(k, rank, world_size, f"{name} in_features", group)
+
+
 def _bias(module: nn.Module, style: str, rank: int, n0: int, n1: int):
     b = module.bias
     if b is None:
@@ -178,12 +189,7 @@ def _shard_int4(m: Int4WeightOnlyLinear, col: bool, rank: int, world_size: int,
             if p == "gptq":
                 bufs["g_idx"] = m.g_idx
         return _rebuild(m, bufs, _bias(m, style, rank, n0, n1), k, n1 - n0)
-    if k % world_size or (k // world_size) % g:
-        raise ValueError(
-            f"layer {name!r}: a row-wise split over {world_size} ranks would cut its int4 "
-            f"groups: the shard width {k / world_size:g} (in_features {k} / {world_size}) is "
-            f"not a multiple of group_size={g}")
-    k0, k1 = _span(k, rank, world_size, f"{name} in_features", g)
+    k0, k1 = _row_span(k, rank, world_size, g, name, "int4 groups", "group_size")
     g0, g1 = k0 // g, k1 // g
     if p == "uint8":
         bufs = {"qweight": m.qweight[:, k0 // 2:k1 // 2], "scales": m.scales[:, g0:g1],
@@ -217,12 +223,7 @@ def _shard_lut(m: LookupTable4bitLinear, col: bool, rank: int, world_size: int,
         n0, n1 = _span(n, rank, world_size, f"{name} out_features")
         codes, absmax, bias = codes[n0:n1], absmax[n0:n1], _bias(m, "colwise", rank, n0, n1)
     else:
-        if k % world_size or (k // world_size) % b:
-            raise ValueError(
-                f"layer {name!r}: a row-wise split over {world_size} ranks would cut its "
-                f"lookup-table blocks: the shard width {k / world_size:g} (in_features {k} / "
-                f"{world_size}) is not a multiple of block_size={b}")
-        k0, k1 = _span(k, rank, world_size, f"{name} in_features", b)
+        k0, k1 = _row_span(k, rank, world_size, b, name, "lookup-table blocks", "block_size")
         codes, absmax = codes[:, k0:k1], absmax[:, k0 // b:k1 // b]
         bias = _bias(m, "rowwise", rank, 0, n)
     return LookupTable4bitLinear(codes.contiguous(), m.table, absmax.contiguous(), b,

@@ -281,16 +281,22 @@ def test_corrupt_member_fails_cleanly(artifact, tmp_path, nothing_loads):
         qcompile.load(bad)
 
 
-def test_program_that_torch_cannot_read_fails_cleanly(artifacts, tmp_path):
-    # a well-formed archive with a good qcompile.json whose graph is damaged
-    _, paths = artifacts
-    bad = tmp_path / "damaged.pt2"
-    with zipfile.ZipFile(paths["program"]) as zin, zipfile.ZipFile(bad, "w") as zout:
+def _with_graph(src: Path, dst: Path, change) -> Path:
+    """A copy of the program artifact src with its serialized graph (models/model.json)
+    replaced by change(bytes)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
             data = zin.read(item.filename)
             if item.filename.endswith("models/model.json"):
-                data = data[: len(data) // 2]
+                data = change(data)
             zout.writestr(item, data)
+    return dst
+
+
+def test_program_that_torch_cannot_read_fails_cleanly(artifacts, tmp_path):
+    # a well-formed archive with a good qcompile.json whose graph is damaged
+    _, paths = artifacts
+    bad = _with_graph(paths["program"], tmp_path / "damaged.pt2", lambda d: d[: len(d) // 2])
     with pytest.raises(qcompile.ArtifactError, match="could not be read as an exported program"):
         qcompile.load(bad)
 
@@ -298,14 +304,11 @@ def test_program_that_torch_cannot_read_fails_cleanly(artifacts, tmp_path):
 def test_program_calling_an_unregistered_op_names_it(artifacts, tmp_path):
     # as when the module that defines a model's own op (its attention, say) was not imported
     _, paths = artifacts
-    bad = tmp_path / "other_op.pt2"
-    with zipfile.ZipFile(paths["program"]) as zin, zipfile.ZipFile(bad, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename.endswith("models/model.json"):
-                assert b"torch.ops.qcompile.mixed_gemm" in data
-                data = data.replace(b"torch.ops.qcompile.", b"torch.ops.qcgone.")
-            zout.writestr(item, data)
+    graph = []
+    bad = _with_graph(paths["program"], tmp_path / "other_op.pt2",
+                      lambda d: graph.append(d) or d.replace(b"torch.ops.qcompile.",
+                                                             b"torch.ops.qcgone."))
+    assert b"torch.ops.qcompile.mixed_gemm" in graph[0]
     with pytest.raises(qcompile.ArtifactError,
                        match=r"not registered in this process: .*qcgone::mixed_gemm.*import the module"):
         qcompile.load(bad)
