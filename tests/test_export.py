@@ -64,6 +64,24 @@ def test_round_trip_matches_eager_for_any_m(artifact):
             assert rel_err(loaded(x), model(x)) < 1e-5
 
 
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_lookup_table_program_round_trip(tmp_path, method):
+    """NF4/FP4 weights travel as qcompile::lut_gemm with their codes, table and scales, and the
+    loaded program gives eager's numbers exactly (the op's weight is the graph's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.SiLU(), nn.Linear(256, 64)).to(torch.bfloat16)
+    qcompile.quantize(model, method, block_size=64, double_quant=True)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    path = qcompile.export(model, (x,), tmp_path / "lut.pt2",
+                           dynamic_shapes=({0: torch.export.Dim("m", min=1, max=64)},))
+    assert len(qcompile.last_report().matched) == 2
+    loaded = qcompile.load(path, compile=False)
+    with torch.no_grad():
+        for m in (1, 5):
+            xm = torch.randn(m, 128, dtype=torch.bfloat16)
+            assert torch.equal(loaded(xm), model(xm))
+
+
 def test_program_runs_through_the_dispatcher_without_compiling(artifacts):
     model, paths = artifacts
     loaded = qcompile.load(paths["program"], compile=False)
