@@ -44,6 +44,11 @@ CONFIGS = {
     "llama3-8b": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
                              n_kv_heads=8, intermediate=14336, max_seq_len=1024,
                              rope_base=500000.0),
+    # Llama-3-70B shapes (hidden 8192, MLP 28672, 64 heads, 8 KV heads); benchmarks pick the
+    # number of layers that fits
+    "llama3-70b": LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64,
+                              n_kv_heads=8, intermediate=28672, max_seq_len=1024,
+                              rope_base=500000.0),
 }
 
 
@@ -79,6 +84,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
+        # the heads this module computes: a tensor-parallel shard divides them (qcompile.tp
+        # splits the projections; the model says how many heads they hold)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -88,7 +96,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, input_pos, mask):
         b, s, _ = x.shape
-        c = self.cfg
+        c = self  # head counts and size
         q = _apply_rope(self.wq(x).view(b, s, c.n_heads, c.head_dim), rope)
         k = _apply_rope(self.wk(x).view(b, s, c.n_kv_heads, c.head_dim), rope)
         v = self.wv(x).view(b, s, c.n_kv_heads, c.head_dim)
@@ -112,7 +120,7 @@ class Attention(nn.Module):
             mask = mask[:, :, None].expand(mask.shape[0], 1, rep, s, t).reshape(-1, 1, rep * s, t)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.reshape(b, c.n_heads, s, c.head_dim)
-        return self.wo(y.transpose(1, 2).reshape(b, s, c.dim))
+        return self.wo(y.transpose(1, 2).reshape(b, s, c.n_heads * c.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -159,11 +167,11 @@ class Llama(nn.Module):
         self.cache_len = 0
 
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
-        c = self.cfg
         dtype, device = self.output.weight.dtype if hasattr(self.output, "weight") \
             else self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         for layer in self.layers:
-            shape = (max_batch, c.n_kv_heads, max_seq, c.head_dim)
+            a = layer.attention
+            shape = (max_batch, a.n_kv_heads, max_seq, a.head_dim)
             # buffers, not plain attributes: torch.export then treats the in-place cache
             # writes as buffer mutations (a plain tensor would be a constant it cannot write)
             for name in ("k_cache", "v_cache"):

@@ -11,6 +11,13 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_bench_decode_cpu_smoke(tmp_path):
     out = tmp_path / "decode.jsonl"
     res = subprocess.run(
@@ -292,3 +299,22 @@ def test_bench_w4a16_nf4_weights():
     out = torch.ops.qcompile.lut_gemm(x, ops.pack_nk(fmt["codes"], 4), fmt["table"], fmt["s"],
                                       None, 64, "float32", ops.REFERENCE_LAYOUT, "")
     torch.testing.assert_close(out, mod(x), rtol=0, atol=0)
+
+
+def test_bench_tp_two_cpu_ranks(tmp_path):
+    """bench_tp under torchrun with two gloo ranks: every rank's quantized linears taken over,
+    the first step's logits the unsharded model's, one row per cell from rank 0."""
+    out = tmp_path / "tp.jsonl"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(_free_port()), str(BENCH / "bench_tp.py"), "--device", "cpu",
+         "--config", "tiny", "--layers", "2", "--formats", "bf16,w4a16,nf4", "--batch", "1",
+         "--prompt", "8", "--new", "2", "--group-size", "32", "--check", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["format"] for r in rows] == ["bf16", "w4a16", "nf4"]
+    for r in rows:
+        assert r["bench"] == "tp_decode" and r["world_size"] == 2 and r["tokens_per_s"] > 0
+        assert r["all_taken_over"] and max(r["check_rel_err"]) < 2e-2, r
+    assert rows[1]["matched"] == ["15/15", "15/15"] and rows[0]["impl"] == "inductor"

@@ -17,6 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("torchao_model.py", []),
     ("export_and_load.py", []),
     ("decode_llama.py", ["--new", "6"]),
+    ("tp_decode.py", ["--cpu", "--new", "4"]),  # two gloo ranks, started by the example itself
 ])
 def test_example_runs(script, args, tmp_path):
     res = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=tmp_path,
