@@ -70,11 +70,12 @@ def _build(args) -> int:
                   for c in mixed_gemm.CONFIGS]
         specs += [mixed_gemm_decode.kernel_spec(b)
                   for b in mixed_gemm_decode.builds(mixed_gemm_decode.LAYOUT_SM90)]
-        specs += [mixed_gemm_decode.kernel_spec(b) for b in lut_gemm.builds()]
     elif args.arch == "sm_80":
         specs += [mixed_gemm_sm80.kernel_spec(c) for c in mixed_gemm_sm80.CONFIGS]
         specs += [mixed_gemm_decode.kernel_spec(b)
                   for b in mixed_gemm_decode.builds(mixed_gemm_decode.LAYOUT_SM80_V2)]
+    if args.arch in ("sm_90a", "sm_80"):  # the lookup-table kernels run on both
+        specs += [mixed_gemm_decode.kernel_spec(b) for b in lut_gemm.builds()]
     if not specs:
         print(f"error: no kernels for arch {args.arch!r} (sm_90a or sm_80)", file=sys.stderr)
         return 2
