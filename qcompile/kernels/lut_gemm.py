@@ -26,7 +26,7 @@ import threading
 import torch
 
 from . import mixed_gemm_decode as decode
-from .mixed_gemm import reorder_weight, unreorder_weight
+from .mixed_gemm import reorder_weight, sm_count, unreorder_weight
 from .ops import as_dtype
 
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "fits", "supported", "prepare", "run",
@@ -152,7 +152,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     lib = _lib(act)
     if path == "decode" or (path is None and m <= DECODE_MAX_M):
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = sm_count(x.device.index if x.device.index is not None
+                       else torch.cuda.current_device())
         # no staged scales (the table takes that place); beyond 32 tokens, 32 a CTA
         choice = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sms)
         rc = lib.qc_lut_gemm_decode(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
