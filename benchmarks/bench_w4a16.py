@@ -22,7 +22,8 @@ prints a table with the ratio to cublas_bf16, then one of cuBLAS / qcompile and,
 M <= 16, qcompile / read_floor. `--grid issue25` is the preset of issue 25: N x K in
 4096x4096, 14336x4096, 4096x14336, 28672x4096, M in 1..2048, the three affine patterns, bf16
 and fp16, impls qcompile, cublas_bf16, read_floor, marlin (no qcompile_dp/_streamk rows);
-`--grid issue27` NF4 beside int4 g128+zeros on 4096x4096 and 14336x4096, bf16. Flags given
+`--grid issue27` NF4 beside int4 g128+zeros on 4096x4096 and 14336x4096, bf16 (with `--decode`
+also each lookup-table path at every M, and the pair-table lookup up to 32 tokens). Flags given
 beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
 source (importable as `marlin`): the symmetric cells exactly, the zeros cells a symmetric
 stand-in of the same bytes (its rows say "weights"). Extra rows qcompile_dp / qcompile_streamk
@@ -208,8 +209,15 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         from qcompile.kernels import lut_gemm
         lut_gemm.load(act)
         prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
-        made["qcompile"] = lambda x, path=None: lut_gemm.run(x, *prepared, None, fmt["group"],
-                                                             "float32", path)
+        def lut_call(x, path=None):
+            if path != "pairs":
+                return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", path)
+            old, lut_gemm.PAIR_TABLE = lut_gemm.PAIR_TABLE, True  # the experimental lookup
+            try:
+                return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", "decode")
+            finally:
+                lut_gemm.PAIR_TABLE = old
+        made["qcompile"] = lut_call
     # the Hopper family, and the Ampere-class one (sm_80 code, which also runs on Hopper)
     for name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
         if name not in impls or fmt.get("lut"):
@@ -437,6 +445,8 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
             cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
     if args.decode and fmt.get("lut") and "qcompile" in made:  # both paths at every M
         cells += [(f"qcompile[{p}]", made["qcompile"], p) for p in ("decode", "dequant")]
+        if m <= 32:  # and the decode kernel's experimental pair-table lookup
+            cells.append(("qcompile[decode.pairs]", made["qcompile"], "pairs"))
     elif args.decode:
         for fam_name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
             if fam_name not in made:

@@ -78,7 +78,7 @@ def _lib(act: str) -> ctypes.CDLL:
     b = decode.DecodeBuild(act, 4, decode.LAYOUT_SM90, MODE_LUT)
     with _lock:
         lib = load_checked(decode.kernel_spec(b), {
-            "qc_lut_gemm_decode": (_I, [_P] * 6 + [_I] * 7 + [_P]),
+            "qc_lut_gemm_decode": (_I, [_P] * 6 + [_I] * 8 + [_P]),
             "qc_lut_dequantize": (_I, [_P] * 4 + [_I] * 4 + [_P]),
         }, info=("qc_mixed_gemm_decode_info", b.info()))
         _libs[act] = lib
@@ -123,6 +123,10 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tens
 
 # Token counts up to which ``run`` takes the decode kernel (beyond, dequantize + cuBLAS).
 DECODE_MAX_M = decode.MAX_TOKENS
+# The decode kernel's lookup: the 16-value table (False, measured) or the experimental table of
+# all 256 value pairs (True; see csrc/mixed_gemm_decode.cu), a setting so that one process
+# can compare them. Stays False until the pair table is timed faster on the H100.
+PAIR_TABLE = False
 PATHS = ("decode", "dequant")
 
 
@@ -159,7 +163,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         rc = lib.qc_lut_gemm_decode(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                                     table.data_ptr(), None if bias is None else bias.data_ptr(),
                                     out.data_ptr(), m, n, k, block, choice.tokens // 8,
-                                    choice.rows // 16, choice.warps, stream)
+                                    choice.rows // 16, choice.warps, int(PAIR_TABLE), stream)
         what = f"qc_lut_gemm_decode ({choice.name})"
     else:
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)

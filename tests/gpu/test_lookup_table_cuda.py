@@ -56,15 +56,17 @@ def test_lut_kernels_against_float64(dtype, block, m):
         assert _rel(dec, ref) <= TOL[dtype], (m, _rel(dec, ref))
 
 
+@pytest.mark.parametrize("pair_table", [False, True])
 @pytest.mark.parametrize("table_name", ["fp4", "random"])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 14336), (48, 128)])
-def test_lut_decode_kernel_tables_and_shapes(table_name, shape):
+def test_lut_decode_kernel_tables_and_shapes(table_name, shape, pair_table, monkeypatch):
+    monkeypatch.setattr(lut_gemm, "PAIR_TABLE", pair_table)  # both lookups of the kernel
     n, k = shape
     dtype = torch.bfloat16
     codes, table, scales, w64 = _problem(n, k, 64 if k % 128 else 128, table_name, dtype)
     block = 64 if k % 128 else 128
     qweight, table_k, scales_k = (t.cuda() for t in lut_gemm.prepare(codes, table, scales))
-    for m in (1, 5):
+    for m in (1, 5, 20):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         out = torch.ops.qcompile.lut_gemm(x, qweight, table_k, scales_k, None, block,
                                           "bfloat16", lut_gemm.LAYOUT, "")

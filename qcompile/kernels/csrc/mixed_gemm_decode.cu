@@ -68,6 +68,11 @@
 // bytes are 8 words in 8 banks, so a warp's lookups never conflict. The MMA sums x * T[c]
 // over a chunk's one block and s scales it in fp32. The same build exports the prefill path's
 // dequantization (qc_lut_dequantize: W in the activation type, for a cuBLAS GEMM).
+// Experimental (launch argument lut_pairs, off by default until timed): a table of all 256
+// value pairs, one 32-bit word a pair, in 32 copies laid out so that lane l reads copy l
+// (word 32 p + l: always bank l, never a conflict), 32 KB in the region the reduction uses
+// after the main loop. A fragment register is then one shared load indexed by a byte of two
+// nibbles, instead of two 2-byte loads and the packing of their values.
 //
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
@@ -106,6 +111,7 @@ constexpr int kBits = QC_WBITS;
 constexpr int kWords = kBits / 4;        // 32-bit weight words per lane per 16-deep K step
 constexpr int kChunkK = 64;              // K per chunk (4 MMA steps)
 constexpr int kMaxWarps = 16;
+constexpr int kLutPairWords = 256 * 32;  // lut pairs: 256 pairs x 32 copies
 // Chunk-tile loads a warp issues before converting any (a round): 4 for int4, 2 for int8,
 // whose chunk-tiles are twice the bytes (in the GEMM sequence of a decode step on an H100,
 // bench_stream: int8 per-channel 22.6 vs 23.9 us a GEMM with 2 instead of 4, int4 17.1 vs
@@ -136,6 +142,7 @@ struct Params {
   const Act* residual;    // [M, N] added to the result, or null
   const float* lut_scales;  // lut: [K/g, N] block scales
   const float* lut_table;   // lut: [16] the values of codes 0..15
+  int lut_pairs;            // lut: look pairs up in the 256-pair table (see above)
   const float* norm_ssq;  // [M, ssq_parts]: x is already x * norm; its squares' partial sums
   int ssq_parts;
   const Act* next_norm;   // [N]: also write normed = out * next_norm and ssq_out, or null
@@ -335,8 +342,20 @@ __device__ __forceinline__ uint32_t signed_pair(uint32_t w) {
 // h of the A fragment {a0, a1, a2, a3} from one K step's raw words (lut: T[c] looked up in
 // the CTA's table, indexed by raw nibble; pair I is nibbles I and I + 4, as in signed_pair).
 __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[kWords],
-                                         const unsigned short* lut) {
+                                         const unsigned short* lut, const uint32_t* pairs) {
 #if QC_MODE == 3
+  if (pairs != nullptr) {
+    // the bytes of e and f are pair indices (low nibble the pair's first value): e's byte 0
+    // nibbles 0 and 4 (pair 0), byte 1 nibbles 2 and 6 (pair 2); f's pairs 1 and 3
+    const uint32_t w = r[0];
+    const uint32_t e = (w & 0x0f0f0f0fu) | ((w >> 12) & 0xf0f0f0f0u);
+    const uint32_t f = ((w >> 4) & 0x0f0f0f0fu) | ((w >> 16) & 0xf0f0f0f0u);
+    a[0] = pairs[(e & 0xffu) * 32];
+    a[2] = pairs[((e >> 8) & 0xffu) * 32];
+    a[1] = pairs[(f & 0xffu) * 32];
+    a[3] = pairs[((f >> 8) & 0xffu) * 32];
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i)
     a[i] = static_cast<uint32_t>(lut[(r[0] >> (4 * i)) & 0xfu]) |
@@ -435,6 +454,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   uint2* szs = reinterpret_cast<uint2*>(red);
   if (kSzSmem) region0 = max(region0, sz_smem_bytes(K, p.group_shift, kR) / 4);
 #endif
+  // lut pairs: the table in the reduction's region (read in the main loop only)
+  const uint32_t* pairs = nullptr;
+#if QC_MODE == 3
+  if (p.lut_pairs) {
+    region0 = max(region0, kLutPairWords);
+    pairs = reinterpret_cast<const uint32_t*>(red) + lane;
+  }
+#endif
   float* ss_red = red + region0;  // past the reduction's tiles (or the staged scales)
   Act* xs = reinterpret_cast<Act*>(ss_red + warps * 8 * kNT);
   const int rows = kNorm == kNormStaged ? min(8 * kNT, M - m0) : 0;
@@ -501,6 +528,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       const Act v = Act(__ldg(p.lut_table + (threadIdx.x ^ 8)));
       lut[threadIdx.x] = *reinterpret_cast<const unsigned short*>(&v);
     }
+    if (p.lut_pairs) {
+      __syncthreads();  // the 16 values, then every pair of them in 32 copies
+      uint32_t* table = reinterpret_cast<uint32_t*>(red);
+      for (int i = threadIdx.x; i < kLutPairWords; i += blockDim.x) {
+        const int q = i >> 5;  // pair index: low nibble the first value
+        table[i] = static_cast<uint32_t>(lut[q & 15]) | (static_cast<uint32_t>(lut[q >> 4]) << 16);
+      }
+    }
 #endif
     if (kNorm == kNormStaged) stage_norm(xs, ss_red, p.x + (size_t)m0 * K, p.norm, rows, K, 8 * kNT);
 #if QC_MODE == 2
@@ -548,7 +583,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           uint32_t a[4];
-          fragment(a, raw[u][r][ks], lut);
+          fragment(a, raw[u][r][ks], lut, pairs);
 #pragma unroll
           for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
         }
@@ -600,7 +635,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   }
 
   // --- sum the warps' partial tiles in warp order, then scale, bias, store ---
-  if (kSzSmem) __syncthreads();  // every warp is done with the staged scales it overwrites
+  // every warp is done with the staged scales (or the pair table) the reduction overwrites
+  if (kSzSmem || pairs != nullptr) __syncthreads();
   if (kNorm == kNormGiven) {
     // a warp a token: the op before's partial sums of squares, in a fixed order (the
     // reduction's barrier orders these writes before the reads in finish)
@@ -733,9 +769,11 @@ int qc_mixed_gemm_decode_info(int* out, int n) {
 // Lookup-table decode: out [M, N] = x [M, K] W^T (+ bias [N]) with W[n, k] = table[c] *
 // scales[k / group, n]; w the codes c - 8 in the sm90 int4 layout, scales float32 [K/group, N],
 // table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0.
+// lut_pairs: look value pairs up in the 256-pair table (experimental, see the header).
 int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const void* table,
                        const void* bias, void* out, int M, int N, int K, int group,
-                       int token_tiles, int row_tiles, int warps, void* stream) {
+                       int token_tiles, int row_tiles, int warps, int lut_pairs,
+                       void* stream) {
   const int per_group = group / kChunkK;
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (uint64_t)N * K >= (1ull << 32) || group <= 0 || group % kChunkK ||
@@ -752,13 +790,15 @@ int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const v
   p.N = N;
   p.K = K;
   p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
+  p.lut_pairs = lut_pairs != 0;
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
     const auto kernel = mixed_gemm_decode_kernel<kNT, kR, kNormNone, false>;
-    static int cached[kMaxWarps + 1] = {};
-    const int smem = capped_smem<kMaxWarps>(kernel, warps, reduce_smem_bytes<kR, kNT, float>(warps),
-                                            32, cached);
+    static int cached[2][kMaxWarps + 1] = {};
+    const int region = max(reduce_smem_bytes<kR, kNT, float>(warps),
+                           p.lut_pairs ? kLutPairWords * 4 : 0);
+    const int smem = capped_smem<kMaxWarps>(kernel, warps, region, 32, cached[p.lut_pairs]);
     return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
   }));
 }
