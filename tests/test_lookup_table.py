@@ -349,6 +349,9 @@ def test_kernel_layout_round_trips_to_the_reference(dequant_dtype):
 def test_kernel_layout_refuses_what_the_kernels_do_not_take():
     from qcompile.kernels import lut_gemm
 
+    from qcompile import kernels
+
+    assert kernels.LUT_LAYOUT == lut_gemm.LAYOUT  # the dispatcher's name for the layout
     assert lut_gemm.fits(4096, 4096, 64) and lut_gemm.fits(4096, 14336, 128)
     assert not lut_gemm.fits(4096, 4096, 32)      # blocks below a 64-deep chunk
     assert not lut_gemm.fits(4096, 4096, 192)     # not 64 x 2^i
@@ -357,7 +360,7 @@ def test_kernel_layout_refuses_what_the_kernels_do_not_take():
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
         lut_gemm.prepare(torch.full((16, 64), 16, dtype=torch.uint8), torch.zeros(16),
                          torch.ones(16, 1))
-    with pytest.raises(ValueError, match="lut_gemm reads layouts"):
+    with pytest.raises(ValueError, match="reads layout 'nk', got 'tiled'"):
         torch.ops.qcompile.lut_gemm(torch.randn(1, 64), torch.zeros(16, 32, dtype=torch.uint8),
                                     torch.zeros(16), torch.ones(16, 1), None, 64, "float32",
                                     "tiled", "")

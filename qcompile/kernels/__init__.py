@@ -225,20 +225,28 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
                                    azp_adj)
 
 
-def _lut_gemm_cuda(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+LUT_LAYOUT = "sm90_lut"  # kernels.lut_gemm.LAYOUT, named here without importing it
+
+
+def _lut_gemm_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
                    config=""):
-    """``qcompile::lut_gemm`` on CUDA: the lookup-table kernels for their layout, else the
-    reference."""
-    if layout == ops.LUT_KERNEL_LAYOUT:
+    """``qcompile::lut_gemm`` on CUDA and CPU: the lookup-table kernels' layout runs them on a
+    GPU and their operands' reference elsewhere (a program exported on a GPU, say); the
+    reference layout runs the reference."""
+    if layout == LUT_LAYOUT:
         fam = cuda_family("lut_gemm")
-        if fam is not None:
+        if fam is None:
+            raise RuntimeError(f"lut_gemm layout {layout!r} needs qcompile.kernels.lut_gemm: "
+                               f"{_family_errors.get('lut_gemm')}")
+        if x.is_cuda:
             return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype)
+        return fam.reference_prepared(x, codes, table, scales, bias, group_size, dequant_dtype)
     return ops.lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype,
                                   layout, config)
 
 
 torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)
-torch.library.register_kernel("qcompile::lut_gemm", "cuda", _lut_gemm_cuda)
+torch.library.register_kernel("qcompile::lut_gemm", ("cuda", "cpu"), _lut_gemm_impl)
 torch.library.register_kernel("qcompile::int8_gemm", "cuda", _int8_gemm_cuda)
 torch.library.register_kernel("qcompile::mixed_gemm_gated", "cuda", _mixed_gemm_gated_cuda)
 torch.library.register_kernel("qcompile::mixed_gemm_norm_out", "cuda", _mixed_gemm_norm_out_cuda)

@@ -32,7 +32,7 @@ from .ops import as_dtype
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "fits", "supported", "prepare", "run",
            "reference_prepared"]
 
-LAYOUT = "sm90_lut"
+LAYOUT = "sm90_lut"  # kernels.LUT_LAYOUT
 MODE_LUT = 3
 _ACTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -462,21 +462,14 @@ def lut_gemm_reference(
     x's type; the dequantized weight equals the graph's bit for bit (the rewrite checks it).
     ``layout`` must be the reference "nk"; ``config`` names a kernel choice (ignored here)."""
     del config
-    if layout == LUT_KERNEL_LAYOUT:  # the CUDA kernels' operands, computed the same way
-        from .lut_gemm import reference_prepared
-        return reference_prepared(x, codes, table, scales, bias, group_size, dequant_dtype)
     if layout != REFERENCE_LAYOUT:
-        raise ValueError(f"lut_gemm reads layouts {REFERENCE_LAYOUT!r} and "
-                         f"{LUT_KERNEL_LAYOUT!r}, got {layout!r}")
+        raise ValueError(f"the reference lut_gemm reads layout {REFERENCE_LAYOUT!r}, got "
+                         f"{layout!r}")
     w = lut_dequantize(codes, table, scales, group_size, dequant_dtype)
     return torch.nn.functional.linear(x, w.to(x.dtype), bias)
 
 
-# The layout of the CUDA kernels' operands (kernels.lut_gemm.LAYOUT; named here so that the
-# reference reads it on any device without importing the kernels).
-LUT_KERNEL_LAYOUT = "sm90_lut"
-
-# The reference on every device; the kernels package registers the CUDA implementation.
+# The reference on every device; the kernels package registers what reads the kernels' layout.
 lut_gemm = torch.library.custom_op("qcompile::lut_gemm", mutates_args=())(lut_gemm_reference)
 
 
