@@ -19,13 +19,15 @@ def _llama(method):
     model = Llama(CONFIGS["tiny"]).to(torch.bfloat16)
     if method == "w8a8_asym":
         qcompile.quantize(model, "w8a8", act="dynamic_asym")
+    elif method == "nf4":
+        qcompile.quantize(model, "nf4", block_size=64)
     else:
         qcompile.quantize(model, method, group_size=64)
     model.setup_caches(1, 32)
     return model
 
 
-@pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8", "w8a8_asym"])
+@pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8", "w8a8_asym", "nf4"])
 def test_decoder_runs_qkv_and_gate_up_as_one_launch_each(method):
     """W8A8 linears quantize their input each: q/k/v's three quantizations are one value
     (value numbering), so they share one int8 op and the other two quantizations go."""

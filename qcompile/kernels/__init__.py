@@ -27,7 +27,7 @@ from .ops import pack_nk
 log = logging.getLogger("qcompile.kernels")
 
 __all__ = ["ops", "tuning", "PreparedGemm", "prepare_mixed_gemm", "prepare_int8_gemm",
-           "prepare_lut_gemm",
+           "prepare_lut_gemm", "lut_gemm_unsupported",
            "cuda_family", "device_capability", "mixed_families", "run_family", "fuses_in_kernel",
            "norm_fits_in_kernel", "FUSE_NORM_MIN_BITS"]
 
@@ -350,6 +350,25 @@ def prepare_mixed_gemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
                         f"cutlass {arch} autotuned: {_pretty(tuned.config)}{others}")
 
 
+def lut_gemm_unsupported(device: torch.device, n: int, k: int, group_size: int,
+                         act_dtype: torch.dtype | None) -> str | None:
+    """Why ``prepare_lut_gemm`` would refuse an [N, K] lookup-table weight on ``device``
+    (None where it lays it out: a GPU whose kernels take it, built or found in the cache now,
+    or a CPU, where the reference runs)."""
+    if device.type != "cuda":
+        return None
+    fam = cuda_family("lut_gemm")
+    if fam is None:
+        return f"lookup-table kernels unavailable: {_family_errors.get('lut_gemm')}"
+    why = fam.supported(device, n, k, group_size, act_dtype)
+    if why is None:
+        try:
+            fam.load(act_dtype)
+        except RuntimeError as e:  # KernelBuildError: no toolchain, a failed build
+            why = str(e)
+    return why
+
+
 def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
                      group_size: int, act_dtype: torch.dtype) -> PreparedGemm:
     """Lay out a lookup-table weight (codes [N, K] in [0, 16), table [16], scales [N, K / g])
@@ -361,14 +380,11 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
     if device.type != "cuda":
         return PreparedGemm((pack_nk(codes, 4), table, scales), ops.REFERENCE_LAYOUT, "",
                             "reference (plain PyTorch)")
-    fam = cuda_family("lut_gemm")
-    if fam is None:
-        raise ValueError(f"lookup-table kernels unavailable: {_family_errors.get('lut_gemm')}")
     n, k = codes.shape
-    why = fam.supported(device, n, k, group_size, act_dtype)
+    why = lut_gemm_unsupported(device, n, k, group_size, act_dtype)
     if why is not None:
         raise ValueError(why)
-    fam.load(act_dtype)
+    fam = cuda_family("lut_gemm")
     return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, "",
                         f"qcompile lookup-table decode kernel up to {fam.decode.MAX_TOKENS} "
                         "tokens; beyond, dequantize + cuBLAS")

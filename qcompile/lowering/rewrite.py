@@ -531,26 +531,42 @@ class _LutSite:
     bias: fx.Node | None
     match: LookupTableMatch
     rec: MatchRecord
-    prepared: kernels.PreparedGemm
 
     def fusion_key(self) -> tuple:
-        return ("lut", id(self))  # not fused with other matmuls (yet)
+        """Sites with equal keys share one launch (their codes and scales end to end): the
+        same activation, table, block size and K, biases all absent or all constants."""
+        m = self.match
+        const_bias = self.bias is None or self.bias.op in ("placeholder", "get_attr")
+        return ("lut", _activation_key(self.x), tuple(m.table.tolist()), m.group_size,
+                m.dequant_dtype, int(m.codes.shape[1]), self.bias is None, const_bias or id(self))
 
 
 def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> None:
-    """``qcompile::lut_gemm`` in place of the matmul (and the dequantization it read), on the
-    operands ``kernels.prepare_lut_gemm`` laid out for the device."""
+    """One ``qcompile::lut_gemm`` for sites sharing a fusion key (usually one site) in place
+    of their matmuls (and the dequantization they read), on the operands
+    ``kernels.prepare_lut_gemm`` laid out for the device."""
     del ev
-    for site in sites:
-        m, prep = site.match, site.prepared
-        codes, table, scales = prep.tensors
-        with b.graph.inserting_before(site.mm):
-            args = (site.x, b.constant(codes, "codes"), b.constant(table, "table"),
-                    b.constant(scales, "scales"), site.bias, m.group_size,
-                    dtype_name(m.dequant_dtype), prep.layout, prep.config)
-            new = b.call(torch.ops.qcompile.lut_gemm.default, args, like=site.mm)
-        site.rec.kernel = prep.description
-        site.mm.replace_all_uses_with(new)
+    first, m = sites[0], sites[0].match
+    ns = [int(site.match.codes.shape[0]) for site in sites]
+    prep = kernels.prepare_lut_gemm(_cat([site.match.codes for site in sites]), m.table,
+                                    _cat([site.match.scales for site in sites]), m.group_size,
+                                    _val(first.x).dtype)
+    codes, table, scales = prep.tensors
+    with b.graph.inserting_before(first.mm):
+        bias = None
+        if first.bias is not None:
+            parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
+                     b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
+            bias = parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
+        args = (first.x, b.constant(codes, "codes"), b.constant(table, "table"),
+                b.constant(scales, "scales"), bias, m.group_size, dtype_name(m.dequant_dtype),
+                prep.layout, prep.config)
+        new = b.call(torch.ops.qcompile.lut_gemm.default, args, like=first.mm)
+        new.meta["qcompile_records"] = [site.rec for site in sites]
+        outs = _column_parts(b, new, ns)
+    _note_launch(sites, prep.description, sum(ns))
+    for site, out in zip(sites, outs):
+        site.mm.replace_all_uses_with(out)
 
 
 @dataclass
@@ -887,11 +903,9 @@ def _lut_site(node: fx.Node, x: fx.Node, bias: fx.Node | None, match: LookupTabl
     rec.format, rec.bits, rec.group_size, rec.n, rec.k = match.format, 4, match.group_size, n, k
     xv = x.meta.get("val")
     act = xv.dtype if isinstance(xv, torch.Tensor) else None
-    try:
-        prepared = kernels.prepare_lut_gemm(match.codes, match.table, match.scales,
-                                            match.group_size, act)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: KernelBuildError
+    why = kernels.lut_gemm_unsupported(match.codes.device, n, k, match.group_size, act)
+    if why is not None:
         # on a GPU the reference would dequantize the whole weight on every call, where
         # Inductor (freezing) may keep a folded float weight: leave it, and say why
-        raise NoMatch(f"{match.format} recognised, but {e}: left to Inductor") from None
-    return _LutSite(node, x, bias, match, rec, prepared)
+        raise NoMatch(f"{match.format} recognised, but {why}: left to Inductor")
+    return _LutSite(node, x, bias, match, rec)
