@@ -364,3 +364,24 @@ def test_kernel_layout_refuses_what_the_kernels_do_not_take():
         torch.ops.qcompile.lut_gemm(torch.randn(1, 64), torch.zeros(16, 32, dtype=torch.uint8),
                                     torch.zeros(16), torch.ones(16, 1), None, 64, "float32",
                                     "tiled", "")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chained_lookup_table_linears_both_run_as_ops(bias):
+    """A linear that reads the previous one's 2-D result reads that rewrite's op: the first
+    matmul must not survive (it used to, computed by Inductor on the dequantized weight,
+    while the report said both were taken over)."""
+    from test_backend import ATEN_MMS, GraphSpy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256, bias=bias), nn.Linear(256, 64, bias=bias))
+    model = qcompile.quantize(model.to(torch.bfloat16), "nf4", block_size=64)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    spy = GraphSpy()
+    torch._dynamo.reset()
+    with torch.no_grad(), spy.installed():
+        out = torch.compile(model, backend="qcompile")(x)
+    targets = spy.graphs[0][0]
+    assert sum(t in ATEN_MMS for t in targets) == 0, targets
+    assert sum(t is LUT_OP for t in targets) == 2, targets
+    assert torch.equal(out, model(x))

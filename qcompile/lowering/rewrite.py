@@ -532,6 +532,11 @@ class _LutSite:
     match: LookupTableMatch
     rec: MatchRecord
 
+    def activation(self) -> fx.Node:
+        """The matmul's activation operand now (see ``_MixedSite.activation``): a linear that
+        reads the previous one's result reads that rewrite's op, not its replaced matmul."""
+        return self.mm.args[1] if self.mm.target is aten.addmm.default else self.mm.args[0]
+
     def fusion_key(self) -> tuple:
         """Sites with equal keys share one launch (their codes and scales end to end): the
         same activation, table, block size and K, biases all absent or all constants."""
@@ -558,7 +563,7 @@ def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> N
             parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
                      b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
             bias = parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
-        args = (first.x, b.constant(codes, "codes"), b.constant(table, "table"),
+        args = (first.activation(), b.constant(codes, "codes"), b.constant(table, "table"),
                 b.constant(scales, "scales"), bias, m.group_size, dtype_name(m.dequant_dtype),
                 prep.layout, prep.config)
         new = b.call(torch.ops.qcompile.lut_gemm.default, args, like=first.mm)
