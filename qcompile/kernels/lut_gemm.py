@@ -156,8 +156,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     lib = _lib(act)
     if path == "decode" or (path is None and m <= DECODE_MAX_M):
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        sms = sm_count(x.device.index if x.device.index is not None
-                       else torch.cuda.current_device())
+        sms = sm_count(x.device.index)
         # no staged scales (the table takes that place); beyond 32 tokens, 32 a CTA
         choice = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sms)
         rc = lib.qc_lut_gemm_decode(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),

@@ -493,11 +493,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
             product.replace_all_uses_with(out)
             _note_launch(sites, prep.description + "; silu(gate) * up in the op" + notes, n)
             return
-        bias = None
-        if first.bias is not None:
-            parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
-                     b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
-            bias = parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
+        bias = _fused_bias(b, sites, ns)
         if residual is not None:
             add, other = residual
             fused_args = (fused_args or (None, 0.0)) + (
@@ -558,11 +554,7 @@ def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> N
                                     _val(first.x).dtype)
     codes, table, scales = prep.tensors
     with b.graph.inserting_before(first.mm):
-        bias = None
-        if first.bias is not None:
-            parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
-                     b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
-            bias = parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
+        bias = _fused_bias(b, sites, ns)
         args = (first.activation(), b.constant(codes, "codes"), b.constant(table, "table"),
                 b.constant(scales, "scales"), bias, m.group_size, dtype_name(m.dequant_dtype),
                 prep.layout, prep.config)
@@ -683,6 +675,16 @@ def _interleave(ts: list[torch.Tensor]) -> torch.Tensor:
 def _cat(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """The fused sites' tensors end to end (the one tensor itself for a single site)."""
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
+def _fused_bias(b: _Builder, sites, ns: list[int]) -> fx.Node | None:
+    """The fused sites' biases end to end as one [sum(ns)] vector (their fusion key makes them
+    all present or all absent), or None."""
+    if sites[0].bias is None:
+        return None
+    parts = [site.bias if tuple(_val(site.bias).shape) == (ni,) else
+             b.call(aten.view.default, (site.bias, [ni])) for site, ni in zip(sites, ns)]
+    return parts[0] if len(parts) == 1 else b.call(aten.cat.default, (parts,))
 
 
 def _column_parts(b: _Builder, new: fx.Node, ns: list[int]) -> list[fx.Node]:

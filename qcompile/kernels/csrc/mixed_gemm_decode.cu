@@ -76,8 +76,8 @@
 //
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
-// Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info,
-// qc_mixed_gemm_decode.
+// Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info, and
+// qc_mixed_gemm_decode (QC_MODE 0, 2) or qc_lut_gemm_decode and qc_lut_dequantize (QC_MODE 3).
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -110,6 +110,14 @@ using namespace qc_decode;
 constexpr int kBits = QC_WBITS;
 constexpr int kWords = kBits / 4;        // 32-bit weight words per lane per 16-deep K step
 constexpr int kChunkK = 64;              // K per chunk (4 MMA steps)
+
+// log2(group / kChunkK) for a group of kChunkK x 2^i that divides K (a chunk's group is then
+// its index shifted right by it), else -1: the group sizes every group-wise launch takes.
+inline int chunk_group_shift(int group, int K) {
+  const int per_group = group / kChunkK;
+  if (group <= 0 || group % kChunkK || (per_group & (per_group - 1)) || K % group) return -1;
+  return __builtin_ctz(static_cast<unsigned>(per_group));
+}
 constexpr int kMaxWarps = 16;
 constexpr int kLutPairWords = 256 * 32;  // lut pairs: 256 pairs x 32 copies
 // Chunk-tile loads a warp issues before converting any (a round): 4 for int4, 2 for int8,
@@ -712,6 +720,13 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 
 }  // namespace
 
+// The compiled configuration, so Python can check it loaded what it asked for.
+extern "C" int qc_mixed_gemm_decode_info(int* out, int n) {
+  int v[4] = {QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE};
+  for (int i = 0; i < n && i < 4; ++i) out[i] = v[i];
+  return 4;
+}
+
 #if QC_MODE == 3
 namespace {
 // The prefill path's dequantization: W [N, K] in the activation type from the prepared codes,
@@ -760,12 +775,6 @@ __global__ void __launch_bounds__(128) lut_dequant_kernel(const uint8_t* w, cons
 
 extern "C" {
 
-int qc_mixed_gemm_decode_info(int* out, int n) {
-  int v[4] = {QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE};
-  for (int i = 0; i < n && i < 4; ++i) out[i] = v[i];
-  return 4;
-}
-
 // Lookup-table decode: out [M, N] = x [M, K] W^T (+ bias [N]) with W[n, k] = table[c] *
 // scales[k / group, n]; w the codes c - 8 in the sm90 int4 layout, scales float32 [K/group, N],
 // table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0.
@@ -774,10 +783,9 @@ int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const v
                        const void* bias, void* out, int M, int N, int K, int group,
                        int token_tiles, int row_tiles, int warps, int lut_pairs,
                        void* stream) {
-  const int per_group = group / kChunkK;
+  const int shift = chunk_group_shift(group, K);
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
-      (uint64_t)N * K >= (1ull << 32) || group <= 0 || group % kChunkK ||
-      (per_group & (per_group - 1)) || K % group || scales == nullptr || table == nullptr)
+      (uint64_t)N * K >= (1ull << 32) || shift < 0 || scales == nullptr || table == nullptr)
     return static_cast<int>(cudaErrorInvalidValue);
   Params p = {};
   p.x = static_cast<const Act*>(x);
@@ -789,7 +797,7 @@ int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const v
   p.M = M;
   p.N = N;
   p.K = K;
-  p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
+  p.group_shift = shift;
   p.lut_pairs = lut_pairs != 0;
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
@@ -807,11 +815,9 @@ int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const v
 // qc_lut_gemm_decode's; in_act: the product in the activation type (see lut_dequant_kernel).
 int qc_lut_dequantize(const void* w, const void* scales, const void* table, void* out, int N,
                       int K, int group, int in_act, void* stream) {
-  const int per_group = group / kChunkK;
-  if (N <= 0 || K <= 0 || N % 16 || K % kChunkK || group <= 0 || group % kChunkK ||
-      (per_group & (per_group - 1)) || K % group)
+  const int shift = chunk_group_shift(group, K);
+  if (N <= 0 || K <= 0 || N % 16 || K % kChunkK || shift < 0)
     return static_cast<int>(cudaErrorInvalidValue);
-  const int shift = __builtin_ctz(static_cast<unsigned>(per_group));
   const int chunks = K / kChunkK;
   dim3 grid(N / 16, (chunks + kDequantChunks - 1) / kDequantChunks);
   if (grid.y > 65535) return static_cast<int>(cudaErrorInvalidValue);
@@ -842,13 +848,6 @@ cudaError_t launch_sz(bool staged, F&& f) {
 
 extern "C" {
 
-// The compiled configuration, so Python can check it loaded what it asked for.
-int qc_mixed_gemm_decode_info(int* out, int n) {
-  int v[4] = {QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE};
-  for (int i = 0; i < n && i < 4; ++i) out[i] = v[i];
-  return 4;
-}
-
 // x [M, K]; w the prepared weight (layout QC_LAYOUT); groupzero: scales / zeros [K/group, N]
 // (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N], or with
 // gated (row_tiles 2: even 16-row tiles the gate, odd ones the up rows) [M, N/2]. All
@@ -877,10 +876,8 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
       (sz_smem && QC_MODE != 2))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
-  // group: 64 times a power of two, dividing K
-  const int per_group = group / kChunkK;
-  if (group <= 0 || group % kChunkK || (per_group & (per_group - 1)) || K % group ||
-      scales == nullptr || zeros == nullptr)
+  const int shift = chunk_group_shift(group, K);
+  if (shift < 0 || scales == nullptr || zeros == nullptr)
     return static_cast<int>(cudaErrorInvalidValue);
 #else
   if (rowscale == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -906,7 +903,7 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.normed = static_cast<Act*>(normed);
   p.ssq_out = static_cast<float*>(ssq_out);
 #if QC_MODE == 2
-  p.group_shift = __builtin_ctz(static_cast<unsigned>(per_group));
+  p.group_shift = shift;
 #else
   p.group_shift = 0;
 #endif
