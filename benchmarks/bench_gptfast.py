@@ -112,6 +112,36 @@ def decode_n_tokens(decode, model, cur_token, input_pos, num_new_tokens: int,
     return new_tokens, new_logits, cur_token
 
 
+PROFILE_STEPS = 8
+
+
+def profile_steps(decode, model, cur, input_pos, path: Path, title: str, device: str):
+    """Run PROFILE_STEPS decode steps under torch.profiler and append to ``path`` where a step's
+    device time goes: each kernel name's total, its time per step and calls per step, longest
+    first (CUDA-graph replays are traced kernel by kernel). Returns the last token."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        _, _, cur = decode_n_tokens(decode, model, cur, input_pos, PROFILE_STEPS)
+        _sync(device)
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA" if device == "cuda" else ev.device_type.name != "CPU":
+            continue
+        name = ev.name[:110]
+        kernels.setdefault(name, []).append(ev.device_time if device == "cuda" else ev.cpu_time)
+    total = sum(sum(v) for v in kernels.values())
+    lines = [f"# {title}: {PROFILE_STEPS} steps, {total / PROFILE_STEPS:.1f} us of kernels "
+             f"a step, {sum(len(v) for v in kernels.values()) / PROFILE_STEPS:.0f} kernels a step"]
+    for name, times in sorted(kernels.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"{sum(times) / PROFILE_STEPS:9.1f} us/step {len(times) / PROFILE_STEPS:6.1f}"
+                     f" calls/step {sum(times) / len(times):8.2f} us/call  {name}")
+    with path.open("a") as f:
+        f.write("\n".join(lines[:60]) + "\n\n")
+    print("\n".join(lines[:25]), flush=True)
+    return cur
+
+
 def build_model(config: str, layers: int | None, fmt: str, device: str,
                 seed: int = 1234) -> gm.Transformer:
     """The model in bf16 with seeded random weights, created on ``device``, quantized."""
@@ -177,9 +207,12 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def run_cell(config: str, layers: int | None, fmt: str, impl: str, batch: int, prompt: int,
              new: int, device: str, warmup: int = 3, compile_prefill: bool = False,
-             check: bool = False, trace: dict | None = None) -> dict:
+             check: bool = False, trace: dict | None = None,
+             profile: Path | None = None) -> dict:
     """One measurement; returns its result row. ``trace``: if a dict, filled with the prompt,
-    the prefill's token and the warm-up steps' tokens and logits (for tests)."""
+    the prefill's token and the warm-up steps' tokens and logits (for tests). ``profile``: a
+    file to write the GPU kernels of 8 more decode steps to (after the timed ones), one line
+    per kernel name with its total and per-step time, longest first."""
     _free(device)
     baseline = torch.cuda.memory_allocated() if device == "cuda" else 0
     if device == "cuda":
@@ -189,7 +222,8 @@ def run_cell(config: str, layers: int | None, fmt: str, impl: str, batch: int, p
     weight_gb = sum(t.numel() * t.element_size()
                     for t in [*model.parameters(), *model.buffers()]) / 1e9
     # gpt-fast: setup_caches(max_batch_size=batch, max_seq_length=T + max_new_tokens)
-    model.setup_caches(max_batch_size=batch, max_seq_length=prompt + warmup + new)
+    model.setup_caches(max_batch_size=batch, max_seq_length=prompt + warmup + new
+                       + (PROFILE_STEPS if profile is not None else 0))
     cfg = model.config
     g = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=g).to(device)
@@ -217,6 +251,9 @@ def run_cell(config: str, layers: int | None, fmt: str, impl: str, batch: int, p
     _sync(device)
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9 if device == "cuda" else 0.0
+    if profile is not None:
+        cur = profile_steps(decode, model, cur, input_pos, profile,
+                            f"{fmt} {impl} batch {batch}", device)
 
     check_err = None
     if check or trace is not None:  # the warm-up steps again, eagerly, with the same tokens
@@ -309,6 +346,9 @@ def main() -> int:
                         "relative error (check_rel_err)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="append each cell's per-kernel device time of 8 more decode steps "
+                        "to this file (not a measurement: the profiler's own overhead)")
     args = p.parse_args()
     formats = args.formats.split(",")
     if bad := [f for f in formats if f not in FORMATS]:
@@ -323,7 +363,8 @@ def main() -> int:
     for fmt, impl, batch in cells(formats, impls, [int(b) for b in args.batch.split(",")]):
         try:
             row = run_cell(args.config, args.layers, fmt, impl, batch, args.prompt, args.new,
-                           args.device, args.warmup, args.compile_prefill, args.check)
+                           args.device, args.warmup, args.compile_prefill, args.check,
+                           profile=args.profile)
         except Exception as e:  # a cell that cannot run is recorded, with why
             row = {"bench": "gptfast_decode", "config": args.config, "format": fmt,
                    "batch": batch, "impl": impl, "tokens_per_s": None, "ms_per_token": None,
