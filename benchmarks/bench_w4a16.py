@@ -26,7 +26,8 @@ and fp16, impls qcompile, cublas_bf16, read_floor, marlin (no qcompile_dp/_strea
 also each lookup-table path at every M, and the pair-table lookup up to 32 tokens). Flags given
 beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
 source (importable as `marlin`): the symmetric cells exactly, the zeros cells a symmetric
-stand-in of the same bytes (its rows say "weights"). Extra rows qcompile_dp / qcompile_streamk
+stand-in of the same bytes (its rows say "weights"). `bitsandbytes` (NF4 cells, in the
+issue27 grid) is bitsandbytes' own `matmul_4bit` where its wheel loads. Extra rows qcompile_dp / qcompile_streamk
 force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
 show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
 decode kernel (M <= 32) on each family's layout. `read_floor` is no GEMM: a kernel that only
@@ -56,7 +57,7 @@ from bench_common import FLUSHES, commit, read_floor, time_graph  # noqa: E402
 PATTERNS = ("w4a16_g128_zp", "w4a16_g128_sym", "w8a16_pc", "nf4_b64")
 LUT_BLOCK = 64
 IMPLS = ("qcompile", "qcompile_sm80", "cublas_bf16", "tinygemm", "inductor",
-         "inductor_max_autotune", "read_floor", "marlin")
+         "inductor_max_autotune", "read_floor", "marlin", "bitsandbytes")
 MS = (1, 16, 64, 256, 2048)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 GROUP = 128
@@ -74,7 +75,8 @@ GRIDS = {
     # issue 27: NF4 beside the affine int4 cells it is held to, same process
     "issue27": dict(shapes=((4096, 4096), (14336, 4096)), ms=(1, 16, 64, 256, 2048),
                     patterns=("nf4_b64", "w4a16_g128_zp"), acts=("bf16",),
-                    impls=("qcompile", "cublas_bf16", "read_floor"), no_variants=True),
+                    impls=("qcompile", "cublas_bf16", "read_floor", "bitsandbytes"),
+                    no_variants=True),
 }
 
 
@@ -237,6 +239,8 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
             made["_mode"] = mg._MODE_OF_LAYOUT[layout]
     if "marlin" in impls and fmt["bits"] == 4 and not fmt.get("lut"):
         _add_marlin(made, fmt, n, k, act)
+    if "bitsandbytes" in impls and fmt.get("lut"):
+        _add_bitsandbytes(made, w, fmt["group"])
     if "cublas_bf16" in impls:  # in the activation dtype: w is act's dequantized weight
         made["cublas_bf16"] = lambda x: F.linear(x, w)
     if "read_floor" in impls:
@@ -265,6 +269,20 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         made["inductor_max_autotune"] = torch.compile(mod, dynamic=False,
                                                       mode="max-autotune-no-cudagraphs")
     return made
+
+
+def _add_bitsandbytes(made: dict, w: torch.Tensor, block: int) -> None:
+    """bitsandbytes' own NF4 path, where its wheel loads: ``matmul_4bit`` on the weight it
+    quantizes itself (NF4, ``block`` along K, no double quant), which runs its GEMV kernel for
+    one token and dequantizes to the activation type + a cuBLAS GEMM for more."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbF
+        qweight, state = bnbF.quantize_4bit(w, blocksize=block, quant_type="nf4")
+    except Exception as e:  # noqa: BLE001 - no wheel, or none for this GPU/CUDA: say so
+        print(f"  bitsandbytes unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return
+    made["bitsandbytes"] = lambda x: bnb.matmul_4bit(x, qweight.t(), quant_state=state)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -405,6 +423,8 @@ def main(argv=None) -> int:
                                     ref = F.linear(x, marlin_w).double()
                                     extra["rel_err_vs_bf16"] = float(
                                         (made["marlin"](x).double() - ref).norm() / ref.norm())
+                            if name == "bitsandbytes":  # its own absmax: the same codes
+                                extra["weights"] = "quantized by bitsandbytes from the same weight"
                             results[(pattern, act_name, n, k, name, m)] = us
                             rec = make_row(meta, pattern, act_name, n, k, m, name, us,
                                            args.flush, **extra)
