@@ -23,7 +23,7 @@ M <= 16, qcompile / read_floor. `--grid issue25` is the preset of issue 25: N x 
 4096x4096, 14336x4096, 4096x14336, 28672x4096, M in 1..2048, the three affine patterns, bf16
 and fp16, impls qcompile, cublas_bf16, read_floor, marlin (no qcompile_dp/_streamk rows);
 `--grid issue27` NF4 beside int4 g128+zeros on 4096x4096 and 14336x4096, bf16 (with `--decode`
-also each lookup-table path at every M, and the pair-table lookup up to 32 tokens). Flags given
+also each lookup-table path at every M, and each lookup of the decode kernel up to 64 tokens). Flags given
 beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
 source (importable as `marlin`): the symmetric cells exactly, the zeros cells a symmetric
 stand-in of the same bytes (its rows say "weights"). `bitsandbytes` (NF4 cells, in the
@@ -212,9 +212,10 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         lut_gemm.load(act)
         prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
         def lut_call(x, path=None):
-            if path != "pairs":
+            if path not in ("pairs", "single"):
                 return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", path)
-            old, lut_gemm.PAIR_TABLE = lut_gemm.PAIR_TABLE, True  # the experimental lookup
+            # the decode kernel's two lookups: the 256-pair table or the 16-value one
+            old, lut_gemm.PAIR_TABLE = lut_gemm.PAIR_TABLE, path == "pairs"
             try:
                 return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", "decode")
             finally:
@@ -465,8 +466,8 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
             cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
     if args.decode and fmt.get("lut") and "qcompile" in made:  # both paths at every M
         cells += [(f"qcompile[{p}]", made["qcompile"], p) for p in ("decode", "dequant")]
-        if m <= 32:  # and the decode kernel's experimental pair-table lookup
-            cells.append(("qcompile[decode.pairs]", made["qcompile"], "pairs"))
+        if m <= 64:  # and the decode kernel with each lookup (pair table, 16 values)
+            cells += [(f"qcompile[decode.{p}]", made["qcompile"], p) for p in ("pairs", "single")]
     elif args.decode:
         for fam_name, fam in (("qcompile", mg), ("qcompile_sm80", m80)):
             if fam_name not in made:
@@ -484,7 +485,9 @@ def _time_cell(args, mg, name, fn, choice, x, w, mode, fmt, pattern, act, m, n, 
     extra = {}
     try:
         if name == "qcompile" and fmt.get("lut"):
-            extra = dict(config=("decode (lut)" if m <= 32 else "dequantize + cublas"))
+            from qcompile.kernels import lut_gemm
+            extra = dict(config=(f"decode (lut, {'pairs' if lut_gemm.PAIR_TABLE else 'single'})"
+                                 if m <= lut_gemm.DECODE_MAX_M else "dequantize + cublas"))
         elif name == "qcompile":
             ch = mg.heuristic_choice(m, n, k, act, fmt["bits"], mode, 132, fmt["group"])
             extra = dict(config=mg.choice_name(ch))

@@ -246,6 +246,11 @@ def _lut_code(name: str) -> torch.Tensor:
     return code_table(name)
 
 
+# Weights rounded to the table at a time in LookupTable4bitLinear.from_linear (bounds its
+# temporary memory to 16 float32 distances of this many weights: 1 GiB).
+_NEAREST_CHUNK = 1 << 24
+
+
 class LookupTable4bitLinear(nn.Module):
     """NF4 / FP4 (bitsandbytes' ``Linear4bit``): ``W = table[c] * absmax`` per block of
     ``block_size`` consecutive weights along K, the product in float32, then cast to x's type.
@@ -296,7 +301,14 @@ class LookupTable4bitLinear(nn.Module):
         _check_group(k, block_size)
         blocks = w.reshape(-1, block_size)
         absmax = blocks.abs().amax(1).clamp(min=1e-8)
-        codes = (blocks / absmax[:, None]).unsqueeze(-1).sub(t).abs().argmin(-1)
+        normed = blocks / absmax[:, None]
+        # the nearest value by distance to all 16 (ties: the first in table order), a slice of
+        # blocks at a time: all at once would hold 16 float32 distances a weight (34 GB for
+        # an output head of 128256 x 4096)
+        codes = torch.empty(normed.shape, dtype=torch.uint8, device=w.device)
+        step = max(1, _NEAREST_CHUNK // block_size)
+        for i in range(0, normed.shape[0], step):
+            codes[i:i + step] = normed[i:i + step].unsqueeze(-1).sub(t).abs().argmin(-1)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(codes.reshape(n, k), t, absmax, block_size, bias, double_quant)
 

@@ -385,3 +385,25 @@ def test_chained_lookup_table_linears_both_run_as_ops(bias):
     assert sum(t in ATEN_MMS for t in targets) == 0, targets
     assert sum(t is LUT_OP for t in targets) == 2, targets
     assert torch.equal(out, model(x))
+
+
+@pytest.mark.parametrize("table", ["nf4", "fp4"])
+def test_quantize_rounds_in_slices_to_the_nearest_value(table, monkeypatch):
+    """from_linear rounds a slice of blocks at a time (an output head at once would need 34 GB
+    of distances): the codes are those of the nearest value over the whole weight at once,
+    and the weight reads back within half a table step of each block's absmax."""
+    from qcompile import formats
+    torch.manual_seed(3)
+    lin = nn.Linear(256, 40, bias=False)
+    monkeypatch.setattr(formats, "_NEAREST_CHUNK", 3 * 64 + 5)  # slices that end mid-weight
+    q = formats.LookupTable4bitLinear.from_linear(lin, table, block_size=64)
+    t = lookup_table.code_table(table)
+    blocks = lin.weight.detach().reshape(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    want = (blocks / absmax).unsqueeze(-1).sub(t).abs().argmin(-1).reshape(40, 256)
+    c = q.qweight.reshape(-1)
+    got = torch.stack((c >> 4, c & 0xF), dim=-1).reshape(40, 256).long()
+    assert torch.equal(got, want)
+    w = (t[got].reshape(-1, 64) * absmax).reshape(40, 256)
+    gap = (t.sort().values.diff().max() / 2).item()
+    assert ((w - lin.weight.detach()).abs().reshape(-1, 64) <= gap * absmax + 1e-6).all()

@@ -386,7 +386,7 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
         raise ValueError(why)
     fam = cuda_family("lut_gemm")
     return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, "",
-                        f"qcompile lookup-table decode kernel up to {fam.decode.MAX_TOKENS} "
+                        f"qcompile lookup-table decode kernel up to {fam.DECODE_MAX_M} "
                         "tokens; beyond, dequantize + cuBLAS")
 
 

@@ -3,10 +3,10 @@
 
 Two paths, chosen by token count at run time:
 
-- up to ``mixed_gemm_decode.MAX_TOKENS`` tokens, the decode kernel's lookup-table build
+- up to ``DECODE_MAX_M`` (64) tokens, the decode kernel's lookup-table build
   (``csrc/mixed_gemm_decode.cu``, ``QC_MODE`` 3): it streams the codes as it streams int4
   weights and looks each one up in the CTA's copy of the table in shared memory, then runs
-  the same mma.sync main loop;
+  the same mma.sync main loop (beyond 32 tokens, one CTA row per 32);
 - beyond, the weight dequantized into the activation type by the same library
   (``qc_lut_dequantize``) and one cuBLAS GEMM. Prefill reads the 4-bit codes once and writes
   and reads a 16-bit weight: cheaper than the GEMM from a few hundred tokens, a real cost
@@ -121,12 +121,19 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tens
     return torch.nn.functional.linear(x, w.reshape(n, k).to(x.dtype), bias)
 
 
-# Token counts up to which ``run`` takes the decode kernel (beyond, dequantize + cuBLAS).
-DECODE_MAX_M = decode.MAX_TOKENS
-# The decode kernel's lookup: the 16-value table (False, measured) or the experimental table of
-# all 256 value pairs (True; see csrc/mixed_gemm_decode.cu), a setting so that one process
-# can compare them. Stays False until the pair table is timed faster on the H100.
-PAIR_TABLE = False
+# Token counts up to which ``run`` takes the decode kernel (beyond, dequantize + cuBLAS): at 64
+# tokens two CTAs of 32 reading the codes twice (the second time mostly from L2) still beat
+# writing and reading a 16-bit weight (H100, clean flush, NF4 b64: 26.2 against 30.7 us at
+# 4096x4096, 87.1 against 111.2 at 14336x4096); at 256 they lose 2-2.5x (the rows
+# qcompile[decode] / qcompile[dequant] of results/bench_w4a16.jsonl).
+DECODE_MAX_M = 2 * decode.MAX_TOKENS
+# The decode kernel's lookup: the table of all 256 value pairs (True; see
+# csrc/mixed_gemm_decode.cu: one shared load a fragment register) or the 16-value table (False:
+# two loads and their packing), a setting so that one process can compare them. The pairs were
+# faster in every cell timed (H100, clean flush, NF4 b64, M = 1 / 16: 13.9 / 14.8 against
+# 14.1 / 15.4 us at 4096x4096, 27.2 / 36.1 against 29.7 / 39.4 at 14336x4096; the rows
+# qcompile[decode.pairs] of results/bench_w4a16.jsonl).
+PAIR_TABLE = True
 PATHS = ("decode", "dequant")
 
 
