@@ -68,8 +68,8 @@
 // bytes are 8 words in 8 banks, so a warp's lookups never conflict. The MMA sums x * T[c]
 // over a chunk's one block and s scales it in fp32. The same build exports the prefill path's
 // dequantization (qc_lut_dequantize: W in the activation type, for a cuBLAS GEMM).
-// Experimental (launch argument lut_pairs, off by default until timed): a table of all 256
-// value pairs, one 32-bit word a pair, in 32 copies laid out so that lane l reads copy l
+// With the launch argument lut_pairs (lut_gemm.PAIR_TABLE, on: faster in every cell timed),
+// a table of all 256 value pairs, one 32-bit word a pair, in 32 copies so that lane l reads copy l
 // (word 32 p + l: always bank l, never a conflict), 32 KB in the region the reduction uses
 // after the main loop. A fragment register is then one shared load indexed by a byte of two
 // nibbles, instead of two 2-byte loads and the packing of their values.
@@ -778,7 +778,7 @@ extern "C" {
 // Lookup-table decode: out [M, N] = x [M, K] W^T (+ bias [N]) with W[n, k] = table[c] *
 // scales[k / group, n]; w the codes c - 8 in the sm90 int4 layout, scales float32 [K/group, N],
 // table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0.
-// lut_pairs: look value pairs up in the 256-pair table (experimental, see the header).
+// lut_pairs: look value pairs up in the 256-pair table (see the header).
 int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const void* table,
                        const void* bias, void* out, int M, int N, int K, int group,
                        int token_tiles, int row_tiles, int warps, int lut_pairs,
