@@ -46,6 +46,7 @@ DESCRIPTIVE = {
     "tb_per_s", "ms_per_token", "peak_mem_gb", "weight_gb", "kv_cache_gb", "compile_s",
     "matched", "released_gb", "baseline_gb", "ops", "matmuls", "quantized_linears",
     "all_taken_over", "graphs", "check_rel_err", "warmup", "fused",
+    "weights",  # what a peer ran on (Marlin's symmetric stand-in; bitsandbytes' own absmax)
 }
 COLUMN_FIELDS = ("format", "impl")
 ROW_FIELDS = ("n", "k", "m", "seq", "mb", "batch")
@@ -55,7 +56,8 @@ DEFAULT_SETTINGS = {"autotune": {False}, "fuse_linears": {True}, "decode_max_m":
 # Benches timed by bench_common.time_graph (do_bench): rows without "flush" used its zero fill.
 DO_BENCH = {"bench_w4a16", "w8a8", "bench_stream", "l2_probe", "tma_probe"}
 # Peers whose ratio to qcompile a kernel grid shows (peer time / qcompile time: > 1 is faster).
-PEERS = ("cublas_bf16", "tinygemm", "inductor_max_autotune", "inductor", "sdpa_default")
+PEERS = ("cublas_bf16", "marlin", "bitsandbytes", "tinygemm", "inductor_max_autotune",
+         "inductor", "sdpa_default")
 FLOOR = "read_floor"
 BASELINE = "bf16 inductor"  # the decode column every other column is divided by
 # Decode rows measured before the timed loop stopped waiting for the GPU every token (a
@@ -277,7 +279,10 @@ Implementations: `qcompile` is the backend's heuristic choice; `qcompile[best fo
 fastest configuration forced by name in the same run (its name in the cell); `cublas_bf16` a
 bf16 `F.linear` on the dequantized weight; `tinygemm` `aten._weight_int4pack_mm`;
 `inductor` / `inductor_max_autotune` the same dequant + linear compiled by Inductor;
-`read_floor` a kernel that only reads the weight's bytes. A ratio `peer / qcompile` above 1
+`marlin` IST-DASLab's Marlin built from source (fp16 only; symmetric int4 g128, so in the
+group-zeros grids a symmetric stand-in of the same bytes); `bitsandbytes` bitsandbytes'
+`matmul_4bit` on the NF4 weight it quantizes itself; `read_floor` a kernel that only reads
+the weight's bytes. A ratio `peer / qcompile` above 1
 means qcompile is faster; `qcompile / read_floor` is how far above a pure weight read it is.
 In decode grids each column is divided by bf16 under default Inductor at the same batch.
 
