@@ -20,6 +20,14 @@ them, median), after three untimed steps that compile and record the CUDA graphs
 one JSON line each (impl ``qcompile`` and ``qcompile-export-<package>``) with tokens/s, the
 loaded/compiled ratio and whether the tokens are the same, and exits 1 if they differ or
 the loaded artifact is more than ``--tolerance`` (5%) slower.
+
+``--deterministic`` runs both processes with Inductor's deterministic mode
+(``torch._inductor.config.deterministic``): without it Inductor times several launch
+configurations of each reduction (a norm's mean, a per-token amax) on first use and keeps the
+fastest, whose summation order two processes may pick differently; the values then differ in
+the last bits, which W8A8's per-token rounding to int8 can turn into a different token after
+a hundred steps (two compiles of the same model differ the same way). The rows say which
+mode ran (``inductor_deterministic``).
 ``--device cpu --config tiny --prompt 8 --new 4 --reps 1`` is a smoke test, not a
 measurement.
 """
@@ -139,7 +147,8 @@ def _child(args, role: str, path: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--path", str(path), "--json", str(out),
            "--device", args.device, "--config", args.config, "--format", args.format,
            "--package", args.package, "--batch", str(args.batch), "--prompt", str(args.prompt),
-           "--new", str(args.new), "--reps", str(args.reps), *extra]
+           "--new", str(args.new), "--reps", str(args.reps),
+           *(["--deterministic"] if args.deterministic else []), *extra]
     print("+", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
@@ -161,6 +170,9 @@ def main() -> int:
                    help="how much slower than the compiled model the loaded artifact may be")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", type=Path, default=None, help="folder to keep the artifacts in")
+    p.add_argument("--deterministic", action="store_true",
+                   help="both processes in Inductor's deterministic mode (no timing-picked "
+                        "reduction configurations: the same bits in both)")
     # one process's part (internal)
     p.add_argument("--role", choices=["compiled", "loaded"], help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
@@ -174,6 +186,8 @@ def main() -> int:
         args.package = DEFAULT_PACKAGE
 
     if args.role:
+        if args.deterministic:
+            torch._inductor.config.deterministic = True
         result = (role_compiled if args.role == "compiled" else role_loaded)(args)
         Path(args.json).write_text(json.dumps(result))
         return 0
@@ -196,7 +210,7 @@ def main() -> int:
         failed |= not ok
         base = {"bench": "export", "model": "qcompile.llama", "config": args.config,
                 "format": fmt, "batch": args.batch, "prompt": args.prompt, "new": args.new,
-                "reps": args.reps}
+                "reps": args.reps, "inductor_deterministic": args.deterministic}
         rows = [
             {**base, "impl": "qcompile", **{k: compiled[k] for k in (
                 "tokens_per_s", "ms_per_token", "compile_s", "export_s", "matched",
@@ -214,8 +228,10 @@ def main() -> int:
               f"({ratio:.3f}x), same {args.new} tokens: {same} -> {'ok' if ok else 'FAIL'}",
               flush=True)
         if not same:
-            print(f"  compiled: {compiled['tokens']}\n  loaded:   {loaded['tokens']}",
-                  file=sys.stderr)
+            a, b = compiled["tokens"][0], loaded["tokens"][0]
+            step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            print(f"  first different token at step {step}\n  compiled: {compiled['tokens']}\n"
+                  f"  loaded:   {loaded['tokens']}", file=sys.stderr)
     return 1 if failed else 0
 
 
