@@ -346,6 +346,29 @@ def test_kernel_layout_round_trips_to_the_reference(dequant_dtype):
     assert torch.equal(back, codes.long()) and torch.equal(s_back, scales)
 
 
+def test_kernel_layout_bytes_are_fragment_pairs():
+    """Layout sm90_lut_pairs: each byte holds the two codes of one MMA fragment register, two
+    consecutive K of one row, the even K in the low nibble (the kernel indexes its table of
+    value pairs with the byte as it is). Codes (k % 2) * 8 + n % 8 make that visible: stored
+    as c - 8, a byte's high nibble is its low nibble ^ 8 exactly when both come from one row
+    and the low one has the even K."""
+    from qcompile.kernels import lut_gemm
+    from qcompile.kernels.mixed_gemm import reorder_weight
+
+    n, k = 64, 256
+    kk = torch.arange(k)[None, :]
+    nn_ = torch.arange(n)[:, None]
+    codes = ((kk % 2) * 8 + nn_ % 8).to(torch.uint8)
+    qweight, _, _ = lut_gemm.prepare(codes, torch.randn(16), torch.rand(n, k // 64))
+    b = qweight.reshape(-1).to(torch.int16)
+    assert torch.equal(b >> 4, (b & 0xF) ^ 8)
+    # not so in the int4 layout it regroups (a byte there holds two registers' codes)
+    plain = reorder_weight((codes.to(torch.int16) - 8).to(torch.int8), 4).reshape(-1).to(torch.int16)
+    assert not torch.equal(plain >> 4, (plain & 0xF) ^ 8)
+    w = torch.randint(0, 256, (64, 128), dtype=torch.uint8)
+    assert torch.equal(lut_gemm.unpair_bytes(lut_gemm.pair_bytes(w)), w)
+
+
 def test_kernel_layout_refuses_what_the_kernels_do_not_take():
     from qcompile.kernels import lut_gemm
 

@@ -225,7 +225,7 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
                                    azp_adj)
 
 
-LUT_LAYOUT = "sm90_lut"  # kernels.lut_gemm.LAYOUT, named here without importing it
+LUT_LAYOUT = "sm90_lut_pairs"  # kernels.lut_gemm.LAYOUT, named here without importing it
 
 
 def _lut_gemm_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,

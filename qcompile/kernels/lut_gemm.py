@@ -12,9 +12,11 @@ Two paths, chosen by token count at run time:
   and reads a 16-bit weight: cheaper than the GEMM from a few hundred tokens, a real cost
   below (the kernels-vs-peers page says how much).
 
-Layout ``sm90_lut``: the codes c - 8 as the sm90 mixed GEMM's signed int4 weight
-(``mixed_gemm.reorder_weight``), the block scales float32 [K / block, N], the table float32
-[16]. It runs on compute capability 8.0 and later (mma.sync); the reference layout "nk" runs
+Layout ``sm90_lut_pairs``: the codes c - 8 as the sm90 mixed GEMM's signed int4 weight
+(``mixed_gemm.reorder_weight``) with the nibbles of each 32-bit word regrouped so that byte i
+holds the two codes of MMA fragment register i (nibbles i and i + 4 of the int4 word: two
+consecutive K of one row), low nibble first; the block scales float32 [K / block, N], the
+table float32 [16]. A byte is then an index into the kernel's table of value pairs as it is. It runs on compute capability 8.0 and later (mma.sync); the reference layout "nk" runs
 everywhere else.
 """
 
@@ -30,9 +32,9 @@ from .mixed_gemm import reorder_weight, sm_count, unreorder_weight
 from .ops import as_dtype
 
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "fits", "supported", "prepare", "run",
-           "reference_prepared"]
+           "reference_prepared", "pair_bytes", "unpair_bytes"]
 
-LAYOUT = "sm90_lut"  # kernels.LUT_LAYOUT
+LAYOUT = "sm90_lut_pairs"  # kernels.LUT_LAYOUT
 MODE_LUT = 3
 _ACTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -91,28 +93,44 @@ def load(act_dtype: torch.dtype) -> None:
     _lib(_ACTS[act_dtype])
 
 
+def pair_bytes(qweight: torch.Tensor) -> torch.Tensor:
+    """An sm90 int4 weight (uint8, nibble j of each 32-bit word at byte j // 2) -> the same
+    bytes with each word's nibbles regrouped: byte i = nibble i | nibble i + 4 << 4."""
+    b = qweight.reshape(-1, 4).to(torch.int16)
+    nib = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(-1, 8)  # nibble j of each word
+    return (nib[:, :4] | (nib[:, 4:] << 4)).to(torch.uint8).reshape(qweight.shape)
+
+
+def unpair_bytes(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pair_bytes`."""
+    b = qweight.reshape(-1, 4).to(torch.int16)
+    nib = torch.cat((b & 0xF, b >> 4), dim=-1)  # nibble j of each word, j = 0..7
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).reshape(qweight.shape)
+
+
 def prepare(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [N, K] in [0, 16), table [16], scales [N, K / block]) -> the ``sm90_lut``
+    """(codes [N, K] in [0, 16), table [16], scales [N, K / block]) -> the ``sm90_lut_pairs``
     operands (codes, table, scales) in the op's argument order."""
     c = codes.to(torch.int16)
     if int(c.min()) < 0 or int(c.max()) > 15:
         raise ValueError("lookup-table codes must be in [0, 16)")
-    qweight = reorder_weight((c - 8).to(torch.int8), 4)
+    qweight = pair_bytes(reorder_weight((c - 8).to(torch.int8), 4))
     return (qweight, table.to(torch.float32).reshape(16).contiguous(),
             scales.to(torch.float32).t().contiguous())
 
 
 def _unprepare(qweight: torch.Tensor, scales: torch.Tensor, k: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes [N, K] (int64) and scales [N, K / block] of the ``sm90_lut`` operands."""
-    return (unreorder_weight(qweight, 4, k).to(torch.int64) + 8), scales.t()
+    """The codes [N, K] (int64) and scales [N, K / block] of the ``sm90_lut_pairs``
+    operands."""
+    return (unreorder_weight(unpair_bytes(qweight), 4, k).to(torch.int64) + 8), scales.t()
 
 
 def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor,
                        scales: torch.Tensor, bias: torch.Tensor | None, block: int,
                        dequant_dtype: str | torch.dtype) -> torch.Tensor:
-    """Plain-PyTorch ``lut_gemm`` on the ``sm90_lut`` operands (any device): the weight the
+    """Plain-PyTorch ``lut_gemm`` on the ``sm90_lut_pairs`` operands (any device): the weight the
     graph computed, then ``linear``."""
     codes, s = _unprepare(qweight, scales, x.shape[-1])
     dd = as_dtype(dequant_dtype)
@@ -140,7 +158,7 @@ PATHS = ("decode", "dequant")
 def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
         bias: torch.Tensor | None, block: int, dequant_dtype: str | torch.dtype,
         path: str | None = None) -> torch.Tensor:
-    """``lut_gemm`` on CUDA for the ``sm90_lut`` operands; the reference where the kernels do
+    """``lut_gemm`` on CUDA for the ``sm90_lut_pairs`` operands; the reference where the kernels do
     not take the call (a non-contiguous or misaligned x, an activation type without a build).
     ``path`` forces "decode" (any token count: CTAs of 32 tokens) or "dequant"; by default the
     decode kernel up to DECODE_MAX_M tokens. No host syncs (CUDA-graph safe)."""

@@ -63,16 +63,18 @@
 //
 // Lookup-table weights (QC_MODE 3 "lut", sm90 layout, 4 bits): W = T[c] * s with a 16-value
 // table T (NF4, FP4, any codebook) and float32 block scales s [K/g, N]. The codes are laid
-// out as the signed int4 values c - 8, so a raw nibble u indexes the CTA's copy of the table
-// in shared memory at u (holding T[u ^ 8], rounded to the activation type): 16 values of 2
-// bytes are 8 words in 8 banks, so a warp's lookups never conflict. The MMA sums x * T[c]
+// out as the signed int4 values c - 8 with each word's nibbles regrouped (layout
+// sm90_lut_pairs: byte i holds fragment register i's two codes, low nibble first), so a raw
+// nibble u indexes the CTA's copy of the table in shared memory at u (holding T[u ^ 8],
+// rounded to the activation type): 16 values of 2 bytes are 8 words in 8 banks, so a warp's
+// lookups never conflict. The MMA sums x * T[c]
 // over a chunk's one block and s scales it in fp32. The same build exports the prefill path's
 // dequantization (qc_lut_dequantize: W in the activation type, for a cuBLAS GEMM).
 // With the launch argument lut_pairs (lut_gemm.PAIR_TABLE, on: faster in every cell timed),
 // a table of all 256 value pairs, one 32-bit word a pair, in 32 copies so that lane l reads copy l
 // (word 32 p + l: always bank l, never a conflict), 32 KB in the region the reduction uses
-// after the main loop. A fragment register is then one shared load indexed by a byte of two
-// nibbles, instead of two 2-byte loads and the packing of their values.
+// after the main loop. A fragment register is then one shared load indexed by a byte of the
+// weight as it is, instead of two 2-byte loads and the packing of their values.
 //
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
 // tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
@@ -348,26 +350,21 @@ __device__ __forceinline__ uint32_t signed_pair(uint32_t w) {
 }
 
 // h of the A fragment {a0, a1, a2, a3} from one K step's raw words (lut: T[c] looked up in
-// the CTA's table, indexed by raw nibble; pair I is nibbles I and I + 4, as in signed_pair).
+// the CTA's table, indexed by raw nibble; register I from byte I of the pair-byte layout).
 __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[kWords],
                                          const unsigned short* lut, const uint32_t* pairs) {
 #if QC_MODE == 3
+  // byte i of the word holds register i's two codes (the layout's pair bytes), low nibble
+  // first: as it is, an index into the pair table
   if (pairs != nullptr) {
-    // the bytes of e and f are pair indices (low nibble the pair's first value): e's byte 0
-    // nibbles 0 and 4 (pair 0), byte 1 nibbles 2 and 6 (pair 2); f's pairs 1 and 3
-    const uint32_t w = r[0];
-    const uint32_t e = (w & 0x0f0f0f0fu) | ((w >> 12) & 0xf0f0f0f0u);
-    const uint32_t f = ((w >> 4) & 0x0f0f0f0fu) | ((w >> 16) & 0xf0f0f0f0u);
-    a[0] = pairs[(e & 0xffu) * 32];
-    a[2] = pairs[((e >> 8) & 0xffu) * 32];
-    a[1] = pairs[(f & 0xffu) * 32];
-    a[3] = pairs[((f >> 8) & 0xffu) * 32];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = pairs[((r[0] >> (8 * i)) & 0xffu) * 32];
     return;
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    a[i] = static_cast<uint32_t>(lut[(r[0] >> (4 * i)) & 0xfu]) |
-           (static_cast<uint32_t>(lut[(r[0] >> (4 * i + 16)) & 0xfu]) << 16);
+    a[i] = static_cast<uint32_t>(lut[(r[0] >> (8 * i)) & 0xfu]) |
+           (static_cast<uint32_t>(lut[(r[0] >> (8 * i + 4)) & 0xfu]) << 16);
 #elif QC_LAYOUT == 0 && QC_WBITS == 4
   a[0] = signed_pair<0>(r[0]); a[1] = signed_pair<1>(r[0]);
   a[2] = signed_pair<2>(r[0]); a[3] = signed_pair<3>(r[0]);
@@ -758,7 +755,7 @@ __global__ void __launch_bounds__(128) lut_dequant_kernel(const uint8_t* w, cons
     const float s2[2] = {__ldg(sc), __ldg(sc + 8)};
 #pragma unroll
     for (int q = 0; q < 8; ++q) {  // nibble q: row g + 8 m1, k 2t + k0 + 8 k2 of the step
-      const int m1 = q & 1, k2 = (q >> 1) & 1, k0 = q >> 2;
+      const int m1 = (q >> 1) & 1, k2 = q >> 2, k0 = q & 1;  // (pair bytes: register q / 2)
       const float tv = tab[(word >> (4 * q)) & 0xfu];
       const float v = kInAct ? static_cast<float>(Act(tv)) * static_cast<float>(Act(s2[m1]))
                              : tv * s2[m1];
@@ -776,7 +773,7 @@ __global__ void __launch_bounds__(128) lut_dequant_kernel(const uint8_t* w, cons
 extern "C" {
 
 // Lookup-table decode: out [M, N] = x [M, K] W^T (+ bias [N]) with W[n, k] = table[c] *
-// scales[k / group, n]; w the codes c - 8 in the sm90 int4 layout, scales float32 [K/group, N],
+// scales[k / group, n]; w the codes c - 8 in the sm90_lut_pairs layout, scales float32 [K/group, N],
 // table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0.
 // lut_pairs: look value pairs up in the 256-pair table (see the header).
 int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const void* table,
