@@ -22,12 +22,10 @@ loaded/compiled ratio and whether the tokens are the same, and exits 1 if they d
 the loaded artifact is more than ``--tolerance`` (5%) slower.
 
 ``--deterministic`` runs both processes with Inductor's deterministic mode
-(``torch._inductor.config.deterministic``): without it Inductor times several launch
-configurations of each reduction (a norm's mean, a per-token amax) on first use and keeps the
-fastest, whose summation order two processes may pick differently; the values then differ in
-the last bits, which W8A8's per-token rounding to int8 can turn into a different token after
-a hundred steps (two compiles of the same model differ the same way). The rows say which
-mode ran (``inductor_deterministic``).
+(``torch._inductor.config.deterministic``: no reduction launch configuration picked by
+timing, whose summation order two processes could pick differently). The rows say which mode
+ran (``inductor_deterministic``). (On the H100 a W8A8 step still gave different tokens from
+step 109 with it, against 111 without: that is not the whole cause.)
 ``--device cpu --config tiny --prompt 8 --new 4 --reps 1`` is a smoke test, not a
 measurement.
 """

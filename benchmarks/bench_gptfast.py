@@ -273,6 +273,9 @@ def run_cell(config: str, layers: int | None, fmt: str, impl: str, batch: int, p
 
     is_qc = impl == "qcompile"
     matched = len(report.matched) if is_qc else None
+    missed = [r.summary() for r in report.records if not r.matched] if is_qc else []
+    for line in missed[:8]:  # what was left to Inductor, and why
+        print(f"  {line}", flush=True)
     row = {
         "bench": "gptfast_decode", "config": config, "format": fmt, "batch": batch, "impl": impl,
         "tokens_per_s": round(batch * new / seconds, 2),
@@ -286,6 +289,7 @@ def run_cell(config: str, layers: int | None, fmt: str, impl: str, batch: int, p
         "weight_gb": round(weight_gb, 3), "compile_s": round(compile_s, 1),
         "baseline_gb": round(baseline / 1e9, 3),
         "check_rel_err": None if check_err is None else round(check_err, 5),
+        "not_taken_over": missed[:8] or None,
         "settings": settings(compile_prefill),
         **_provenance(device),
     }

@@ -46,7 +46,9 @@ DESCRIPTIVE = {
     "tb_per_s", "ms_per_token", "peak_mem_gb", "weight_gb", "kv_cache_gb", "compile_s",
     "matched", "released_gb", "baseline_gb", "ops", "matmuls", "quantized_linears",
     "all_taken_over", "graphs", "check_rel_err", "warmup", "fused",
-    "weights",  # what a peer ran on (Marlin's symmetric stand-in; bitsandbytes' own absmax)
+    # what was left to Inductor (and why); what a peer ran on (Marlin's symmetric stand-in,
+    # bitsandbytes' own absmax)
+    "not_taken_over", "weights",
 }
 COLUMN_FIELDS = ("format", "impl")
 ROW_FIELDS = ("n", "k", "m", "seq", "mb", "batch")

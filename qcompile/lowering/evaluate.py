@@ -120,30 +120,38 @@ class ConstantEvaluator:
         """
         env: dict[fx.Node, Any] = {probe: probe_value.to(torch.float64)}
         depends = {probe}
-        for n in ancestors(output):
-            if n is probe:
-                continue
-            if not any(a in depends for a in n.all_input_nodes):
-                env[n] = self.value(n)
-                continue
-            depends.add(n)
-            if n.op != "call_function" or n.target not in READABLE_OPS:
-                raise UnreadableOp(n)
-            if n.target in _CASTS:
-                env[n] = env[n.args[0]]
-                continue
-            index_args = _index_operands(n)  # indices keep their integer type
-            if any(a in depends for a in index_args):
-                # the probed tensor picks entries (a lookup table's codes): not affine in it
-                raise UnreadableOp(n, "the integer tensor indexes a lookup table")
-            args = fx.node.map_arg(n.args, lambda a: env[a] if a in index_args  # noqa: B023
-                                   else _upcast(env[a]))  # noqa: B023
-            kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "rounding_mode")}
-            if "rounding_mode" in n.kwargs and n.kwargs["rounding_mode"] is not None:
-                raise UnreadableOp(n)
-            kwargs = fx.node.map_arg(kwargs, lambda a: _upcast(env[a]))  # noqa: B023
-            env[n] = n.target(*args, **kwargs)
+        order = ancestors(output)
+        # each value is dropped after its last use: the shadows of a large weight (an 8B
+        # model's output head: 4.2 GB a float64 copy) must not all be held at once
+        last_use = {a: i for i, n in enumerate(order) for a in n.all_input_nodes}
+        for i, n in enumerate(order):
+            if n is not probe:
+                env[n] = self._shadow_one(n, env, depends)
+            for a in n.all_input_nodes:
+                if last_use.get(a) == i and a is not output:
+                    env.pop(a, None)
         return env[output]
+
+    def _shadow_one(self, n: fx.Node, env: dict, depends: set) -> Any:
+        """One node's value in :meth:`shadow` (its inputs' in ``env``); adds n to ``depends``
+        when it depends on the probe."""
+        if not any(a in depends for a in n.all_input_nodes):
+            return self.value(n)
+        depends.add(n)
+        if n.op != "call_function" or n.target not in READABLE_OPS:
+            raise UnreadableOp(n)
+        if n.target in _CASTS:
+            return env[n.args[0]]
+        index_args = _index_operands(n)  # indices keep their integer type
+        if any(a in depends for a in index_args):
+            # the probed tensor picks entries (a lookup table's codes): not affine in it
+            raise UnreadableOp(n, "the integer tensor indexes a lookup table")
+        args = fx.node.map_arg(n.args, lambda a: env[a] if a in index_args else _upcast(env[a]))
+        kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "rounding_mode")}
+        if "rounding_mode" in n.kwargs and n.kwargs["rounding_mode"] is not None:
+            raise UnreadableOp(n)
+        kwargs = fx.node.map_arg(kwargs, lambda a: _upcast(env[a]))
+        return n.target(*args, **kwargs)
 
 
 def _index_operands(n: fx.Node) -> list[fx.Node]:

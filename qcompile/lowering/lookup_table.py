@@ -257,26 +257,30 @@ def recognize_lookup(ev: ConstantEvaluator, b: fx.Node, miss: NoMatch | None = N
 def _probe(ev: ConstantEvaluator, b: fx.Node, lk: _Lookup, w_kn: torch.Tensor
            ) -> LookupTableMatch:
     dev = lk.codes.device  # the probes run where the graph's constants are (a GPU, say)
-    pre = (lk.pre.to(dev) if lk.pre is not None
-           else torch.ones(lk.codes.shape, dtype=torch.float64, device=dev))
+    # one float64 value a weight per probe (4.2 GB for an 8B model's output head): constants
+    # broadcast where they can be, each probe's result dropped once read
+    one = torch.ones((), dtype=torch.float64, device=dev)
+    pre = lk.pre.to(dev) if lk.pre is not None else one.expand(lk.codes.shape)
     try:
-        f0 = ev.shadow(b, lk.node, torch.zeros_like(pre))
+        f0 = ev.shadow(b, lk.node, torch.zeros_like(one).expand(pre.shape))
+        if f0.shape != w_kn.shape:
+            raise NoMatch("the weight's shape changes in a way we do not read")
+        if not bool(torch.all(f0 == 0)):
+            raise NoMatch("an offset is added to the looked-up values (not table[codes] * scale)")
+        del f0
         s_kn = ev.shadow(b, lk.node, pre)
-        cs_kn = ev.shadow(b, lk.node, lk.codes.to(torch.float64) * pre)
+        ratio = ev.shadow(b, lk.node, lk.codes.to(torch.float64) * pre)
     except UnreadableOp as e:
         why = f" ({e.why})" if e.why else ""
         raise NoMatch(f"the looked-up values go through an op we do not read: "
                       f"{e.node.target}{why}") from None
-    if f0.shape != w_kn.shape:
-        raise NoMatch("the weight's shape changes in a way we do not read")
-    if not bool(torch.all(f0 == 0)):
-        raise NoMatch("an offset is added to the looked-up values (not table[codes] * scale)")
     nz = s_kn != 0
-    ratio = cs_kn / torch.where(nz, s_kn, torch.ones_like(s_kn))
-    codes = torch.where(nz, torch.round(ratio), torch.zeros_like(ratio))
+    ratio.div_(torch.where(nz, s_kn, one))  # codes * s / s, in place
+    codes = torch.where(nz, torch.round(ratio), 0.0)
     if not bool(torch.all((codes - ratio).abs()[nz] <= 1e-6)) or \
             int(codes.min()) < 0 or int(codes.max()) >= lk.table.numel():
         raise NoMatch("the weight is not table[codes] times a scale per element")
+    del ratio, nz
     codes, s, w = codes.t().to(torch.uint8), s_kn.t().contiguous(), w_kn.t()
     n, k = codes.shape
     g_true = _true_group(s, torch.zeros_like(s))
