@@ -282,8 +282,9 @@ def _probe(ev: ConstantEvaluator, b: fx.Node, lk: _Lookup, w_kn: torch.Tensor
         raise NoMatch("the weight is not table[codes] times a scale per element")
     del ratio, nz
     codes, s, w = codes.t().to(torch.uint8), s_kn.t().contiguous(), w_kn.t()
+    del s_kn
     n, k = codes.shape
-    g_true = _true_group(s, torch.zeros_like(s))
+    g_true = _true_group(s, one.new_zeros(()).expand_as(s))  # no offset: zeros, not stored
     group = _kernel_group(g_true, k)
     if group is None:
         raise _unsupported_group(g_true)
