@@ -24,8 +24,8 @@ the loaded artifact is more than ``--tolerance`` (5%) slower.
 ``--deterministic`` runs both processes with Inductor's deterministic mode
 (``torch._inductor.config.deterministic``: no reduction launch configuration picked by
 timing, whose summation order two processes could pick differently). The rows say which mode
-ran (``inductor_deterministic``). (On the H100 a W8A8 step still gave different tokens from
-step 109 with it, against 111 without: that is not the whole cause.)
+ran (``inductor_deterministic``). (On the H100 a W8A8 step gave a different token at step
+109 with it as without it: the difference comes from elsewhere.)
 ``--device cpu --config tiny --prompt 8 --new 4 --reps 1`` is a smoke test, not a
 measurement.
 """
