@@ -125,8 +125,9 @@ def profile_steps(decode, model, cur, input_pos, path: Path, title: str, device:
         _, _, cur = decode_n_tokens(decode, model, cur, input_pos, PROFILE_STEPS)
         _sync(device)
     kernels: dict[str, list[float]] = {}
+    where = "CUDA" if device == "cuda" else "CPU"  # the device's own events
     for ev in prof.events():
-        if ev.device_type.name != "CUDA" if device == "cuda" else ev.device_type.name != "CPU":
+        if ev.device_type.name != where:
             continue
         name = ev.name[:110]
         kernels.setdefault(name, []).append(ev.device_time if device == "cuda" else ev.cpu_time)

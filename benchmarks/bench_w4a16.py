@@ -23,12 +23,12 @@ M <= 16, qcompile / read_floor. `--grid issue25` is the preset of issue 25: N x 
 4096x4096, 14336x4096, 4096x14336, 28672x4096, M in 1..2048, the three affine patterns, bf16
 and fp16, impls qcompile, cublas_bf16, read_floor, marlin (no qcompile_dp/_streamk rows);
 `--grid issue27` NF4 beside int4 g128+zeros on 4096x4096 and 14336x4096, bf16 (with `--decode`
-also each lookup-table path at every M, and each lookup of the decode kernel up to 64 tokens). Flags given
-beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
+also each lookup-table path at every M, and each lookup of the decode kernel up to 64
+tokens). Flags given beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
 source (importable as `marlin`): the symmetric cells exactly, the zeros cells a symmetric
 stand-in of the same bytes (its rows say "weights"). `bitsandbytes` (NF4 cells, in the
-issue27 grid) is bitsandbytes' own `matmul_4bit` where its wheel loads. Extra rows qcompile_dp / qcompile_streamk
-force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
+issue27 grid) is bitsandbytes' own `matmul_4bit` where its wheel loads. Extra rows
+qcompile_dp / qcompile_streamk force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
 show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
 decode kernel (M <= 32) on each family's layout. `read_floor` is no GEMM: a kernel that only
 reads the quantized weight's bytes (int4: the packed nibbles; scales and zeros, 1/16 more,

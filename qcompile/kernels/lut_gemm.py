@@ -16,7 +16,8 @@ Layout ``sm90_lut_pairs``: the codes c - 8 as the sm90 mixed GEMM's signed int4 
 (``mixed_gemm.reorder_weight``) with the nibbles of each 32-bit word regrouped so that byte i
 holds the two codes of MMA fragment register i (nibbles i and i + 4 of the int4 word: two
 consecutive K of one row), low nibble first; the block scales float32 [K / block, N], the
-table float32 [16]. A byte is then an index into the kernel's table of value pairs as it is. It runs on compute capability 8.0 and later (mma.sync); the reference layout "nk" runs
+table float32 [16]. A byte is then an index into the kernel's table of value pairs as it is.
+It runs on compute capability 8.0 and later (mma.sync); the reference layout "nk" runs
 everywhere else.
 """
 

@@ -47,7 +47,8 @@ def test_lut_kernels_against_float64(dtype, block, m):
     ref = x.double() @ w64.cuda().t() + bias.double()
     assert out.dtype == dtype and out.shape == (m, n)
     assert _rel(out, ref) <= TOL[dtype], (m, _rel(out, ref))
-    if m > lut_gemm.DECODE_MAX_M:  # dequantize + cuBLAS: the reference's weight bit for bit, the same GEMM
+    if m > lut_gemm.DECODE_MAX_M:
+        # dequantize + cuBLAS: the reference's weight bit for bit, the same GEMM
         w = ops.lut_dequantize(ops.pack_nk(codes, 4).cuda(), table.cuda(), scales.cuda(), block,
                                "float32").to(dtype)
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), rtol=0, atol=0)
