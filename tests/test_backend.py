@@ -19,7 +19,8 @@ from qcompile.formats import SmoothQuantLinear
 
 QC_OPS = (torch.ops.qcompile.mixed_gemm.default, torch.ops.qcompile.mixed_gemm_gated.default,
           torch.ops.qcompile.mixed_gemm_norm_out.default, torch.ops.qcompile.int8_gemm.default,
-          torch.ops.qcompile.lut_gemm.default)
+          torch.ops.qcompile.lut_gemm.default, torch.ops.qcompile.lut_gemm_gated.default,
+          torch.ops.qcompile.lut_gemm_norm_out.default)
 ATEN_MMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
             torch.ops.aten._int_mm.default, torch.ops.aten.bmm.default)
 

@@ -346,6 +346,105 @@ def test_kernel_layout_round_trips_to_the_reference(dequant_dtype):
     assert torch.equal(back, codes.long()) and torch.equal(s_back, scales)
 
 
+def test_kernel_layout_fused_ops_match_the_reference_layout():
+    """The fused lookup-table ops (RMSNorm staged or given, residual, gating, the next norm's
+    inputs) on the kernels' operands, on a CPU, equal the same ops on the reference layout
+    bit for bit (both dequantize the same weight and run ``ops.fused_linear``), and the
+    fusions equal the plain op with PyTorch around it within one rounding."""
+    from qcompile.kernels import lut_gemm
+
+    torch.manual_seed(0)
+    n, k, g = 64, 256, 64
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    table = torch.randn(16)
+    scales = torch.rand(n, k // g) + 0.5
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    norm = torch.rand(k, dtype=torch.bfloat16) + 0.5
+    residual = torch.randn(3, n, dtype=torch.bfloat16)
+    nk = (ops.pack_nk(codes, 4), table, scales)
+    kern = lut_gemm.prepare(codes, table, scales)
+    q = torch.ops.qcompile
+    for kw in ({"norm_weight": norm, "norm_eps": 1e-5, "residual": residual},
+               {"norm_ssq": ops.norm_sums(x), "norm_eps": 1e-5}):
+        ref = q.lut_gemm(x, *nk, None, g, "float32", ops.REFERENCE_LAYOUT, "", **kw)
+        assert torch.equal(q.lut_gemm(x, *kern, None, g, "float32", lut_gemm.LAYOUT, "", **kw),
+                           ref)
+        plain = ops.around_gemm(
+            lambda xi: q.lut_gemm(xi, *nk, None, g, "float32", ops.REFERENCE_LAYOUT, ""), x,
+            kw.get("norm_weight"), 1e-5, kw.get("residual"), kw.get("norm_ssq"))
+        assert rel_err(ref, plain) <= 1e-2
+    gated = ops.interleave_gate_up(codes[:32], codes[32:])
+    gs = ops.interleave_gate_up(scales[:32], scales[32:])
+    ref = q.lut_gemm_gated(x, ops.pack_nk(gated, 4), table, gs, None, g, "float32",
+                           ops.REFERENCE_LAYOUT, "", norm, 1e-5)
+    assert ref.shape == (3, 32)
+    assert torch.equal(q.lut_gemm_gated(x, *lut_gemm.prepare(gated, table, gs), None, g,
+                                        "float32", lut_gemm.LAYOUT, "", norm, 1e-5), ref)
+    xn = ops.rms_norm(x, norm, 1e-5)
+    y = F.linear(xn, ops.lut_dequantize(ops.pack_nk(gated, 4), table, gs, g, "float32").to(x.dtype))
+    assert rel_err(ref, ops.gate_up(y)) <= 1e-2
+    outs = q.lut_gemm_norm_out(x, *kern, None, g, "float32", lut_gemm.LAYOUT, "", residual,
+                               norm[:n])
+    refs = q.lut_gemm_norm_out(x, *nk, None, g, "float32", ops.REFERENCE_LAYOUT, "", residual,
+                               norm[:n])
+    assert all(torch.equal(a, b) for a, b in zip(outs, refs))
+    assert torch.equal(refs[1], (refs[0].float() * norm[:n].float()).to(x.dtype))
+    assert torch.equal(refs[2], ops.norm_sums(refs[0]))
+    with pytest.raises(ValueError, match="next_norm_weight must be"):
+        q.lut_gemm_norm_out(x, *nk, None, g, "float32", ops.REFERENCE_LAYOUT, "", None, norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nf4_decode_step_norms_gating_and_skips_go_into_the_ops(dtype):
+    """A tiny NF4 Llama (2 layers) at one token: the lookup-table ops take the decode step's
+    fusions as the affine ones do -- q/k/v (one op) and gate/up (one gated op) read their
+    RMSNorm, o and down add the skip connection and write the next norm's input, the head
+    reads its norm from the last down -- so no rsqrt is left to Inductor; 12 tokens keep
+    plain ops. Both match eager."""
+    from llama_model import CONFIGS, Llama
+
+    lut, gated_op, norm_out = (torch.ops.qcompile.lut_gemm.default,
+                               torch.ops.qcompile.lut_gemm_gated.default,
+                               torch.ops.qcompile.lut_gemm_norm_out.default)
+    seen: list = []
+
+    def spy(graph):
+        seen.clear()
+        seen.append(sum(n.target is torch.ops.aten.rsqrt.default for n in graph.nodes))
+        for n in graph.nodes:
+            if n.target is norm_out:
+                seen.append(("norm_out", False))
+            elif n.target in (lut, gated_op):  # norm_weight at 9; norm_ssq at 11 / 12
+                args = list(n.args) + [None] * 4
+                given = args[11 if n.target is gated_op else 12] is not None
+                seen.append(("gated" if n.target is gated_op else "lut",
+                             "staged" if args[9] is not None else "given" if given else False))
+
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"]).to(dtype)
+    qcompile.quantize(model, "nf4", group_size=64)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 12))
+    with torch.no_grad():
+        for s in (1, 12):
+            model.setup_caches(1, 32)
+            torch._dynamo.reset()
+            with torch._inductor.config.patch(post_grad_custom_post_pass=spy):
+                out = torch.compile(model, backend="qcompile")(tokens[:, :s], torch.arange(s))
+            model.setup_caches(1, 32)
+            assert rel_err(out, model(tokens[:, :s], torch.arange(s))) <= TOL[dtype]
+            rsqrt, ops_seen = seen[0], seen[1:]
+            if s == 1:
+                layer = [("norm_out", False), ("gated", "given"), ("norm_out", False)]
+                assert ops_seen == ([("lut", "staged")] + layer + [("lut", "given")] + layer
+                                    + [("lut", "given")]), ops_seen
+                assert rsqrt == 0
+                kernels_col = [r.kernel for r in qcompile.last_report().records]
+                assert sum("silu(gate) * up in the op" in c for c in kernels_col) == 4
+                assert sum("+ residual in the op" in c for c in kernels_col) == 4
+            else:
+                assert ops_seen == [("lut", False)] * 9 and rsqrt == 2 * 2 + 1, ops_seen
+
+
 def test_kernel_layout_bytes_are_fragment_pairs():
     """Layout sm90_lut_pairs: each byte holds the two codes of one MMA fragment register, two
     consecutive K of one row, the even K in the low nibble (the kernel indexes its table of

@@ -27,7 +27,8 @@ from qcompile import tp
 
 WORLD = 2
 QC_OPS = ("qcompile.mixed_gemm", "qcompile.mixed_gemm_gated", "qcompile.mixed_gemm_norm_out",
-          "qcompile.int8_gemm", "qcompile.lut_gemm")
+          "qcompile.int8_gemm", "qcompile.lut_gemm", "qcompile.lut_gemm_gated",
+          "qcompile.lut_gemm_norm_out")
 
 
 class Block(nn.Module):

@@ -228,25 +228,64 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
 LUT_LAYOUT = "sm90_lut_pairs"  # kernels.lut_gemm.LAYOUT, named here without importing it
 
 
+def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout, config,
+                  gated=False, norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None,
+                  next_norm=None):
+    """The lookup-table ops on CUDA and CPU: the kernels' layout runs the kernels on a GPU
+    (with the decode kernel's fusions) and their operands' reference elsewhere (a program
+    exported on a GPU, say); the reference layout runs the reference."""
+    n = codes.shape[0] // (2 if gated else 1)
+    ops._check_fused(x, n, norm_weight, norm_eps, residual, norm_ssq)
+    if next_norm is not None:
+        ops.check_next_norm(n, next_norm)
+    if layout != LUT_LAYOUT:
+        y = ops.lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype,
+                                   layout, config, norm_weight, norm_eps, residual, norm_ssq)
+        y = ops.gate_up(y) if gated else y
+        return y if next_norm is None else (y, *ops.next_norm_inputs(y, next_norm))
+    fam = cuda_family("lut_gemm")
+    if fam is None:
+        raise RuntimeError(f"lut_gemm layout {layout!r} needs qcompile.kernels.lut_gemm: "
+                           f"{_family_errors.get('lut_gemm')}")
+    if x.is_cuda:
+        return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype, gated=gated,
+                       norm=norm_weight, eps=norm_eps, residual=residual, norm_ssq=norm_ssq,
+                       next_norm=next_norm)
+    y = fam.reference_prepared(x, codes, table, scales, bias, group_size, dequant_dtype,
+                               norm_weight=norm_weight, norm_eps=norm_eps, residual=residual,
+                               norm_ssq=norm_ssq)
+    y = ops.gate_up(y) if gated else y
+    return y if next_norm is None else (y, *ops.next_norm_inputs(y, next_norm))
+
+
 def _lut_gemm_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                   config=""):
-    """``qcompile::lut_gemm`` on CUDA and CPU: the lookup-table kernels' layout runs them on a
-    GPU and their operands' reference elsewhere (a program exported on a GPU, say); the
-    reference layout runs the reference."""
-    if layout == LUT_LAYOUT:
-        fam = cuda_family("lut_gemm")
-        if fam is None:
-            raise RuntimeError(f"lut_gemm layout {layout!r} needs qcompile.kernels.lut_gemm: "
-                               f"{_family_errors.get('lut_gemm')}")
-        if x.is_cuda:
-            return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype)
-        return fam.reference_prepared(x, codes, table, scales, bias, group_size, dequant_dtype)
-    return ops.lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype,
-                                  layout, config)
+                   config="", norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None):
+    """``qcompile::lut_gemm`` on CUDA and CPU (see ``_lut_gemm_any``)."""
+    return _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                         config, norm_weight=norm_weight, norm_eps=norm_eps, residual=residual,
+                         norm_ssq=norm_ssq)
+
+
+def _lut_gemm_gated_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                         config="", norm_weight=None, norm_eps=0.0, norm_ssq=None):
+    """``qcompile::lut_gemm_gated``: silu(gate) * up in the decode kernel's epilogue."""
+    return _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                         config, gated=True, norm_weight=norm_weight, norm_eps=norm_eps,
+                         norm_ssq=norm_ssq)
+
+
+def _lut_gemm_norm_out_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                            config, residual, next_norm_weight):
+    """``qcompile::lut_gemm_norm_out``: the next RMSNorm's inputs from the epilogue."""
+    return _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                         config, residual=residual, next_norm=next_norm_weight)
 
 
 torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)
 torch.library.register_kernel("qcompile::lut_gemm", ("cuda", "cpu"), _lut_gemm_impl)
+torch.library.register_kernel("qcompile::lut_gemm_gated", ("cuda", "cpu"), _lut_gemm_gated_impl)
+torch.library.register_kernel("qcompile::lut_gemm_norm_out", ("cuda", "cpu"),
+                              _lut_gemm_norm_out_impl)
 torch.library.register_kernel("qcompile::int8_gemm", "cuda", _int8_gemm_cuda)
 torch.library.register_kernel("qcompile::mixed_gemm_gated", "cuda", _mixed_gemm_gated_cuda)
 torch.library.register_kernel("qcompile::mixed_gemm_norm_out", "cuda", _mixed_gemm_norm_out_cuda)

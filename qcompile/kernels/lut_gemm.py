@@ -30,7 +30,8 @@ import torch
 
 from . import mixed_gemm_decode as decode
 from .mixed_gemm import reorder_weight, sm_count, unreorder_weight
-from .ops import as_dtype
+from .ops import (around_gemm, as_dtype, check_next_norm, fused_linear, gate_up,
+                  next_norm_inputs)
 
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "fits", "supported", "prepare", "run",
            "reference_prepared", "pair_bytes", "unpair_bytes"]
@@ -81,7 +82,7 @@ def _lib(act: str) -> ctypes.CDLL:
     b = decode.DecodeBuild(act, 4, decode.LAYOUT_SM90, MODE_LUT)
     with _lock:
         lib = load_checked(decode.kernel_spec(b), {
-            "qc_lut_gemm_decode": (_I, [_P] * 6 + [_I] * 8 + [_P]),
+            "qc_lut_gemm_decode": (_I, [_P] * 12 + [_I] * 10 + [ctypes.c_float, _P]),
             "qc_lut_dequantize": (_I, [_P] * 4 + [_I] * 4 + [_P]),
         }, info=("qc_mixed_gemm_decode_info", b.info()))
         _libs[act] = lib
@@ -130,14 +131,15 @@ def _unprepare(qweight: torch.Tensor, scales: torch.Tensor, k: int
 
 def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor,
                        scales: torch.Tensor, bias: torch.Tensor | None, block: int,
-                       dequant_dtype: str | torch.dtype) -> torch.Tensor:
+                       dequant_dtype: str | torch.dtype, **fused) -> torch.Tensor:
     """Plain-PyTorch ``lut_gemm`` on the ``sm90_lut_pairs`` operands (any device): the weight the
-    graph computed, then ``linear``."""
+    graph computed, then ``linear``; ``fused``: ``norm_weight``, ``norm_eps``, ``residual``,
+    ``norm_ssq`` as the op takes them (``ops.fused_linear``)."""
     codes, s = _unprepare(qweight, scales, x.shape[-1])
     dd = as_dtype(dequant_dtype)
     n, k = codes.shape
     w = table.to(dd)[codes].reshape(n, k // block, block) * s.to(dd).reshape(n, -1, 1)
-    return torch.nn.functional.linear(x, w.reshape(n, k).to(x.dtype), bias)
+    return fused_linear(x, w.reshape(n, k), bias, **fused)
 
 
 # Token counts up to which ``run`` takes the decode kernel (beyond, dequantize + cuBLAS): at 64
@@ -158,20 +160,34 @@ PATHS = ("decode", "dequant")
 
 def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
         bias: torch.Tensor | None, block: int, dequant_dtype: str | torch.dtype,
-        path: str | None = None) -> torch.Tensor:
+        path: str | None = None, gated: bool = False, norm: torch.Tensor | None = None,
+        eps: float = 0.0, residual: torch.Tensor | None = None,
+        norm_ssq: torch.Tensor | None = None, next_norm: torch.Tensor | None = None):
     """``lut_gemm`` on CUDA for the ``sm90_lut_pairs`` operands; the reference where the kernels do
     not take the call (a non-contiguous or misaligned x, an activation type without a build).
     ``path`` forces "decode" (any token count: CTAs of 32 tokens) or "dequant"; by default the
-    decode kernel up to DECODE_MAX_M tokens. No host syncs (CUDA-graph safe)."""
+    decode kernel up to DECODE_MAX_M tokens. No host syncs (CUDA-graph safe).
+
+    The decode kernel's fusions, as ``mixed_gemm_decode.run`` takes them: ``gated`` (the codes'
+    16-row tiles alternate gate and up rows; the result is [.., N/2] = silu(gate) * up),
+    ``norm`` / ``eps`` (x is an RMSNorm's input) or ``norm_ssq`` (x is already that input times
+    the norm weight, norm_ssq its partial sums of squares), ``residual`` (added to the result),
+    ``next_norm`` (returns (out, out * next_norm, ``ops.norm_sums(out)``)). Where the decode
+    kernel does not run the call (more tokens, a launch without the shared memory they need)
+    they run as PyTorch ops around the plain GEMM, with the same numbers as the reference."""
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
     k = x.shape[-1]
     n = qweight.shape[0]
+    fused = {"norm_weight": norm, "norm_eps": eps, "residual": residual, "norm_ssq": norm_ssq}
+    if gated and (n % 32 or residual is not None or next_norm is not None):
+        raise ValueError("gated: N must be a multiple of 32, without residual or next_norm")
     act = _ACTS.get(x.dtype)
     if (act is None or not x.is_cuda or not fits(n, k, block) or x.numel() == 0
             or scales.shape != (k // block, n) or scales.dtype != torch.float32
             or table.shape != (16,) or table.dtype != torch.float32):
-        return reference_prepared(x, qweight, table, scales, bias, block, dequant_dtype)
+        return _finish(reference_prepared(x, qweight, table, scales, bias, block,
+                                          dequant_dtype, **fused), gated, next_norm)
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous()
@@ -181,22 +197,60 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     stream = torch.cuda.current_stream(x.device).cuda_stream
     lib = _lib(act)
     if path == "decode" or (path is None and m <= DECODE_MAX_M):
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         sms = sm_count(x.device.index)
-        # no staged scales (the table takes that place); beyond 32 tokens, 32 a CTA
+        # no staged scales (the table takes that place); beyond 32 tokens, 32 a CTA; the
+        # gated epilogue needs a CTA's gate and up tiles: 32 rows
         choice = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sms)
-        rc = lib.qc_lut_gemm_decode(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                                    table.data_ptr(), None if bias is None else bias.data_ptr(),
-                                    out.data_ptr(), m, n, k, block, choice.tokens // 8,
-                                    choice.rows // 16, choice.warps, int(PAIR_TABLE), stream)
+        if gated and choice.rows != 32:
+            choice = decode.DecodeChoice(choice.tokens, 32, min(choice.warps, 8))
+        takes = choice.takes(m, k, x2.element_size(), staged=norm is not None,
+                             given=norm_ssq is not None, norm_out=next_norm is not None)
+        if not takes:  # not with the shared memory they need: PyTorch ops around the GEMM
+            plain = lambda xi: _finish(run(xi, qweight, table, scales, bias, block,  # noqa: E731
+                                           dequant_dtype, path), gated, None)
+            return around_gemm(plain, x, norm, eps, residual, norm_ssq, next_norm)
+        out = torch.empty(m, n // 2 if gated else n, device=x.device, dtype=x.dtype)
+        norm, residual, norm_ssq, next_norm, normed, ssq_out = decode.stage_fusions(
+            x2, out, norm, residual, norm_ssq, next_norm)
+        rc = lib.qc_lut_gemm_decode(
+            x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), table.data_ptr(),
+            _ptr(bias), out.data_ptr(), _ptr(norm), _ptr(residual), _ptr(norm_ssq),
+            _ptr(next_norm), _ptr(normed), _ptr(ssq_out), m, n, k, block, choice.tokens // 8,
+            choice.rows // 16, choice.warps, int(PAIR_TABLE), int(gated), k // 16, float(eps),
+            stream)
         what = f"qc_lut_gemm_decode ({choice.name})"
-    else:
-        w = torch.empty(n, k, device=x.device, dtype=x.dtype)
-        in_act = int(as_dtype(dequant_dtype) == x.dtype)
-        rc = lib.qc_lut_dequantize(qweight.data_ptr(), scales.data_ptr(), table.data_ptr(),
-                                   w.data_ptr(), n, k, block, in_act, stream)
-        what = "qc_lut_dequantize"
-        out = None if rc else torch.nn.functional.linear(x2, w, bias)
+        if rc != 0:
+            raise RuntimeError(f"{what} (M={m} N={n} K={k} block {block}) failed with CUDA "
+                               f"error {rc}")
+        lead = x.shape[:-1]
+        if next_norm is not None:
+            return (out.reshape(*lead, n), normed.reshape(*lead, n),
+                    ssq_out.reshape(*lead, n // 16))
+        return out.reshape(*lead, out.shape[1])
+    if gated or any(v is not None for v in (norm, residual, norm_ssq, next_norm)):
+        plain = lambda xi: _finish(run(xi, qweight, table, scales, bias, block,  # noqa: E731
+                                       dequant_dtype, path), gated, None)
+        return around_gemm(plain, x, norm, eps, residual, norm_ssq, next_norm)
+    w = torch.empty(n, k, device=x.device, dtype=x.dtype)
+    in_act = int(as_dtype(dequant_dtype) == x.dtype)
+    rc = lib.qc_lut_dequantize(qweight.data_ptr(), scales.data_ptr(), table.data_ptr(),
+                               w.data_ptr(), n, k, block, in_act, stream)
     if rc != 0:
-        raise RuntimeError(f"{what} (M={m} N={n} K={k} block {block}) failed with CUDA error {rc}")
-    return out.reshape(*x.shape[:-1], n)
+        raise RuntimeError(f"qc_lut_dequantize (M={m} N={n} K={k} block {block}) failed with "
+                           f"CUDA error {rc}")
+    return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _finish(y: torch.Tensor, gated: bool, next_norm: torch.Tensor | None):
+    """The reference's result as the fused call returns it: gated, or with the next norm's
+    inputs."""
+    if gated:
+        y = gate_up(y)
+    if next_norm is None:
+        return y
+    check_next_norm(y.shape[-1], next_norm)
+    return (y, *next_norm_inputs(y, next_norm))

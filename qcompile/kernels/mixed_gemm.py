@@ -889,17 +889,8 @@ def mixed_gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                                                      scales, zeros, bias)
         if gated:
             out = x2.new_empty((m, n // 2))
-        if norm is not None:
-            norm = norm.to(x.dtype).contiguous()
-        if residual is not None:
-            residual = residual.to(x.dtype).reshape(m, n).contiguous()
-        if norm_ssq is not None:
-            norm_ssq = norm_ssq.reshape(m, k // 16).contiguous()
-        normed = ssq_out = None
-        if next_norm is not None:
-            next_norm = next_norm.to(x.dtype).contiguous()
-            normed = torch.empty_like(out)
-            ssq_out = x2.new_empty((m, n // 16), dtype=torch.float32)
+        norm, residual, norm_ssq, next_norm, normed, ssq_out = decode.stage_fusions(
+            x2, out, norm, residual, norm_ssq, next_norm)
         with torch.cuda.device(dev):
             decode.run(_decode_build(act, bits, mode), config, x2, qweight, scales, zeros, bias,
                        out, group, gated, norm, eps, residual, norm_ssq, next_norm, normed,

@@ -36,6 +36,7 @@ __all__ = [
     "is_name",
     "kernel_spec",
     "run",
+    "stage_fusions",
 ]
 
 SOURCE = "mixed_gemm_decode.cu"
@@ -246,6 +247,28 @@ def _contiguous(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dt
                           or not t.is_contiguous()):
         raise ValueError(f"{name} must be a contiguous {tuple(shape)} {dtype} tensor, got "
                          f"{tuple(t.shape)} {t.dtype}")
+
+
+def stage_fusions(x2: torch.Tensor, out: torch.Tensor, norm: torch.Tensor | None,
+                  residual: torch.Tensor | None, norm_ssq: torch.Tensor | None,
+                  next_norm: torch.Tensor | None) -> tuple:
+    """The fusions' operands as a launch reads them, for x2 [M, K] and out [M, N]: norm,
+    residual, norm_ssq, next_norm contiguous in the kernel's types, and with next_norm the
+    normed [M, N] and ssq_out [M, N/16] float32 it writes (else None): that order."""
+    m, k = x2.shape
+    n = out.shape[1]
+    normed = ssq_out = None
+    if norm is not None:
+        norm = norm.to(x2.dtype).contiguous()
+    if residual is not None:
+        residual = residual.to(x2.dtype).reshape(m, n).contiguous()
+    if norm_ssq is not None:
+        norm_ssq = norm_ssq.reshape(m, k // 16).contiguous()
+    if next_norm is not None:
+        next_norm = next_norm.to(x2.dtype).contiguous()
+        normed = torch.empty_like(out)
+        ssq_out = x2.new_empty((m, n // 16), dtype=torch.float32)
+    return norm, residual, norm_ssq, next_norm, normed, ssq_out
 
 
 def run(build: DecodeBuild, choice: DecodeChoice, x2: torch.Tensor, qweight: torch.Tensor,

@@ -1,7 +1,7 @@
 """The qcompile ops: schemas, fake (meta) implementations and reference implementations.
 
-These ops (the mixed-input GEMM and its fused decode variants, the int8 GEMM, and the
-lookup-table GEMM, which has only its reference so far) are the only thing the graph
+These ops (the mixed-input GEMM, the lookup-table GEMM and the fused decode variants of
+both, the int8 GEMM) are the only thing the graph
 rewrite emits and the only thing kernels implement; docs/kernels.md states the contract.
 The reference implementations here are plain PyTorch (CPU and CUDA) and define the
 numerics every kernel is tested against.
@@ -26,6 +26,9 @@ __all__ = [
     "int8_gemm_reference",
     "lut_gemm",
     "lut_gemm_reference",
+    "lut_gemm_gated",
+    "lut_gemm_norm_out",
+    "fused_linear",
     "lut_dequantize",
     "unpack_nk",
     "pack_nk",
@@ -247,6 +250,17 @@ def mixed_gemm_reference(
             "a weight packed for a kernel runs only where that kernel is available"
         )
     w = dequantize(qweight, scales, zeros, bits, signed, group_size, zero_mode, dequant_dtype)
+    return fused_linear(x, w, bias, norm_weight, norm_eps, residual, norm_ssq)
+
+
+def fused_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                 norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                 residual: torch.Tensor | None = None, norm_ssq: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``linear(x, w, bias)`` with the ops' fusions, as every qcompile weight op defines them
+    (the decode kernel's numbers): without any, the plain linear in x's type; with an RMSNorm
+    before (``norm_weight``, or ``norm_ssq``: x is already the norm's input times its weight)
+    or a ``residual`` after, all in float32, rounded once."""
     if norm_weight is None and residual is None and norm_ssq is None:
         return torch.nn.functional.linear(x, w.to(x.dtype), bias)
     _check_fused(x, w.shape[0], norm_weight, norm_eps, residual, norm_ssq)
@@ -457,16 +471,22 @@ def lut_gemm_reference(
     dequant_dtype: str,
     layout: str,
     config: str = "",
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    norm_ssq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qcompile::lut_gemm``: ``linear(x, W, bias)`` with ``W = lut_dequantize(...)`` cast to
     x's type; the dequantized weight equals the graph's bit for bit (the rewrite checks it).
-    ``layout`` must be the reference "nk"; ``config`` names a kernel choice (ignored here)."""
+    ``layout`` must be the reference "nk"; ``config`` names a kernel choice (ignored here).
+    ``norm_weight`` / ``norm_eps`` / ``residual`` / ``norm_ssq``: a decode step's RMSNorm before
+    and skip connection after, as in ``mixed_gemm`` (:func:`fused_linear`)."""
     del config
     if layout != REFERENCE_LAYOUT:
         raise ValueError(f"the reference lut_gemm reads layout {REFERENCE_LAYOUT!r}, got "
                          f"{layout!r}")
     w = lut_dequantize(codes, table, scales, group_size, dequant_dtype)
-    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+    return fused_linear(x, w, bias, norm_weight, norm_eps, residual, norm_ssq)
 
 
 # The reference on every device; the kernels package registers what reads the kernels' layout.
@@ -475,5 +495,70 @@ lut_gemm = torch.library.custom_op("qcompile::lut_gemm", mutates_args=())(lut_ge
 
 @lut_gemm.register_fake
 def _lut_gemm_fake(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                   config=""):
+                   config="", norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def lut_gemm_gated_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    dequant_dtype: str,
+    layout: str,
+    config: str = "",
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
+    norm_ssq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``qcompile::lut_gemm_gated``: silu(gate) * up of a gated MLP whose lookup-table codes
+    (and block scales, bias) interleave the two projections in 16-row tiles, as
+    ``mixed_gemm_gated`` does for affine weights."""
+    return gate_up(lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype,
+                                      layout, config, norm_weight, norm_eps, norm_ssq=norm_ssq))
+
+
+lut_gemm_gated = torch.library.custom_op("qcompile::lut_gemm_gated", mutates_args=())(
+    lut_gemm_gated_reference)
+
+
+@lut_gemm_gated.register_fake
+def _lut_gemm_gated_fake(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                         config="", norm_weight=None, norm_eps=0.0, norm_ssq=None):
+    return x.new_empty((*x.shape[:-1], codes.shape[0] // 2))
+
+
+def lut_gemm_norm_out_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    dequant_dtype: str,
+    layout: str,
+    config: str,
+    residual: torch.Tensor | None,
+    next_norm_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qcompile::lut_gemm_norm_out``: ``lut_gemm(.., residual)`` whose result is also the
+    input of the next op's RMSNorm, as ``mixed_gemm_norm_out``: (out, out * next_norm_weight,
+    ``norm_sums(out)``)."""
+    out = lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                             config, residual=residual)
+    check_next_norm(out.shape[-1], next_norm_weight)
+    return (out, *next_norm_inputs(out, next_norm_weight))
+
+
+lut_gemm_norm_out = torch.library.custom_op("qcompile::lut_gemm_norm_out", mutates_args=())(
+    lut_gemm_norm_out_reference)
+
+
+@lut_gemm_norm_out.register_fake
+def _lut_gemm_norm_out_fake(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
+                            config, residual, next_norm_weight):
+    out = x.new_empty((*x.shape[:-1], codes.shape[0]))
+    sums = x.new_empty((*x.shape[:-1], codes.shape[0] // 16), dtype=torch.float32)
+    return out, torch.empty_like(out), sums

@@ -156,6 +156,11 @@ class _MixedSite:
     zeros: torch.Tensor | None
     post: tuple | None
 
+    @property
+    def rows(self) -> int:
+        """The weight's N."""
+        return int(self.match.q.shape[0])
+
     def activation(self) -> fx.Node:
         """The matmul's activation operand now: ``x`` as matched, unless a rewrite since
         replaced that node (a linear reading the previous linear's 2-D result directly)."""
@@ -255,10 +260,10 @@ def _gated_pair(sites: list[_MixedSite]) -> tuple[_MixedSite, _MixedSite, fx.Nod
     the GEMM's epilogue; more tokens keep Inductor's fused pointwise kernel)."""
     from ..kernels.mixed_gemm import DECODE_MAX_M
 
-    if len(sites) != 2 or sites[0].match.q.shape[0] != sites[1].match.q.shape[0]:
+    if len(sites) != 2 or sites[0].rows != sites[1].rows:
         return None
     m = _static_m(sites[0].x)
-    if m is None or m > DECODE_MAX_M or sites[0].match.q.shape[0] % 16:
+    if m is None or m > DECODE_MAX_M or sites[0].rows % 16:
         return None
     for gate, up in (sites, sites[::-1]):
         mul = _gated_product(gate, up)
@@ -363,19 +368,42 @@ def _residual_of(site: _MixedSite) -> tuple[fx.Node, fx.Node] | None:
 _MIXED_OP = torch.ops.qcompile.mixed_gemm.default
 _GATED_OP = torch.ops.qcompile.mixed_gemm_gated.default
 _NORM_OUT_OP = torch.ops.qcompile.mixed_gemm_norm_out.default
-_NORM_ARG = 12  # norm_weight, norm_eps follow config in both ops' schemas
+_LUT_OP = torch.ops.qcompile.lut_gemm.default
+_LUT_GATED_OP = torch.ops.qcompile.lut_gemm_gated.default
+_LUT_NORM_OUT_OP = torch.ops.qcompile.lut_gemm_norm_out.default
+
+
+@dataclass(frozen=True)
+class _FusedForms:
+    """A weight family's decode-kernel ops: the plain one (its schema then ``norm_weight``,
+    ``norm_eps``, ``residual``, ``norm_ssq`` from ``norm_arg``), the gated one (``norm_weight``,
+    ``norm_eps``, ``norm_ssq``) and the one that also writes the next norm's input (the plain
+    arguments before ``norm_arg``, then ``residual``, ``next_norm_weight``)."""
+
+    plain: object
+    gated: object
+    norm_out: object
+    norm_arg: int
+
+
+_FORMS = (_FusedForms(_MIXED_OP, _GATED_OP, _NORM_OUT_OP, 12),
+          _FusedForms(_LUT_OP, _LUT_GATED_OP, _LUT_NORM_OUT_OP, 9))
+_FORMS_OF = {op: f for f in _FORMS for op in (f.plain, f.gated)}
 
 
 def _norm_producer(h: fx.Node) -> fx.Node | None:
-    """The mixed_gemm op that computes h (up to views), if it can also write an RMSNorm's
-    input from its epilogue (``mixed_gemm_norm_out``): a 2-D result of 16 | N, from an op
+    """The qcompile op that computes h (up to views), if it can also write an RMSNorm's
+    input from its epilogue (``*_norm_out``): a plain op's 2-D result of 16 | N, from an op
     that takes no norm itself."""
     while h.op == "call_function" and h.target in _VIEWS:
         h = h.args[0]
+    forms = _FORMS_OF.get(h.target) if h.op == "call_function" else None
+    if forms is None or h.target is not forms.plain:
+        return None
     args = list(h.args) + [None] * 4
     v = _val(h)
-    if (h.op != "call_function" or h.target is not _MIXED_OP or args[_NORM_ARG] is not None
-            or args[_NORM_ARG + 3] is not None or v is None or v.dim() != 2 or v.shape[-1] % 16):
+    if (args[forms.norm_arg] is not None or args[forms.norm_arg + 3] is not None or v is None
+            or v.dim() != 2 or v.shape[-1] % 16):
         return None
     return h
 
@@ -392,17 +420,20 @@ def _link_norms(b: _Builder, graph: fx.Graph) -> int:
     made: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node, fx.Node]] = {}  # producer -> outputs
     order = {node: i for i, node in enumerate(graph.nodes)}
     for op in list(graph.nodes):
-        if op.op != "call_function" or op.target not in (_MIXED_OP, _GATED_OP):
+        forms = _FORMS_OF.get(op.target) if op.op == "call_function" else None
+        if forms is None:
             continue
+        at = forms.norm_arg
         args = list(op.args)
-        if len(args) <= _NORM_ARG + 1 or args[_NORM_ARG] is None:
+        if len(args) <= at + 1 or args[at] is None:
             continue
-        weight, eps, x_arg = args[_NORM_ARG], args[_NORM_ARG + 1], args[0]
+        weight, eps, x_arg = args[at], args[at + 1], args[0]
         if x_arg.op != "call_function" or x_arg.target is not aten.reshape.default:
             continue
         prod = _norm_producer(x_arg.args[0])
         if prod is None:
             continue  # not an op's result, or one that takes a norm itself
+        pforms = _FORMS_OF[prod.target]
         pargs = list(prod.args) + [None] * 4
         if order.get(weight, -1) > order[prod]:
             if weight.op != "get_attr":
@@ -415,7 +446,8 @@ def _link_norms(b: _Builder, graph: fx.Graph) -> int:
             _, normed, sums = made[prod][1:]
         else:
             with graph.inserting_after(prod):
-                new = b.call(_NORM_OUT_OP, (*pargs[:12], pargs[_NORM_ARG + 2], weight))
+                new = b.call(pforms.norm_out, (*pargs[:pforms.norm_arg],
+                                               pargs[pforms.norm_arg + 2], weight))
             with graph.inserting_after(new):
                 out = b.call(operator.getitem, (new, 0))
                 normed = b.call(operator.getitem, (new, 1))
@@ -428,14 +460,35 @@ def _link_norms(b: _Builder, graph: fx.Graph) -> int:
         with graph.inserting_before(op):
             x_new = b.call(aten.reshape.default, (normed, xshape))
             ssq = b.call(aten.reshape.default, (sums, [*xshape[:-1], xshape[-1] // 16]))
-        rest = [None, eps] + ([args[_NORM_ARG + 2] if len(args) > _NORM_ARG + 2 else None]
-                              if op.target is _MIXED_OP else [])
-        op.args = (x_new, *args[1:_NORM_ARG], *rest, ssq)
+        rest = [None, eps] + ([args[at + 2] if len(args) > at + 2 else None]
+                              if op.target is forms.plain else [])
+        op.args = (x_new, *args[1:at], *rest, ssq)
         for rec in op.meta.get("qcompile_records", []):
             rec.kernel = rec.kernel.replace("; RMSNorm in the op",
                                             "; RMSNorm in the op, its sums from the op before")
         linked += 1
     return linked
+
+
+def _norm_and_residual(ev: ConstantEvaluator, sites: list, fuse: bool, n: int
+                       ) -> tuple[tuple | None, tuple | None]:
+    """(norm, residual) that a decode step's op over ``sites`` (an [n, K] weight, ``fuse``:
+    its family runs them in the decode kernel) takes in: the RMSNorm its activation is
+    (``_rms_norm_of``), where the op can stage it or gets it from the op before; the skip
+    connection its single site's result feeds (``_residual_of``). None each where not, or
+    at token counts beyond the decode kernels' fused range."""
+    from ..kernels.mixed_gemm import DECODE_MAX_M
+
+    first = sites[0]
+    m = _static_m(first.x)
+    if not fuse or m is None or m > DECODE_MAX_M:
+        return None, None
+    x = first.activation()
+    norm = _rms_norm_of(x, ev, sites)
+    if norm is not None and _norm_producer(norm[0]) is None and not kernels.norm_fits_in_kernel(
+            m, n, _val(x).shape[-1], _val(x).dtype):
+        norm = None  # the op could neither stage it nor get it from the op before
+    return norm, (_residual_of(first) if len(sites) == 1 else None)
 
 
 def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) -> None:
@@ -444,11 +497,8 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
     in 16-row tiles, silu(gate) * up computed by the op)."""
     gated = _gated_pair(sites)
     if gated is not None:
-        gate, up, product = gated
-        sites = [gate, up]
+        sites = list(gated[:2])  # gate, up
     first, match = sites[0], sites[0].match
-    ns = [int(site.match.q.shape[0]) for site in sites]
-    n = sum(ns)
     rows = _interleave if gated is not None else _cat
     zeros = rows([site.zeros for site in sites]) if first.zeros is not None else None
     prep = kernels.prepare_mixed_gemm(rows([site.match.q for site in sites]),
@@ -458,60 +508,66 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                                       has_bias=first.bias is not None)
     qweight, scales, zeros = prep.tensors
     # a decode step's RMSNorm before and skip connection after go into the decode kernel
-    m = _static_m(first.x)
-    from ..kernels.mixed_gemm import DECODE_MAX_M
-    fuse = (m is not None and m <= DECODE_MAX_M and match.bits >= kernels.FUSE_NORM_MIN_BITS
-            and kernels.fuses_in_kernel(prep.layout))
     x = first.activation()
-    norm = _rms_norm_of(x, ev, sites) if fuse else None
-    if norm is not None and _norm_producer(norm[0]) is None and not kernels.norm_fits_in_kernel(
-            m, qweight.shape[0], _val(x).shape[-1], _val(x).dtype):
-        norm = None  # the op could neither stage it nor get it from the op before
-    residual = _residual_of(first) if fuse and len(sites) == 1 else None
+    norm, residual = _norm_and_residual(
+        ev, sites, match.bits >= kernels.FUSE_NORM_MIN_BITS
+        and kernels.fuses_in_kernel(prep.layout), qweight.shape[0])
     where = residual[0] if residual is not None else first.mm  # other may follow the mm
     with b.graph.inserting_before(where):
-        x_arg, fused_args, notes = x, (), ""
-        if norm is not None:
-            h, weight, eps = norm
-            x_arg = b.call(aten.reshape.default, (h, list(_val(x).shape)))
-            fused_args = (weight, eps)
-            notes += "; RMSNorm in the op"
+        x_arg, fused_args, notes = _norm_args(b, x, norm)
         x_arg, fused_args, gathered = gather_activation(b, match.perm, x_arg, fused_args)
-        notes += gathered
         qw = (_reuse_or_constant(b, ev, first.w, qweight, "qweight") if len(sites) == 1
               else b.constant(qweight, "qweight"))
-        s = b.constant(scales, "scales")
-        z = b.constant(zeros, "zeros") if zeros is not None else None
-        if gated is not None:
-            new = b.call(torch.ops.qcompile.mixed_gemm_gated.default,
-                         (x_arg, qw, s, z, None, match.bits, match.signed, match.group_size,
-                          match.zero_mode, dtype_name(match.dequant_dtype), prep.layout, prep.config,
-                          *fused_args),
-                         like=product)
-            new.meta["qcompile_records"] = [site.rec for site in sites]
-            out = b.call(aten.view.default, (new, list(_val(product).shape)), like=product)
-            product.replace_all_uses_with(out)
-            _note_launch(sites, prep.description + "; silu(gate) * up in the op" + notes, n)
-            return
-        bias = _fused_bias(b, sites, ns)
-        if residual is not None:
-            add, other = residual
-            fused_args = (fused_args or (None, 0.0)) + (
-                b.call(aten.reshape.default, (other, list(_val(first.mm).shape))),)
-            notes += "; + residual in the op"
-        new = b.call(torch.ops.qcompile.mixed_gemm.default,
-                     (x_arg, qw, s, z, bias, match.bits, match.signed, match.group_size,
-                      match.zero_mode, dtype_name(match.dequant_dtype), prep.layout, prep.config,
-                      *fused_args),
-                     like=first.mm)
+        weights = (qw, b.constant(scales, "scales"),
+                   b.constant(zeros, "zeros") if zeros is not None else None)
+        tail = (match.bits, match.signed, match.group_size, match.zero_mode,
+                dtype_name(match.dequant_dtype), prep.layout, prep.config)
+        _emit(b, _FORMS[0], sites, gated, x_arg, weights, tail, fused_args, residual,
+              prep.description, notes + gathered)
+
+
+def _norm_args(b: _Builder, x: fx.Node, norm: tuple | None) -> tuple[fx.Node, tuple, str]:
+    """(the op's x, its norm arguments, the report's note) for an RMSNorm taken into the op
+    (``_rms_norm_of``'s (h, weight, eps): the op reads h and normalizes it) or none."""
+    if norm is None:
+        return x, (), ""
+    h, weight, eps = norm
+    return (b.call(aten.reshape.default, (h, list(_val(x).shape))), (weight, eps),
+            "; RMSNorm in the op")
+
+
+def _emit(b: _Builder, forms: _FusedForms, sites: list, gated: tuple | None, x_arg: fx.Node,
+          weights: tuple, tail: tuple, fused_args: tuple, residual: tuple | None,
+          desc: str, notes: str) -> None:
+    """Put a family's op (``forms``: arguments x, ``weights``, bias, ``tail``, then the
+    fusions) in place of the sites' matmuls: the gated op in place of a gated MLP's product
+    (``_gated_pair``), or the plain op with the sites' biases end to end, in place of the
+    skip connection's add it takes in (``_residual_of``), else of each site's matmul (its
+    columns of the result; a folded post-scale's mul goes). ``desc`` and ``notes``: the
+    report's kernel line and what the op takes in."""
+    first = sites[0]
+    ns = [site.rows for site in sites]
+    if gated is not None:
+        product = gated[2]
+        new = b.call(forms.gated, (x_arg, *weights, None, *tail, *fused_args), like=product)
         new.meta["qcompile_records"] = [site.rec for site in sites]
-        if residual is not None:
-            add.replace_all_uses_with(b.call(aten.view.default, (new, list(_val(add).shape))))
-            _note_launch(sites, prep.description + notes, n)
-            return
-        outs = _column_parts(b, new, ns)
-    _note_launch(sites, prep.description + notes, n)
-    for site, out in zip(sites, outs):
+        out = b.call(aten.view.default, (new, list(_val(product).shape)), like=product)
+        product.replace_all_uses_with(out)
+        _note_launch(sites, desc + "; silu(gate) * up in the op" + notes, sum(ns))
+        return
+    bias = _fused_bias(b, sites, ns)
+    if residual is not None:
+        fused_args = (fused_args or (None, 0.0)) + (
+            b.call(aten.reshape.default, (residual[1], list(_val(first.mm).shape))),)
+        notes += "; + residual in the op"
+    new = b.call(forms.plain, (x_arg, *weights, bias, *tail, *fused_args), like=first.mm)
+    new.meta["qcompile_records"] = [site.rec for site in sites]
+    _note_launch(sites, desc + notes, sum(ns))
+    if residual is not None:
+        residual[0].replace_all_uses_with(
+            b.call(aten.view.default, (new, list(_val(residual[0]).shape))))
+        return
+    for site, out in zip(sites, _column_parts(b, new, ns)):
         site.mm.replace_all_uses_with(out)
         if site.post is not None:
             mul, _, index = site.post
@@ -520,13 +576,19 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
 
 @dataclass
 class _LutSite:
-    """A recognised lookup-table (NF4, FP4, 16-value codebook) matmul: one lut_gemm each."""
+    """A recognised lookup-table (NF4, FP4, 16-value codebook) matmul."""
 
     mm: fx.Node
     x: fx.Node
     bias: fx.Node | None
     match: LookupTableMatch
     rec: MatchRecord
+    post: None = None  # (no post-scale is folded into a lookup-table weight)
+
+    @property
+    def rows(self) -> int:
+        """The weight's N."""
+        return int(self.match.codes.shape[0])
 
     def activation(self) -> fx.Node:
         """The matmul's activation operand now (see ``_MixedSite.activation``): a linear that
@@ -545,25 +607,28 @@ class _LutSite:
 def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> None:
     """One ``qcompile::lut_gemm`` for sites sharing a fusion key (usually one site) in place
     of their matmuls (and the dequantization they read), on the operands
-    ``kernels.prepare_lut_gemm`` laid out for the device."""
-    del ev
+    ``kernels.prepare_lut_gemm`` laid out for the device; at decode token counts with the
+    fusions the affine weights' ops take (``_rewrite_mixed``): a gated MLP's gate and up
+    projections as one ``qcompile::lut_gemm_gated``, the RMSNorm before and the skip
+    connection after in the op."""
+    gated = _gated_pair(sites)
+    if gated is not None:
+        sites = list(gated[:2])  # gate, up
     first, m = sites[0], sites[0].match
-    ns = [int(site.match.codes.shape[0]) for site in sites]
-    prep = kernels.prepare_lut_gemm(_cat([site.match.codes for site in sites]), m.table,
-                                    _cat([site.match.scales for site in sites]), m.group_size,
+    rows = _interleave if gated is not None else _cat
+    prep = kernels.prepare_lut_gemm(rows([site.match.codes for site in sites]), m.table,
+                                    rows([site.match.scales for site in sites]), m.group_size,
                                     _val(first.x).dtype)
     codes, table, scales = prep.tensors
-    with b.graph.inserting_before(first.mm):
-        bias = _fused_bias(b, sites, ns)
-        args = (first.activation(), b.constant(codes, "codes"), b.constant(table, "table"),
-                b.constant(scales, "scales"), bias, m.group_size, dtype_name(m.dequant_dtype),
-                prep.layout, prep.config)
-        new = b.call(torch.ops.qcompile.lut_gemm.default, args, like=first.mm)
-        new.meta["qcompile_records"] = [site.rec for site in sites]
-        outs = _column_parts(b, new, ns)
-    _note_launch(sites, prep.description, sum(ns))
-    for site, out in zip(sites, outs):
-        site.mm.replace_all_uses_with(out)
+    x = first.activation()
+    norm, residual = _norm_and_residual(ev, sites, True, sum(site.rows for site in sites))
+    with b.graph.inserting_before(residual[0] if residual is not None else first.mm):
+        x_arg, fused_args, notes = _norm_args(b, x, norm)
+        weights = (b.constant(codes, "codes"), b.constant(table, "table"),
+                   b.constant(scales, "scales"))
+        tail = (m.group_size, dtype_name(m.dequant_dtype), prep.layout, prep.config)
+        _emit(b, _FORMS[1], sites, gated, x_arg, weights, tail, fused_args, residual,
+              prep.description, notes)
 
 
 @dataclass

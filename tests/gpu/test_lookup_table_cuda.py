@@ -89,3 +89,83 @@ def test_nf4_model_is_taken_over_on_cuda(dtype):
             out = torch.compile(model, backend="qcompile")(x)
             ref = model(x)
         assert _rel(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pair_table", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 8, 20])
+def test_lut_decode_kernel_fusions(dtype, pair_table, m, monkeypatch):
+    """Each fusion of the lookup-table decode kernel (the gated epilogue, the RMSNorm staged
+    or given, the residual, the next norm's inputs) against the ops' reference on the same
+    codes: the same float32 computation rounded once, so within the decode kernel's
+    tolerance (the table rounded to the activation type); the norm's partial sums to fp32
+    rounding. 8 and 20 tokens at K = 1024 stage too much x for the 32 KB pair table: the
+    launch takes the 16-value table there."""
+    monkeypatch.setattr(lut_gemm, "PAIR_TABLE", pair_table)
+    n, k, block = 512, 1024, 64
+    codes, table, scales, _ = _problem(n, k, block, "nf4", dtype, seed=m)
+    prepared = [t.cuda() for t in lut_gemm.prepare(codes, table, scales)]
+    gated_codes = ops.interleave_gate_up(codes[: n // 2], codes[n // 2:])
+    gated_scales = ops.interleave_gate_up(scales[: n // 2], scales[n // 2:])
+    gated = [t.cuda() for t in lut_gemm.prepare(gated_codes, table, gated_scales)]
+    nk = (ops.pack_nk(codes, 4).cuda(), table.cuda(), scales.cuda())
+    nk_gated = (ops.pack_nk(gated_codes, 4).cuda(), table.cuda(), gated_scales.cuda())
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    norm = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).to(dtype)
+    residual = torch.randn(m, n, device="cuda", dtype=dtype, generator=g)
+    next_norm = (1 + 0.1 * torch.randn(n, device="cuda", generator=g)).to(dtype)
+    ssq = ops.norm_sums(x)
+    common = (block, "float32")
+    lut = torch.ops.qcompile
+
+    def check(out, ref, what):
+        assert out.dtype == ref.dtype and out.shape == ref.shape, what
+        assert _rel(out, ref) <= TOL[dtype], (what, _rel(out, ref))
+
+    for kw in ({"norm_weight": norm, "norm_eps": 1e-5}, {"residual": residual},
+               {"norm_weight": norm, "norm_eps": 1e-5, "residual": residual},
+               {"norm_ssq": ssq, "norm_eps": 1e-5}):
+        check(lut.lut_gemm(x, *prepared, None, *common, lut_gemm.LAYOUT, "", **kw),
+              ops.lut_gemm_reference(x, *nk, None, *common, "nk", "", **kw), sorted(kw))
+    for kw in ({}, {"norm_weight": norm, "norm_eps": 1e-5}, {"norm_ssq": ssq, "norm_eps": 1e-6}):
+        check(lut.lut_gemm_gated(x, *gated, None, *common, lut_gemm.LAYOUT, "", **kw),
+              ops.lut_gemm_gated_reference(x, *nk_gated, None, *common, "nk", "", **kw),
+              ["gated", *sorted(kw)])
+    out, normed, sums = lut.lut_gemm_norm_out(x, *prepared, None, *common, lut_gemm.LAYOUT, "",
+                                              residual, next_norm)
+    ref = ops.lut_gemm_reference(x, *nk, None, *common, "nk", "", residual=residual)
+    check(out, ref, "norm_out")
+    # the epilogue's products and sums are of its own rounded out, bit for bit up to fp32 sums
+    torch.testing.assert_close(normed, (out.float() * next_norm.float()).to(dtype), rtol=0,
+                               atol=0)
+    torch.testing.assert_close(sums, ops.norm_sums(out), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_nf4_decode_step_fusions_on_cuda(dtype, batch):
+    """The reference Llama in NF4, one decode step on the GPU: the norms, gating and skip
+    connections go into the lookup-table ops as they do for int4 (the report's lines), every
+    op runs the kernels, and the logits match eager's."""
+    from llama_model import CONFIGS, Llama
+
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"]).cuda().to(dtype)
+    qcompile.quantize(model, "nf4", group_size=64)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (batch, 1), device="cuda")
+    pos = torch.tensor([5], device="cuda")
+    with torch.no_grad():
+        model.setup_caches(batch, 16)
+        ref = model(tokens, pos).double()
+        model.setup_caches(batch, 16)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="qcompile")(tokens, pos).double()
+    records = qcompile.last_report().records
+    assert sum("RMSNorm in the op" in r.kernel for r in records) == 2 * 5 + 1
+    assert sum("+ residual in the op" in r.kernel for r in records) == 2 * 2
+    assert sum("silu(gate) * up in the op" in r.kernel for r in records) == 2 * 2
+    assert sum("its sums from the op before" in r.kernel for r in records) == 2 * 5 + 1 - 3
+    assert all("lookup-table decode kernel" in r.kernel for r in records), \
+        str(qcompile.last_report())
+    assert float((out - ref).norm() / ref.norm()) <= 2e-2

@@ -724,6 +724,61 @@ extern "C" int qc_mixed_gemm_decode_info(int* out, int n) {
   return 4;
 }
 
+namespace {
+// The fusions' argument checks, shared by both entry points (see qc_mixed_gemm_decode).
+bool fusions_ok(int row_tiles, int gated, const void* norm, const void* residual,
+                const void* norm_ssq, int ssq_parts, const void* next_norm, const void* normed,
+                const void* ssq_out, float eps) {
+  return !((gated && row_tiles != 2) ||  // a CTA must hold a gate tile and its up tile
+           (gated && (residual != nullptr || next_norm != nullptr)) || !(eps >= 0.f) ||
+           (norm != nullptr && norm_ssq != nullptr) || (norm_ssq != nullptr && ssq_parts <= 0) ||
+           (next_norm != nullptr && (norm != nullptr || norm_ssq != nullptr)) ||
+           (next_norm != nullptr && (normed == nullptr || ssq_out == nullptr)));
+}
+
+void set_fusions(Params& p, int gated, const void* norm, float eps, const void* residual,
+                 const void* norm_ssq, int ssq_parts, const void* next_norm, void* normed,
+                 void* ssq_out) {
+  p.gated = gated;
+  p.norm = static_cast<const Act*>(norm);
+  p.eps = eps;
+  p.residual = static_cast<const Act*>(residual);
+  p.norm_ssq = static_cast<const float*>(norm_ssq);
+  p.ssq_parts = ssq_parts;
+  p.next_norm = static_cast<const Act*>(next_norm);
+  p.normed = static_cast<Act*>(normed);
+  p.ssq_out = static_cast<float*>(ssq_out);
+}
+
+int norm_mode(const Params& p) {
+  return p.norm != nullptr        ? kNormStaged
+         : p.norm_ssq != nullptr  ? kNormGiven
+         : p.next_norm != nullptr ? kNormOut
+                                  : kNormNone;
+}
+
+template <int kNT, int kR, bool kSz>
+auto decode_kernel(int mode) {
+  return mode == kNormStaged  ? mixed_gemm_decode_kernel<kNT, kR, kNormStaged, kSz>
+         : mode == kNormGiven ? mixed_gemm_decode_kernel<kNT, kR, kNormGiven, kSz>
+         : mode == kNormOut   ? mixed_gemm_decode_kernel<kNT, kR, kNormOut, kSz>
+                              : mixed_gemm_decode_kernel<kNT, kR, kNormNone, kSz>;
+}
+
+// Shared memory past the reduction's region (or what takes its place: staged scales and
+// zeros, the pair table): the sums of squares (a norm), x * norm of the CTA's tokens
+// (staged), the squares of a tile's results (next_norm, after the sums' region, so it keeps
+// that region too); launch_decode refuses more than 48 KB in all.
+template <int kNT, int kR>
+int fusion_smem_bytes(int mode, int M, int K, int warps) {
+  const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
+  const int sums = mode != kNormNone ? warps * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+  const int staged = mode == kNormStaged ? tile_rows * K * static_cast<int>(sizeof(Act)) : 0;
+  const int squares = mode == kNormOut ? kR * 16 * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
+  return sums + staged + squares;
+}
+}  // namespace
+
 #if QC_MODE == 3
 namespace {
 // The prefill path's dequantization: W [N, K] in the activation type from the prepared codes,
@@ -775,14 +830,21 @@ extern "C" {
 // Lookup-table decode: out [M, N] = x [M, K] W^T (+ bias [N]) with W[n, k] = table[c] *
 // scales[k / group, n]; w the codes c - 8 in the sm90_lut_pairs layout, scales float32 [K/group, N],
 // table float32 [16]. K % 64 == 0, group 64 x 2^i dividing K, N % (16 * row_tiles) == 0.
-// lut_pairs: look value pairs up in the 256-pair table (see the header).
+// lut_pairs: look value pairs up in the 256-pair table (see the header); where its 32 KB and
+// what a fusion stages exceed 48 KB, the 16-value table instead. gated, norm, eps, residual,
+// norm_ssq, ssq_parts, next_norm, normed, ssq_out: the fusions, as qc_mixed_gemm_decode
+// takes them.
 int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const void* table,
-                       const void* bias, void* out, int M, int N, int K, int group,
-                       int token_tiles, int row_tiles, int warps, int lut_pairs,
-                       void* stream) {
+                       const void* bias, void* out, const void* norm, const void* residual,
+                       const void* norm_ssq, const void* next_norm, void* normed,
+                       void* ssq_out, int M, int N, int K, int group, int token_tiles,
+                       int row_tiles, int warps, int lut_pairs, int gated, int ssq_parts,
+                       float eps, void* stream) {
   const int shift = chunk_group_shift(group, K);
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
-      (uint64_t)N * K >= (1ull << 32) || shift < 0 || scales == nullptr || table == nullptr)
+      (uint64_t)N * K >= (1ull << 32) || shift < 0 || scales == nullptr || table == nullptr ||
+      !fusions_ok(row_tiles, gated, norm, residual, norm_ssq, ssq_parts, next_norm, normed,
+                  ssq_out, eps))
     return static_cast<int>(cudaErrorInvalidValue);
   Params p = {};
   p.x = static_cast<const Act*>(x);
@@ -795,15 +857,19 @@ int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const v
   p.N = N;
   p.K = K;
   p.group_shift = shift;
-  p.lut_pairs = lut_pairs != 0;
+  set_fusions(p, gated, norm, eps, residual, norm_ssq, ssq_parts, next_norm, normed, ssq_out);
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
-    const auto kernel = mixed_gemm_decode_kernel<kNT, kR, kNormNone, false>;
-    static int cached[2][kMaxWarps + 1] = {};
-    const int region = max(reduce_smem_bytes<kR, kNT, float>(warps),
-                           p.lut_pairs ? kLutPairWords * 4 : 0);
-    const int smem = capped_smem<kMaxWarps>(kernel, warps, region, 32, cached[p.lut_pairs]);
+    const int mode = norm_mode(p);
+    const auto kernel = decode_kernel<kNT, kR, false>(mode);
+    const int extra = fusion_smem_bytes<kNT, kR>(mode, M, K, warps);
+    const int reduce = reduce_smem_bytes<kR, kNT, float>(warps);
+    p.lut_pairs = lut_pairs != 0 && max(reduce, kLutPairWords * 4) + extra <= 48 * 1024;
+    static int cached[4][2][kMaxWarps + 1] = {};  // a benign race, every writer writes the same
+    const int region = max(reduce, p.lut_pairs ? kLutPairWords * 4 : 0);
+    const int smem =
+        capped_smem<kMaxWarps>(kernel, warps, region + extra, 32, cached[mode][p.lut_pairs]);
     return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
   }));
 }
@@ -865,11 +931,8 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
                          int sz_smem, float eps, void* stream) {
   if (!launch_shape_ok(M, N, K, kChunkK, warps, kMaxWarps, row_tiles) ||
       (uint64_t)N * K >= (1ull << 32) ||  // byte offsets in 32 bits (WeightWalk)
-      (gated && row_tiles != 2) ||        // a CTA must hold a gate tile and its up tile
-      (gated && (residual != nullptr || next_norm != nullptr)) || !(eps >= 0.f) ||
-      (norm != nullptr && norm_ssq != nullptr) || (norm_ssq != nullptr && ssq_parts <= 0) ||
-      (next_norm != nullptr && (norm != nullptr || norm_ssq != nullptr)) ||
-      (next_norm != nullptr && (normed == nullptr || ssq_out == nullptr)) ||
+      !fusions_ok(row_tiles, gated, norm, residual, norm_ssq, ssq_parts, next_norm, normed,
+                  ssq_out, eps) ||
       (sz_smem && QC_MODE != 2))
     return static_cast<int>(cudaErrorInvalidValue);
 #if QC_MODE == 2
@@ -890,15 +953,7 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   p.M = M;
   p.N = N;
   p.K = K;
-  p.gated = gated;
-  p.norm = static_cast<const Act*>(norm);
-  p.eps = eps;
-  p.residual = static_cast<const Act*>(residual);
-  p.norm_ssq = static_cast<const float*>(norm_ssq);
-  p.ssq_parts = ssq_parts;
-  p.next_norm = static_cast<const Act*>(next_norm);
-  p.normed = static_cast<Act*>(normed);
-  p.ssq_out = static_cast<float*>(ssq_out);
+  set_fusions(p, gated, norm, eps, residual, norm_ssq, ssq_parts, next_norm, normed, ssq_out);
 #if QC_MODE == 2
   p.group_shift = shift;
 #else
@@ -907,37 +962,21 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
   auto s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(dispatch_tiles(token_tiles, row_tiles, [&](auto nt, auto r) {
     constexpr int kNT = decltype(nt)::value, kR = decltype(r)::value;
-    const int mode = norm != nullptr       ? kNormStaged
-                     : norm_ssq != nullptr ? kNormGiven
-                     : next_norm != nullptr ? kNormOut
-                                            : kNormNone;
+    const int mode = norm_mode(p);
     return launch_sz(sz_smem != 0, [&](auto staged) {
       constexpr bool kSz = decltype(staged)::value;
-      const auto kernel = mode == kNormStaged  ? mixed_gemm_decode_kernel<kNT, kR, kNormStaged, kSz>
-                          : mode == kNormGiven ? mixed_gemm_decode_kernel<kNT, kR, kNormGiven, kSz>
-                          : mode == kNormOut   ? mixed_gemm_decode_kernel<kNT, kR, kNormOut, kSz>
-                                               : mixed_gemm_decode_kernel<kNT, kR, kNormNone, kSz>;
+      const auto kernel = decode_kernel<kNT, kR, kSz>(mode);
       // one cache per kernel: a benign race, every writer writes the same
       static int cached[4][kMaxWarps + 1] = {};
-      // past the reduction's tiles (or the staged scales and zeros, in their place): the sums
-      // of squares (a norm), x * norm of the CTA's tokens (staged), the squares of a tile's
-      // results (next_norm); launch_decode refuses more than 48 KB in all
-      const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
       int region0_bytes = reduce_smem_bytes<kR, kNT, float>(warps);
 #if QC_MODE == 2
       if (kSz) region0_bytes = max(region0_bytes, sz_smem_bytes(K, p.group_shift, kR));
 #endif
-      // (the squares go after the sums' region, so next_norm keeps that region too)
-      const int sums_bytes = mode != kNormNone
-                                 ? warps * 8 * kNT * static_cast<int>(sizeof(float))
-                                 : 0;
-      const int staged_bytes = mode == kNormStaged ? tile_rows * K * static_cast<int>(sizeof(Act)) : 0;
-      const int squares_bytes = next_norm != nullptr ? kR * 16 * 8 * kNT * static_cast<int>(sizeof(float)) : 0;
       // At most 32 resident warps an SM: int8 per-channel weights need few registers, and 5
       // CTAs of 8 warps an SM streamed 28672x4096 slower than 4 (decode-step sequence, H100:
       // 48.8 vs 45.0 us)
       const int smem = capped_smem<kMaxWarps>(
-          kernel, warps, region0_bytes + sums_bytes + staged_bytes + squares_bytes, 32,
+          kernel, warps, region0_bytes + fusion_smem_bytes<kNT, kR>(mode, M, K, warps), 32,
           cached[mode]);
       return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
     });
