@@ -121,19 +121,3 @@ def move_program(ep, location):
     torch.export's pass for it."""
     from torch.export.passes import move_to_device_pass
     return move_to_device_pass(ep, location)
-
-
-def export_decompositions():
-    """The table for ``ExportedProgram.run_decompositions``: Inductor's own, so that the
-    exported program holds the graph the compile path's rewrite sees and a loaded program
-    decomposes nothing differently from the compiled model (with core ATen's table silu was
-    ``x * sigmoid(x)`` in the program, Inductor's ``x / (1 + exp(-x))`` in the compiled model:
-    a W8A8 step's activation quantization then rounded an element differently now and then,
-    and the generated tokens parted after about a hundred). scaled_dot_product_attention
-    stays whole, as Inductor keeps it for its fused attention kernels (decomposed, a loaded
-    program ran attention as bmm + softmax, markedly slower; docs/design.md)."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = dict(select_decomp_table())
-    table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-    return table

@@ -147,6 +147,26 @@ def _drop_dead_asserts(graph: fx.Graph) -> None:
         graph.eliminate_dead_code()
 
 
+def _decompositions(ep: torch.export.ExportedProgram) -> dict:
+    """The table for ``ep.run_decompositions``: the backend's own (Inductor's, with matmuls
+    that read a quantized weight kept whole; ``lowering.decompositions``), so that the program
+    holds the graph the compile path's rewrite sees and a loaded program decomposes nothing
+    differently from the compiled model. With core ATen's table silu was ``x * sigmoid(x)``
+    in the program and ``x / (1 + exp(-x))`` in the compiled model: a W8A8 step's activation
+    quantization then rounded an element differently now and then, and the generated tokens
+    parted after about a hundred. scaled_dot_product_attention stays whole, as Inductor keeps
+    it for its fused attention kernels (decomposed, a loaded program ran attention as bmm +
+    softmax, markedly slower; docs/design.md)."""
+    from torch.export.graph_signature import InputKind
+
+    from .lowering.decompositions import decomposition_table
+
+    constant = [spec.kind != InputKind.USER_INPUT for spec in ep.graph_signature.input_specs]
+    table = decomposition_table(constant)
+    table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+    return table
+
+
 def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None,
                      report: Report | None = None, fuse_linears: bool = True
                      ) -> torch.export.ExportedProgram:
@@ -157,7 +177,7 @@ def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shap
     report = report if report is not None else Report()
     with torch.no_grad():
         ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-        gm = ep.run_decompositions(_compat.export_decompositions()).module()
+        gm = ep.run_decompositions(_decompositions(ep)).module()
         rewrite_graph(gm.graph, {}, report, fuse_linears)
         _drop_dead_asserts(gm.graph)
         gm.recompile()

@@ -215,6 +215,21 @@ def test_loaded_program_compiles_to_the_compiled_models_graph(tmp_path):
     assert compiled["qcompile.int8_gemm.default"] > 0
 
 
+def test_export_takes_over_a_one_token_step_under_the_one_token_decomposition(tmp_path):
+    """The export decomposes with the backend's table, so Inductor's one-token mm entry (GPU,
+    with coordinate_descent_tuning; in the table on the CPU here) cannot turn a batch-1
+    step's quantized matmuls into mul + sum before the rewrite, as in the compile path."""
+    from llama_model import CONFIGS
+    from test_takeover import one_token_decomposition
+
+    model = _llama("w4a16")
+    model.setup_caches(1, 16)
+    with one_token_decomposition():
+        qcompile.export(model, (torch.tensor([[3]]), torch.tensor([0])), tmp_path / "m.pt2")
+    report = qcompile.last_report()
+    assert len(report.matched) == len(report) == 7 * CONFIGS["tiny"].n_layers + 1, str(report)
+
+
 # -- bad files: a clear error, nothing run --------------------------------------------------
 
 def _copy_with_meta(src: Path, dst: Path, drop: bool = False, **changes):
