@@ -133,7 +133,8 @@ def fuses_in_kernel(layout: str) -> bool:
 # `bench_decode --set qcompile.kernels.FUSE_NORM_MIN_BITS=16,4`). With the norms linked (the op
 # before writes x * norm and the partial sums, the op after reads them) a GEMM pays less than
 # the norm kernel and launch gap it replaces, for int4 and int8 weights alike (the A/B rows
-# with `set` in benchmarks/results/bench_decode.jsonl). (See its use in lowering.rewrite.)
+# with `set` in benchmarks/results/bench_decode.jsonl). Lookup-table weights count as 4 bits.
+# (See its use in lowering.rewrite.)
 FUSE_NORM_MIN_BITS = 4
 
 

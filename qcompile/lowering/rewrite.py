@@ -621,7 +621,8 @@ def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> N
                                     _val(first.x).dtype)
     codes, table, scales = prep.tensors
     x = first.activation()
-    norm, residual = _norm_and_residual(ev, sites, True, sum(site.rows for site in sites))
+    norm, residual = _norm_and_residual(ev, sites, 4 >= kernels.FUSE_NORM_MIN_BITS,
+                                        sum(site.rows for site in sites))
     with b.graph.inserting_before(residual[0] if residual is not None else first.mm):
         x_arg, fused_args, notes = _norm_args(b, x, norm)
         weights = (b.constant(codes, "codes"), b.constant(table, "table"),
