@@ -174,12 +174,19 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     the norm weight, norm_ssq its partial sums of squares), ``residual`` (added to the result),
     ``next_norm`` (returns (out, out * next_norm, ``ops.norm_sums(out)``)). Where the decode
     kernel does not run the call (more tokens, a launch without the shared memory they need)
-    they run as PyTorch ops around the plain GEMM, with the same numbers as the reference."""
+    they run as PyTorch ops around the plain GEMM, each rounded to the activation type as a
+    separate kernel would (``ops.around_gemm``)."""
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
     k = x.shape[-1]
     n = qweight.shape[0]
     fused = {"norm_weight": norm, "norm_eps": eps, "residual": residual, "norm_ssq": norm_ssq}
+
+    def around(xi: torch.Tensor):  # the fusions as PyTorch ops around the plain op
+        return around_gemm(lambda xn: _finish(run(xn, qweight, table, scales, bias, block,
+                                                  dequant_dtype, path), gated, None),
+                           xi, norm, eps, residual, norm_ssq, next_norm)
+
     if gated and (n % 32 or residual is not None or next_norm is not None):
         raise ValueError("gated: N must be a multiple of 32, without residual or next_norm")
     act = _ACTS.get(x.dtype)
@@ -205,10 +212,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
             choice = decode.DecodeChoice(choice.tokens, 32, min(choice.warps, 8))
         takes = choice.takes(m, k, x2.element_size(), staged=norm is not None,
                              given=norm_ssq is not None, norm_out=next_norm is not None)
-        if not takes:  # not with the shared memory they need: PyTorch ops around the GEMM
-            plain = lambda xi: _finish(run(xi, qweight, table, scales, bias, block,  # noqa: E731
-                                           dequant_dtype, path), gated, None)
-            return around_gemm(plain, x, norm, eps, residual, norm_ssq, next_norm)
+        if not takes:  # not with the shared memory they need
+            return around(x)
         out = torch.empty(m, n // 2 if gated else n, device=x.device, dtype=x.dtype)
         norm, residual, norm_ssq, next_norm, normed, ssq_out = decode.stage_fusions(
             x2, out, norm, residual, norm_ssq, next_norm)
@@ -218,19 +223,16 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
             _ptr(next_norm), _ptr(normed), _ptr(ssq_out), m, n, k, block, choice.tokens // 8,
             choice.rows // 16, choice.warps, int(PAIR_TABLE), int(gated), k // 16, float(eps),
             stream)
-        what = f"qc_lut_gemm_decode ({choice.name})"
         if rc != 0:
-            raise RuntimeError(f"{what} (M={m} N={n} K={k} block {block}) failed with CUDA "
-                               f"error {rc}")
+            raise RuntimeError(f"qc_lut_gemm_decode ({choice.name}, M={m} N={n} K={k} block "
+                               f"{block}) failed with CUDA error {rc}")
         lead = x.shape[:-1]
         if next_norm is not None:
             return (out.reshape(*lead, n), normed.reshape(*lead, n),
                     ssq_out.reshape(*lead, n // 16))
         return out.reshape(*lead, out.shape[1])
     if gated or any(v is not None for v in (norm, residual, norm_ssq, next_norm)):
-        plain = lambda xi: _finish(run(xi, qweight, table, scales, bias, block,  # noqa: E731
-                                       dequant_dtype, path), gated, None)
-        return around_gemm(plain, x, norm, eps, residual, norm_ssq, next_norm)
+        return around(x)
     w = torch.empty(n, k, device=x.device, dtype=x.dtype)
     in_act = int(as_dtype(dequant_dtype) == x.dtype)
     rc = lib.qc_lut_dequantize(qweight.data_ptr(), scales.data_ptr(), table.data_ptr(),
