@@ -232,9 +232,9 @@ LUT_LAYOUT = "sm90_lut_pairs"  # kernels.lut_gemm.LAYOUT, named here without imp
 def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout, config,
                   gated=False, norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None,
                   next_norm=None):
-    """The lookup-table ops on CUDA and CPU: the kernels' layout runs the kernels on a GPU
-    (with the decode kernel's fusions) and their operands' reference elsewhere (a program
-    exported on a GPU, say); the reference layout runs the reference."""
+    """The lookup-table ops on CUDA and CPU: the kernels' layout runs ``lut_gemm.run`` (the
+    kernels with the decode kernel's fusions on a GPU, their operands' reference elsewhere: a
+    program exported on a GPU, say); the reference layout runs the reference."""
     n = codes.shape[0] // (2 if gated else 1)
     ops._check_fused(x, n, norm_weight, norm_eps, residual, norm_ssq)
     if next_norm is not None:
@@ -242,21 +242,14 @@ def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layo
     if layout != LUT_LAYOUT:
         y = ops.lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype,
                                    layout, config, norm_weight, norm_eps, residual, norm_ssq)
-        y = ops.gate_up(y) if gated else y
-        return y if next_norm is None else (y, *ops.next_norm_inputs(y, next_norm))
+        return ops.as_fused_result(y, gated, next_norm)
     fam = cuda_family("lut_gemm")
     if fam is None:
         raise RuntimeError(f"lut_gemm layout {layout!r} needs qcompile.kernels.lut_gemm: "
                            f"{_family_errors.get('lut_gemm')}")
-    if x.is_cuda:
-        return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype, gated=gated,
-                       norm=norm_weight, eps=norm_eps, residual=residual, norm_ssq=norm_ssq,
-                       next_norm=next_norm)
-    y = fam.reference_prepared(x, codes, table, scales, bias, group_size, dequant_dtype,
-                               norm_weight=norm_weight, norm_eps=norm_eps, residual=residual,
-                               norm_ssq=norm_ssq)
-    y = ops.gate_up(y) if gated else y
-    return y if next_norm is None else (y, *ops.next_norm_inputs(y, next_norm))
+    return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype, gated=gated,
+                   norm=norm_weight, eps=norm_eps, residual=residual, norm_ssq=norm_ssq,
+                   next_norm=next_norm)
 
 
 def _lut_gemm_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,

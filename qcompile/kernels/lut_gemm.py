@@ -30,8 +30,7 @@ import torch
 
 from . import mixed_gemm_decode as decode
 from .mixed_gemm import reorder_weight, sm_count, unreorder_weight
-from .ops import (around_gemm, as_dtype, check_next_norm, fused_linear, gate_up,
-                  next_norm_inputs)
+from .ops import around_gemm, as_dtype, as_fused_result, fused_linear
 
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "fits", "supported", "prepare", "run",
            "reference_prepared", "pair_bytes", "unpair_bytes"]
@@ -183,7 +182,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     fused = {"norm_weight": norm, "norm_eps": eps, "residual": residual, "norm_ssq": norm_ssq}
 
     def around(xi: torch.Tensor):  # the fusions as PyTorch ops around the plain op
-        return around_gemm(lambda xn: _finish(run(xn, qweight, table, scales, bias, block,
+        return around_gemm(lambda xn: as_fused_result(run(xn, qweight, table, scales, bias, block,
                                                   dequant_dtype, path), gated, None),
                            xi, norm, eps, residual, norm_ssq, next_norm)
 
@@ -193,7 +192,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     if (act is None or not x.is_cuda or not fits(n, k, block) or x.numel() == 0
             or scales.shape != (k // block, n) or scales.dtype != torch.float32
             or table.shape != (16,) or table.dtype != torch.float32):
-        return _finish(reference_prepared(x, qweight, table, scales, bias, block,
+        return as_fused_result(reference_prepared(x, qweight, table, scales, bias, block,
                                           dequant_dtype, **fused), gated, next_norm)
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous() or x2.data_ptr() % 16:
@@ -245,14 +244,3 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def _finish(y: torch.Tensor, gated: bool, next_norm: torch.Tensor | None):
-    """The reference's result as the fused call returns it: gated, or with the next norm's
-    inputs."""
-    if gated:
-        y = gate_up(y)
-    if next_norm is None:
-        return y
-    check_next_norm(y.shape[-1], next_norm)
-    return (y, *next_norm_inputs(y, next_norm))

@@ -29,6 +29,7 @@ __all__ = [
     "lut_gemm_gated",
     "lut_gemm_norm_out",
     "fused_linear",
+    "as_fused_result",
     "lut_dequantize",
     "unpack_nk",
     "pack_nk",
@@ -176,6 +177,17 @@ def next_norm_inputs(out: torch.Tensor, next_norm_weight: torch.Tensor
     return (out.float() * next_norm_weight.float()).to(out.dtype), norm_sums(out)
 
 
+def as_fused_result(y: torch.Tensor, gated: bool, next_norm: torch.Tensor | None):
+    """A plain GEMM's result ``y`` as a fused op returns it: gated (``gate_up``), or with the
+    next norm's inputs (``next_norm_inputs``, a 3-tuple) where ``next_norm`` is given."""
+    if gated:
+        y = gate_up(y)
+    if next_norm is None:
+        return y
+    check_next_norm(y.shape[-1], next_norm)
+    return (y, *next_norm_inputs(y, next_norm))
+
+
 def around_gemm(run, x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float,
                 residual: torch.Tensor | None = None, norm_ssq: torch.Tensor | None = None,
                 next_norm: torch.Tensor | None = None):
@@ -311,8 +323,7 @@ def mixed_gemm_norm_out_reference(
     no separate norm kernel reads out again."""
     out = mixed_gemm_reference(x, qweight, scales, zeros, bias, bits, signed, group_size,
                                zero_mode, dequant_dtype, layout, config, residual=residual)
-    check_next_norm(out.shape[-1], next_norm_weight)
-    return (out, *next_norm_inputs(out, next_norm_weight))
+    return as_fused_result(out, False, next_norm_weight)
 
 
 mixed_gemm_norm_out = torch.library.custom_op("qcompile::mixed_gemm_norm_out",
@@ -548,8 +559,7 @@ def lut_gemm_norm_out_reference(
     ``norm_sums(out)``)."""
     out = lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
                              config, residual=residual)
-    check_next_norm(out.shape[-1], next_norm_weight)
-    return (out, *next_norm_inputs(out, next_norm_weight))
+    return as_fused_result(out, False, next_norm_weight)
 
 
 lut_gemm_norm_out = torch.library.custom_op("qcompile::lut_gemm_norm_out", mutates_args=())(

@@ -386,9 +386,9 @@ class _FusedForms:
     norm_arg: int
 
 
-_FORMS = (_FusedForms(_MIXED_OP, _GATED_OP, _NORM_OUT_OP, 12),
-          _FusedForms(_LUT_OP, _LUT_GATED_OP, _LUT_NORM_OUT_OP, 9))
-_FORMS_OF = {op: f for f in _FORMS for op in (f.plain, f.gated)}
+_MIXED_FORMS = _FusedForms(_MIXED_OP, _GATED_OP, _NORM_OUT_OP, 12)
+_LUT_FORMS = _FusedForms(_LUT_OP, _LUT_GATED_OP, _LUT_NORM_OUT_OP, 9)
+_FORMS_OF = {op: f for f in (_MIXED_FORMS, _LUT_FORMS) for op in (f.plain, f.gated)}
 
 
 def _norm_producer(h: fx.Node) -> fx.Node | None:
@@ -522,7 +522,7 @@ def _rewrite_mixed(b: _Builder, ev: ConstantEvaluator, sites: list[_MixedSite]) 
                    b.constant(zeros, "zeros") if zeros is not None else None)
         tail = (match.bits, match.signed, match.group_size, match.zero_mode,
                 dtype_name(match.dequant_dtype), prep.layout, prep.config)
-        _emit(b, _FORMS[0], sites, gated, x_arg, weights, tail, fused_args, residual,
+        _emit(b, _MIXED_FORMS, sites, gated, x_arg, weights, tail, fused_args, residual,
               prep.description, notes + gathered)
 
 
@@ -628,7 +628,7 @@ def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> N
         weights = (b.constant(codes, "codes"), b.constant(table, "table"),
                    b.constant(scales, "scales"))
         tail = (m.group_size, dtype_name(m.dequant_dtype), prep.layout, prep.config)
-        _emit(b, _FORMS[1], sites, gated, x_arg, weights, tail, fused_args, residual,
+        _emit(b, _LUT_FORMS, sites, gated, x_arg, weights, tail, fused_args, residual,
               prep.description, notes)
 
 
