@@ -15,11 +15,12 @@ from qcompile.kernels import mixed_gemm_sm80 as m80
 def test_names_round_trip_and_bad_names():
     seen = set()
     for t in (8, 16, 32):
-        for r in (16, 32):
+        for r in (16, 32, 64):
             for w in (1, 4, 8, 16):
                 c = dec.DecodeChoice(t, r, w)
                 if not c.valid():
-                    assert c.smem_bytes() > 48 * 1024  # only the reduction buffer limits
+                    # the reduction buffer limits, and 64-row CTAs take at most 16 tokens
+                    assert c.smem_bytes() > 48 * 1024 or (r, t) == (64, 32)
                     continue
                 assert c.name == f"decode.t{t}.r{r}.w{w}" and c.name not in seen
                 seen.add(c.name)
@@ -28,7 +29,8 @@ def test_names_round_trip_and_bad_names():
                 assert mg.choice_from_name(c.name) == c == m80.choice_from_name(c.name)
     for bad in ("decode.", "decode.t8.r16", "decode.t12.r16.w8", "decode.t8.r48.w8",
                 "decode.t8.r16.w0", "decode.t8.r16.w17", "decode.r16.t8.w8", "decode.t8.r16.wx",
-                "decode.t32.r32.w16", "bf16.w4.gz.128x16x64.coop.sk/sk4"):
+                "decode.t32.r32.w16", "decode.t32.r64.w4", "decode.t16.r64.w16",
+                "bf16.w4.gz.128x16x64.coop.sk/sk4"):
         with pytest.raises(ValueError, match="no decode-kernel choice"):
             dec.choice_from_name(bad)
 
@@ -68,6 +70,10 @@ def test_heuristic_and_candidates():
     assert dec.heuristic(1, 48, 64) == dec.DecodeChoice(8, 16, 16)
     assert dec.heuristic(1, 1024, 4096) == dec.DecodeChoice(8, 16, 16)  # 64 CTAs, not 32
     assert dec.candidates(33, 4096, 4096) == []
+    # 64-row CTAs are offered up to 16 tokens where they divide N, never picked unmeasured
+    assert "decode.t16.r64.w8" in dec.candidates(16, 14336, 4096)
+    assert "decode.t8.r64.w4" in dec.candidates(1, 14336, 4096)
+    assert not any(".r64." in c for c in dec.candidates(17, 14336, 4096) + dec.candidates(1, 48, 64))
 
 
 def test_staged_scales_choice():

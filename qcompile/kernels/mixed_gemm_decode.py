@@ -47,7 +47,7 @@ TILE_K = 64         # K chunk; group sizes must be multiples of it
 LAYOUT_SM90, LAYOUT_SM80_V2 = 0, 1
 MODE_ROWSCALE, MODE_GROUPZERO = 0, 2
 _TOKEN_TILES = (8, 16, 32)
-_ROW_TILES = (16, 32)
+_ROW_TILES = (16, 32, 64)  # 64 rows with up to 16 tokens (the kernels' registers)
 _WARPS = (4, 8, 16)
 _SMEM_LIMIT = 48 * 1024
 # The heuristic stages group scales and zeros in shared memory (``DecodeChoice.sz_smem``)
@@ -85,8 +85,8 @@ def builds(layout: int) -> tuple[DecodeBuild, ...]:
 
 @dataclass(frozen=True)
 class DecodeChoice:
-    """A launch shape: tokens per CTA (8/16/32), weight rows per CTA (16/32), warps per CTA
-    (they split K); ``sz_smem``: each CTA stages its group scales and zeros in shared memory
+    """A launch shape: tokens per CTA (8/16/32), weight rows per CTA (16/32; 64 with at most
+    16 tokens), warps per CTA (they split K); ``sz_smem``: each CTA stages its group scales and zeros in shared memory
     first (group-wise weights only; name suffix ``.sz``)."""
 
     tokens: int = 8
@@ -125,6 +125,7 @@ class DecodeChoice:
 
     def valid(self) -> bool:
         return (self.tokens in _TOKEN_TILES and self.rows in _ROW_TILES
+                and (self.rows < 64 or self.tokens <= 16)
                 and 1 <= self.warps <= 16 and self.smem_bytes() <= _SMEM_LIMIT)
 
 

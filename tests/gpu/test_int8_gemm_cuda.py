@@ -188,14 +188,14 @@ def test_rejects_unsupported_inputs():
 
 # --- the decode kernel (int8_gemm_decode.cu): M <= 32, plain int8 operands ---------------
 
-_DECODE_SHAPES = [dec.DecodeChoice(t, r, w) for t in (8, 16, 32) for r in (16, 32) for w in (1, 3, 16)
-                  if dec.DecodeChoice(t, r, w).valid()]
+_DECODE_SHAPES = [dec.DecodeChoice(t, r, w) for t in (8, 16, 32) for r in (16, 32, 64)
+                  for w in (1, 3, 16) if dec.DecodeChoice(t, r, w).valid()]
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_decode_every_launch_shape(out_dtype):
     # K = 13 chunks of 64: no warp count divides it; every scale kind and bias appears
-    n, k = 96, 13 * 64
+    n, k = 192, 13 * 64
     for choice in _DECODE_SHAPES:
         if n % choice.rows:
             continue

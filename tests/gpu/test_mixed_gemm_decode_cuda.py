@@ -112,7 +112,7 @@ def test_formats(fam_name, act, bits, signed, group, zero_mode):
                                     f"g={group} {zero_mode}")
 
 
-_SHAPES = [dec.DecodeChoice(t, r, w, sz) for t in (8, 16, 32) for r in (16, 32)
+_SHAPES = [dec.DecodeChoice(t, r, w, sz) for t in (8, 16, 32) for r in (16, 32, 64)
            for w in (1, 4, 8, 16) for sz in (False, True) if dec.DecodeChoice(t, r, w).valid()]
 
 
@@ -121,7 +121,7 @@ _SHAPES = [dec.DecodeChoice(t, r, w, sz) for t in (8, 16, 32) for r in (16, 32)
 def test_every_launch_shape(fam_name, bits):
     # K = 13 chunks of 64: no warp count divides it (tail chunks skipped per warp)
     fam = FAMILIES[fam_name]
-    n, k = 96, 13 * 64
+    n, k = 192, 13 * 64
     layout, tensors, w = _prepared(fam, n, k, bits, False, 64, "sub", "bf16")
     for choice in _SHAPES:
         if n % choice.rows:
@@ -257,6 +257,7 @@ def _rms64(x, weight, eps):
                                                          (8, True, 0, "none")])
 @pytest.mark.parametrize("m,config", [(1, "decode.t8.r32.w8"), (3, "decode.t8.r16.w16"),
                                       (8, "decode.t8.r32.w4"), (11, "decode.t16.r16.w8"),
+                                      (2, "decode.t8.r64.w4"), (16, "decode.t16.r64.w8"),
                                       (5, None), (17, None)])
 def test_rms_norm_and_residual_in_the_kernel(act, bits, signed, group, zero_mode, m, config):
     """mixed_gemm with an RMSNorm before (norm weight on the B fragments, sum of squares from
@@ -330,6 +331,7 @@ def test_rms_norm_and_residual_refusals():
                                                          (8, True, 0, "none")])
 @pytest.mark.parametrize("m,config", [(1, "decode.t8.r32.w8"), (3, "decode.t8.r16.w16"),
                                       (8, "decode.t8.r32.w4"), (11, "decode.t16.r16.w8"),
+                                      (2, "decode.t8.r64.w4"), (16, "decode.t16.r64.w8"),
                                       (5, None), (17, None)])
 def test_norm_out_then_given_sums(act, bits, signed, group, zero_mode, m, config):
     """An op that adds a skip connection and writes the next RMSNorm's input (out * weight,

@@ -22,7 +22,8 @@
 // summed in warp order (exact), then scaled in fp32.
 //
 // Configuration: -D QC_OUT_BF16 (1 bf16 output, 0 fp16); token tiles (1, 2, 4 x 8 tokens),
-// row tiles (1, 2 x 16 rows), warps per CTA (1..16) are launch arguments.
+// row tiles (1, 2, 4 x 16 rows; 4 with up to 16 tokens), warps per CTA (1..16) are launch
+// arguments.
 // Exports (extern "C", 0 = success, else a cudaError_t value): qc_int8_gemm_decode_info,
 // qc_int8_gemm_decode.
 
@@ -159,8 +160,8 @@ int qc_int8_gemm_decode_info(int* out, int n) {
 // out [M, N]; xq [M, K], wq [N, K] int8 row-major, 16-byte aligned; row_scale [M] (per
 // token) or [1]; col_scale [N] or [1], float32; bias [N] in the output type or null; azp
 // int32 [M] or [1] (as row_scale) and azp_adj int32 [N], or both null.
-// K % 64 == 0, N % (16 * row_tiles) == 0; token_tiles in {1, 2, 4}, row_tiles in {1, 2},
-// warps 1..16.
+// K % 64 == 0, N % (16 * row_tiles) == 0; token_tiles in {1, 2, 4}, row_tiles in {1, 2}
+// (or 4 with token_tiles <= 2), warps 1..16.
 int qc_int8_gemm_decode(void* out, const void* xq, const void* wq, const void* row_scale,
                         const void* col_scale, const void* bias, const void* azp,
                         const void* azp_adj, int M, int N, int K,

@@ -77,7 +77,8 @@
 // weight as it is, instead of two 2-byte loads and the packing of their values.
 //
 // Configuration: -D QC_ACT_FP16, QC_WBITS, QC_LAYOUT, QC_MODE; the token tiles (1, 2, 4 x 8
-// tokens), row tiles (1, 2 x 16 rows) and warps per CTA are launch arguments.
+// tokens), row tiles (1, 2, 4 x 16 rows; 4 with up to 16 tokens) and warps per CTA are
+// launch arguments.
 // Exports (extern "C", 0 = success, else a cudaError_t value): qc_mixed_gemm_decode_info, and
 // qc_mixed_gemm_decode (QC_MODE 0, 2) or qc_lut_gemm_decode and qc_lut_dequantize (QC_MODE 3).
 
@@ -413,7 +414,7 @@ __device__ __forceinline__ void stage_scales_zeros(uint2* szs, const Params& p, 
 template <int kNT, int kR, int kNorm, bool kSzSmem>
 __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const Params p) {
   static_assert(!kSzSmem || QC_MODE == 2, "only group scales and zeros are staged");
-  constexpr int kUnroll = kRoundLoads / kR;  // chunks per warp per round
+  constexpr int kUnroll = kRoundLoads > kR ? kRoundLoads / kR : 1;  // chunks a warp a round
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
   __shared__ unsigned short lut[QC_MODE == 3 ? 16 : 1];  // lut: T[u ^ 8] at raw nibble u
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -915,7 +916,8 @@ extern "C" {
 // (activation type), rowscale: rowscale [N] float32; bias [N] or null; out [M, N], or with
 // gated (row_tiles 2: even 16-row tiles the gate, odd ones the up rows) [M, N/2]. All
 // 16-byte aligned. K % 64 == 0, N % (16 * row_tiles) == 0, group 64 x 2^i dividing K
-// (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2}, warps 1..16.
+// (groupzero). token_tiles in {1, 2, 4} (8 tokens each), row_tiles in {1, 2} (or 4 with
+// token_tiles <= 2), warps 1..16.
 // norm ([K], activation type) or null: x is an RMSNorm's input, eps its epsilon; or norm_ssq
 // ([M, ssq_parts] float32) or null: x is already the norm's input times its weight and
 // norm_ssq the partial sums of squares of that input (summed in order). residual ([M, N] like
