@@ -98,19 +98,19 @@ def nf4(ms):
             ref = F.linear(x, w).double()
             cell("nf4_b64", "bf16", n, k, m, "qcompile",
                  lambda: lut_gemm.run(x, *prepared, None, 64, "float32"), ref)
-            orig = lut_gemm.decode.heuristic
+            orig = lut_gemm.decode_choice
             for t in [t for t in (8, 16, 32) if t >= min(m, 16)][:2]:
                 for r in (16, 32, 64):
                     for wp in (4, 8, 16):
                         c = d.DecodeChoice(t, r, wp)
                         if not (c.valid() and n % r == 0):
                             continue
-                        lut_gemm.decode.heuristic = lambda *a, c=c, **kw: c
+                        lut_gemm.decode_choice = lambda *a, c=c, **kw: c
                         try:
                             cell("nf4_b64", "bf16", n, k, m, f"qcompile[{c.name}]",
                                  lambda: lut_gemm.run(x, *prepared, None, 64, "float32", "decode"), ref)
                         finally:
-                            lut_gemm.decode.heuristic = orig
+                            lut_gemm.decode_choice = orig
 
 
 # in order of what matters most, until the time budget runs out

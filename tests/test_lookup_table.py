@@ -489,6 +489,27 @@ def test_kernel_layout_refuses_what_the_kernels_do_not_take():
                                     "tiled", "")
 
 
+def test_decode_launch_rule_where_the_lookups_differ_from_affine_weights():
+    from qcompile.kernels import lut_gemm
+    from qcompile.kernels import mixed_gemm_decode as dec
+
+    # 16 tokens on wide layers: 64-row CTAs (x read half as often); not where they leave SMs idle
+    assert lut_gemm.decode_choice(16, 14336, 4096) == dec.DecodeChoice(16, 64, 8)
+    assert lut_gemm.decode_choice(9, 28672, 4096) == dec.DecodeChoice(16, 64, 8)
+    assert lut_gemm.decode_choice(16, 4096, 4096) == dec.heuristic(16, 4096, 4096)
+    assert lut_gemm.decode_choice(16, 14336, 4096, sm_count=256) == dec.heuristic(16, 14336, 4096, 256)
+    # 32-token tiles with several waves of CTAs: 4 warps; beyond 32 tokens, CTAs of 32
+    assert lut_gemm.decode_choice(64, 14336, 4096) == dec.DecodeChoice(32, 32, 4)
+    assert lut_gemm.decode_choice(32, 4096, 4096) == dec.heuristic(32, 4096, 4096)
+    # one to eight tokens: the affine rule without staged scales
+    for n in (4096, 6144, 14336, 28672):
+        assert lut_gemm.decode_choice(1, n, 4096) == dec.heuristic(1, n, 4096)
+    for m in (1, 8, 9, 16, 17, 32, 64):
+        for n, k in ((4096, 4096), (14336, 4096), (1024, 4096), (48, 64)):
+            c = lut_gemm.decode_choice(m, n, k)
+            assert c.valid() and n % c.rows == 0 and not c.sz_smem, (m, n, k, c)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_chained_lookup_table_linears_both_run_as_ops(bias):
     """A linear that reads the previous one's 2-D result reads that rewrite's op: the first

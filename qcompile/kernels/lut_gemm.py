@@ -32,8 +32,8 @@ from . import mixed_gemm_decode as decode
 from .mixed_gemm import reorder_weight, sm_count, unreorder_weight
 from .ops import around_gemm, as_dtype, as_fused_result, fused_linear
 
-__all__ = ["LAYOUT", "MODE_LUT", "builds", "fits", "supported", "prepare", "run",
-           "reference_prepared", "pair_bytes", "unpair_bytes"]
+__all__ = ["LAYOUT", "MODE_LUT", "builds", "decode_choice", "fits", "supported", "prepare",
+           "run", "reference_prepared", "pair_bytes", "unpair_bytes"]
 
 LAYOUT = "sm90_lut_pairs"  # kernels.LUT_LAYOUT
 MODE_LUT = 3
@@ -155,6 +155,27 @@ DECODE_MAX_M = 2 * decode.MAX_TOKENS
 # qcompile[decode.pairs] of results/bench_w4a16.jsonl).
 PAIR_TABLE = True
 PATHS = ("decode", "dequant")
+# 32-token launches take 4-warp CTAs where their 32-row CTAs make at least this many waves.
+LUT_W4_WAVES = 3
+
+
+def decode_choice(m: int, n: int, k: int, sm_count: int = 132) -> decode.DecodeChoice:
+    """The decode kernel's launch shape for m lookup-table tokens (beyond 32, CTAs of 32 over
+    the grid's y): the affine weights' rule (``mixed_gemm_decode.heuristic``, without staged
+    scales: the table takes that place) but where the lookups made other shapes faster (H100,
+    clean flush, NF4 b64, ``bench_decode_shapes.py``, results/decode_shapes.jsonl):
+
+    - 16 tokens on wide layers (N / 64 >= SMs): 64-row CTAs of 8 warps, which read the
+      activations half as often as 32-row ones (14336x4096: 27.7 against 34.9 us; at
+      4096x4096 32-row CTAs stay best, 14.1 us);
+    - 32-token tiles whose 32-row CTAs make LUT_W4_WAVES waves: 4 warps a CTA (14336x4096:
+      40.1 against 43.5 us at M = 32, 72.8 against 78.7 at M = 64)."""
+    choice = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sm_count)
+    if choice.tokens == 16 and n % 64 == 0 and n // 64 >= sm_count:
+        return decode.DecodeChoice(16, 64, 8)
+    if choice.tokens == 32 and choice.rows == 32 and n // 32 >= LUT_W4_WAVES * sm_count:
+        return decode.DecodeChoice(32, 32, 4)
+    return choice
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
@@ -204,14 +225,17 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     lib = _lib(act)
     if path == "decode" or (path is None and m <= DECODE_MAX_M):
         sms = sm_count(x.device.index)
-        # no staged scales (the table takes that place); beyond 32 tokens, 32 a CTA; the
-        # gated epilogue needs a CTA's gate and up tiles: 32 rows
-        choice = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sms)
-        if gated and choice.rows != 32:
-            choice = decode.DecodeChoice(choice.tokens, 32, min(choice.warps, 8))
-        takes = choice.takes(m, k, x2.element_size(), staged=norm is not None,
-                             given=norm_ssq is not None, norm_out=next_norm is not None)
-        if not takes:  # not with the shared memory they need
+        # the launch rule's shape, else the affine rule's where the fusions' shared memory
+        # does not fit the first; the gated epilogue needs a CTA's gate and up tiles: 32 rows
+        shapes = (decode_choice(m, n, k, sms),
+                  decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sms))
+        if gated:
+            shapes = tuple(c if c.rows == 32 else decode.DecodeChoice(c.tokens, 32, min(c.warps, 8))
+                           for c in shapes)
+        choice = next((c for c in shapes if c.takes(
+            m, k, x2.element_size(), staged=norm is not None, given=norm_ssq is not None,
+            norm_out=next_norm is not None)), None)
+        if choice is None:  # not with the shared memory they need
             return around(x)
         out = torch.empty(m, n // 2 if gated else n, device=x.device, dtype=x.dtype)
         norm, residual, norm_ssq, next_norm, normed, ssq_out = decode.stage_fusions(
