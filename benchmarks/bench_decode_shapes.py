@@ -4,7 +4,8 @@ b64 (bf16, the lookup-table decode kernel), at 1 / 16 / 32 / 64 tokens, includin
 heuristic never offers (token tiles over the grid's y beyond 32 tokens). What it is for: the
 evidence behind the decode kernel's launch rules (docs/design.md).
 
-    python benchmarks/bench_decode_shapes.py [--out FILE]   (default $OUT or /tmp)
+    python benchmarks/bench_decode_shapes.py [--out FILE] [--plan default|w8a16]
+    (FILE defaults to decode_shapes.jsonl in $OUT or /tmp; the w8a16 plan: int8 per-channel)
 
 Rows: bench "decode_shapes", one per (pattern, n, k, m, impl), to decode_shapes.jsonl;
 SWEEP_BUDGET_S (default 400) stops it early, the most telling cells first."""
@@ -51,36 +52,38 @@ def cell(pattern, act, n, k, m, impl, fn, ref=None, **extra):
 _weights = {}
 
 
-def affine_weights(n, k):
-    key = ("affine", n, k)
+def affine_weights(pattern, n, k):
+    key = (pattern, n, k)
     if key not in _weights:
         act = torch.float16
-        fmt, w, mod = B.make_weights("w4a16_g128_zp", n, k, act)
-        made = B.build_impls("w4a16_g128_zp", n, k, fmt, w, mod,
+        fmt, w, mod = B.make_weights(pattern, n, k, act)
+        made = B.build_impls(pattern, n, k, fmt, w, mod,
                              ("qcompile", "cublas_bf16", "read_floor", "marlin"), act)
-        _weights[key] = (w, made)
+        _weights[key] = (w, made, fmt["group"] if fmt["group"] != k else 0)
     return _weights[key]
 
 
-def affine(ms):
+def affine(ms, pattern="w4a16_g128_zp"):
+    """Affine weights (int4 g128 + zeros, or int8 per-channel) in fp16 at each M."""
     d.MAX_TOKENS = 64  # let forced names take 64 tokens (grid.y token tiles)
     act = torch.float16
     for m in ms:
         for n, k in ((14336, 4096), (28672, 4096), (4096, 14336), (4096, 4096)):
-            w, made = affine_weights(n, k)
+            w, made, group = affine_weights(pattern, n, k)
+            mode = d.MODE_GROUPZERO if group else d.MODE_ROWSCALE
             x = torch.randn(m, k, device="cuda", dtype=act)
             ref = F.linear(x, w).double()
             for name in ("qcompile", "cublas_bf16", "read_floor", "marlin"):
                 if name in made:
                     fn = made[name]
-                    cell("w4a16_g128_zp", "fp16", n, k, m, name, lambda fn=fn: fn(x),
+                    cell(pattern, "fp16", n, k, m, name, lambda fn=fn: fn(x),
                          ref if name == "qcompile" else None)
             for t in [t for t in (8, 16, 32) if t >= min(m, 16)][:2]:
                 for r in (16, 32, 64):
                     for wp in (4, 8, 16):
                         c = d.DecodeChoice(t, r, wp)
-                        if c.valid() and d.fits(m, n, k, 128, d.MODE_GROUPZERO, c):
-                            cell("w4a16_g128_zp", "fp16", n, k, m, f"qcompile[{c.name}]",
+                        if c.valid() and d.fits(m, n, k, group or k, mode, c):
+                            cell(pattern, "fp16", n, k, m, f"qcompile[{c.name}]",
                                  lambda c=c: made["qcompile"](x, c.name), ref)
     d.MAX_TOKENS = 32
 
@@ -113,10 +116,12 @@ def nf4(ms):
                             lut_gemm.decode_choice = orig
 
 
-# in order of what matters most, until the time budget runs out
-affine((16,))
-nf4((64, 16))
-affine((64,))
-nf4((1, 32))
-affine((1, 32))
+# what each plan times, in order of what matters most, until the time budget runs out
+PLANS = {
+    "default": [(affine, (16,)), (nf4, (64, 16)), (affine, (64,)), (nf4, (1, 32)), (affine, (1, 32))],
+    "w8a16": [(lambda ms: affine(ms, "w8a16_pc"), (16, 1, 32))],
+}
+plan = sys.argv[sys.argv.index("--plan") + 1] if "--plan" in sys.argv else "default"
+for step, ms in PLANS[plan]:
+    step(ms)
 print("sweep done", flush=True)

@@ -93,16 +93,18 @@ def test_nf4_model_is_taken_over_on_cuda(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pair_table", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 8, 20])
-def test_lut_decode_kernel_fusions(dtype, pair_table, m, monkeypatch):
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 20])
+@pytest.mark.parametrize("n,k", [(512, 1024), (12672, 256)])
+def test_lut_decode_kernel_fusions(dtype, pair_table, m, n, k, monkeypatch):
     """Each fusion of the lookup-table decode kernel (the gated epilogue, the RMSNorm staged
     or given, the residual, the next norm's inputs) against the ops' reference on the same
     codes: the same float32 computation rounded once, so within the decode kernel's
     tolerance (the table rounded to the activation type); the norm's partial sums to fp32
     rounding. 8 and 20 tokens at K = 1024 stage too much x for the 32 KB pair table: the
-    launch takes the 16-value table there."""
+    launch takes the 16-value table there. On 12672 rows (96 x 132) the launch rule's own
+    shapes run: 64-row CTAs at 16 tokens, 4-warp CTAs of 32 tokens at 20 (lut_gemm.decode_choice)."""
     monkeypatch.setattr(lut_gemm, "PAIR_TABLE", pair_table)
-    n, k, block = 512, 1024, 64
+    block = 64
     codes, table, scales, _ = _problem(n, k, block, "nf4", dtype, seed=m)
     prepared = [t.cuda() for t in lut_gemm.prepare(codes, table, scales)]
     gated_codes = ops.interleave_gate_up(codes[: n // 2], codes[n // 2:])
