@@ -52,6 +52,13 @@ def cell(pattern, act, n, k, m, impl, fn, ref=None, **extra):
 _weights = {}
 
 
+def launch_shapes(m):
+    """Every valid launch shape of the two token tiles nearest m (the grid's y covers the rest)."""
+    return [c for t in [t for t in (8, 16, 32) if t >= min(m, 16)][:2]
+            for r in (16, 32, 64) for wp in (4, 8, 16)
+            if (c := d.DecodeChoice(t, r, wp)).valid()]
+
+
 def affine_weights(pattern, n, k):
     key = (pattern, n, k)
     if key not in _weights:
@@ -78,13 +85,10 @@ def affine(ms, pattern="w4a16_g128_zp"):
                     fn = made[name]
                     cell(pattern, "fp16", n, k, m, name, lambda fn=fn: fn(x),
                          ref if name == "qcompile" else None)
-            for t in [t for t in (8, 16, 32) if t >= min(m, 16)][:2]:
-                for r in (16, 32, 64):
-                    for wp in (4, 8, 16):
-                        c = d.DecodeChoice(t, r, wp)
-                        if c.valid() and d.fits(m, n, k, group or k, mode, c):
-                            cell(pattern, "fp16", n, k, m, f"qcompile[{c.name}]",
-                                 lambda c=c: made["qcompile"](x, c.name), ref)
+            for c in launch_shapes(m):
+                if d.fits(m, n, k, group or k, mode, c):
+                    cell(pattern, "fp16", n, k, m, f"qcompile[{c.name}]",
+                         lambda c=c: made["qcompile"](x, c.name), ref)
     d.MAX_TOKENS = 32
 
 
@@ -102,18 +106,15 @@ def nf4(ms):
             cell("nf4_b64", "bf16", n, k, m, "qcompile",
                  lambda: lut_gemm.run(x, *prepared, None, 64, "float32"), ref)
             orig = lut_gemm.decode_choice
-            for t in [t for t in (8, 16, 32) if t >= min(m, 16)][:2]:
-                for r in (16, 32, 64):
-                    for wp in (4, 8, 16):
-                        c = d.DecodeChoice(t, r, wp)
-                        if not (c.valid() and n % r == 0):
-                            continue
-                        lut_gemm.decode_choice = lambda *a, c=c, **kw: c
-                        try:
-                            cell("nf4_b64", "bf16", n, k, m, f"qcompile[{c.name}]",
-                                 lambda: lut_gemm.run(x, *prepared, None, 64, "float32", "decode"), ref)
-                        finally:
-                            lut_gemm.decode_choice = orig
+            for c in launch_shapes(m):
+                if n % c.rows:
+                    continue
+                lut_gemm.decode_choice = lambda *a, c=c, **kw: c  # the launch, forced
+                try:
+                    cell("nf4_b64", "bf16", n, k, m, f"qcompile[{c.name}]",
+                         lambda: lut_gemm.run(x, *prepared, None, 64, "float32", "decode"), ref)
+                finally:
+                    lut_gemm.decode_choice = orig
 
 
 # what each plan times, in order of what matters most, until the time budget runs out
@@ -121,7 +122,14 @@ PLANS = {
     "default": [(affine, (16,)), (nf4, (64, 16)), (affine, (64,)), (nf4, (1, 32)), (affine, (1, 32))],
     "w8a16": [(lambda ms: affine(ms, "w8a16_pc"), (16, 1, 32))],
 }
-plan = sys.argv[sys.argv.index("--plan") + 1] if "--plan" in sys.argv else "default"
-for step, ms in PLANS[plan]:
-    step(ms)
-print("sweep done", flush=True)
+
+
+def main():
+    plan = sys.argv[sys.argv.index("--plan") + 1] if "--plan" in sys.argv else "default"
+    for step, ms in PLANS[plan]:
+        step(ms)
+    print("sweep done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
