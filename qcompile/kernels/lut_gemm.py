@@ -159,7 +159,9 @@ PATHS = ("decode", "dequant")
 LUT_W4_WAVES = 3
 
 
-def decode_choice(m: int, n: int, k: int, sm_count: int = 132) -> decode.DecodeChoice:
+def decode_choice(m: int, n: int, k: int, sm_count: int = 132, gated: bool = False,
+                  act_bytes: int = 2, staged: bool = False, given: bool = False,
+                  norm_out: bool = False) -> decode.DecodeChoice | None:
     """The decode kernel's launch shape for m lookup-table tokens (beyond 32, CTAs of 32 over
     the grid's y): the affine weights' rule (``mixed_gemm_decode.heuristic``, without staged
     scales: the table takes that place) but where the lookups made other shapes faster (H100,
@@ -169,13 +171,24 @@ def decode_choice(m: int, n: int, k: int, sm_count: int = 132) -> decode.DecodeC
       activations half as often as 32-row ones (14336x4096: 27.7 against 34.9 us; at
       4096x4096 32-row CTAs stay best, 14.1 us);
     - 32-token tiles whose 32-row CTAs make LUT_W4_WAVES waves: 4 warps a CTA (14336x4096:
-      40.1 against 43.5 us at M = 32, 72.8 against 78.7 at M = 64)."""
-    choice = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sm_count)
-    if choice.tokens == 16 and n % 64 == 0 and n // 64 >= sm_count:
-        return decode.DecodeChoice(16, 64, 8)
-    if choice.tokens == 32 and choice.rows == 32 and n // 32 >= LUT_W4_WAVES * sm_count:
-        return decode.DecodeChoice(32, 32, 4)
-    return choice
+      40.1 against 43.5 us at M = 32, 72.8 against 78.7 at M = 64).
+
+    ``gated``: 32-row CTAs (a CTA holds a gate tile and its up tile). ``staged`` / ``given`` /
+    ``norm_out`` (as ``DecodeChoice.takes``, activations of ``act_bytes``): the fusions the
+    launch's shared memory must hold; where the rule's shape does not, the affine rule's, and
+    None where neither does."""
+    affine = decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sm_count)
+    rule = affine
+    if affine.tokens == 16 and n % 64 == 0 and n // 64 >= sm_count:
+        rule = decode.DecodeChoice(16, 64, 8)
+    elif affine.tokens == 32 and affine.rows == 32 and n // 32 >= LUT_W4_WAVES * sm_count:
+        rule = decode.DecodeChoice(32, 32, 4)
+    for choice in (rule, affine):
+        if gated and choice.rows != 32:
+            choice = decode.DecodeChoice(choice.tokens, 32, min(choice.warps, 8))
+        if choice.takes(m, k, act_bytes, staged=staged, given=given, norm_out=norm_out):
+            return choice
+    return None
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
@@ -225,17 +238,9 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     lib = _lib(act)
     if path == "decode" or (path is None and m <= DECODE_MAX_M):
         sms = sm_count(x.device.index)
-        # the launch rule's shape, else the affine rule's where the fusions' shared memory
-        # does not fit the first; the gated epilogue needs a CTA's gate and up tiles: 32 rows
-        shapes = (decode_choice(m, n, k, sms),
-                  decode.heuristic(min(m, decode.MAX_TOKENS), n, k, sms))
-        if gated:
-            shapes = tuple(c if c.rows == 32 else decode.DecodeChoice(c.tokens, 32, min(c.warps, 8))
-                           for c in shapes)
-        choice = next((c for c in shapes if c.takes(
-            m, k, x2.element_size(), staged=norm is not None, given=norm_ssq is not None,
-            norm_out=next_norm is not None)), None)
-        if choice is None:  # not with the shared memory they need
+        choice = decode_choice(m, n, k, sms, gated, x2.element_size(), staged=norm is not None,
+                               given=norm_ssq is not None, norm_out=next_norm is not None)
+        if choice is None:  # no launch with the shared memory the fusions need
             return around(x)
         out = torch.empty(m, n // 2 if gated else n, device=x.device, dtype=x.dtype)
         norm, residual, norm_ssq, next_norm, normed, ssq_out = decode.stage_fusions(
