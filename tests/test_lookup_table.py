@@ -321,17 +321,21 @@ def test_bitsandbytes_dequantize_4bit_before_a_matmul(double_quant):
     assert torch.equal(out, ref)
 
 
+def _random_weight(n: int, k: int, g: int):
+    """Codes, a random 16-value table and block scales of g (seed 0, then the caller's draws)."""
+    torch.manual_seed(0)
+    return (torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.randn(16),
+            torch.rand(n, k // g) + 0.5)
+
+
 @pytest.mark.parametrize("dequant_dtype", [torch.bfloat16, torch.float32])
 def test_kernel_layout_round_trips_to_the_reference(dequant_dtype):
     """The CUDA kernels' operands (codes c - 8 in the sm90 int4 layout, scales [K/g, N]) hold
     the same weight: the op on them, on a CPU, gives the reference's numbers exactly."""
     from qcompile.kernels import lut_gemm
 
-    torch.manual_seed(0)
     n, k, g = 48, 256, 64
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    table = torch.randn(16)
-    scales = torch.rand(n, k // g) + 0.5
+    codes, table, scales = _random_weight(n, k, g)
     x = torch.randn(5, k, dtype=torch.bfloat16)
     bias = torch.randn(n, dtype=torch.bfloat16)
     dd = ops.dtype_name(dequant_dtype)
@@ -353,11 +357,8 @@ def test_kernel_layout_fused_ops_match_the_reference_layout():
     fusions equal the plain op with PyTorch around it within one rounding."""
     from qcompile.kernels import lut_gemm
 
-    torch.manual_seed(0)
     n, k, g = 64, 256, 64
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    table = torch.randn(16)
-    scales = torch.rand(n, k // g) + 0.5
+    codes, table, scales = _random_weight(n, k, g)
     x = torch.randn(3, k, dtype=torch.bfloat16)
     norm = torch.rand(k, dtype=torch.bfloat16) + 0.5
     residual = torch.randn(3, n, dtype=torch.bfloat16)
