@@ -211,9 +211,14 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         from qcompile.kernels import lut_gemm
         lut_gemm.load(act)
         prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
+        # the op's config as the rewrite sets it: the lookup-table GEMM where it is built
+        dev = fmt["codes"].device
+        fmt["config"] = ("" if lut_gemm.gemm_supported(dev, n, k, fmt["group"], act) else
+                         lut_gemm.gemm_config(fmt["table"], act))
         def lut_call(x, path=None):
             if path not in ("pairs", "single"):
-                return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", path)
+                return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", path,
+                                    config=fmt["config"])
             # the decode kernel's two lookups: the 256-pair table or the 16-value one
             old, lut_gemm.PAIR_TABLE = lut_gemm.PAIR_TABLE, path == "pairs"
             try:
@@ -466,6 +471,8 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
             cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
     if args.decode and fmt.get("lut") and "qcompile" in made:  # both paths at every M
         cells += [(f"qcompile[{p}]", made["qcompile"], p) for p in ("decode", "dequant")]
+        if fmt.get("config"):
+            cells.append(("qcompile[gemm]", made["qcompile"], "gemm"))
         if m <= 64:  # and the decode kernel with each lookup (pair table, 16 values)
             cells += [(f"qcompile[decode.{p}]", made["qcompile"], p) for p in ("pairs", "single")]
     elif args.decode:
@@ -486,8 +493,7 @@ def _time_cell(args, mg, name, fn, choice, x, w, mode, fmt, pattern, act, m, n, 
     try:
         if name == "qcompile" and fmt.get("lut"):
             from qcompile.kernels import lut_gemm
-            extra = dict(config=(f"decode (lut, {'pairs' if lut_gemm.PAIR_TABLE else 'single'})"
-                                 if m <= lut_gemm.DECODE_MAX_M else "dequantize + cublas"))
+            extra = dict(config=lut_gemm.path_name(m, n, k, ACTS[act], fmt["group"], fmt["config"]))
         elif name == "qcompile":
             ch = mg.heuristic_choice(m, n, k, act, fmt["bits"], mode, 132, fmt["group"])
             extra = dict(config=mg.choice_name(ch))

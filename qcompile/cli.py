@@ -76,6 +76,13 @@ def _build(args) -> int:
                   for b in mixed_gemm_decode.builds(mixed_gemm_decode.LAYOUT_SM80_V2)]
     if args.arch in ("sm_90a", "sm_80"):  # the lookup-table kernels run on both
         specs += [mixed_gemm_decode.kernel_spec(b) for b in lut_gemm.builds()]
+    if args.arch == "sm_90a":  # and the lookup-table GEMM of the named tables, Hopper only
+        import torch
+
+        from qcompile.kernels import GEMM_TABLES
+        from qcompile.lowering.lookup_table import code_table
+        specs += [spec for name in GEMM_TABLES for act in (torch.bfloat16, torch.float16)
+                  for spec in lut_gemm.gemm_specs(code_table(name), act)]
     if not specs:
         print(f"error: no kernels for arch {args.arch!r} (sm_90a or sm_80)", file=sys.stderr)
         return 2

@@ -511,6 +511,79 @@ def test_decode_launch_rule_where_the_lookups_differ_from_affine_weights():
             assert c.valid() and n % c.rows == 0 and not c.sz_smem, (m, n, k, c)
 
 
+def test_gemm_config_names_the_table_in_the_activation_type():
+    """The op's config for the lookup-table GEMM carries the table's 16-bit patterns in the
+    activation type (the build's compiled-in table); anything else is refused, not guessed."""
+    from qcompile.kernels import lut_gemm
+
+    nf4 = lookup_table.code_table("nf4")
+    for dtype in (torch.bfloat16, torch.float16):
+        bits = lut_gemm.table_bits(nf4, dtype)
+        assert torch.equal(torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(dtype).float(),
+                           nf4.to(dtype).float())
+        config = lut_gemm._config_of(lut_gemm._ACTS[dtype], bits)
+        assert lut_gemm._parse_config(config) == (lut_gemm._ACTS[dtype], bits)
+    assert lut_gemm.table_bits(nf4, torch.bfloat16)[0] == 0xBF80  # -1.0
+    assert lut_gemm._parse_config("") is None
+    for bad in ("gemm:bf32:" + "0" * 64, "gemm:bf16:" + "0" * 63, "table:bf16:" + "0" * 64,
+                "gemm:fp16:" + "g" * 64):
+        with pytest.raises(ValueError, match="lut_gemm config must be"):
+            lut_gemm._parse_config(bad)
+    # one library per table: the table words are part of every build's defines
+    specs = lut_gemm.gemm_specs(nf4, torch.bfloat16)
+    fp4_specs = lut_gemm.gemm_specs(lookup_table.code_table("fp4"), torch.bfloat16)
+    assert len(specs) == len(fp4_specs) == len([c for c in lut_gemm.mg.LUT_CONFIGS if c.act == "bf16"])
+    assert specs[0].defines["QC_LUT_T0"] == "0xbecabf06bf32bf80ULL"  # entries 0..3, 0 lowest
+    assert {s.source for s in specs} == {"lut_gemm_sm90.cu"}
+    assert not {s.describe() for s in specs} & {s.describe() for s in fp4_specs}
+
+
+def test_lut_gemm_tiles_follow_the_int4_heuristic():
+    """The lookup-table GEMM's tile for each problem is the affine int4 heuristic's pick among
+    its builds (the same tile as int4 in blocks of 64 wherever int4 has it 64 deep)."""
+    from qcompile.kernels import lut_gemm
+    from qcompile.kernels import mixed_gemm as mg
+
+    for m in (65, 96, 128, 256, 512, 2048, 8192):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096), (6144, 4096)):
+            lut = lut_gemm.gemm_choice(m, n, k, "bf16", 64)
+            aff = mg.choose_config(m, n, k, "bf16", 4, 2, 132, 64)
+            assert lut.config in mg.LUT_CONFIGS and lut.config.mode == mg.MODE_LUT
+            shape = lambda c: (c.tile_m, c.tile_n, c.tile_k, c.cluster_m, c.coop)  # noqa: E731
+            assert (shape(lut.config), lut.decomposition, lut.splits) == \
+                (shape(aff.config), aff.decomposition, aff.splits), (m, n, k)
+    # the int4 family never hands out a lookup-table build, nor the reverse
+    assert all(c.mode != mg.MODE_LUT for c in mg.CONFIGS)
+    with pytest.raises(ValueError, match="no sm90 mixed-GEMM choice"):
+        mg.choice_from_name(mg.choice_name(lut_gemm.gemm_choice(2048, 4096, 4096, "bf16", 64)))
+
+
+def test_lut_gemm_paths_off_hopper():
+    """Off a Hopper GPU the op runs with a GEMM config as without (here the reference on the
+    CPU); a forced path must be one of run's; the report says what prefill runs."""
+    from qcompile.kernels import lut_gemm
+
+    from qcompile import kernels
+
+    codes = torch.randint(0, 16, (64, 128), dtype=torch.uint8)
+    table, scales = lookup_table.code_table("nf4"), torch.rand(64, 2) + 0.5
+    prepared = lut_gemm.prepare(codes, table, scales)
+    config = lut_gemm._config_of("bf16", lut_gemm.table_bits(table, torch.bfloat16))
+    x = torch.randn(100, 128, dtype=torch.bfloat16)
+    ref = lut_gemm.reference_prepared(x, *prepared, None, 64, "float32")
+    torch.testing.assert_close(lut_gemm.run(x, *prepared, None, 64, "float32", config=config), ref,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="path must be one of"):
+        lut_gemm.run(x, *prepared, None, 64, "float32", path="cutlass")
+    assert lut_gemm.gemm_supported(torch.device("cpu"), 64, 128, 64, torch.bfloat16) == "not a CUDA device"
+    assert lut_gemm.path_name(16, 14336, 4096, torch.bfloat16, 64, config).startswith("decode ")
+    assert lut_gemm.path_name(2048, 14336, 4096, torch.bfloat16, 64, config) == \
+        "gemm bf16.w4.lut.128x256x64.coop.c2x1"
+    assert lut_gemm.path_name(2048, 14336, 4096, torch.bfloat16, 64, "") == "dequantize + cublas"
+    assert lut_gemm.path_name(2048, 14336, 4096, torch.float16, 64, config) == "dequantize + cublas"
+    assert kernels.prepare_lut_gemm(codes, table, scales, 64, torch.bfloat16, "nf4").config == ""
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_chained_lookup_table_linears_both_run_as_ops(bias):
     """A linear that reads the previous one's 2-D result reads that rewrite's op: the first

@@ -227,6 +227,8 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
 
 
 LUT_LAYOUT = "sm90_lut_pairs"  # kernels.lut_gemm.LAYOUT, named here without importing it
+# the tables whose lookup-table GEMM is built for prefill (prepare_lut_gemm)
+GEMM_TABLES = ("nf4", "fp4")
 
 
 def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout, config,
@@ -249,7 +251,7 @@ def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layo
                            f"{_family_errors.get('lut_gemm')}")
     return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype, gated=gated,
                    norm=norm_weight, eps=norm_eps, residual=residual, norm_ssq=norm_ssq,
-                   next_norm=next_norm)
+                   next_norm=next_norm, config=config)
 
 
 def _lut_gemm_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
@@ -403,12 +405,17 @@ def lut_gemm_unsupported(device: torch.device, n: int, k: int, group_size: int,
 
 
 def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
-                     group_size: int, act_dtype: torch.dtype) -> PreparedGemm:
+                     group_size: int, act_dtype: torch.dtype, table_name: str = "lut16"
+                     ) -> PreparedGemm:
     """Lay out a lookup-table weight (codes [N, K] in [0, 16), table [16], scales [N, K / g])
     for ``qcompile::lut_gemm`` on codes' device: the reference "nk" layout on a CPU, the CUDA
     kernels' layout on a GPU. ValueError (or KernelBuildError) says why a GPU cannot run it,
     and the rewrite then leaves the matmul to Inductor: the reference would dequantize the
-    whole weight on every call."""
+    whole weight on every call.
+
+    On Hopper, a named table (``table_name`` "nf4" / "fp4") also gets the lookup-table GEMM
+    for prefill, its builds compiled now (``lut_gemm.gemm_config``: the table is compiled in,
+    so other tables, each its own set of builds, stay with dequantize + cuBLAS there)."""
     device = codes.device
     if device.type != "cuda":
         return PreparedGemm((pack_nk(codes, 4), table, scales), ops.REFERENCE_LAYOUT, "",
@@ -418,9 +425,22 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
     if why is not None:
         raise ValueError(why)
     fam = cuda_family("lut_gemm")
-    return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, "",
+    config, beyond = "", "dequantize + cuBLAS"
+    if table_name not in GEMM_TABLES:
+        beyond += f" (the {table_name} table has no GEMM build)"
+    elif (why := fam.gemm_supported(device, n, k, group_size, act_dtype)) is not None:
+        beyond += f" (no lookup-table GEMM: {why})"
+    else:
+        try:
+            config = fam.gemm_config(table, act_dtype)
+            beyond = f"the sm90 lookup-table GEMM ({table_name} compiled in)"
+        except RuntimeError as e:  # KernelBuildError
+            log.warning("lut_gemm: the lookup-table GEMM did not build (%s); prefill runs "
+                        "dequantize + cuBLAS", e)
+            beyond += f" (the lookup-table GEMM did not build: {e})"
+    return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, config,
                         f"qcompile lookup-table decode kernel up to {fam.DECODE_MAX_M} "
-                        "tokens; beyond, dequantize + cuBLAS")
+                        f"tokens; beyond, {beyond}")
 
 
 def prepare_int8_gemm(wq: torch.Tensor, m: int | None, out_dtype: torch.dtype,

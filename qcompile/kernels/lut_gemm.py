@@ -1,16 +1,20 @@
 """CUDA kernels of ``qcompile::lut_gemm``: lookup-table weights (NF4, FP4, any 16-value codebook)
 ``W[n, k] = table[c[n, k]] * scales[n, k // block]``.
 
-Two paths, chosen by token count at run time:
+Three paths, chosen by token count at run time:
 
 - up to ``DECODE_MAX_M`` (64) tokens, the decode kernel's lookup-table build
   (``csrc/mixed_gemm_decode.cu``, ``QC_MODE`` 3): it streams the codes as it streams int4
   weights and looks each one up in the CTA's copy of the table in shared memory, then runs
   the same mma.sync main loop (beyond 32 tokens, one CTA row per 32);
-- beyond, the weight dequantized into the activation type by the same library
-  (``qc_lut_dequantize``) and one cuBLAS GEMM. Prefill reads the 4-bit codes once and writes
-  and reads a 16-bit weight: cheaper than the GEMM from a few hundred tokens, a real cost
-  below (the kernels-vs-peers page says how much).
+- beyond, on Hopper, where the op's ``config`` names a GEMM build (:func:`gemm_config`: the
+  table compiled into ``csrc/lut_gemm_sm90.cu``), the lookup-table GEMM: CUTLASS's
+  mixed-input collective with the lookup as its register conversion (byte permutes of the
+  table's bytes), the affine int4 family's tiles and heuristic (``mixed_gemm.LUT_CONFIGS``,
+  ``choose_config`` in mode 1);
+- otherwise the weight dequantized into the activation type by the decode library
+  (``qc_lut_dequantize``) and one cuBLAS GEMM: the 4-bit codes read once, a 16-bit weight
+  written and read.
 
 Layout ``sm90_lut_pairs``: the codes c - 8 as the sm90 mixed GEMM's signed int4 weight
 (``mixed_gemm.reorder_weight``) with the nibbles of each 32-bit word regrouped so that byte i
@@ -28,12 +32,15 @@ import threading
 
 import torch
 
+from . import mixed_gemm as mg
 from . import mixed_gemm_decode as decode
 from .mixed_gemm import reorder_weight, sm_count, unreorder_weight
 from .ops import around_gemm, as_dtype, as_fused_result, fused_linear
 
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "decode_choice", "fits", "supported", "prepare",
-           "run", "reference_prepared", "pair_bytes", "unpair_bytes"]
+           "run", "reference_prepared", "pair_bytes", "unpair_bytes", "table_bits",
+           "gemm_config", "gemm_supported", "gemm_specs", "build_gemm", "gemm_choice",
+           "path_name"]
 
 LAYOUT = "sm90_lut_pairs"  # kernels.LUT_LAYOUT
 MODE_LUT = 3
@@ -154,7 +161,7 @@ DECODE_MAX_M = 2 * decode.MAX_TOKENS
 # 14.1 / 15.4 us at 4096x4096, 27.2 / 36.1 against 29.7 / 39.4 at 14336x4096; the rows
 # qcompile[decode.pairs] of results/bench_w4a16.jsonl).
 PAIR_TABLE = True
-PATHS = ("decode", "dequant")
+PATHS = ("decode", "gemm", "dequant")
 # 32-token launches take 4-warp CTAs where their 32-row CTAs make at least this many waves.
 LUT_W4_WAVES = 3
 
@@ -191,15 +198,174 @@ def decode_choice(m: int, n: int, k: int, sm_count: int = 132, gated: bool = Fal
     return None
 
 
+# --- the Hopper lookup-table GEMM (csrc/lut_gemm_sm90.cu) ----------------------------------
+#
+# The table is compiled in (16 values in the activation type), so each table has its own
+# builds of mixed_gemm.LUT_CONFIGS, and the op's ``config`` carries the table's bit patterns
+# (``gemm:<act>:<16 x 4 hex digits>``): the run picks the build without reading the table
+# tensor (no host sync in a CUDA graph), and an exported program keeps it.
+GEMM_PREFIX = "gemm:"
+_gemm_libs: dict[tuple, ctypes.CDLL] = {}
+_I64 = ctypes.c_int64
+
+
+def table_bits(table: torch.Tensor, act_dtype: torch.dtype) -> tuple[int, ...]:
+    """The 16 table values rounded to ``act_dtype``, as their 16-bit patterns."""
+    t = table.detach().to("cpu", torch.float32).reshape(16).to(act_dtype)
+    return tuple(v & 0xFFFF for v in t.view(torch.int16).tolist())
+
+
+def _config_of(act: str, bits: tuple[int, ...]) -> str:
+    return f"{GEMM_PREFIX}{act}:" + "".join(f"{v:04x}" for v in bits)
+
+
+def _parse_config(config: str) -> tuple[str, tuple[int, ...]] | None:
+    """(act, table bits) of a GEMM config, None for "" (no GEMM build); ValueError if garbled."""
+    if not config:
+        return None
+    act, _, digits = config.removeprefix(GEMM_PREFIX).partition(":")
+    if (not config.startswith(GEMM_PREFIX) or act not in _ACTS.values() or len(digits) != 64
+            or any(ch not in "0123456789abcdef" for ch in digits)):
+        raise ValueError(f"lut_gemm config must be '' or '{GEMM_PREFIX}<bf16|fp16>:<64 hex "
+                         f"digits>', got {config!r}")
+    return act, tuple(int(digits[4 * i:4 * i + 4], 16) for i in range(16))
+
+
+def _gemm_spec(cfg: mg.MixedGemmConfig, bits: tuple[int, ...]):
+    from .build import KernelSpec
+    words = {f"QC_LUT_T{w}": f"0x{sum(bits[4 * w + i] << (16 * i) for i in range(4)):016x}ULL"
+             for w in range(4)}
+    return KernelSpec(mg.LUT_SOURCE, {**cfg.defines(), **words}, "sm_90a")
+
+
+def _gemm_family(act: str, block: int, k: int) -> tuple[mg.MixedGemmConfig, ...]:
+    return mg._family(act, 4, mg.MODE_LUT, block, k)
+
+
+def gemm_supported(device: torch.device, n: int, k: int, block: int, act_dtype: torch.dtype
+                   ) -> str | None:
+    """None when the lookup-table GEMM runs this weight on ``device``, else why not."""
+    why = supported(device, n, k, block, act_dtype)
+    if why is not None:
+        return why
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return "the lookup-table GEMM is built for sm_90a (Hopper)"
+    if not _gemm_family(_ACTS[act_dtype], block, k):
+        return f"blocks of {block}: the GEMM's K tiles are 64 deep"
+    return None
+
+
+def gemm_specs(table: torch.Tensor, act_dtype: torch.dtype) -> list:
+    """The libraries (``build.KernelSpec``) of the GEMM for one table and activation type."""
+    bits = table_bits(table, act_dtype)
+    return [_gemm_spec(c, bits) for c in mg.LUT_CONFIGS if c.act == _ACTS[act_dtype]]
+
+
+def build_gemm(table: torch.Tensor, act_dtype: torch.dtype) -> None:
+    """Compile (in parallel, with progress) the GEMM builds for one table and activation
+    type that are not yet in the kernel cache."""
+    from .build import build_many
+    build_many(gemm_specs(table, act_dtype))
+
+
+def gemm_config(table: torch.Tensor, act_dtype: torch.dtype) -> str:
+    """The op's ``config`` for this table under ``act_dtype`` activations, its GEMM builds
+    compiled (or found in the cache) now, at compile time; raises KernelBuildError where they
+    cannot be."""
+    build_gemm(table, act_dtype)
+    return _config_of(_ACTS[act_dtype], table_bits(table, act_dtype))
+
+
+def _gemm_lib(cfg: mg.MixedGemmConfig, bits: tuple[int, ...]) -> ctypes.CDLL:
+    lib = _gemm_libs.get((cfg, bits))
+    if lib is not None:
+        return lib
+    from .build import load_checked
+    with _lock:
+        lib = load_checked(_gemm_spec(cfg, bits), {
+            "qc_lut_gemm_sm90": (_I, [_P] * 5 + [_I] * 6 + [_P, _I64, _P]),
+            "qc_lut_gemm_sm90_workspace_size": (_I64, [_I] * 6),
+        }, info=("qc_lut_gemm_sm90_info", cfg.info()[:-1] + list(bits) + [1]))
+        _gemm_libs[(cfg, bits)] = lib
+        return lib
+
+
+def gemm_choice(m: int, n: int, k: int, act: str, block: int, sm_count: int = 132
+                ) -> mg.Choice:
+    """The GEMM build and work split for m tokens: the affine int4 heuristic on LUT_CONFIGS."""
+    return mg.choose_config(m, n, k, act, 4, mg.MODE_LUT, sm_count, block)
+
+
+def path_name(m: int, n: int, k: int, act_dtype: torch.dtype, block: int, config: str = "",
+              sm_count: int = 132) -> str:
+    """What ``run`` takes for m tokens by default (on an sm_90 device, for the benchmarks'
+    rows): ``decode <shape>``, ``gemm <choice>`` or ``dequantize + cublas``."""
+    act = _ACTS[act_dtype]
+    if m <= DECODE_MAX_M:
+        choice = decode_choice(m, n, k, sm_count, act_bytes=2)
+        return f"decode {choice.name if choice else '(none)'}"
+    gemm = _parse_config(config)
+    if gemm is not None and gemm[0] == act and _gemm_family(act, block, k):
+        return f"gemm {mg.choice_name(gemm_choice(m, n, k, act, block, sm_count))}"
+    return "dequantize + cublas"
+
+
+def _run_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None, block: int, bits: tuple[int, ...],
+              choice: mg.Choice | None = None) -> torch.Tensor:
+    """out [M, N] = x2 [M, K] @ W.T (+ bias) by the GEMM built for ``bits``."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    act = _ACTS[x2.dtype]
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    if choice is None:
+        choice = gemm_choice(m, n, k, act, block, sm_count(dev))
+    lib = _gemm_lib(choice.config, bits)
+    # the kernel scales in the activation type (the main loop's multiply); the op keeps
+    # float32 scales for the decode kernel: one small conversion a call (N x K / block values)
+    s = scales.to(x2.dtype)
+    out = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    with torch.cuda.device(dev):
+        ws_bytes = _gemm_workspace(choice, bits, m, n, k, block, dev)
+        ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device=x2.device)
+        rc = lib.qc_lut_gemm_sm90(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), _ptr(bias),
+                                  out.data_ptr(), m, n, k, block, choice.decomposition,
+                                  choice.splits, ws.data_ptr(), ws_bytes,
+                                  torch.cuda.current_stream(x2.device).cuda_stream)
+    if rc != 0:
+        raise RuntimeError(f"qc_lut_gemm_sm90 ({mg.choice_name(choice)}, M={m} N={n} K={k} "
+                           f"block {block}) failed with CUDA error {rc}")
+    return out
+
+
+def _gemm_workspace(choice: mg.Choice, bits: tuple[int, ...], m: int, n: int, k: int,
+                    block: int, device: int) -> int:
+    key = (choice, bits, m, n, k, block, device)
+    nbytes = _workspaces.get(key)
+    if nbytes is None:
+        nbytes = int(_gemm_lib(choice.config, bits).qc_lut_gemm_sm90_workspace_size(
+            m, n, k, block, choice.decomposition, choice.splits))
+        if nbytes < 0:
+            raise RuntimeError("qc_lut_gemm_sm90_workspace_size failed (no CUDA device?)")
+        _workspaces[key] = nbytes
+    return nbytes
+
+
+_workspaces: dict[tuple, int] = {}
+
+
 def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
         bias: torch.Tensor | None, block: int, dequant_dtype: str | torch.dtype,
         path: str | None = None, gated: bool = False, norm: torch.Tensor | None = None,
         eps: float = 0.0, residual: torch.Tensor | None = None,
-        norm_ssq: torch.Tensor | None = None, next_norm: torch.Tensor | None = None):
+        norm_ssq: torch.Tensor | None = None, next_norm: torch.Tensor | None = None,
+        config: str = ""):
     """``lut_gemm`` on CUDA for the ``sm90_lut_pairs`` operands; the reference where the kernels do
     not take the call (a non-contiguous or misaligned x, an activation type without a build).
-    ``path`` forces "decode" (any token count: CTAs of 32 tokens) or "dequant"; by default the
-    decode kernel up to DECODE_MAX_M tokens. No host syncs (CUDA-graph safe).
+    ``path`` forces "decode" (any token count: CTAs of 32 tokens), "gemm" (``config`` must name
+    a GEMM build) or "dequant"; by default the decode kernel up to DECODE_MAX_M tokens, beyond
+    it the GEMM where ``config`` names one for x's type (:func:`gemm_config`) on an sm_90
+    device, else dequant. No host syncs (CUDA-graph safe).
 
     The decode kernel's fusions, as ``mixed_gemm_decode.run`` takes them: ``gated`` (the codes'
     16-row tiles alternate gate and up rows; the result is [.., N/2] = silu(gate) * up),
@@ -217,7 +383,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
 
     def around(xi: torch.Tensor):  # the fusions as PyTorch ops around the plain op
         return around_gemm(lambda xn: as_fused_result(run(xn, qweight, table, scales, bias, block,
-                                                  dequant_dtype, path), gated, None),
+                                                  dequant_dtype, path, config=config), gated, None),
                            xi, norm, eps, residual, norm_ssq, next_norm)
 
     if gated and (n % 32 or residual is not None or next_norm is not None):
@@ -261,6 +427,16 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         return out.reshape(*lead, out.shape[1])
     if gated or any(v is not None for v in (norm, residual, norm_ssq, next_norm)):
         return around(x)
+    gemm = _parse_config(config)
+    runs_gemm = (gemm is not None and gemm[0] == act and x.device.type == "cuda"
+                 and torch.cuda.get_device_capability(x.device) == (9, 0)
+                 and bool(_gemm_family(act, block, k)))
+    if path == "gemm" and not runs_gemm:
+        raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "
+                         f"{x.dtype} on this device (gemm_config; sm_90, blocks of 64 x 2^i)")
+    if runs_gemm and path in (None, "gemm"):
+        out = _run_gemm(x2, qweight, scales, bias, block, gemm[1])
+        return out.reshape(*x.shape[:-1], n)
     w = torch.empty(n, k, device=x.device, dtype=x.dtype)
     in_act = int(as_dtype(dequant_dtype) == x.dtype)
     rc = lib.qc_lut_dequantize(qweight.data_ptr(), scales.data_ptr(), table.data_ptr(),

@@ -93,7 +93,8 @@ class MixedGemmConfig:
 
     act: str              # "bf16" | "fp16"
     bits: int             # 4 | 8
-    mode: int             # 0: row scale in the epilogue, 2: group scale + zero in the main loop
+    mode: int             # 0: row scale in the epilogue, 2: group scale + zero in the main loop,
+                          # 1: table lookup + block scale in the main loop (LUT_SOURCE, LUT_CONFIGS)
     tile_m: int = 128     # weight rows (output channels) per CTA
     tile_n: int = 64      # tokens per CTA
     tile_k: int = TILE_K
@@ -126,7 +127,7 @@ class MixedGemmConfig:
 
 def config_name(cfg: MixedGemmConfig) -> str:
     """Short readable name for reports, e.g. ``bf16.w4.gz.128x16x64.coop.sk``."""
-    mode = {0: "rs", 2: "gz"}[cfg.mode]
+    mode = {0: "rs", 1: "lut", 2: "gz"}[cfg.mode]
     sched = "coop" if cfg.coop else "pp"
     name = f"{cfg.act}.w{cfg.bits}.{mode}.{cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k}.{sched}"
     if (cfg.cluster_m, cfg.cluster_n) != (1, 1):
@@ -143,8 +144,9 @@ def _fits(c: MixedGemmConfig, act: str, bits: int, mode: int, group: int | None 
 
 def _family(act: str, bits: int, mode: int, group: int | None = None,
             k: int | None = None) -> tuple[MixedGemmConfig, ...]:
-    """The built configs (CONFIGS) that run a format."""
-    return tuple(c for c in CONFIGS if _fits(c, act, bits, mode, group, k))
+    """The built configs (CONFIGS, or LUT_CONFIGS for mode 1) that run a format."""
+    return tuple(c for c in (LUT_CONFIGS if mode == MODE_LUT else CONFIGS)
+                 if _fits(c, act, bits, mode, group, k))
 
 
 @functools.cache  # of immutable configs; the heuristic runs it on every call without a config
@@ -219,6 +221,28 @@ CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
     # them the pingpong tiles beat split-K there (docs/design.md)
     MixedGemmConfig(act, bits, mode, 64, tile_n, 128, coop=False, streamk=False)
     for act in ACTS for bits, mode in ((4, 2), (8, 0)) for tile_n in (80, 96)
+)
+
+# The lookup-table GEMM (csrc/lut_gemm_sm90.cu, built per table by kernels/lut_gemm.py): the
+# int4 family's tiles, 64 deep in K for NF4's blocks of 64: the 128x16 / 32 / 64 stream-K
+# tiles (the last runs any M), the data-parallel prefill
+# tiles with the 2x1-cluster and stream-K twins the heuristic takes for wide layers and
+# part-empty waves, 128x128 under stream-K (few output tiles: split K), the 64x128 pingpong
+# tile (one wave at K <= PINGPONG_MAX_K). choose_config picks among them as for int4.
+MODE_LUT = 1
+LUT_SOURCE = "lut_gemm_sm90.cu"
+LUT_CONFIGS: tuple[MixedGemmConfig, ...] = tuple(
+    cfg
+    for act in ACTS
+    for cfg in (*(MixedGemmConfig(act, 4, MODE_LUT, 128, tile_n, streamk=True)
+                  for tile_n in (16, 32, 64)),
+                MixedGemmConfig(act, 4, MODE_LUT, 128, 128, streamk=True),
+                MixedGemmConfig(act, 4, MODE_LUT, 128, 128, streamk=False),
+                MixedGemmConfig(act, 4, MODE_LUT, 128, 192, streamk=False),
+                MixedGemmConfig(act, 4, MODE_LUT, 128, 256, streamk=False),
+                MixedGemmConfig(act, 4, MODE_LUT, 128, 256, cluster_m=2, streamk=False),
+                MixedGemmConfig(act, 4, MODE_LUT, 128, 256, streamk=True),
+                MixedGemmConfig(act, 4, MODE_LUT, 64, 128, coop=False, streamk=False))
 )
 
 # Output channels from which the heuristic runs a data-parallel tile on its 2x1-cluster build

@@ -618,7 +618,7 @@ def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> N
     rows = _interleave if gated is not None else _cat
     prep = kernels.prepare_lut_gemm(rows([site.match.codes for site in sites]), m.table,
                                     rows([site.match.scales for site in sites]), m.group_size,
-                                    _val(first.x).dtype)
+                                    _val(first.x).dtype, m.name)
     codes, table, scales = prep.tensors
     x = first.activation()
     norm, residual = _norm_and_residual(ev, sites, 4 >= kernels.FUSE_NORM_MIN_BITS,

@@ -1,6 +1,6 @@
 """Lookup-table (NF4, FP4, codebook) weights on CUDA: the kernels against a float64 reference
-(the decode kernel up to 64 tokens, dequantize + cuBLAS beyond), and a quantized model taken
-over by the backend with eager's numbers."""
+(the decode kernel up to 64 tokens; beyond, the Hopper lookup-table GEMM or dequantize +
+cuBLAS), and a quantized model taken over by the backend with eager's numbers."""
 
 from __future__ import annotations
 
@@ -57,6 +57,75 @@ def test_lut_kernels_against_float64(dtype, block, m):
         assert _rel(dec, ref) <= TOL[dtype], (m, _rel(dec, ref))
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the lookup-table GEMM is built for sm_90a")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("m", [65, 300, 1000])
+def test_lut_gemm_against_float64(dtype, block, m):
+    """The Hopper lookup-table GEMM (NF4 compiled in) through the op, its config from
+    gemm_config: past the decode kernel's range it runs (the same result as forcing it), and
+    matches float64 within the decode kernel's tolerance (table and block scales in the
+    activation type, their product rounded once more)."""
+    n, k = 512, 1024
+    codes, table, scales, w64 = _problem(n, k, block, "nf4", dtype, seed=m)
+    qweight, table_k, scales_k = (t.cuda() for t in lut_gemm.prepare(codes, table, scales))
+    config = lut_gemm.gemm_config(table, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    out = torch.ops.qcompile.lut_gemm(x, qweight, table_k, scales_k, bias, block, "float32",
+                                      lut_gemm.LAYOUT, config)
+    ref = x.double() @ w64.cuda().t() + bias.double()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert _rel(out, ref) <= TOL[dtype], (m, _rel(out, ref))
+    forced = lut_gemm.run(x, qweight, table_k, scales_k, bias, block, "float32", path="gemm",
+                          config=config)
+    torch.testing.assert_close(out, forced, rtol=0, atol=0)
+    dequant = lut_gemm.run(x, qweight, table_k, scales_k, bias, block, "float32",
+                           path="dequant", config=config)
+    assert _rel(dequant, ref) <= TOL[dtype]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the lookup-table GEMM is built for sm_90a")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lut_gemm_every_build_and_split(dtype):
+    """Every build of the GEMM's family (tiles, schedules, cluster) data-parallel, and the
+    stream-K builds split over K and under stream-K, at token counts that leave partial
+    tiles, on a weight whose N is not a multiple of the 128-row tile."""
+    from qcompile.kernels import mixed_gemm as mg
+
+    n, k, block = 1040, 2048, 64
+    codes, table, scales, w64 = _problem(n, k, block, "nf4", dtype)
+    qweight, _, scales_k = (t.cuda() for t in lut_gemm.prepare(codes, table, scales))
+    bits = lut_gemm.table_bits(table, dtype)
+    lut_gemm.build_gemm(table, dtype)
+    act = "bf16" if dtype == torch.bfloat16 else "fp16"
+    for m in (7, 130):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.double() @ w64.cuda().t()
+        for cfg in (c for c in mg.LUT_CONFIGS if c.act == act):
+            choices = [mg.Choice(cfg)]
+            if cfg.streamk:
+                choices += [mg.Choice(cfg, mg.DECOMP_SPLIT_K, 4), mg.Choice(cfg, mg.DECOMP_STREAM_K)]
+            for choice in choices:
+                out = lut_gemm._run_gemm(x, qweight, scales_k, None, block, bits, choice)
+                assert _rel(out, ref) <= TOL[dtype], (m, mg.choice_name(choice), _rel(out, ref))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the lookup-table GEMM is built for sm_90a")
+def test_lut_gemm_fp4_table():
+    """Another table compiled in: FP4 (its -0 entry too), bf16, past the decode range."""
+    n, k, block, dtype = 256, 512, 64, torch.bfloat16
+    codes, table, scales, w64 = _problem(n, k, block, "fp4", dtype)
+    qweight, table_k, scales_k = (t.cuda() for t in lut_gemm.prepare(codes, table, scales))
+    x = torch.randn(200, k, device="cuda", dtype=dtype)
+    out = lut_gemm.run(x, qweight, table_k, scales_k, None, block, "float32", path="gemm",
+                       config=lut_gemm.gemm_config(table, dtype))
+    assert _rel(out, x.double() @ w64.cuda().t()) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("pair_table", [False, True])
 @pytest.mark.parametrize("table_name", ["fp4", "random"])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 14336), (48, 128)])
@@ -85,6 +154,8 @@ def test_nf4_model_is_taken_over_on_cuda(dtype):
         report = qcompile.explain(model, x)
         assert len(report.matched) == 2, str(report)
         assert all("lookup-table decode kernel" in r.kernel for r in report.matched)
+        if HOPPER:  # prefill by the lookup-table GEMM (NF4 compiled in)
+            assert all("sm90 lookup-table GEMM (nf4" in r.kernel for r in report.matched)
         with torch.no_grad():
             out = torch.compile(model, backend="qcompile")(x)
             ref = model(x)
