@@ -116,13 +116,16 @@ def test_lut_gemm_every_build_and_split(dtype):
 
 @pytest.mark.skipif(not HOPPER, reason="the lookup-table GEMM is built for sm_90a")
 def test_lut_gemm_fp4_table():
-    """Another table compiled in: FP4 (its -0 entry too), bf16, past the decode range."""
+    """Another table compiled in: FP4 (its -0 entry too), bf16, one build (128x128)."""
+    from qcompile.kernels import mixed_gemm as mg
+
     n, k, block, dtype = 256, 512, 64, torch.bfloat16
     codes, table, scales, w64 = _problem(n, k, block, "fp4", dtype)
-    qweight, table_k, scales_k = (t.cuda() for t in lut_gemm.prepare(codes, table, scales))
+    qweight, _, scales_k = (t.cuda() for t in lut_gemm.prepare(codes, table, scales))
     x = torch.randn(200, k, device="cuda", dtype=dtype)
-    out = lut_gemm.run(x, qweight, table_k, scales_k, None, block, "float32", path="gemm",
-                       config=lut_gemm.gemm_config(table, dtype))
+    choice = mg.Choice(mg.MixedGemmConfig("bf16", 4, mg.MODE_LUT, 128, 128, streamk=False))
+    out = lut_gemm._run_gemm(x, qweight, scales_k, None, block,
+                             lut_gemm.table_bits(table, dtype), choice)
     assert _rel(out, x.double() @ w64.cuda().t()) <= TOL[dtype]
 
 

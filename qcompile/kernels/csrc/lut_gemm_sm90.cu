@@ -48,6 +48,7 @@
 #include "cutlass/util/packed_stride.hpp"
 
 #include "mixed_gemm_sm90.cuh"
+#include "sm90_launch.cuh"
 
 #ifndef QC_ACT_FP16
 #define QC_ACT_FP16 0
@@ -235,16 +236,6 @@ using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 using StrideXT = typename GemmKernel::StrideB;
 using StrideOut = typename GemmKernel::StrideD;
 
-static int sm_count(int device) {
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return 0;
-  if (counts[device] == 0) {
-    int c = 0;
-    if (cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) counts[device] = c;
-  }
-  return counts[device];
-}
-
 static typename Gemm::Arguments make_args(const void* x, const void* w, const void* scales,
                                           const void* bias, void* out, int M, int N, int K,
                                           int block, int decomposition, int splits, int device) {
@@ -265,7 +256,7 @@ static typename Gemm::Arguments make_args(const void* x, const void* w, const vo
   args.epilogue.ptr_D = static_cast<Act*>(out);
   args.epilogue.dD = stride_out;
   args.hw_info.device_id = device;
-  args.hw_info.sm_count = sm_count(device);
+  args.hw_info.sm_count = qc_sm90::sm_count(device);
 #if QC_STREAMK
   using Decomp = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::DecompositionMode;
   Decomp modes[4] = {Decomp::Heuristic, Decomp::DataParallel, Decomp::SplitK, Decomp::StreamK};
@@ -311,20 +302,7 @@ int qc_lut_gemm_sm90(const void* x, const void* w, const void* scales, const voi
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return static_cast<int>(err);
   auto args = qc_lut::make_args(x, w, scales, bias, out, M, N, K, block, decomposition, splits, device);
-  qc_lut::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return static_cast<int>(cudaErrorNotSupported);
-  if (static_cast<int64_t>(qc_lut::Gemm::get_workspace_size(args)) > workspace_bytes)
-    return static_cast<int>(cudaErrorInvalidValue);
-  auto s = static_cast<cudaStream_t>(stream);
-  if (gemm.initialize(args, workspace, s) != cutlass::Status::kSuccess) {
-    err = cudaGetLastError();
-    return static_cast<int>(err != cudaSuccess ? err : cudaErrorUnknown);
-  }
-  if (gemm.run(s) != cutlass::Status::kSuccess) {
-    err = cudaGetLastError();
-    return static_cast<int>(err != cudaSuccess ? err : cudaErrorLaunchFailure);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return qc_sm90::launch<qc_lut::Gemm>(args, workspace, workspace_bytes, stream);
 }
 
 }  // extern "C"
