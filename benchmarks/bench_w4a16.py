@@ -211,14 +211,17 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         from qcompile.kernels import lut_gemm
         lut_gemm.load(act)
         prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
-        # the op's config as the rewrite sets it: the lookup-table GEMM where it is built
+        # the op's config as the rewrite sets it (the GEMM where GEMM_TABLES names NF4), and
+        # the GEMM's own for its forced rows wherever it runs
+        from qcompile.kernels import GEMM_TABLES
         dev = fmt["codes"].device
-        fmt["config"] = ("" if lut_gemm.gemm_supported(dev, n, k, fmt["group"], act) else
-                         lut_gemm.gemm_config(fmt["table"], act))
+        fmt["gemm_config"] = ("" if lut_gemm.gemm_supported(dev, n, k, fmt["group"], act) else
+                              lut_gemm.gemm_config(fmt["table"], act))
+        fmt["config"] = fmt["gemm_config"] if "nf4" in GEMM_TABLES else ""
         def lut_call(x, path=None):
             if path not in ("pairs", "single"):
                 return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", path,
-                                    config=fmt["config"])
+                                    config=fmt["gemm_config" if path == "gemm" else "config"])
             # the decode kernel's two lookups: the 256-pair table or the 16-value one
             old, lut_gemm.PAIR_TABLE = lut_gemm.PAIR_TABLE, path == "pairs"
             try:
@@ -471,7 +474,7 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
             cells.append(("cublas_bf16_again", made["cublas_bf16"], None))
     if args.decode and fmt.get("lut") and "qcompile" in made:  # both paths at every M
         cells += [(f"qcompile[{p}]", made["qcompile"], p) for p in ("decode", "dequant")]
-        if fmt.get("config"):
+        if fmt.get("gemm_config"):
             cells.append(("qcompile[gemm]", made["qcompile"], "gemm"))
         if m <= 64:  # and the decode kernel with each lookup (pair table, 16 values)
             cells += [(f"qcompile[decode.{p}]", made["qcompile"], p) for p in ("pairs", "single")]

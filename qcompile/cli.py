@@ -76,7 +76,7 @@ def _build(args) -> int:
                   for b in mixed_gemm_decode.builds(mixed_gemm_decode.LAYOUT_SM80_V2)]
     if args.arch in ("sm_90a", "sm_80"):  # the lookup-table kernels run on both
         specs += [mixed_gemm_decode.kernel_spec(b) for b in lut_gemm.builds()]
-    if args.arch == "sm_90a":  # and the lookup-table GEMM of the named tables, Hopper only
+    if args.arch == "sm_90a":  # and the lookup-table GEMM of GEMM_TABLES, Hopper only
         import torch
 
         from qcompile.kernels import GEMM_TABLES

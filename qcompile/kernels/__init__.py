@@ -227,8 +227,10 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
 
 
 LUT_LAYOUT = "sm90_lut_pairs"  # kernels.lut_gemm.LAYOUT, named here without importing it
-# the tables whose lookup-table GEMM is built for prefill (prepare_lut_gemm)
-GEMM_TABLES = ("nf4", "fp4")
+# The tables whose lookup-table GEMM prefill runs by default (prepare_lut_gemm): none until
+# the GEMM has passed its GPU tests (tests/gpu/test_lookup_table_cuda.py) on a Hopper GPU;
+# lut_gemm.gemm_config runs it for any table meanwhile (the tests, the benchmark's rows).
+GEMM_TABLES: tuple[str, ...] = ()
 
 
 def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout, config,
@@ -413,7 +415,7 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
     and the rewrite then leaves the matmul to Inductor: the reference would dequantize the
     whole weight on every call.
 
-    On Hopper, a named table (``table_name`` "nf4" / "fp4") also gets the lookup-table GEMM
+    On Hopper, a table named in GEMM_TABLES (``table_name``) also gets the lookup-table GEMM
     for prefill, its builds compiled now (``lut_gemm.gemm_config``: the table is compiled in,
     so other tables, each its own set of builds, stay with dequantize + cuBLAS there)."""
     device = codes.device
@@ -427,7 +429,7 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
     fam = cuda_family("lut_gemm")
     config, beyond = "", "dequantize + cuBLAS"
     if table_name not in GEMM_TABLES:
-        beyond += f" (the {table_name} table has no GEMM build)"
+        beyond += f" (no lookup-table GEMM for the {table_name} table)"
     elif (why := fam.gemm_supported(device, n, k, group_size, act_dtype)) is not None:
         beyond += f" (no lookup-table GEMM: {why})"
     else:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import qcompile
+from qcompile import kernels
 from qcompile.kernels import lut_gemm, ops
 from qcompile.lowering import lookup_table
 
@@ -146,8 +147,12 @@ def test_lut_decode_kernel_tables_and_shapes(table_name, shape, pair_table, monk
         assert _rel(out, x.double() @ w64.cuda().t()) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("gemm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nf4_model_is_taken_over_on_cuda(dtype):
+def test_nf4_model_is_taken_over_on_cuda(dtype, gemm, monkeypatch):
+    """Through the backend, with the lookup-table GEMM off and on for NF4 (GEMM_TABLES)."""
+    monkeypatch.setattr(kernels, "GEMM_TABLES", ("nf4",) if gemm else ())
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512, bias=True), nn.SiLU(),
                           nn.Linear(512, 256, bias=False)).to("cuda", dtype)
@@ -157,8 +162,8 @@ def test_nf4_model_is_taken_over_on_cuda(dtype):
         report = qcompile.explain(model, x)
         assert len(report.matched) == 2, str(report)
         assert all("lookup-table decode kernel" in r.kernel for r in report.matched)
-        if HOPPER:  # prefill by the lookup-table GEMM (NF4 compiled in)
-            assert all("sm90 lookup-table GEMM (nf4" in r.kernel for r in report.matched)
+        on = HOPPER and gemm  # prefill by the lookup-table GEMM
+        assert all(("sm90 lookup-table GEMM (nf4" in r.kernel) == on for r in report.matched)
         with torch.no_grad():
             out = torch.compile(model, backend="qcompile")(x)
             ref = model(x)
