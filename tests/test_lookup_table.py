@@ -538,6 +538,48 @@ def test_gemm_config_names_the_table_in_the_activation_type():
     assert not {s.describe() for s in specs} & {s.describe() for s in fp4_specs}
 
 
+def _nvcc() -> str | None:
+    from qcompile.kernels import build
+    try:
+        return build.find_nvcc()
+    except build.KernelBuildError:
+        return None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (host code only, no GPU)")
+def test_lut_gemm_lookup_by_byte_permutes(tmp_path):
+    """The GEMM's register conversion (csrc/lut_lookup.cuh) compiled for the host, prmt
+    emulated (its sign-replicate mode too): every code in every nibble of a word, and
+    random words, give table[code] for stored nibbles code ^ 8, value j of the word in half
+    j % 2 of register j // 2."""
+    import ctypes
+    import random
+    import subprocess
+
+    from qcompile.kernels import build
+
+    rng = random.Random(0)
+    table = [rng.randrange(1 << 16) for _ in range(16)]
+    words = [sum(table[4 * w + i] << (16 * i) for i in range(4)) for w in range(4)]
+    src = tmp_path / "lookup.cu"
+    src.write_text('#include "lut_lookup.cuh"\n'
+                   f"using T = qc_lut::Lookup<{', '.join(f'{w:#x}ULL' for w in words)}>;\n"
+                   'extern "C" void lookup8(uint32_t q, uint32_t* out) {\n'
+                   "  uint32_t r[4]; T::lookup8(q, r); for (int i = 0; i < 4; ++i) out[i] = r[i];\n}\n")
+    lib_path = tmp_path / "lookup.so"
+    subprocess.run([_nvcc(), "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",
+                    f"-I{build.csrc_dir()}", str(src), "-o", str(lib_path)], check=True,
+                   capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.lookup8.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    out = (ctypes.c_uint32 * 4)()
+    words_of_codes = [[c] * 8 for c in range(16)] + [[(c + j) % 16 for j in range(8)] for c in range(16)]
+    words_of_codes += [[rng.randrange(16) for _ in range(8)] for _ in range(500)]
+    for codes in words_of_codes:
+        lib.lookup8(sum((c ^ 8) << (4 * j) for j, c in enumerate(codes)), out)
+        assert [v for w in out for v in (w & 0xFFFF, w >> 16)] == [table[c] for c in codes], codes
+
+
 def test_lut_gemm_tiles_follow_the_int4_heuristic():
     """The lookup-table GEMM's tile for each problem is the affine int4 heuristic's pick among
     its builds (the same tile as int4 in blocks of 64 wherever int4 has it 64 deep)."""

@@ -7,12 +7,7 @@
 // ConvertAndScale mode (block scale, no zero). The one new piece is the 4-bit element type
 // `Code` and its converter: CUTLASS converts the narrow operand in registers through
 // LayoutAwareConvertImpl<Src, Dst, ...>, which this file specialises for Code so that the
-// conversion is a table lookup done with byte permutes (prmt), 16 bits a value taken as a low
-// and a high byte from four registers of table bytes each:
-//
-//   for 4 codes a time:  lo = prmt(prmt(LO[0..7]), prmt(LO[8..15]), bit 3 of each code)
-//                        hi = the same on the high bytes
-//                        two prmt interleave lo and hi into the two 16-bit pairs.
+// conversion is a table lookup done with byte permutes (lut_lookup.cuh).
 //
 // Weight layout: qcompile's lookup-table layout (lut_gemm.py, "sm90_lut_pairs"): the sm90
 // mixed GEMM's reorder with each thread's 8 values in K order (nibble j of a 32-bit word =
@@ -47,6 +42,7 @@
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "lut_lookup.cuh"
 #include "mixed_gemm_sm90.cuh"
 #include "sm90_launch.cuh"
 
@@ -101,41 +97,8 @@ struct Code {
   uint8_t storage;
 };
 
-constexpr uint64_t kTableWords[4] = {QC_LUT_T0, QC_LUT_T1, QC_LUT_T2, QC_LUT_T3};
-
-constexpr uint32_t table_entry(int c) { return uint32_t(kTableWords[c / 4] >> (16 * (c % 4))) & 0xFFFF; }
-
-// Byte `byte` (0 low, 1 high) of the 4 entries the stored nibbles 4j .. 4j+3 select, one per
-// byte of a prmt operand. A stored nibble is c ^ 8, so nibble v selects entry v ^ 8.
-constexpr uint32_t table_bytes(int j, int byte) {
-  uint32_t w = 0;
-  for (int e = 0; e < 4; ++e) w |= ((table_entry((4 * j + e) ^ 8) >> (8 * byte)) & 0xFF) << (8 * e);
-  return w;
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-// 8 stored nibbles (value j in nibble j) -> 8 16-bit table values in 4 registers.
-__device__ __forceinline__ void lookup8(uint32_t q, uint32_t (&r)[4]) {
-  // prmt selectors: the low 3 bits of each nibble pick a byte among 8 (bit 3, prmt's
-  // sign-replicate mode, cleared); sel picks, per output byte j, byte j of the first
-  // (nibble bit 3 clear) or of the second lookup (set): nibble j of sel = j + 4 * bit3.
-  uint32_t idx = q & 0x77777777u;
-  uint32_t sel = ((q & 0x88888888u) | 0x64206420u) >> 1;
-#pragma unroll
-  for (int h = 0; h < 2; ++h, idx >>= 16, sel >>= 16) {
-    uint32_t lo = prmt(prmt(table_bytes(0, 0), table_bytes(1, 0), idx),
-                       prmt(table_bytes(2, 0), table_bytes(3, 0), idx), sel);
-    uint32_t hi = prmt(prmt(table_bytes(0, 1), table_bytes(1, 1), idx),
-                       prmt(table_bytes(2, 1), table_bytes(3, 1), idx), sel);
-    r[2 * h] = prmt(lo, hi, 0x5140);      // value 4h, 4h+1: lo0 hi0 lo1 hi1
-    r[2 * h + 1] = prmt(lo, hi, 0x7362);  // value 4h+2, 4h+3
-  }
-}
+// The compiled-in table and its lookup (lut_lookup.cuh).
+using Table = Lookup<QC_LUT_T0, QC_LUT_T1, QC_LUT_T2, QC_LUT_T3>;
 
 }  // namespace qc_lut
 
@@ -161,7 +124,7 @@ struct LayoutAwareConvertImpl<qc_lut::Code, Dst, LayoutIn, LayoutOut> {
     uint32_t q = cute::recast<uint32_t>(src)(0);
     auto&& out = cute::recast<cutlass::AlignedArray<uint32_t, 4, 16>>(dst)(0);
     uint32_t r[4];
-    qc_lut::lookup8(q, r);
+    qc_lut::Table::lookup8(q, r);
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < 4; ++i) out[i] = r[i];
   }
@@ -277,7 +240,7 @@ extern "C" {
 int qc_lut_gemm_sm90_info(int* out, int n) {
   int v[27] = {QC_ACT_FP16, QC_WBITS, QC_MODE, QC_TILE_M, QC_TILE_N, QC_TILE_K,
                QC_CLUSTER_M, QC_CLUSTER_N, QC_COOP, QC_STREAMK};
-  for (int i = 0; i < 16; ++i) v[10 + i] = static_cast<int>(qc_lut::table_entry(i));
+  for (int i = 0; i < 16; ++i) v[10 + i] = static_cast<int>(qc_lut::Table::entry(i));
   v[26] = QC_SM90_OK;
   for (int i = 0; i < n && i < 27; ++i) out[i] = v[i];
   return 27;
