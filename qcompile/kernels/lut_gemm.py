@@ -28,6 +28,7 @@ everywhere else.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 
 import torch
@@ -321,6 +322,8 @@ def _run_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if choice is None:
         choice = gemm_choice(m, n, k, act, block, sm_count(dev))
     lib = _gemm_lib(choice.config, bits)
+    qweight = mg.aligned(qweight)  # TMA's 16-byte alignment (no copy when it is)
+    bias = mg.aligned(bias.to(x2.dtype)) if bias is not None else None
     # the kernel scales in the activation type (the main loop's multiply); the op keeps
     # float32 scales for the decode kernel: one small conversion a call (N x K / block values)
     s = scales.to(x2.dtype)
@@ -338,20 +341,15 @@ def _run_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def _gemm_workspace(choice: mg.Choice, bits: tuple[int, ...], m: int, n: int, k: int,
                     block: int, device: int) -> int:
-    key = (choice, bits, m, n, k, block, device)
-    nbytes = _workspaces.get(key)
-    if nbytes is None:
-        nbytes = int(_gemm_lib(choice.config, bits).qc_lut_gemm_sm90_workspace_size(
-            m, n, k, block, choice.decomposition, choice.splits))
-        if nbytes < 0:
-            raise RuntimeError("qc_lut_gemm_sm90_workspace_size failed (no CUDA device?)")
-        _workspaces[key] = nbytes
+    del device  # part of the key: the workspace depends on the device's SM count
+    nbytes = int(_gemm_lib(choice.config, bits).qc_lut_gemm_sm90_workspace_size(
+        m, n, k, block, choice.decomposition, choice.splits))
+    if nbytes < 0:
+        raise RuntimeError("qc_lut_gemm_sm90_workspace_size failed (no CUDA device?)")
     return nbytes
-
-
-_workspaces: dict[tuple, int] = {}
 
 
 def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
