@@ -600,7 +600,7 @@ def test_lut_gemm_tiles_follow_the_int4_heuristic():
         mg.choice_from_name(mg.choice_name(lut_gemm.gemm_choice(2048, 4096, 4096, "bf16", 64)))
 
 
-def test_lut_gemm_paths_off_hopper():
+def test_lut_gemm_paths_off_hopper(monkeypatch):
     """Off a Hopper GPU the op runs with a GEMM config as without (here the reference on the
     CPU); a forced path must be one of run's; the report says what prefill runs."""
     from qcompile.kernels import lut_gemm
@@ -623,6 +623,12 @@ def test_lut_gemm_paths_off_hopper():
         "gemm bf16.w4.lut.128x256x64.coop.c2x1"
     assert lut_gemm.path_name(2048, 14336, 4096, torch.bfloat16, 64, "") == "dequantize + cublas"
     assert lut_gemm.path_name(2048, 14336, 4096, torch.float16, 64, config) == "dequantize + cublas"
+    # the decode kernel up to GEMM_MIN_M - 1 tokens where a GEMM build is named
+    assert lut_gemm.path_name(32, 14336, 4096, torch.bfloat16, 64, config).startswith("decode ")
+    monkeypatch.setattr(lut_gemm, "GEMM_MIN_M", 17)
+    assert lut_gemm.path_name(32, 14336, 4096, torch.bfloat16, 64, config).startswith("gemm ")
+    assert lut_gemm.path_name(16, 14336, 4096, torch.bfloat16, 64, config).startswith("decode ")
+    assert lut_gemm.path_name(32, 14336, 4096, torch.bfloat16, 64, "").startswith("decode ")
     assert kernels.prepare_lut_gemm(codes, table, scales, 64, torch.bfloat16, "nf4").config == ""
 
 

@@ -163,6 +163,10 @@ DECODE_MAX_M = 2 * decode.MAX_TOKENS
 # qcompile[decode.pairs] of results/bench_w4a16.jsonl).
 PAIR_TABLE = True
 PATHS = ("decode", "gemm", "dequant")
+# Token counts from which a GEMM build (the op's config) takes over from the decode kernel:
+# past its range until the GEMM's rows against the decode kernel's at 16-64 tokens are
+# measured (results/bench_w4a16.jsonl, qcompile[gemm] / qcompile[decode]).
+GEMM_MIN_M = DECODE_MAX_M + 1
 # 32-token launches take 4-warp CTAs where their 32-row CTAs make at least this many waves.
 LUT_W4_WAVES = 3
 
@@ -302,11 +306,12 @@ def path_name(m: int, n: int, k: int, act_dtype: torch.dtype, block: int, config
     """What ``run`` takes for m tokens by default (on an sm_90 device, for the benchmarks'
     rows): ``decode <shape>``, ``gemm <choice>`` or ``dequantize + cublas``."""
     act = _ACTS[act_dtype]
-    if m <= DECODE_MAX_M:
+    gemm = _parse_config(config)
+    runs_gemm = gemm is not None and gemm[0] == act and bool(_gemm_family(act, block, k))
+    if m <= DECODE_MAX_M and not (runs_gemm and m >= GEMM_MIN_M):
         choice = decode_choice(m, n, k, sm_count, act_bytes=2)
         return f"decode {choice.name if choice else '(none)'}"
-    gemm = _parse_config(config)
-    if gemm is not None and gemm[0] == act and _gemm_family(act, block, k):
+    if runs_gemm:
         return f"gemm {mg.choice_name(gemm_choice(m, n, k, act, block, sm_count))}"
     return "dequantize + cublas"
 
@@ -362,8 +367,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     not take the call (a non-contiguous or misaligned x, an activation type without a build).
     ``path`` forces "decode" (any token count: CTAs of 32 tokens), "gemm" (``config`` must name
     a GEMM build) or "dequant"; by default the decode kernel up to DECODE_MAX_M tokens, beyond
-    it the GEMM where ``config`` names one for x's type (:func:`gemm_config`) on an sm_90
-    device, else dequant. No host syncs (CUDA-graph safe).
+    it (from GEMM_MIN_M) the GEMM where ``config`` names one for x's type (:func:`gemm_config`)
+    on an sm_90 device, else dequant. No host syncs (CUDA-graph safe).
 
     The decode kernel's fusions, as ``mixed_gemm_decode.run`` takes them: ``gated`` (the codes'
     16-row tiles alternate gate and up rows; the result is [.., N/2] = silu(gate) * up),
@@ -400,7 +405,15 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         bias = bias.to(x.dtype).contiguous()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     lib = _lib(act)
-    if path == "decode" or (path is None and m <= DECODE_MAX_M):
+    gemm = _parse_config(config)
+    runs_gemm = (gemm is not None and gemm[0] == act
+                 and torch.cuda.get_device_capability(x.device) == (9, 0)
+                 and bool(_gemm_family(act, block, k)))
+    if path == "gemm" and not runs_gemm:
+        raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "
+                         f"{x.dtype} on this device (gemm_config; sm_90, blocks of 64 x 2^i)")
+    if path == "decode" or (path is None and m <= DECODE_MAX_M
+                            and not (runs_gemm and m >= GEMM_MIN_M)):
         sms = sm_count(x.device.index)
         choice = decode_choice(m, n, k, sms, gated, x2.element_size(), staged=norm is not None,
                                given=norm_ssq is not None, norm_out=next_norm is not None)
@@ -425,13 +438,6 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         return out.reshape(*lead, out.shape[1])
     if gated or any(v is not None for v in (norm, residual, norm_ssq, next_norm)):
         return around(x)
-    gemm = _parse_config(config)
-    runs_gemm = (gemm is not None and gemm[0] == act and x.device.type == "cuda"
-                 and torch.cuda.get_device_capability(x.device) == (9, 0)
-                 and bool(_gemm_family(act, block, k)))
-    if path == "gemm" and not runs_gemm:
-        raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "
-                         f"{x.dtype} on this device (gemm_config; sm_90, blocks of 64 x 2^i)")
     if runs_gemm and path in (None, "gemm"):
         out = _run_gemm(x2, qweight, scales, bias, block, gemm[1])
         return out.reshape(*x.shape[:-1], n)
