@@ -428,11 +428,10 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
         raise ValueError(why)
     fam = cuda_family("lut_gemm")
     config, beyond = "", "dequantize + cuBLAS"
-    if table_name not in GEMM_TABLES:
-        beyond += f" (no lookup-table GEMM for the {table_name} table)"
-    elif (why := fam.gemm_supported(device, n, k, group_size, act_dtype)) is not None:
+    why = fam.gemm_supported(device, n, k, group_size, act_dtype)
+    if table_name in GEMM_TABLES and why is not None:
         beyond += f" (no lookup-table GEMM: {why})"
-    else:
+    elif table_name in GEMM_TABLES:
         try:
             config = fam.gemm_config(table, act_dtype)
             beyond = f"the sm90 lookup-table GEMM ({table_name} compiled in)"
