@@ -428,17 +428,18 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
         raise ValueError(why)
     fam = cuda_family("lut_gemm")
     config, beyond = "", "dequantize + cuBLAS"
-    why = fam.gemm_supported(device, n, k, group_size, act_dtype)
-    if table_name in GEMM_TABLES and why is not None:
-        beyond += f" (no lookup-table GEMM: {why})"
-    elif table_name in GEMM_TABLES:
-        try:
-            config = fam.gemm_config(table, act_dtype)
-            beyond = f"the sm90 lookup-table GEMM ({table_name} compiled in)"
-        except RuntimeError as e:  # KernelBuildError
-            log.warning("lut_gemm: the lookup-table GEMM did not build (%s); prefill runs "
-                        "dequantize + cuBLAS", e)
-            beyond += f" (the lookup-table GEMM did not build: {e})"
+    if table_name in GEMM_TABLES:
+        why = fam.gemm_supported(device, n, k, group_size, act_dtype)
+        if why is not None:
+            beyond += f" (no lookup-table GEMM: {why})"
+        else:
+            try:
+                config = fam.gemm_config(table, act_dtype)
+                beyond = f"the sm90 lookup-table GEMM ({table_name} compiled in)"
+            except RuntimeError as e:  # KernelBuildError
+                log.warning("lut_gemm: the lookup-table GEMM did not build (%s); prefill runs "
+                            "dequantize + cuBLAS", e)
+                beyond += f" (the lookup-table GEMM did not build: {e})"
     return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, config,
                         f"qcompile lookup-table decode kernel up to {fam.DECODE_MAX_M} "
                         f"tokens; beyond, {beyond}")

@@ -224,6 +224,7 @@ def _config_of(act: str, bits: tuple[int, ...]) -> str:
     return f"{GEMM_PREFIX}{act}:" + "".join(f"{v:04x}" for v in bits)
 
 
+@functools.lru_cache(maxsize=64)  # run parses the op's config on every call
 def _parse_config(config: str) -> tuple[str, tuple[int, ...]] | None:
     """(act, table bits) of a GEMM config, None for "" (no GEMM build); ValueError if garbled."""
     if not config:
@@ -245,6 +246,15 @@ def _gemm_spec(cfg: mg.MixedGemmConfig, bits: tuple[int, ...]):
 
 def _gemm_family(act: str, block: int, k: int) -> tuple[mg.MixedGemmConfig, ...]:
     return mg._family(act, 4, mg.MODE_LUT, block, k)
+
+
+def _gemm_bits(config: str, act: str, block: int, k: int) -> tuple[int, ...] | None:
+    """The table bits of the GEMM build ``config`` names for this activation type, block size
+    and K, or None where it names none that takes them (the device is the caller's check)."""
+    gemm = _parse_config(config)
+    if gemm is None or gemm[0] != act or not _gemm_family(act, block, k):
+        return None
+    return gemm[1]
 
 
 def gemm_supported(device: torch.device, n: int, k: int, block: int, act_dtype: torch.dtype
@@ -306,8 +316,7 @@ def path_name(m: int, n: int, k: int, act_dtype: torch.dtype, block: int, config
     """What ``run`` takes for m tokens by default (on an sm_90 device, for the benchmarks'
     rows): ``decode <shape>``, ``gemm <choice>`` or ``dequantize + cublas``."""
     act = _ACTS[act_dtype]
-    gemm = _parse_config(config)
-    runs_gemm = gemm is not None and gemm[0] == act and bool(_gemm_family(act, block, k))
+    runs_gemm = _gemm_bits(config, act, block, k) is not None
     if m <= DECODE_MAX_M and not (runs_gemm and m >= GEMM_MIN_M):
         choice = decode_choice(m, n, k, sm_count, act_bytes=2)
         return f"decode {choice.name if choice else '(none)'}"
@@ -405,10 +414,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         bias = bias.to(x.dtype).contiguous()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     lib = _lib(act)
-    gemm = _parse_config(config)
-    runs_gemm = (gemm is not None and gemm[0] == act
-                 and torch.cuda.get_device_capability(x.device) == (9, 0)
-                 and bool(_gemm_family(act, block, k)))
+    bits = _gemm_bits(config, act, block, k)
+    runs_gemm = bits is not None and torch.cuda.get_device_capability(x.device) == (9, 0)
     if path == "gemm" and not runs_gemm:
         raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "
                          f"{x.dtype} on this device (gemm_config; sm_90, blocks of 64 x 2^i)")
@@ -439,7 +446,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     if gated or any(v is not None for v in (norm, residual, norm_ssq, next_norm)):
         return around(x)
     if runs_gemm and path in (None, "gemm"):
-        out = _run_gemm(x2, qweight, scales, bias, block, gemm[1])
+        out = _run_gemm(x2, qweight, scales, bias, block, bits)
         return out.reshape(*x.shape[:-1], n)
     w = torch.empty(n, k, device=x.device, dtype=x.dtype)
     in_act = int(as_dtype(dequant_dtype) == x.dtype)
