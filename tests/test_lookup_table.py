@@ -624,7 +624,10 @@ def test_lut_gemm_paths_off_hopper(monkeypatch):
     assert lut_gemm.path_name(2048, 14336, 4096, torch.bfloat16, 64, "") == "dequantize + cublas"
     assert lut_gemm.path_name(2048, 14336, 4096, torch.float16, 64, config) == "dequantize + cublas"
     # the decode kernel up to GEMM_MIN_M - 1 tokens where a GEMM build is named
+    assert lut_gemm.GEMM_MIN_M == 33
     assert lut_gemm.path_name(32, 14336, 4096, torch.bfloat16, 64, config).startswith("decode ")
+    assert lut_gemm.path_name(33, 14336, 4096, torch.bfloat16, 64, config).startswith("gemm ")
+    assert lut_gemm.path_name(33, 14336, 4096, torch.bfloat16, 64, "").startswith("decode ")
     monkeypatch.setattr(lut_gemm, "GEMM_MIN_M", 17)
     assert lut_gemm.path_name(32, 14336, 4096, torch.bfloat16, 64, config).startswith("gemm ")
     assert lut_gemm.path_name(16, 14336, 4096, torch.bfloat16, 64, config).startswith("decode ")

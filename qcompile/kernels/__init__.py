@@ -227,10 +227,12 @@ def _int8_gemm_cuda(xq, wq, row_scale, col_scale, bias, out_dtype, config="", az
 
 
 LUT_LAYOUT = "sm90_lut_pairs"  # kernels.lut_gemm.LAYOUT, named here without importing it
-# The tables whose lookup-table GEMM prefill runs by default (prepare_lut_gemm): none until
-# the GEMM has passed its GPU tests (tests/gpu/test_lookup_table_cuda.py) on a Hopper GPU;
-# lut_gemm.gemm_config runs it for any table meanwhile (the tests, the benchmark's rows).
-GEMM_TABLES: tuple[str, ...] = ()
+# The tables whose lookup-table GEMM runs prefill by default on Hopper (prepare_lut_gemm):
+# NF4 and FP4 (their GPU tests, tests/gpu/test_lookup_table_cuda.py, pass on the H100). Any
+# other table is its own set of CUTLASS builds (the table is compiled in), so a learned
+# codebook stays with dequantize + cuBLAS unless named here; lut_gemm.gemm_config builds and
+# runs it for any table.
+GEMM_TABLES: tuple[str, ...] = ("nf4", "fp4")
 
 
 def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout, config,

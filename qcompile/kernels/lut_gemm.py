@@ -3,11 +3,12 @@
 
 Three paths, chosen by token count at run time:
 
-- up to ``DECODE_MAX_M`` (64) tokens, the decode kernel's lookup-table build
+- up to ``DECODE_MAX_M`` (64) tokens (where the GEMM runs, below ``GEMM_MIN_M``), the decode
+  kernel's lookup-table build
   (``csrc/mixed_gemm_decode.cu``, ``QC_MODE`` 3): it streams the codes as it streams int4
   weights and looks each one up in the CTA's copy of the table in shared memory, then runs
   the same mma.sync main loop (beyond 32 tokens, one CTA row per 32);
-- beyond, on Hopper, where the op's ``config`` names a GEMM build (:func:`gemm_config`: the
+- beyond (from ``GEMM_MIN_M``), on Hopper, where the op's ``config`` names a GEMM build (:func:`gemm_config`: the
   table compiled into ``csrc/lut_gemm_sm90.cu``), the lookup-table GEMM: CUTLASS's
   mixed-input collective with the lookup as its register conversion (byte permutes of the
   table's bytes), the affine int4 family's tiles and heuristic (``mixed_gemm.LUT_CONFIGS``,
@@ -149,7 +150,8 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tens
     return fused_linear(x, w.reshape(n, k), bias, **fused)
 
 
-# Token counts up to which ``run`` takes the decode kernel (beyond, dequantize + cuBLAS): at 64
+# Token counts up to which ``run`` takes the decode kernel where no GEMM build is named (beyond,
+# dequantize + cuBLAS): at 64
 # tokens two CTAs of 32 reading the codes twice (the second time mostly from L2) still beat
 # writing and reading a 16-bit weight (H100, clean flush, NF4 b64: 26.2 against 30.7 us at
 # 4096x4096, 87.1 against 111.2 at 14336x4096); at 256 they lose 2-2.5x (the rows
@@ -164,9 +166,12 @@ DECODE_MAX_M = 2 * decode.MAX_TOKENS
 PAIR_TABLE = True
 PATHS = ("decode", "gemm", "dequant")
 # Token counts from which a GEMM build (the op's config) takes over from the decode kernel:
-# past its range until the GEMM's rows against the decode kernel's at 16-64 tokens are
-# measured (results/bench_w4a16.jsonl, qcompile[gemm] / qcompile[decode]).
-GEMM_MIN_M = DECODE_MAX_M + 1
+# past its 32-token tile, where it starts reading the codes again for each 32 tokens (H100,
+# clean flush, NF4 b64 bf16, results/bench_w4a16.jsonl: at 64 tokens GEMM / decode 37.4 /
+# 72.9 us at 14336x4096, 25.4 / 23.6 at 4096x4096; at 16 tokens the decode kernel wins,
+# 27.5 / 33.5 and 14.3 / 21.8; lut_decode_ab.jsonl: decode at 32 tokens 40.6 us at
+# 14336x4096, 19.5 at 4096x4096).
+GEMM_MIN_M = 33
 # 32-token launches take 4-warp CTAs where their 32-row CTAs make at least this many waves.
 LUT_W4_WAVES = 3
 
