@@ -429,7 +429,7 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
     if why is not None:
         raise ValueError(why)
     fam = cuda_family("lut_gemm")
-    config, beyond = "", "dequantize + cuBLAS"
+    config, beyond, decode_max = "", "dequantize + cuBLAS", fam.DECODE_MAX_M
     if table_name in GEMM_TABLES:
         why = fam.gemm_supported(device, n, k, group_size, act_dtype)
         if why is not None:
@@ -438,12 +438,13 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
             try:
                 config = fam.gemm_config(table, act_dtype)
                 beyond = f"the sm90 lookup-table GEMM ({table_name} compiled in)"
+                decode_max = min(decode_max, fam.GEMM_MIN_M - 1)
             except RuntimeError as e:  # KernelBuildError
                 log.warning("lut_gemm: the lookup-table GEMM did not build (%s); prefill runs "
                             "dequantize + cuBLAS", e)
                 beyond += f" (the lookup-table GEMM did not build: {e})"
     return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, config,
-                        f"qcompile lookup-table decode kernel up to {fam.DECODE_MAX_M} "
+                        f"qcompile lookup-table decode kernel up to {decode_max} "
                         f"tokens; beyond, {beyond}")
 
 

@@ -157,12 +157,14 @@ def test_nf4_model_is_taken_over_on_cuda(dtype, gemm, monkeypatch):
     model = nn.Sequential(nn.Linear(256, 512, bias=True), nn.SiLU(),
                           nn.Linear(512, 256, bias=False)).to("cuda", dtype)
     model = qcompile.quantize(model, "nf4", block_size=64)
-    for m in (1, 4, 80):
+    for m in (1, 4, 40, 80):  # 40: past the decode kernel's 32 tokens where the GEMM runs
         x = torch.randn(m, 256, device="cuda", dtype=dtype)
         report = qcompile.explain(model, x)
         assert len(report.matched) == 2, str(report)
-        assert all("lookup-table decode kernel" in r.kernel for r in report.matched)
         on = HOPPER and gemm  # prefill by the lookup-table GEMM
+        decode_max = lut_gemm.GEMM_MIN_M - 1 if on else lut_gemm.DECODE_MAX_M
+        assert all(f"lookup-table decode kernel up to {decode_max} tokens" in r.kernel
+                   for r in report.matched), str(report)
         assert all(("sm90 lookup-table GEMM (nf4" in r.kernel) == on for r in report.matched)
         with torch.no_grad():
             out = torch.compile(model, backend="qcompile")(x)
