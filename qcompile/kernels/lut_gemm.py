@@ -420,12 +420,13 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     stream = torch.cuda.current_stream(x.device).cuda_stream
     lib = _lib(act)
     bits = _gemm_bits(config, act, block, k)
-    runs_gemm = bits is not None and torch.cuda.get_device_capability(x.device) == (9, 0)
+    # the device is asked only where the GEMM would take the call, not on decode steps
+    wants_gemm = bits is not None and (path == "gemm" or (path is None and m >= GEMM_MIN_M))
+    runs_gemm = wants_gemm and torch.cuda.get_device_capability(x.device) == (9, 0)
     if path == "gemm" and not runs_gemm:
         raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "
                          f"{x.dtype} on this device (gemm_config; sm_90, blocks of 64 x 2^i)")
-    if path == "decode" or (path is None and m <= DECODE_MAX_M
-                            and not (runs_gemm and m >= GEMM_MIN_M)):
+    if path == "decode" or (path is None and m <= DECODE_MAX_M and not runs_gemm):
         sms = sm_count(x.device.index)
         choice = decode_choice(m, n, k, sms, gated, x2.element_size(), staged=norm is not None,
                                given=norm_ssq is not None, norm_out=next_norm is not None)
@@ -450,7 +451,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         return out.reshape(*lead, out.shape[1])
     if gated or any(v is not None for v in (norm, residual, norm_ssq, next_norm)):
         return around(x)
-    if runs_gemm and path in (None, "gemm"):
+    if runs_gemm:
         out = _run_gemm(x2, qweight, scales, bias, block, bits)
         return out.reshape(*x.shape[:-1], n)
     w = torch.empty(n, k, device=x.device, dtype=x.dtype)
