@@ -395,6 +395,38 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 #endif
 }
 
+#if QC_MODE == 3
+// The lookup pairs, the CTA's prologue: word 32 q + c holds pair q (the values at raw nibbles
+// q & 15 and q >> 4, the first in the low half), the same in every column c. Lane l takes the
+// value at nibble l & 15 from the table and the others from lanes 0..15 by shuffles (two
+// values a shuffle), then store (hi, r) writes pair 16 hi + (l & 15) into column (l + r) & 31:
+// 32 different banks in every store, and over r = 0..15 lanes l and l + 16 fill all 32 columns
+// of their pairs. 256 stores a CTA, shared by its warps, and 9 shuffles a warp, where staging
+// the 16 values in shared memory first and reading two of them back for each stored word took
+// 768 shared-memory operations a CTA and a barrier more.
+__device__ __forceinline__ void stage_pairs(uint32_t* table, const float* values, int lane,
+                                            int warp, int warps) {
+  const Act own = Act(__ldg(values + ((lane & 15) ^ 8)));
+  const uint32_t lo = static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&own));
+  // two = (value at nibble 2i, value at nibble 2i + 1) for lanes 2i, 2i + 1
+  const uint32_t mate = __shfl_xor_sync(0xffffffffu, lo, 1);
+  const uint32_t two = (lane & 1) ? (mate | (lo << 16)) : (lo | (mate << 16));
+  uint32_t pair[16];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t v = __shfl_sync(0xffffffffu, two, 2 * i);
+    pair[2 * i] = lo | (v << 16);
+    pair[2 * i + 1] = lo | (v & 0xffff0000u);
+  }
+  uint32_t* row = table + 32 * (lane & 15);
+  for (int r = warp; r < 16; r += warps) {
+    uint32_t* at = row + ((lane + r) & 31);
+#pragma unroll
+    for (int hi = 0; hi < 16; ++hi) at[512 * hi] = pair[hi];
+  }
+}
+#endif
+
 #if QC_MODE == 2
 // The staged scales and zeros: one 8-byte word per (group, row tile, lane group g) holding the
 // scales of rows g and g + 8, then their zeros, as a lane of group g reads them.
@@ -543,17 +575,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   if (kStaging) {
     if (warp < chunks) load_round(warp);
 #if QC_MODE == 3
-    if (threadIdx.x < 16) {
+    if (kPairs) {
+      stage_pairs(reinterpret_cast<uint32_t*>(red), p.lut_table, lane, warp, warps);
+    } else if (threadIdx.x < 16) {
       const Act v = Act(__ldg(p.lut_table + (threadIdx.x ^ 8)));
       lut[threadIdx.x] = *reinterpret_cast<const unsigned short*>(&v);
-    }
-    if (kPairs) {
-      __syncthreads();  // the 16 values, then every pair of them in 32 copies
-      uint32_t* table = reinterpret_cast<uint32_t*>(red);
-      for (int i = threadIdx.x; i < kLutPairWords; i += blockDim.x) {
-        const int q = i >> 5;  // pair index: low nibble the first value
-        table[i] = static_cast<uint32_t>(lut[q & 15]) | (static_cast<uint32_t>(lut[q >> 4]) << 16);
-      }
     }
 #endif
     if (kNorm == kNormStaged) stage_norm(xs, ss_red, p.x + (size_t)m0 * K, p.norm, rows, K, 8 * kNT);
