@@ -74,7 +74,7 @@
 // a table of all 256 value pairs, one 32-bit word a pair, in 32 copies so that lane l reads copy l
 // (word 32 p + l: always bank l, never a conflict), 32 KB in the region the reduction uses
 // after the main loop. A fragment register is then one shared load indexed by a byte of the
-// weight as it is (its address a shift and a lop3), instead of two 2-byte loads and the
+// weight as it is (its address a prmt and a lea), instead of two 2-byte loads and the
 // packing of their values. Which table a launch reads is a template parameter (kTable), so
 // a chunk's 16 lookups issue back to back ahead of its MMAs (bench lut_decode_ab: 5-11%
 // faster at 1-16 tokens than one runtime branch per lookup).
@@ -362,17 +362,21 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
 #if QC_MODE == 3
   // byte i of the word holds register i's two codes (the layout's pair bytes), low nibble
   // first: as it is, an index into the pair table. pairs is the table (word 32 p + lane of
-  // pair p), lane this lane: a shift and one lop3 ((w & mask) | lane) a register.
+  // pair p): register i is the word at byte 128 p + 4 lane of it, one prmt (the byte p, zero
+  // extended) and one lea (p << 7 plus this lane's shared address, held in a register) a
+  // register. As indexing into pairs, each lookup also took an add of the table's base (its
+  // shared window address is not a link-time constant on sm_90): a shift, a lop3 and that add.
   if (kPairs) {
-    // %laneid, not threadIdx.x & 31: the compiler knows nothing of its range, so it keeps the
-    // single lop3 instead of masking the lane again at every lookup
     uint32_t lane;
     asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+    const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(pairs)) + 4 * lane;
     const uint32_t w = r[0];
-    a[0] = pairs[((w << 5) & 0x1fe0u) | lane];
-    a[1] = pairs[((w >> 3) & 0x1fe0u) | lane];
-    a[2] = pairs[((w >> 11) & 0x1fe0u) | lane];
-    a[3] = pairs[((w >> 19) & 0x1fe0u) | lane];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t p = __byte_perm(w, 0u, 0x4440u + i);
+      // volatile: read after the barrier that ends the table's staging, never moved above it
+      asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[i]) : "r"(at + (p << 7)));
+    }
     return;
   }
 #pragma unroll
