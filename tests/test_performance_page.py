@@ -46,7 +46,8 @@ def test_unknown_files_and_fields(tmp_path):
         {"bench": "gptfast_decode", "config": "llama3-8b", "format": f, "batch": 1, "impl": i,
          "tokens_per_s": t, "settings": {"mode": "reduce-overhead"}, "all_taken_over": True,
          "new_field": "x", **prov}
-        for f, i, t in (("bf16", "inductor", 100.0), ("w4a16", "qcompile", 250.0))
+        for f, i, t in (("bf16", "inductor", 100.0), ("w4a16", "qcompile", 250.0),
+                        ("nf4", "qcompile", 190.0))
     ] + [{"bench": "gptfast_decode", "format": "w8a8", "batch": 1, "impl": "qcompile",
           "tokens_per_s": None, "error": "boom", **prov}])
     _write(tmp_path / "something_new.jsonl", [{"what": "probe", "impl": "a", "median_us": 1.5}])
@@ -61,6 +62,9 @@ def test_unknown_files_and_fields(tmp_path):
     assert "1 without a value" in page
     summary = "\n".join(mp.summary(rows, mp.latest(rows)))
     assert "gpt-fast" in summary and "250.0 (2.50x)" in summary
+    # the NF4 column, last, its cell where a row has one (W8A8 failed: an empty cell)
+    assert "| bf16 | W4A16 | W8A16 | W8A8 | NF4 |" in summary
+    assert "| 100.0 | 250.0 (2.50x) |  |  | 190.0 (1.90x) |" in summary
 
 
 def test_rounds_of_one_run_give_their_median(tmp_path):
