@@ -337,8 +337,9 @@ def _pick(grids, strict=True, **want):
 PICK_ANY = {"bench", "device", "value", "flush", "config", "layers", "prompt", "new", "settings"}
 SUMMARY_SHAPES = ((14336, 4096), (4096, 4096))
 SUMMARY_M = (1, 16, 256, 2048)
-# The decode table's columns after bf16 (format and impl of the cells), in the header's order.
-DECODE_COLUMNS = ("w4a16 qcompile", "w8a16 qcompile", "w8a8 qcompile", "nf4 qcompile")
+# The decode table's columns after bf16: (header, the cells' format and impl).
+DECODE_COLUMNS = (("W4A16", "w4a16 qcompile"), ("W8A16", "w8a16 qcompile"),
+                  ("W8A8", "w8a8 qcompile"), ("NF4", "nf4 qcompile"))
 SUMMARY_PATTERNS = (("bench_w4a16", "w4a16_g128_zp", "W4A16 g128"),
                     ("bench_w4a16", "w8a16_pc", "W8A16"),
                     ("w8a8", "w8a8_dynamic", "W8A8 dynamic"))
@@ -366,14 +367,15 @@ def summary(rows, grids) -> list[str]:
                 continue
             b = cells[BASELINE][0]
             parts = [f"{_num(cells[c][0])} ({_ratio(cells[c][0], b)})" if c in cells else ""
-                     for c in DECODE_COLUMNS]
+                     for _, c in DECODE_COLUMNS]
             dec.append(f"| {label} | {batch} | {_num(b)} | " + " | ".join(parts) + " |")
             for c in cells.values():
                 dates.add(_date(c[1]))
             devices.add(dict(g)["device"])
     if dec:
         out += ["Decode on an H100, tokens/s (x bf16 compiled by Inductor under the same settings, CUDA graphs):", "",
-                "| model | batch | bf16 | W4A16 | W8A16 | W8A8 | NF4 |", "|---|---|---|---|---|---|---|"] + dec + [""]
+                "| model | batch | bf16 | " + " | ".join(h for h, _ in DECODE_COLUMNS) + " |",
+                "|---|---|---|" + "---|" * len(DECODE_COLUMNS)] + dec + [""]
     lay = []
     for bench, pattern, label in SUMMARY_PATTERNS:
         g = _pick(grids, bench=bench, pattern=pattern)
