@@ -4,15 +4,14 @@
 Three paths, chosen by token count at run time:
 
 - up to ``DECODE_MAX_M`` (64) tokens (where the GEMM runs, below ``GEMM_MIN_M``), the decode
-  kernel's lookup-table build
-  (``csrc/mixed_gemm_decode.cu``, ``QC_MODE`` 3): it streams the codes as it streams int4
-  weights and looks each one up in the CTA's copy of the table in shared memory, then runs
-  the same mma.sync main loop (beyond 32 tokens, one CTA row per 32);
-- beyond (from ``GEMM_MIN_M``), on Hopper, where the op's ``config`` names a GEMM build (:func:`gemm_config`: the
-  table compiled into ``csrc/lut_gemm_sm90.cu``), the lookup-table GEMM: CUTLASS's
-  mixed-input collective with the lookup as its register conversion (byte permutes of the
-  table's bytes), the affine int4 family's tiles and heuristic (``mixed_gemm.LUT_CONFIGS``,
-  ``choose_config`` in mode 1);
+  kernel's lookup-table build (``csrc/mixed_gemm_decode.cu``, ``QC_MODE`` 3): it streams the
+  codes as it streams int4 weights and looks each one up in the CTA's copy of the table in
+  shared memory, then runs the same mma.sync main loop (beyond 32 tokens, one CTA row per 32);
+- beyond (from ``GEMM_MIN_M``), on Hopper, where the op's ``config`` names a GEMM build
+  (:func:`gemm_config`: the table compiled into ``csrc/lut_gemm_sm90.cu``), the lookup-table
+  GEMM: CUTLASS's mixed-input collective with the lookup as its register conversion (byte
+  permutes of the table's bytes), the affine int4 family's tiles and heuristic
+  (``mixed_gemm.LUT_CONFIGS``, ``choose_config`` in mode 1);
 - otherwise the weight dequantized into the activation type by the decode library
   (``qc_lut_dequantize``) and one cuBLAS GEMM: the 4-bit codes read once, a 16-bit weight
   written and read.
@@ -151,11 +150,10 @@ def reference_prepared(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tens
 
 
 # Token counts up to which ``run`` takes the decode kernel where no GEMM build is named (beyond,
-# dequantize + cuBLAS): at 64
-# tokens two CTAs of 32 reading the codes twice (the second time mostly from L2) still beat
-# writing and reading a 16-bit weight (H100, clean flush, NF4 b64: 26.2 against 30.7 us at
-# 4096x4096, 87.1 against 111.2 at 14336x4096); at 256 they lose 2-2.5x (the rows
-# qcompile[decode] / qcompile[dequant] of results/bench_w4a16.jsonl).
+# dequantize + cuBLAS): at 64 tokens two CTAs of 32 reading the codes twice (the second time
+# mostly from L2) still beat writing and reading a 16-bit weight (H100, clean flush, NF4 b64:
+# 26.2 against 30.7 us at 4096x4096, 87.1 against 111.2 at 14336x4096); at 256 they lose
+# 2-2.5x (the rows qcompile[decode] / qcompile[dequant] of results/bench_w4a16.jsonl).
 DECODE_MAX_M = 2 * decode.MAX_TOKENS
 # The decode kernel's lookup: the table of all 256 value pairs (True; see
 # csrc/mixed_gemm_decode.cu: one shared load a fragment register) or the 16-value table (False:
