@@ -23,8 +23,9 @@ M <= 16, qcompile / read_floor. `--grid issue25` is the preset of issue 25: N x 
 4096x4096, 14336x4096, 4096x14336, 28672x4096, M in 1..2048, the three affine patterns, bf16
 and fp16, impls qcompile, cublas_bf16, read_floor, marlin (no qcompile_dp/_streamk rows);
 `--grid issue27` NF4 beside int4 g128+zeros on 4096x4096 and 14336x4096, bf16 (with `--decode`
-also each lookup-table path at every M, and each lookup of the decode kernel up to 64
-tokens). Flags given beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
+also each lookup-table path at every M, each lookup of the decode kernel up to 64 tokens,
+and `qcompile[gemm.convert]`: the GEMM converting its float32 scales at every call, as it did
+before the op took them in the activation type). Flags given beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
 source (importable as `marlin`): the symmetric cells exactly, the zeros cells a symmetric
 stand-in of the same bytes (its rows say "weights"). `bitsandbytes` (NF4 cells, in the
 issue27 grid) is bitsandbytes' own `matmul_4bit` where its wheel loads. Extra rows
@@ -218,10 +219,19 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         fmt["gemm_config"] = ("" if lut_gemm.gemm_supported(dev, n, k, fmt["group"], act) else
                               lut_gemm.gemm_config(fmt["table"], act))
         fmt["config"] = fmt["gemm_config"] if "nf4" in GEMM_TABLES else ""
+        # the GEMM's scales in the activation type, made once as the rewrite makes them
+        # (kernels.LUT_GEMM_ACT_SCALES); "gemm.convert" rows: the GEMM converting them a call
+        from qcompile.kernels import LUT_GEMM_ACT_SCALES
+        act_scales = (lut_gemm.gemm_scales_of(prepared[2], act)
+                      if fmt["gemm_config"] and LUT_GEMM_ACT_SCALES else None)
         def lut_call(x, path=None):
+            if path == "gemm.convert":
+                return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", "gemm",
+                                    config=fmt["gemm_config"])
             if path not in ("pairs", "single"):
                 return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", path,
-                                    config=fmt["gemm_config" if path == "gemm" else "config"])
+                                    config=fmt["gemm_config" if path == "gemm" else "config"],
+                                    gemm_scales=act_scales)
             # the decode kernel's two lookups: the 256-pair table or the 16-value one
             old, lut_gemm.PAIR_TABLE = lut_gemm.PAIR_TABLE, path == "pairs"
             try:
@@ -476,6 +486,7 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
         cells += [(f"qcompile[{p}]", made["qcompile"], p) for p in ("decode", "dequant")]
         if fmt.get("gemm_config"):
             cells.append(("qcompile[gemm]", made["qcompile"], "gemm"))
+            cells.append(("qcompile[gemm.convert]", made["qcompile"], "gemm.convert"))
         if m <= 64:  # and the decode kernel with each lookup (pair table, 16 values)
             cells += [(f"qcompile[decode.{p}]", made["qcompile"], p) for p in ("pairs", "single")]
     elif args.decode:

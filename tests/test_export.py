@@ -82,6 +82,32 @@ def test_lookup_table_program_round_trip(tmp_path, method):
             assert torch.equal(loaded(xm), model(xm))
 
 
+def test_lookup_table_program_keeps_the_gemm_scales(tmp_path, monkeypatch):
+    """A program whose lookup-table ops read the GEMM's scales by name (as prepared on Hopper;
+    here the kernels' layout on a CPU) exports and loads with them: the loaded graph's ops
+    still take ``gemm_scales``, and give the exporting model's numbers."""
+    from test_lookup_table import prepare_as_on_hopper
+
+    from qcompile import kernels
+
+    monkeypatch.setattr(kernels, "prepare_lut_gemm", prepare_as_on_hopper)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.SiLU(), nn.Linear(256, 64)).to(torch.bfloat16)
+    qcompile.quantize(model, "nf4", block_size=64)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    path = qcompile.export(model, (x,), tmp_path / "lut.pt2",
+                           dynamic_shapes=({0: torch.export.Dim("m", min=1, max=64)},))
+    loaded = qcompile.load(path, compile=False)
+    ops_ = [n for n in loaded.graph.nodes if n.target is torch.ops.qcompile.lut_gemm.default]
+    named = [n.normalized_arguments(loaded, normalize_to_only_use_kwargs=True).kwargs
+             for n in ops_]
+    assert len(ops_) == 2 and all(a["gemm_scales"] is not None for a in named), named
+    with torch.no_grad():
+        for m in (1, 5):
+            xm = torch.randn(m, 128, dtype=torch.bfloat16)
+            assert torch.equal(loaded(xm), model(xm))
+
+
 def test_program_runs_through_the_dispatcher_without_compiling(artifacts):
     model, paths = artifacts
     loaded = qcompile.load(paths["program"], compile=False)

@@ -635,6 +635,85 @@ def test_lut_gemm_paths_off_hopper(monkeypatch):
     assert kernels.prepare_lut_gemm(codes, table, scales, 64, torch.bfloat16, "nf4").config == ""
 
 
+def prepare_as_on_hopper(codes, table, scales, group_size, act_dtype, table_name="lut16"):
+    """``kernels.prepare_lut_gemm`` as on Hopper with a GEMM build, for a CPU: the kernels'
+    layout (whose op runs the reference off a GPU) and the ``gemm_scales`` operand."""
+    from qcompile import kernels
+    from qcompile.kernels import lut_gemm
+
+    operands = lut_gemm.prepare(codes, table, scales)
+    return kernels.PreparedGemm(operands, lut_gemm.LAYOUT, "", "stand-in",
+                                {"gemm_scales": lut_gemm.gemm_scales_of(operands[2], act_dtype)})
+
+
+def test_gemm_scales_operand_checked_and_ignored_by_the_reference():
+    """``gemm_scales`` (the block scales in the activation type, for the Hopper GEMM) is the
+    scales' copy: the op on the kernels' operands gives the same numbers with it as without
+    (the reference reads ``scales``), a wrong shape is an error, and ``gemm_scales_of`` makes
+    it in bf16 / fp16 only."""
+    from qcompile.kernels import lut_gemm
+
+    n, k, g = 64, 256, 64
+    codes, table, scales = _random_weight(n, k, g)
+    kern = lut_gemm.prepare(codes, table, scales)
+    act_scales = lut_gemm.gemm_scales_of(kern[2], torch.bfloat16)
+    assert act_scales.dtype == torch.bfloat16 and act_scales.shape == (k // g, n)
+    assert torch.equal(act_scales, kern[2].to(torch.bfloat16))
+    x = torch.randn(40, k, dtype=torch.bfloat16)
+    q = torch.ops.qcompile
+    plain = q.lut_gemm(x, *kern, None, g, "float32", lut_gemm.LAYOUT, "")
+    assert torch.equal(q.lut_gemm(x, *kern, None, g, "float32", lut_gemm.LAYOUT, "",
+                                  gemm_scales=act_scales), plain)
+    with pytest.raises(ValueError, match="gemm_scales must have the scales' shape"):
+        q.lut_gemm(x, *kern, None, g, "float32", lut_gemm.LAYOUT, "", gemm_scales=act_scales.t())
+    with pytest.raises(ValueError, match="bf16 and fp16"):
+        lut_gemm.gemm_scales_of(kern[2], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_scales_travel_with_every_lookup_table_op(dtype, monkeypatch):
+    """Where ``prepare_lut_gemm`` names a ``gemm_scales`` operand (Hopper, a GEMM build), each
+    op the rewrite puts down reads it by name -- the plain op, the gated one and the one that
+    writes the next norm's input (made from a plain op after the rewrite) -- as a constant in
+    the activation type equal to the op's scales. Here a CPU stands in for the GPU (the kernels'
+    layout runs its reference there): a tiny NF4 Llama at one token and at 12, against eager."""
+    from llama_model import CONFIGS, Llama
+
+    from qcompile import kernels
+
+    monkeypatch.setattr(kernels, "prepare_lut_gemm", prepare_as_on_hopper)
+    lut_ops = (torch.ops.qcompile.lut_gemm.default, torch.ops.qcompile.lut_gemm_gated.default,
+               torch.ops.qcompile.lut_gemm_norm_out.default)
+    seen: list = []
+
+    def spy(graph):
+        seen.clear()
+        gm = graph.owning_module
+        for node in graph.nodes:
+            if node.target in lut_ops:
+                named = node.kwargs.get("gemm_scales")
+                assert named is not None and named.op == "get_attr", node.format_node()
+                act_scales, scales = getattr(gm, named.target), getattr(gm, node.args[3].target)
+                assert act_scales.dtype == dtype and torch.equal(act_scales, scales.to(dtype))
+                seen.append(lut_ops.index(node.target))
+
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"]).to(dtype)
+    qcompile.quantize(model, "nf4", group_size=64)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 12))
+    with torch.no_grad():
+        for s in (1, 12):
+            model.setup_caches(1, 32)
+            torch._dynamo.reset()
+            with torch._inductor.config.patch(post_grad_custom_post_pass=spy):
+                out = torch.compile(model, backend="qcompile")(tokens[:, :s], torch.arange(s))
+            model.setup_caches(1, 32)
+            assert rel_err(out, model(tokens[:, :s], torch.arange(s))) <= TOL[dtype]
+            # one token: q/k/v, then per layer o (norm_out), gate/up (gated), down (norm_out),
+            # then the head; 12 tokens: the plain op at each of the 9 matmul sites
+            assert seen == ([0, 2, 1, 2, 0, 2, 1, 2, 0] if s == 1 else [0] * 9), seen
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_chained_lookup_table_linears_both_run_as_ops(bias):
     """A linear that reads the previous one's 2-D result reads that rewrite's op: the first

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,12 +37,14 @@ MIXED_FAMILIES = ("mixed_gemm", "mixed_gemm_sm80")
 @dataclass(frozen=True)
 class PreparedGemm:
     """What the rewrite embeds for one matmul: the weight operands in the kernel's layout,
-    the op's ``layout`` and ``config`` arguments, and a description for the report."""
+    the op's ``layout`` and ``config`` arguments, a description for the report, and the
+    optional tensor operands the op takes by name (``named``: argument name -> tensor)."""
 
     tensors: tuple
     layout: str
     config: str
     description: str
+    named: dict = field(default_factory=dict)
 
 
 _families: dict[str, object | None] = {}
@@ -233,11 +235,17 @@ LUT_LAYOUT = "sm90_lut_pairs"  # kernels.lut_gemm.LAYOUT, named here without imp
 # codebook stays with dequantize + cuBLAS unless named here; lut_gemm.gemm_config builds and
 # runs it for any table.
 GEMM_TABLES: tuple[str, ...] = ("nf4", "fp4")
+# Whether the lookup-table GEMM's block scales are also kept in the activation type (the op's
+# ``gemm_scales``, made at compile time): without them each prefill call converts the float32
+# scales first, a kernel of 4.9 us at 4096x4096 and 6.4 us at 14336x4096 (H100,
+# results/lut_scale_conversion.jsonl); with them the weight takes 1/32 byte a weight more
+# memory (blocks of 64; ~6% of NF4's bytes). The decode kernel reads the float32 scales.
+LUT_GEMM_ACT_SCALES = True
 
 
 def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout, config,
                   gated=False, norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None,
-                  next_norm=None):
+                  next_norm=None, gemm_scales=None):
     """The lookup-table ops on CUDA and CPU: the kernels' layout runs ``lut_gemm.run`` (the
     kernels with the decode kernel's fusions on a GPU, their operands' reference elsewhere: a
     program exported on a GPU, say); the reference layout runs the reference."""
@@ -255,30 +263,33 @@ def _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layo
                            f"{_family_errors.get('lut_gemm')}")
     return fam.run(x, codes, table, scales, bias, group_size, dequant_dtype, gated=gated,
                    norm=norm_weight, eps=norm_eps, residual=residual, norm_ssq=norm_ssq,
-                   next_norm=next_norm, config=config)
+                   next_norm=next_norm, config=config, gemm_scales=gemm_scales)
 
 
 def _lut_gemm_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                   config="", norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None):
+                   config="", norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None,
+                   gemm_scales=None):
     """``qcompile::lut_gemm`` on CUDA and CPU (see ``_lut_gemm_any``)."""
     return _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
                          config, norm_weight=norm_weight, norm_eps=norm_eps, residual=residual,
-                         norm_ssq=norm_ssq)
+                         norm_ssq=norm_ssq, gemm_scales=gemm_scales)
 
 
 def _lut_gemm_gated_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                         config="", norm_weight=None, norm_eps=0.0, norm_ssq=None):
+                         config="", norm_weight=None, norm_eps=0.0, norm_ssq=None,
+                         gemm_scales=None):
     """``qcompile::lut_gemm_gated``: silu(gate) * up in the decode kernel's epilogue."""
     return _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
                          config, gated=True, norm_weight=norm_weight, norm_eps=norm_eps,
-                         norm_ssq=norm_ssq)
+                         norm_ssq=norm_ssq, gemm_scales=gemm_scales)
 
 
 def _lut_gemm_norm_out_impl(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                            config, residual, next_norm_weight):
+                            config, residual, next_norm_weight, gemm_scales=None):
     """``qcompile::lut_gemm_norm_out``: the next RMSNorm's inputs from the epilogue."""
     return _lut_gemm_any(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                         config, residual=residual, next_norm=next_norm_weight)
+                         config, residual=residual, next_norm=next_norm_weight,
+                         gemm_scales=gemm_scales)
 
 
 torch.library.register_kernel("qcompile::mixed_gemm", "cuda", _mixed_gemm_cuda)
@@ -419,7 +430,9 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
 
     On Hopper, a table named in GEMM_TABLES (``table_name``) also gets the lookup-table GEMM
     for prefill, its builds compiled now (``lut_gemm.gemm_config``: the table is compiled in,
-    so other tables, each its own set of builds, stay with dequantize + cuBLAS there)."""
+    so other tables, each its own set of builds, stay with dequantize + cuBLAS there), and
+    with LUT_GEMM_ACT_SCALES its scale operand in the activation type (``named["gemm_scales"]``,
+    the op's ``gemm_scales``)."""
     device = codes.device
     if device.type != "cuda":
         return PreparedGemm((pack_nk(codes, 4), table, scales), ops.REFERENCE_LAYOUT, "",
@@ -430,6 +443,8 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
         raise ValueError(why)
     fam = cuda_family("lut_gemm")
     config, beyond, decode_max = "", "dequantize + cuBLAS", fam.DECODE_MAX_M
+    operands = fam.prepare(codes, table, scales)
+    named = {}
     if table_name in GEMM_TABLES:
         why = fam.gemm_supported(device, n, k, group_size, act_dtype)
         if why is not None:
@@ -439,13 +454,15 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
                 config = fam.gemm_config(table, act_dtype)
                 beyond = f"the sm90 lookup-table GEMM ({table_name} compiled in)"
                 decode_max = min(decode_max, fam.GEMM_MIN_M - 1)
+                if LUT_GEMM_ACT_SCALES:
+                    named["gemm_scales"] = fam.gemm_scales_of(operands[2], act_dtype)
             except RuntimeError as e:  # KernelBuildError
                 log.warning("lut_gemm: the lookup-table GEMM did not build (%s); prefill runs "
                             "dequantize + cuBLAS", e)
                 beyond += f" (the lookup-table GEMM did not build: {e})"
-    return PreparedGemm(fam.prepare(codes, table, scales), fam.LAYOUT, config,
+    return PreparedGemm(operands, fam.LAYOUT, config,
                         f"qcompile lookup-table decode kernel up to {decode_max} "
-                        f"tokens; beyond, {beyond}")
+                        f"tokens; beyond, {beyond}", named)
 
 
 def prepare_int8_gemm(wq: torch.Tensor, m: int | None, out_dtype: torch.dtype,

@@ -41,7 +41,7 @@ from .ops import around_gemm, as_dtype, as_fused_result, fused_linear
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "decode_choice", "fits", "supported", "prepare",
            "run", "reference_prepared", "pair_bytes", "unpair_bytes", "table_bits",
            "gemm_config", "gemm_supported", "gemm_specs", "build_gemm", "gemm_choice",
-           "path_name"]
+           "gemm_scales_of", "path_name"]
 
 LAYOUT = "sm90_lut_pairs"  # kernels.LUT_LAYOUT
 MODE_LUT = 3
@@ -328,10 +328,24 @@ def path_name(m: int, n: int, k: int, act_dtype: torch.dtype, block: int, config
     return "dequantize + cublas"
 
 
+def gemm_scales_of(scales: torch.Tensor, act_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM's scale operand for the ``sm90_lut_pairs`` block scales (float32 [K / block,
+    N]): the same scales in the activation type, which the GEMM's main loop multiplies in.
+    Made once (``kernels.prepare_lut_gemm``) and passed as the op's ``gemm_scales``, it spares
+    each prefill call a conversion kernel (4.9 us at 4096x4096, 6.4 at 14336x4096 on the H100,
+    results/lut_scale_conversion.jsonl); it costs 2 bytes a block (1/32 byte a weight at
+    blocks of 64) beside the float32 scales that the decode kernel reads."""
+    if act_dtype not in _ACTS:
+        raise ValueError(f"the lookup-table GEMM runs bf16 and fp16 activations, not {act_dtype}")
+    return scales.to(act_dtype).contiguous()
+
+
 def _run_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None, block: int, bits: tuple[int, ...],
-              choice: mg.Choice | None = None) -> torch.Tensor:
-    """out [M, N] = x2 [M, K] @ W.T (+ bias) by the GEMM built for ``bits``."""
+              choice: mg.Choice | None = None, act_scales: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """out [M, N] = x2 [M, K] @ W.T (+ bias) by the GEMM built for ``bits``; ``act_scales``:
+    ``scales`` already in x2's type (:func:`gemm_scales_of`), else they are converted here."""
     m, k = x2.shape
     n = qweight.shape[0]
     act = _ACTS[x2.dtype]
@@ -342,8 +356,10 @@ def _run_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     qweight = mg.aligned(qweight)  # TMA's 16-byte alignment (no copy when it is)
     bias = mg.aligned(bias.to(x2.dtype)) if bias is not None else None
     # the kernel scales in the activation type (the main loop's multiply); the op keeps
-    # float32 scales for the decode kernel: one small conversion a call (N x K / block values)
-    s = scales.to(x2.dtype)
+    # float32 scales for the decode kernel, and the activation type's copy where the rewrite
+    # made one; without it, one small conversion kernel a call (N x K / block values)
+    s = act_scales if act_scales is not None and act_scales.dtype == x2.dtype else scales
+    s = s.to(x2.dtype).contiguous()
     out = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     with torch.cuda.device(dev):
         ws_bytes = _gemm_workspace(choice, bits, m, n, k, block, dev)
@@ -374,13 +390,15 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
         path: str | None = None, gated: bool = False, norm: torch.Tensor | None = None,
         eps: float = 0.0, residual: torch.Tensor | None = None,
         norm_ssq: torch.Tensor | None = None, next_norm: torch.Tensor | None = None,
-        config: str = ""):
+        config: str = "", gemm_scales: torch.Tensor | None = None):
     """``lut_gemm`` on CUDA for the ``sm90_lut_pairs`` operands; the reference where the kernels do
     not take the call (a non-contiguous or misaligned x, an activation type without a build).
     ``path`` forces "decode" (any token count: CTAs of 32 tokens), "gemm" (``config`` must name
     a GEMM build) or "dequant"; by default the decode kernel up to DECODE_MAX_M tokens, beyond
     it (from GEMM_MIN_M) the GEMM where ``config`` names one for x's type (:func:`gemm_config`)
-    on an sm_90 device, else dequant. No host syncs (CUDA-graph safe).
+    on an sm_90 device, else dequant. No host syncs (CUDA-graph safe). ``gemm_scales``:
+    ``scales`` in the activation type (:func:`gemm_scales_of`), read by the GEMM where x is of
+    that type (otherwise it converts ``scales`` itself).
 
     The decode kernel's fusions, as ``mixed_gemm_decode.run`` takes them: ``gated`` (the codes'
     16-row tiles alternate gate and up rows; the result is [.., N/2] = silu(gate) * up),
@@ -397,12 +415,15 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     fused = {"norm_weight": norm, "norm_eps": eps, "residual": residual, "norm_ssq": norm_ssq}
 
     def around(xi: torch.Tensor):  # the fusions as PyTorch ops around the plain op
-        return around_gemm(lambda xn: as_fused_result(run(xn, qweight, table, scales, bias, block,
-                                                  dequant_dtype, path, config=config), gated, None),
-                           xi, norm, eps, residual, norm_ssq, next_norm)
+        return around_gemm(lambda xn: as_fused_result(
+            run(xn, qweight, table, scales, bias, block, dequant_dtype, path, config=config,
+                gemm_scales=gemm_scales), gated, None), xi, norm, eps, residual, norm_ssq, next_norm)
 
     if gated and (n % 32 or residual is not None or next_norm is not None):
         raise ValueError("gated: N must be a multiple of 32, without residual or next_norm")
+    if gemm_scales is not None and gemm_scales.shape != scales.shape:
+        raise ValueError(f"lut_gemm: gemm_scales must have the scales' shape {tuple(scales.shape)}"
+                         f", got {tuple(gemm_scales.shape)}")
     act = _ACTS.get(x.dtype)
     if (act is None or not x.is_cuda or not fits(n, k, block) or x.numel() == 0
             or scales.shape != (k // block, n) or scales.dtype != torch.float32
@@ -450,7 +471,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     if gated or any(v is not None for v in (norm, residual, norm_ssq, next_norm)):
         return around(x)
     if runs_gemm:
-        out = _run_gemm(x2, qweight, scales, bias, block, bits)
+        out = _run_gemm(x2, qweight, scales, bias, block, bits, act_scales=gemm_scales)
         return out.reshape(*x.shape[:-1], n)
     w = torch.empty(n, k, device=x.device, dtype=x.dtype)
     in_act = int(as_dtype(dequant_dtype) == x.dtype)

@@ -486,13 +486,16 @@ def lut_gemm_reference(
     norm_eps: float = 0.0,
     residual: torch.Tensor | None = None,
     norm_ssq: torch.Tensor | None = None,
+    gemm_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qcompile::lut_gemm``: ``linear(x, W, bias)`` with ``W = lut_dequantize(...)`` cast to
     x's type; the dequantized weight equals the graph's bit for bit (the rewrite checks it).
     ``layout`` must be the reference "nk"; ``config`` names a kernel choice (ignored here).
     ``norm_weight`` / ``norm_eps`` / ``residual`` / ``norm_ssq``: a decode step's RMSNorm before
-    and skip connection after, as in ``mixed_gemm`` (:func:`fused_linear`)."""
-    del config
+    and skip connection after, as in ``mixed_gemm`` (:func:`fused_linear`). ``gemm_scales``:
+    the kernels' layout's block scales already in x's type, for the Hopper lookup-table GEMM
+    (``kernels.prepare_lut_gemm``); the reference reads ``scales``."""
+    del config, gemm_scales
     if layout != REFERENCE_LAYOUT:
         raise ValueError(f"the reference lut_gemm reads layout {REFERENCE_LAYOUT!r}, got "
                          f"{layout!r}")
@@ -506,7 +509,8 @@ lut_gemm = torch.library.custom_op("qcompile::lut_gemm", mutates_args=())(lut_ge
 
 @lut_gemm.register_fake
 def _lut_gemm_fake(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                   config="", norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None):
+                   config="", norm_weight=None, norm_eps=0.0, residual=None, norm_ssq=None,
+                   gemm_scales=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
@@ -523,10 +527,12 @@ def lut_gemm_gated_reference(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 0.0,
     norm_ssq: torch.Tensor | None = None,
+    gemm_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qcompile::lut_gemm_gated``: silu(gate) * up of a gated MLP whose lookup-table codes
     (and block scales, bias) interleave the two projections in 16-row tiles, as
     ``mixed_gemm_gated`` does for affine weights."""
+    del gemm_scales
     return gate_up(lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype,
                                       layout, config, norm_weight, norm_eps, norm_ssq=norm_ssq))
 
@@ -537,7 +543,8 @@ lut_gemm_gated = torch.library.custom_op("qcompile::lut_gemm_gated", mutates_arg
 
 @lut_gemm_gated.register_fake
 def _lut_gemm_gated_fake(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                         config="", norm_weight=None, norm_eps=0.0, norm_ssq=None):
+                         config="", norm_weight=None, norm_eps=0.0, norm_ssq=None,
+                         gemm_scales=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0] // 2))
 
 
@@ -553,10 +560,12 @@ def lut_gemm_norm_out_reference(
     config: str,
     residual: torch.Tensor | None,
     next_norm_weight: torch.Tensor,
+    gemm_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``qcompile::lut_gemm_norm_out``: ``lut_gemm(.., residual)`` whose result is also the
     input of the next op's RMSNorm, as ``mixed_gemm_norm_out``: (out, out * next_norm_weight,
     ``norm_sums(out)``)."""
+    del gemm_scales
     out = lut_gemm_reference(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
                              config, residual=residual)
     return as_fused_result(out, False, next_norm_weight)
@@ -568,7 +577,7 @@ lut_gemm_norm_out = torch.library.custom_op("qcompile::lut_gemm_norm_out", mutat
 
 @lut_gemm_norm_out.register_fake
 def _lut_gemm_norm_out_fake(x, codes, table, scales, bias, group_size, dequant_dtype, layout,
-                            config, residual, next_norm_weight):
+                            config, residual, next_norm_weight, gemm_scales=None):
     out = x.new_empty((*x.shape[:-1], codes.shape[0]))
     sums = x.new_empty((*x.shape[:-1], codes.shape[0] // 16), dtype=torch.float32)
     return out, torch.empty_like(out), sums

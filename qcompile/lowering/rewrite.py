@@ -101,8 +101,9 @@ class _Builder:
         node = self.graph.call_function(target, args, kwargs or {})
         if self.fake_mode is not None:
             fake_args = fx.node.map_arg(args, lambda a: a.meta["val"])
+            fake_kwargs = fx.node.map_arg(kwargs or {}, lambda a: a.meta["val"])
             with self.fake_mode:
-                node.meta["val"] = target(*fake_args, **(kwargs or {}))
+                node.meta["val"] = target(*fake_args, **fake_kwargs)
         elif like is not None:
             node.meta["val"] = like.meta.get("val")
         return node
@@ -447,7 +448,8 @@ def _link_norms(b: _Builder, graph: fx.Graph) -> int:
         else:
             with graph.inserting_after(prod):
                 new = b.call(pforms.norm_out, (*pargs[:pforms.norm_arg],
-                                               pargs[pforms.norm_arg + 2], weight))
+                                               pargs[pforms.norm_arg + 2], weight),
+                             kwargs=dict(prod.kwargs))  # named operands (gemm_scales)
             with graph.inserting_after(new):
                 out = b.call(operator.getitem, (new, 0))
                 normed = b.call(operator.getitem, (new, 1))
@@ -538,9 +540,10 @@ def _norm_args(b: _Builder, x: fx.Node, norm: tuple | None) -> tuple[fx.Node, tu
 
 def _emit(b: _Builder, forms: _FusedForms, sites: list, gated: tuple | None, x_arg: fx.Node,
           weights: tuple, tail: tuple, fused_args: tuple, residual: tuple | None,
-          desc: str, notes: str) -> None:
+          desc: str, notes: str, named: dict | None = None) -> None:
     """Put a family's op (``forms``: arguments x, ``weights``, bias, ``tail``, then the
-    fusions) in place of the sites' matmuls: the gated op in place of a gated MLP's product
+    fusions; ``named``: the operands it takes by name) in place of the sites' matmuls: the
+    gated op in place of a gated MLP's product
     (``_gated_pair``), or the plain op with the sites' biases end to end, in place of the
     skip connection's add it takes in (``_residual_of``), else of each site's matmul (its
     columns of the result; a folded post-scale's mul goes). ``desc`` and ``notes``: the
@@ -549,7 +552,8 @@ def _emit(b: _Builder, forms: _FusedForms, sites: list, gated: tuple | None, x_a
     ns = [site.rows for site in sites]
     if gated is not None:
         product = gated[2]
-        new = b.call(forms.gated, (x_arg, *weights, None, *tail, *fused_args), like=product)
+        new = b.call(forms.gated, (x_arg, *weights, None, *tail, *fused_args), like=product,
+                     kwargs=named)
         new.meta["qcompile_records"] = [site.rec for site in sites]
         out = b.call(aten.view.default, (new, list(_val(product).shape)), like=product)
         product.replace_all_uses_with(out)
@@ -560,7 +564,8 @@ def _emit(b: _Builder, forms: _FusedForms, sites: list, gated: tuple | None, x_a
         fused_args = (fused_args or (None, 0.0)) + (
             b.call(aten.reshape.default, (residual[1], list(_val(first.mm).shape))),)
         notes += "; + residual in the op"
-    new = b.call(forms.plain, (x_arg, *weights, bias, *tail, *fused_args), like=first.mm)
+    new = b.call(forms.plain, (x_arg, *weights, bias, *tail, *fused_args), like=first.mm,
+                 kwargs=named)
     new.meta["qcompile_records"] = [site.rec for site in sites]
     _note_launch(sites, desc + notes, sum(ns))
     if residual is not None:
@@ -627,9 +632,10 @@ def _rewrite_lut(b: _Builder, ev: ConstantEvaluator, sites: list[_LutSite]) -> N
         x_arg, fused_args, notes = _norm_args(b, x, norm)
         weights = (b.constant(codes, "codes"), b.constant(table, "table"),
                    b.constant(scales, "scales"))
+        named = {name: b.constant(t, name) for name, t in prep.named.items()}
         tail = (m.group_size, dtype_name(m.dequant_dtype), prep.layout, prep.config)
         _emit(b, _LUT_FORMS, sites, gated, x_arg, weights, tail, fused_args, residual,
-              prep.description, notes)
+              prep.description, notes, named)
 
 
 @dataclass

@@ -47,7 +47,7 @@ def _mlp(method: str):
     return qcompile.quantize(model.to("cuda", torch.bfloat16), method, group_size=128)
 
 
-@pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8"])
+@pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8", "nf4"])
 def test_round_trip_runs_the_cuda_kernels(method, tmp_path):
     model = _mlp(method)
     path = tmp_path / f"{method}.pt2"
@@ -61,7 +61,11 @@ def test_round_trip_runs_the_cuda_kernels(method, tmp_path):
 
     eager = qcompile.load(path, compile=False)  # the graph through the dispatcher
     compiled = qcompile.load(path)              # and compiled by Inductor
-    for tokens, kernel in ((1, "decode_kernel"), (7, "decode_kernel"), (300, "GemmUniversal")):
+    # (NF4 beyond the decode kernel: the lookup-table GEMM on Hopper, else dequantize + cuBLAS;
+    # on Hopper its program carries the GEMM's scales in bf16, the op's gemm_scales)
+    big = "GemmUniversal" if method != "nf4" or torch.cuda.get_device_capability() == (9, 0) \
+        else "lut_dequant_kernel"
+    for tokens, kernel in ((1, "decode_kernel"), (7, "decode_kernel"), (300, big)):
         x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             ref = model(x)

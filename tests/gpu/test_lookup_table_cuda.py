@@ -84,6 +84,14 @@ def test_lut_gemm_against_float64(dtype, block, m):
     forced = lut_gemm.run(x, qweight, table_k, scales_k, bias, block, "float32", path="gemm",
                           config=config)
     torch.testing.assert_close(out, forced, rtol=0, atol=0)
+    # the scales made once in the activation type (the op's gemm_scales) are what the GEMM
+    # converts otherwise: the same result bit for bit; in the other type, converted again
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    for act_scales in (lut_gemm.gemm_scales_of(scales_k, dtype),
+                       lut_gemm.gemm_scales_of(scales_k, other)):
+        named = torch.ops.qcompile.lut_gemm(x, qweight, table_k, scales_k, bias, block, "float32",
+                                            lut_gemm.LAYOUT, config, gemm_scales=act_scales)
+        torch.testing.assert_close(named, out, rtol=0, atol=0)
     dequant = lut_gemm.run(x, qweight, table_k, scales_k, bias, block, "float32",
                            path="dequant", config=config)
     assert _rel(dequant, ref) <= TOL[dtype]
@@ -170,6 +178,36 @@ def test_nf4_model_is_taken_over_on_cuda(dtype, gemm, monkeypatch):
             out = torch.compile(model, backend="qcompile")(x)
             ref = model(x)
         assert _rel(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("act_scales", [False, True])
+def test_prepare_names_gemm_scales_where_the_gemm_runs(act_scales, monkeypatch):
+    """prepare_lut_gemm adds the GEMM's scales in the activation type (``named``) exactly where
+    it names a GEMM build (Hopper, NF4) and LUT_GEMM_ACT_SCALES is on; the compiled model's
+    ops then read them at 40 tokens with the numbers of the op that converts per call."""
+    monkeypatch.setattr(kernels, "LUT_GEMM_ACT_SCALES", act_scales)
+    dtype, n, k, block = torch.bfloat16, 512, 1024, 64
+    codes, table, scales, _ = _problem(n, k, block, "nf4", dtype)
+    prep = kernels.prepare_lut_gemm(codes.cuda(), table.cuda(), scales.cuda(), block, dtype, "nf4")
+    assert bool(prep.config) == HOPPER
+    assert set(prep.named) == ({"gemm_scales"} if HOPPER and act_scales else set())
+    if prep.named:
+        assert torch.equal(prep.named["gemm_scales"], prep.tensors[2].to(dtype))
+    plain = kernels.prepare_lut_gemm(codes.cuda(), table.cuda(), scales.cuda(), block, dtype, "lut16")
+    assert plain.config == "" and plain.named == {}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, n, bias=True)).to("cuda", dtype)
+    model = qcompile.quantize(model, "nf4", block_size=block)
+    x = torch.randn(40, k, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        out = torch.compile(model, backend="qcompile")(x)
+        monkeypatch.setattr(kernels, "LUT_GEMM_ACT_SCALES", not act_scales)
+        torch._dynamo.reset()
+        other = torch.compile(model, backend="qcompile")(x)
+        ref = model(x)
+    assert _rel(out, ref) <= TOL[dtype]
+    torch.testing.assert_close(out, other, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
