@@ -395,6 +395,26 @@ def test_kernel_layout_fused_ops_match_the_reference_layout():
         q.lut_gemm_norm_out(x, *nk, None, g, "float32", ops.REFERENCE_LAYOUT, "", None, norm)
 
 
+def _tiny_nf4_llama_steps(dtype, spy):
+    """A tiny NF4 Llama (2 layers) compiled with ``spy`` as Inductor's post-grad pass, at one
+    token and at 12: yields each token count once its output matched eager's."""
+    from llama_model import CONFIGS, Llama
+
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"]).to(dtype)
+    qcompile.quantize(model, "nf4", group_size=64)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 12))
+    with torch.no_grad():
+        for s in (1, 12):
+            model.setup_caches(1, 32)
+            torch._dynamo.reset()
+            with torch._inductor.config.patch(post_grad_custom_post_pass=spy):
+                out = torch.compile(model, backend="qcompile")(tokens[:, :s], torch.arange(s))
+            model.setup_caches(1, 32)
+            assert rel_err(out, model(tokens[:, :s], torch.arange(s))) <= TOL[dtype]
+            yield s
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nf4_decode_step_norms_gating_and_skips_go_into_the_ops(dtype):
     """A tiny NF4 Llama (2 layers) at one token: the lookup-table ops take the decode step's
@@ -402,8 +422,6 @@ def test_nf4_decode_step_norms_gating_and_skips_go_into_the_ops(dtype):
     RMSNorm, o and down add the skip connection and write the next norm's input, the head
     reads its norm from the last down -- so no rsqrt is left to Inductor; 12 tokens keep
     plain ops. Both match eager."""
-    from llama_model import CONFIGS, Llama
-
     lut, gated_op, norm_out = (torch.ops.qcompile.lut_gemm.default,
                                torch.ops.qcompile.lut_gemm_gated.default,
                                torch.ops.qcompile.lut_gemm_norm_out.default)
@@ -421,29 +439,18 @@ def test_nf4_decode_step_norms_gating_and_skips_go_into_the_ops(dtype):
                 seen.append(("gated" if n.target is gated_op else "lut",
                              "staged" if args[9] is not None else "given" if given else False))
 
-    torch.manual_seed(0)
-    model = Llama(CONFIGS["tiny"]).to(dtype)
-    qcompile.quantize(model, "nf4", group_size=64)
-    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 12))
-    with torch.no_grad():
-        for s in (1, 12):
-            model.setup_caches(1, 32)
-            torch._dynamo.reset()
-            with torch._inductor.config.patch(post_grad_custom_post_pass=spy):
-                out = torch.compile(model, backend="qcompile")(tokens[:, :s], torch.arange(s))
-            model.setup_caches(1, 32)
-            assert rel_err(out, model(tokens[:, :s], torch.arange(s))) <= TOL[dtype]
-            rsqrt, ops_seen = seen[0], seen[1:]
-            if s == 1:
-                layer = [("norm_out", False), ("gated", "given"), ("norm_out", False)]
-                assert ops_seen == ([("lut", "staged")] + layer + [("lut", "given")] + layer
-                                    + [("lut", "given")]), ops_seen
-                assert rsqrt == 0
-                kernels_col = [r.kernel for r in qcompile.last_report().records]
-                assert sum("silu(gate) * up in the op" in c for c in kernels_col) == 4
-                assert sum("+ residual in the op" in c for c in kernels_col) == 4
-            else:
-                assert ops_seen == [("lut", False)] * 9 and rsqrt == 2 * 2 + 1, ops_seen
+    for s in _tiny_nf4_llama_steps(dtype, spy):
+        rsqrt, ops_seen = seen[0], seen[1:]
+        if s == 1:
+            layer = [("norm_out", False), ("gated", "given"), ("norm_out", False)]
+            assert ops_seen == ([("lut", "staged")] + layer + [("lut", "given")] + layer
+                                + [("lut", "given")]), ops_seen
+            assert rsqrt == 0
+            kernels_col = [r.kernel for r in qcompile.last_report().records]
+            assert sum("silu(gate) * up in the op" in c for c in kernels_col) == 4
+            assert sum("+ residual in the op" in c for c in kernels_col) == 4
+        else:
+            assert ops_seen == [("lut", False)] * 9 and rsqrt == 2 * 2 + 1, ops_seen
 
 
 def test_kernel_layout_bytes_are_fragment_pairs():
@@ -677,8 +684,6 @@ def test_gemm_scales_travel_with_every_lookup_table_op(dtype, monkeypatch):
     writes the next norm's input (made from a plain op after the rewrite) -- as a constant in
     the activation type equal to the op's scales. Here a CPU stands in for the GPU (the kernels'
     layout runs its reference there): a tiny NF4 Llama at one token and at 12, against eager."""
-    from llama_model import CONFIGS, Llama
-
     from qcompile import kernels
 
     monkeypatch.setattr(kernels, "prepare_lut_gemm", prepare_as_on_hopper)
@@ -697,21 +702,10 @@ def test_gemm_scales_travel_with_every_lookup_table_op(dtype, monkeypatch):
                 assert act_scales.dtype == dtype and torch.equal(act_scales, scales.to(dtype))
                 seen.append(lut_ops.index(node.target))
 
-    torch.manual_seed(0)
-    model = Llama(CONFIGS["tiny"]).to(dtype)
-    qcompile.quantize(model, "nf4", group_size=64)
-    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (1, 12))
-    with torch.no_grad():
-        for s in (1, 12):
-            model.setup_caches(1, 32)
-            torch._dynamo.reset()
-            with torch._inductor.config.patch(post_grad_custom_post_pass=spy):
-                out = torch.compile(model, backend="qcompile")(tokens[:, :s], torch.arange(s))
-            model.setup_caches(1, 32)
-            assert rel_err(out, model(tokens[:, :s], torch.arange(s))) <= TOL[dtype]
-            # one token: q/k/v, then per layer o (norm_out), gate/up (gated), down (norm_out),
-            # then the head; 12 tokens: the plain op at each of the 9 matmul sites
-            assert seen == ([0, 2, 1, 2, 0, 2, 1, 2, 0] if s == 1 else [0] * 9), seen
+    for s in _tiny_nf4_llama_steps(dtype, spy):
+        # one token: q/k/v, then per layer o (norm_out), gate/up (gated), down (norm_out), then
+        # the head; 12 tokens: the plain op at each of the 9 matmul sites
+        assert seen == ([0, 2, 1, 2, 0, 2, 1, 2, 0] if s == 1 else [0] * 9), seen
 
 
 @pytest.mark.parametrize("bias", [False, True])
