@@ -673,6 +673,8 @@ def test_gemm_scales_operand_checked_and_ignored_by_the_reference():
                                   gemm_scales=act_scales), plain)
     with pytest.raises(ValueError, match="gemm_scales must have the scales' shape"):
         q.lut_gemm(x, *kern, None, g, "float32", lut_gemm.LAYOUT, "", gemm_scales=act_scales.t())
+    with pytest.raises(ValueError, match=r"and device \(cpu\), got \(4, 64\) on meta"):
+        lut_gemm.run(x, *kern, None, g, "float32", gemm_scales=act_scales.to("meta"))
     with pytest.raises(ValueError, match="bf16 and fp16"):
         lut_gemm.gemm_scales_of(kern[2], torch.float32)
 

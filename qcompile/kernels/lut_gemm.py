@@ -421,9 +421,11 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
 
     if gated and (n % 32 or residual is not None or next_norm is not None):
         raise ValueError("gated: N must be a multiple of 32, without residual or next_norm")
-    if gemm_scales is not None and gemm_scales.shape != scales.shape:
-        raise ValueError(f"lut_gemm: gemm_scales must have the scales' shape {tuple(scales.shape)}"
-                         f", got {tuple(gemm_scales.shape)}")
+    if gemm_scales is not None and (gemm_scales.shape != scales.shape
+                                    or gemm_scales.device != scales.device):
+        raise ValueError(f"lut_gemm: gemm_scales must have the scales' shape {tuple(scales.shape)} "
+                         f"and device ({scales.device}), got {tuple(gemm_scales.shape)} on "
+                         f"{gemm_scales.device}")
     act = _ACTS.get(x.dtype)
     if (act is None or not x.is_cuda or not fits(n, k, block) or x.numel() == 0
             or scales.shape != (k // block, n) or scales.dtype != torch.float32
