@@ -123,15 +123,12 @@ cudaError_t dispatch_tiles(int token_tiles, int row_tiles, F&& f) {
 }
 
 // Launch a decode kernel over the [p.M, p.N] output: p.N / (16 kR) CTAs of `warps` warps by
-// ceil(p.M / (8 kNT)) token tiles, with `smem` bytes of dynamic shared memory (beyond the
-// 48 KB that need no opt-in, the kernel's limit is raised to it first).
+// ceil(p.M / (8 kNT)) token tiles, with `smem` bytes of dynamic shared memory (at most the
+// 48 KB that need no opt-in).
 template <int kNT, int kR, typename P>
 cudaError_t launch_decode(void (*kernel)(const P), const P& p, int warps, int smem,
                           cudaStream_t s) {
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;
   const int tokens = 8 * kNT;
   dim3 grid(p.N / (16 * kR), (p.M + tokens - 1) / tokens);
   if (grid.y > 65535) return cudaErrorInvalidValue;

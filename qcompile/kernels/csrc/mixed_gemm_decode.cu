@@ -104,9 +104,6 @@
 #ifndef QC_MODE
 #define QC_MODE 2
 #endif
-#ifndef QC_STAGES
-#define QC_STAGES 0
-#endif
 
 #include "decode_common.cuh"
 #include "sm80_mixed.cuh"
@@ -135,19 +132,6 @@ constexpr int kLutPairWords = 256 * 32;  // lut pairs: 256 pairs x 32 copies
 // 18.5 with 4; holding two rounds in registers to overlap them was slower for both).
 constexpr int kRoundLoads = kBits == 8 ? 2 : 4;
 
-// Rounds a warp keeps in a shared-memory ring (QC_STAGES >= 2: each round is copied there
-// by cp.async, kStages - 1 rounds ahead of the one converted; see the header), or 0: a
-// round's loads go straight to registers and the next is issued after it is used.
-constexpr int kStages = QC_STAGES;
-// A chunk-tile's slot in the ring: its weight bytes (512 a 16-byte load) and, in the
-// group-wise modes, its 16 rows' scales and zeros (2 x 32 bytes) or block scales (64 bytes).
-constexpr int kSideBytes = QC_MODE == 0 ? 0 : 64;
-constexpr int kTileBytes = 512 * kWords + kSideBytes;
-// Chunk-tiles a round (kUnroll chunks x kR row tiles) and a warp's bytes of the ring.
-__host__ __device__ constexpr int round_tiles(int kR) { return kRoundLoads > kR ? kRoundLoads : kR; }
-__host__ __device__ constexpr int pipe_bytes_per_warp(int kR) { return kStages * round_tiles(kR) * kTileBytes; }
-
-static_assert(kStages == 0 || (kStages >= 2 && kStages <= 4), "QC_STAGES must be 0 or 2..4");
 static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
 static_assert(QC_LAYOUT == 0 || QC_LAYOUT == 1, "QC_LAYOUT must be 0 (sm90) or 1 (sm80 v2)");
 static_assert(QC_MODE == 0 || QC_MODE == 2 || QC_MODE == 3,
@@ -177,7 +161,6 @@ struct Params {
   const Act* next_norm;   // [N]: also write normed = out * next_norm and ssq_out, or null
   Act* normed;            // [M, N]
   float* ssq_out;         // [M, N / 16]: the sums of out^2 over each 16 rows
-  int pipe_offset;        // kStages: bytes of dynamic shared memory before the warps' rings
 };
 
 // A launch's RMSNorm: none; staged (x is the norm's input, the CTA makes x * norm and the
@@ -221,39 +204,23 @@ __device__ __forceinline__ WeightWalk weight_walk(int tile, int lane, int N, int
 #endif
 }
 
-// The raw words of one chunk-tile for MMA steps 0..3 from a lane's 16-byte load v (int8: and
-// its second, u, `second` bytes further).
-__device__ __forceinline__ void unpack_chunk(uint32_t (&raw)[4][kWords], const uint4 v, const uint4 u) {
+// The raw words of one chunk-tile for MMA steps 0..3; `at` = this lane's first 16 bytes.
+__device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* at,
+                                           uint32_t second) {
+  const uint4 v = ld_stream128(at);
 #if QC_WBITS == 4
-  (void)u;
   raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
 #elif QC_LAYOUT == 0
   // two half steps a load: steps 0, 1 from the first, 2, 3 from the second
+  const uint4 u = ld_stream128(at + second);
   raw[0][0] = v.x; raw[0][1] = v.y; raw[1][0] = v.z; raw[1][1] = v.w;
   raw[2][0] = u.x; raw[2][1] = u.y; raw[3][0] = u.z; raw[3][1] = u.w;
 #else
   // rows g from block 2 * tile, rows g + 8 from block 2 * tile + 1
+  const uint4 u = ld_stream128(at + second);
   raw[0][0] = v.x; raw[1][0] = v.y; raw[2][0] = v.z; raw[3][0] = v.w;
   raw[0][1] = u.x; raw[1][1] = u.y; raw[2][1] = u.z; raw[3][1] = u.w;
 #endif
-}
-
-// The same from global memory; `at` = this lane's first 16 bytes.
-__device__ __forceinline__ void load_chunk(uint32_t (&raw)[4][kWords], const uint8_t* at,
-                                           uint32_t second) {
-  const uint4 v = ld_stream128(at);
-  unpack_chunk(raw, v, kWords == 2 ? ld_stream128(at + second) : v);
-}
-
-// The ring's copies: 16 bytes global -> shared, past L1 (.cg), the L2 asked for the whole line
-// as ld_stream128 asks; a group per round, waited for with kStages - 1 still in flight.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kInFlight>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kInFlight) : "memory");
 }
 
 // The B fragments {b0, b1} of MMA steps 0..3 of a chunk for one token row x (chunk start),
@@ -607,76 +574,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       }
     }
   };
-  // kStages: round i of this warp (chunks warp + i * kUnroll * warps + u * warps) in slot
-  // i % kStages of its ring; lanes 0..3 copy a chunk-tile's scales (and zeros), which every
-  // lane then reads, hence the __syncwarp()s around the wait
-  const int round_step = kUnroll * warps;
-  const int rounds = warp < chunks ? (chunks - warp + round_step - 1) / round_step : 0;
-  constexpr int kRoundBytes = round_tiles(kR) * kTileBytes;
-  constexpr int kRing = kStages > 0 ? kStages : 1;
-  char* const ring = reinterpret_cast<char*>(red) + p.pipe_offset + warp * pipe_bytes_per_warp(kR);
-  const uint32_t ring_at = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  const auto issue_round = [&](int i) {
-    if (i < rounds) {
-      const uint32_t slot = ring_at + (i % kRing) * kRoundBytes;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = warp + i * round_step + u * warps;
-        if (c >= chunks) continue;
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          const uint32_t tile_at = slot + (u * kR + r) * kTileBytes;
-          const uint8_t* src = p.w + (walk[r].lane + c * walk[r].stride);
-          cp_async16(tile_at + 16 * lane, src);
-          if (kWords == 2) cp_async16(tile_at + 512 + 16 * lane, src + walk[r].second);
-#if QC_MODE == 2
-          if (!kSzSmem && lane < 4)  // lanes 0, 1: the scales of rows 0-7, 8-15; 2, 3: zeros
-            cp_async16(tile_at + 512 * kWords + 16 * lane,
-                       (lane < 2 ? p.scales : p.zeros) + ((c >> p.group_shift) * N + (tile0 + r) * 16 + 8 * (lane & 1)));
-#elif QC_MODE == 3
-          if (lane < 4)  // lane q: the block scales of rows 4q .. 4q + 3
-            cp_async16(tile_at + 512 * kWords + 16 * lane,
-                       p.lut_scales + ((c >> p.group_shift) * N + (tile0 + r) * 16 + 4 * lane));
-#endif
-        }
-      }
-    }
-    cp_async_commit();  // an empty group past the last round keeps the wait's count right
-  };
-  const auto read_round = [&](int i) {
-    const char* slot = ring + (i % kRing) * kRoundBytes;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (warp + i * round_step + u * warps >= chunks) continue;
-#pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        const char* tile_at = slot + (u * kR + r) * kTileBytes;
-        const uint4 v = *reinterpret_cast<const uint4*>(tile_at + 16 * lane);
-        unpack_chunk(raw[u][r], v, kWords == 2 ? *reinterpret_cast<const uint4*>(tile_at + 512 + 16 * lane) : v);
-#if QC_MODE == 2
-        if (!kSzSmem) {
-          const Act* side = reinterpret_cast<const Act*>(tile_at + 512 * kWords);  // scales, then zeros
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            sz[u][r][0][h] = side[g + 8 * h];
-            sz[u][r][1][h] = side[16 + g + 8 * h];
-          }
-        }
-#elif QC_MODE == 3
-        const float* side = reinterpret_cast<const float*>(tile_at + 512 * kWords);
-        ls[u][r][0] = side[g];
-        ls[u][r][1] = side[g + 8];
-#endif
-      }
-    }
-  };
-  if (kStages) {
-    for (int i = 0; i + 1 < kStages; ++i) issue_round(i);
-  }
   // the first round's weights are in flight while the CTA stages x * norm and the scales
   constexpr bool kStaging = kNorm == kNormStaged || kSzSmem || QC_MODE == 3;
   if (kStaging) {
-    if (!kStages && warp < chunks) load_round(warp);
+    if (warp < chunks) load_round(warp);
 #if QC_MODE == 3
     if (kPairs) {
       stage_pairs(reinterpret_cast<uint32_t*>(red), p.lut_table, lane, warp, warps);
@@ -700,17 +601,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
         asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p.norm_ssq + (size_t)(m0 + i) * p.ssq_parts + q));
   }
 
-  int round = 0;
-  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps, ++round) {
-    if (kStages) {
-      __syncwarp();  // every lane has read the slot the next issue refills
-      issue_round(round + kStages - 1);
-      cp_async_wait<kStages ? kStages - 1 : 0>();
-      __syncwarp();  // and every lane's copies of this round have landed
-      read_round(round);
-    } else if (!kStaging || c0 != warp) {
-      load_round(c0);
-    }
+  for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
+    if (!kStaging || c0 != warp) load_round(c0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -920,7 +812,7 @@ auto decode_kernel(int mode) {
 // Shared memory past the reduction's region (or what takes its place: staged scales and
 // zeros, the pair table): the sums of squares (a norm), x * norm of the CTA's tokens
 // (staged), the squares of a tile's results (next_norm, after the sums' region, so it keeps
-// that region too); the warps' rings (kStages) come after all of it.
+// that region too); launch_decode refuses more than 48 KB in all.
 template <int kNT, int kR>
 int fusion_smem_bytes(int mode, int M, int K, int warps) {
   const int tile_rows = 8 * kNT < M ? 8 * kNT : M;
@@ -1020,11 +912,9 @@ int qc_lut_gemm_decode(const void* x, const void* w, const void* scales, const v
     const auto kernel = pairs ? decode_kernel<kNT, kR, true>(mode) : decode_kernel<kNT, kR, false>(mode);
     static int cached[4][2][kMaxWarps + 1] = {};  // a benign race, every writer writes the same
     const int region = max(reduce, pairs ? kLutPairWords * 4 : 0);
-    Params q = p;
-    q.pipe_offset = (region + extra + 15) / 16 * 16;
-    const int smem = capped_smem<kMaxWarps>(kernel, warps, q.pipe_offset + warps * pipe_bytes_per_warp(kR), 32,
-                                            cached[mode][pairs]);
-    return launch_decode<kNT, kR>(kernel, q, warps, smem, s);
+    const int smem =
+        capped_smem<kMaxWarps>(kernel, warps, region + extra, 32, cached[mode][pairs]);
+    return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
   }));
 }
 
@@ -1130,11 +1020,10 @@ int qc_mixed_gemm_decode(const void* x, const void* w, const void* scales, const
       // At most 32 resident warps an SM: int8 per-channel weights need few registers, and 5
       // CTAs of 8 warps an SM streamed 28672x4096 slower than 4 (decode-step sequence, H100:
       // 48.8 vs 45.0 us)
-      Params q = p;
-      q.pipe_offset = (region0_bytes + fusion_smem_bytes<kNT, kR>(mode, M, K, warps) + 15) / 16 * 16;
-      const int smem = capped_smem<kMaxWarps>(kernel, warps, q.pipe_offset + warps * pipe_bytes_per_warp(kR),
-                                              32, cached[mode]);
-      return launch_decode<kNT, kR>(kernel, q, warps, smem, s);
+      const int smem = capped_smem<kMaxWarps>(
+          kernel, warps, region0_bytes + fusion_smem_bytes<kNT, kR>(mode, M, K, warps), 32,
+          cached[mode]);
+      return launch_decode<kNT, kR>(kernel, p, warps, smem, s);
     });
   }));
 }
