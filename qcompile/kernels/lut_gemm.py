@@ -3,11 +3,11 @@
 
 Three paths, chosen by token count at run time:
 
-- up to ``DECODE_MAX_M`` (64) tokens (where the GEMM runs, below ``GEMM_MIN_M``), the decode
+- up to ``DECODE_MAX_M`` (64) tokens (where the GEMM runs, below :func:`gemm_min_m`), the decode
   kernel's lookup-table build (``csrc/mixed_gemm_decode.cu``, ``QC_MODE`` 3): it streams the
   codes as it streams int4 weights and looks each one up in the CTA's copy of the table in
   shared memory, then runs the same mma.sync main loop (beyond 32 tokens, one CTA row per 32);
-- beyond (from ``GEMM_MIN_M``), on Hopper, where the op's ``config`` names a GEMM build
+- beyond (from :func:`gemm_min_m`), on Hopper, where the op's ``config`` names a GEMM build
   (:func:`gemm_config`: the table compiled into ``csrc/lut_gemm_sm90.cu``), the lookup-table
   GEMM: CUTLASS's mixed-input collective with the lookup as its register conversion (byte
   permutes of the table's bytes), the affine int4 family's tiles and heuristic
@@ -41,7 +41,7 @@ from .ops import around_gemm, as_dtype, as_fused_result, fused_linear
 __all__ = ["LAYOUT", "MODE_LUT", "builds", "decode_choice", "fits", "supported", "prepare",
            "run", "reference_prepared", "pair_bytes", "unpair_bytes", "table_bits",
            "gemm_config", "gemm_supported", "gemm_specs", "build_gemm", "gemm_choice",
-           "gemm_scales_of", "path_name"]
+           "gemm_min_m", "gemm_scales_of", "path_name"]
 
 LAYOUT = "sm90_lut_pairs"  # kernels.LUT_LAYOUT
 MODE_LUT = 3
@@ -163,13 +163,25 @@ DECODE_MAX_M = 2 * decode.MAX_TOKENS
 # qcompile[decode.pairs] of results/bench_w4a16.jsonl).
 PAIR_TABLE = True
 PATHS = ("decode", "gemm", "dequant")
-# Token counts from which a GEMM build (the op's config) takes over from the decode kernel:
-# past its 32-token tile, where it starts reading the codes again for each 32 tokens (H100,
-# clean flush, NF4 b64 bf16, results/bench_w4a16.jsonl: at 64 tokens GEMM / decode 37.4 /
-# 72.9 us at 14336x4096, 25.4 / 23.6 at 4096x4096; at 16 tokens the decode kernel wins,
-# 27.5 / 33.5 and 14.3 / 21.8; lut_decode_ab.jsonl: decode at 32 tokens 40.6 us at
-# 14336x4096, 19.5 at 4096x4096).
+# Token counts from which a GEMM build (the op's config) takes over from the decode kernel
+# (gemm_min_m): past its 32-token tile, where it starts reading the codes again for each 32
+# tokens (H100, clean flush, NF4 b64 bf16, results/bench_w4a16.jsonl: at 64 tokens GEMM /
+# decode 37.4 / 72.9 us at 14336x4096, 25.4 / 23.6 at 4096x4096); on wide layers (more
+# 32-row CTAs than 32 an SM, as mixed_gemm.decode_max_m draws the line) already past its
+# 16-token tile: there the 32-token tile's CTAs cost 1.3-1.7x the 16-token ones and the GEMM
+# wins from 20 tokens (results/lut_crossover.jsonl, bf16 and fp16 alike: at 20 tokens
+# GEMM / decode 30.9 / 35.1 us at 14336x4096, 33.3 / 44.0 at 4096x14336, 55.1 / 63.2 at
+# 28672x4096; at 16, 30.0 / 24.0, 32.0 / 26.0, 52.4 / 41.0). At 4096x4096 the decode
+# kernel still wins at 32 tokens (18.4 / 19.4); at 6144x4096 the two are within 4% from
+# 20 to 32 tokens.
 GEMM_MIN_M = 33
+GEMM_WIDE_MIN_M = 17
+
+
+def gemm_min_m(n: int, sm_count: int = 132) -> int:
+    """The fewest tokens for which ``run`` takes a named GEMM build over the decode kernel
+    for a weight of N rows: GEMM_WIDE_MIN_M where N > 32 x SMs, else GEMM_MIN_M."""
+    return GEMM_WIDE_MIN_M if n > 32 * sm_count else GEMM_MIN_M
 # 32-token launches take 4-warp CTAs where their 32-row CTAs make at least this many waves.
 LUT_W4_WAVES = 3
 
@@ -320,7 +332,7 @@ def path_name(m: int, n: int, k: int, act_dtype: torch.dtype, block: int, config
     rows): ``decode <shape>``, ``gemm <choice>`` or ``dequantize + cublas``."""
     act = _ACTS[act_dtype]
     runs_gemm = _gemm_bits(config, act, block, k) is not None
-    if m <= DECODE_MAX_M and not (runs_gemm and m >= GEMM_MIN_M):
+    if m <= DECODE_MAX_M and not (runs_gemm and m >= gemm_min_m(n, sm_count)):
         choice = decode_choice(m, n, k, sm_count, act_bytes=2)
         return f"decode {choice.name if choice else '(none)'}"
     if runs_gemm:
@@ -395,7 +407,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     not take the call (a non-contiguous or misaligned x, an activation type without a build).
     ``path`` forces "decode" (any token count: CTAs of 32 tokens), "gemm" (``config`` must name
     a GEMM build) or "dequant"; by default the decode kernel up to DECODE_MAX_M tokens, beyond
-    it (from GEMM_MIN_M) the GEMM where ``config`` names one for x's type (:func:`gemm_config`)
+    it (from :func:`gemm_min_m`) the GEMM where ``config`` names one for x's type (:func:`gemm_config`)
     on an sm_90 device, else dequant. No host syncs (CUDA-graph safe). ``gemm_scales``:
     ``scales`` in the activation type (:func:`gemm_scales_of`), read by the GEMM where x is of
     that type (otherwise it converts ``scales`` itself).
@@ -442,7 +454,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     lib = _lib(act)
     bits = _gemm_bits(config, act, block, k)
     # the device is asked only where the GEMM would take the call, not on decode steps
-    wants_gemm = bits is not None and (path == "gemm" or (path is None and m >= GEMM_MIN_M))
+    wants_gemm = bits is not None and (path == "gemm" or (
+        path is None and m >= GEMM_WIDE_MIN_M and m >= gemm_min_m(n, sm_count(x.device.index))))
     runs_gemm = wants_gemm and torch.cuda.get_device_capability(x.device) == (9, 0)
     if path == "gemm" and not runs_gemm:
         raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "
