@@ -263,6 +263,54 @@ def test_lut_decode_kernel_fusions(dtype, pair_table, m, n, k, monkeypatch):
     torch.testing.assert_close(sums, ops.norm_sums(out), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not HOPPER, reason="the lookup-table GEMM is built for sm_90a")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [16, 17, 32])
+def test_lut_gemm_takes_over_from_17_tokens_on_wide_layers(dtype, m):
+    """On a layer of more than 32 rows an SM, with a GEMM build named, the op runs the decode
+    kernel up to 16 tokens and the lookup-table GEMM from 17 (gemm_min_m): the result of
+    forcing that path bit for bit, within tolerance of float64; the fused forms (norm and
+    residual, gated, next norm out) run around the GEMM and match their references."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n, k, block = 12672, 256, 64  # 96 rows an SM on an H100
+    if n <= 32 * sms:
+        pytest.skip(f"{n} rows are not a wide layer on {sms} SMs")
+    path = "gemm" if m >= 17 else "decode"
+    assert lut_gemm.gemm_min_m(n, sms) == 17
+    codes, table, scales, w64 = _problem(n, k, block, "nf4", dtype, seed=m)
+    prepared = [t.cuda() for t in lut_gemm.prepare(codes, table, scales)]
+    config = lut_gemm.gemm_config(table, dtype)
+    assert lut_gemm.path_name(m, n, k, dtype, block, config, sms).startswith(path + " ")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    common = (block, "float32")
+    out = torch.ops.qcompile.lut_gemm(x, *prepared, None, *common, lut_gemm.LAYOUT, config)
+    forced = lut_gemm.run(x, *prepared, None, *common, path=path, config=config)
+    torch.testing.assert_close(out, forced, rtol=0, atol=0)
+    assert _rel(out, x.double() @ w64.cuda().t()) <= TOL[dtype]
+    norm = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).to(dtype)
+    residual = torch.randn(m, n, device="cuda", dtype=dtype, generator=g)
+    next_norm = (1 + 0.1 * torch.randn(n, device="cuda", generator=g)).to(dtype)
+    nk = (ops.pack_nk(codes, 4).cuda(), table.cuda(), scales.cuda())
+    gated_codes = ops.interleave_gate_up(codes[: n // 2], codes[n // 2:])
+    gated_scales = ops.interleave_gate_up(scales[: n // 2], scales[n // 2:])
+    gated = [t.cuda() for t in lut_gemm.prepare(gated_codes, table, gated_scales)]
+    nk_gated = (ops.pack_nk(gated_codes, 4).cuda(), table.cuda(), gated_scales.cuda())
+    lut, kw = torch.ops.qcompile, {"norm_weight": norm, "norm_eps": 1e-5, "residual": residual}
+    pairs = [(lut.lut_gemm(x, *prepared, None, *common, lut_gemm.LAYOUT, config, **kw),
+              ops.lut_gemm_reference(x, *nk, None, *common, "nk", "", **kw)),
+             (lut.lut_gemm_gated(x, *gated, None, *common, lut_gemm.LAYOUT, config),
+              ops.lut_gemm_gated_reference(x, *nk_gated, None, *common, "nk", ""))]
+    out, normed, sums = lut.lut_gemm_norm_out(x, *prepared, None, *common, lut_gemm.LAYOUT, config,
+                                              residual, next_norm)
+    pairs.append((out, ops.lut_gemm_reference(x, *nk, None, *common, "nk", "", residual=residual)))
+    for i, (got, ref) in enumerate(pairs):
+        assert got.dtype == ref.dtype and got.shape == ref.shape, i
+        assert _rel(got, ref) <= TOL[dtype], (i, _rel(got, ref))
+    torch.testing.assert_close(normed, (out.float() * next_norm.float()).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(sums, ops.norm_sums(out), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_nf4_decode_step_fusions_on_cuda(dtype, batch):
