@@ -630,15 +630,17 @@ def test_lut_gemm_paths_off_hopper(monkeypatch):
         "gemm bf16.w4.lut.128x256x64.coop.c2x1"
     assert lut_gemm.path_name(2048, 14336, 4096, torch.bfloat16, 64, "") == "dequantize + cublas"
     assert lut_gemm.path_name(2048, 14336, 4096, torch.float16, 64, config) == "dequantize + cublas"
-    # the decode kernel up to gemm_min_m - 1 tokens where a GEMM build is named: 32 on layers
-    # of at most 32 rows an SM, 16 on wider ones (its 32-token tile loses to the GEMM there)
+    # the decode kernel up to gemm_min_m - 1 tokens where a GEMM build is named: 32 on weights
+    # of at most 2^18 an SM, 16 on larger ones (its 32-token tile loses to the GEMM there)
     assert (lut_gemm.GEMM_MIN_M, lut_gemm.GEMM_WIDE_MIN_M) == (33, 17)
-    assert [lut_gemm.gemm_min_m(n, 132) for n in (4096, 4224, 4240, 14336)] == [33, 33, 17, 17]
-    assert lut_gemm.gemm_min_m(4240, 140) == 33
-    for n, last_decode in ((14336, 16), (4096, 32)):
-        assert lut_gemm.path_name(last_decode, n, 4096, torch.bfloat16, 64, config).startswith("decode ")
-        assert lut_gemm.path_name(last_decode + 1, n, 4096, torch.bfloat16, 64, config).startswith("gemm ")
-        assert lut_gemm.path_name(last_decode + 1, n, 4096, torch.bfloat16, 64, "").startswith("decode ")
+    shapes = ((4096, 4096), (6144, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (28672, 4096))
+    assert [lut_gemm.gemm_min_m(n, k, 132) for n, k in shapes] == [33, 33, 33, 17, 17, 17]
+    assert lut_gemm.gemm_min_m(4096, 8448, 132) == 33 and lut_gemm.gemm_min_m(4096, 8512, 132) == 17
+    assert lut_gemm.gemm_min_m(14336, 4096, 448) == 33
+    for (n, k), last_decode in (((14336, 4096), 16), ((4096, 14336), 16), ((4096, 4096), 32)):
+        assert lut_gemm.path_name(last_decode, n, k, torch.bfloat16, 64, config).startswith("decode ")
+        assert lut_gemm.path_name(last_decode + 1, n, k, torch.bfloat16, 64, config).startswith("gemm ")
+        assert lut_gemm.path_name(last_decode + 1, n, k, torch.bfloat16, 64, "").startswith("decode ")
     assert lut_gemm.path_name(17, 14336, 4096, torch.bfloat16, 64, config, sm_count=448).startswith("decode ")
     monkeypatch.setattr(lut_gemm, "GEMM_WIDE_MIN_M", 33)
     assert lut_gemm.path_name(32, 14336, 4096, torch.bfloat16, 64, config).startswith("decode ")

@@ -453,7 +453,7 @@ def prepare_lut_gemm(codes: torch.Tensor, table: torch.Tensor, scales: torch.Ten
             try:
                 config = fam.gemm_config(table, act_dtype)
                 beyond = f"the sm90 lookup-table GEMM ({table_name} compiled in)"
-                decode_max = min(decode_max, fam.gemm_min_m(n, fam.sm_count(device.index)) - 1)
+                decode_max = min(decode_max, fam.gemm_min_m(n, k, fam.sm_count(device.index)) - 1)
                 if LUT_GEMM_ACT_SCALES:
                     named["gemm_scales"] = fam.gemm_scales_of(operands[2], act_dtype)
             except RuntimeError as e:  # KernelBuildError

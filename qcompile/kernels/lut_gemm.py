@@ -166,22 +166,24 @@ PATHS = ("decode", "gemm", "dequant")
 # Token counts from which a GEMM build (the op's config) takes over from the decode kernel
 # (gemm_min_m): past its 32-token tile, where it starts reading the codes again for each 32
 # tokens (H100, clean flush, NF4 b64 bf16, results/bench_w4a16.jsonl: at 64 tokens GEMM /
-# decode 37.4 / 72.9 us at 14336x4096, 25.4 / 23.6 at 4096x4096); on wide layers (more
-# 32-row CTAs than 32 an SM, as mixed_gemm.decode_max_m draws the line) already past its
-# 16-token tile: there the 32-token tile's CTAs cost 1.3-1.7x the 16-token ones and the GEMM
-# wins from 20 tokens (results/lut_crossover.jsonl, bf16 and fp16 alike: at 20 tokens
-# GEMM / decode 30.9 / 35.1 us at 14336x4096, 33.3 / 44.0 at 4096x14336, 55.1 / 63.2 at
-# 28672x4096; at 16, 30.0 / 24.0, 32.0 / 26.0, 52.4 / 41.0). At 4096x4096 the decode
-# kernel still wins at 32 tokens (18.4 / 19.4); at 6144x4096 the two are within 4% from
-# 20 to 32 tokens.
+# decode 37.4 / 72.9 us at 14336x4096, 25.4 / 23.6 at 4096x4096); on large weights (more than
+# LARGE_WEIGHTS_PER_SM weights an SM) already past its 16-token tile: there the 32-token
+# tile costs 1.4-1.7x the 16-token one, more than the GEMM's start-up, and the GEMM wins from
+# 20 tokens (results/lut_crossover.jsonl, bf16 and fp16 alike: at 20 tokens GEMM / decode
+# 30.9 / 35.1 us at 14336x4096, 33.3 / 44.0 at 4096x14336, 55.1 / 63.2 at 28672x4096; at
+# 16, 30.0 / 24.0, 32.0 / 26.0, 52.4 / 41.0). On the smaller Llama weights the decode kernel
+# still wins or ties at 32 tokens (4096x4096 18.4 / 19.4; 6144x4096 within 4% either way
+# from 20 to 32 tokens).
 GEMM_MIN_M = 33
 GEMM_WIDE_MIN_M = 17
+LARGE_WEIGHTS_PER_SM = 1 << 18  # 34.6 M weights on 132 SMs: 14336x4096 above, 6144x4096 below
 
 
-def gemm_min_m(n: int, sm_count: int = 132) -> int:
+def gemm_min_m(n: int, k: int, sm_count: int = 132) -> int:
     """The fewest tokens for which ``run`` takes a named GEMM build over the decode kernel
-    for a weight of N rows: GEMM_WIDE_MIN_M where N > 32 x SMs, else GEMM_MIN_M."""
-    return GEMM_WIDE_MIN_M if n > 32 * sm_count else GEMM_MIN_M
+    for an [N, K] weight: GEMM_WIDE_MIN_M where N x K > LARGE_WEIGHTS_PER_SM x SMs, else
+    GEMM_MIN_M."""
+    return GEMM_WIDE_MIN_M if n * k > LARGE_WEIGHTS_PER_SM * sm_count else GEMM_MIN_M
 # 32-token launches take 4-warp CTAs where their 32-row CTAs make at least this many waves.
 LUT_W4_WAVES = 3
 
@@ -332,7 +334,7 @@ def path_name(m: int, n: int, k: int, act_dtype: torch.dtype, block: int, config
     rows): ``decode <shape>``, ``gemm <choice>`` or ``dequantize + cublas``."""
     act = _ACTS[act_dtype]
     runs_gemm = _gemm_bits(config, act, block, k) is not None
-    if m <= DECODE_MAX_M and not (runs_gemm and m >= gemm_min_m(n, sm_count)):
+    if m <= DECODE_MAX_M and not (runs_gemm and m >= gemm_min_m(n, k, sm_count)):
         choice = decode_choice(m, n, k, sm_count, act_bytes=2)
         return f"decode {choice.name if choice else '(none)'}"
     if runs_gemm:
@@ -455,7 +457,7 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     bits = _gemm_bits(config, act, block, k)
     # the device is asked only where the GEMM would take the call, not on decode steps
     wants_gemm = bits is not None and (path == "gemm" or (
-        path is None and m >= GEMM_WIDE_MIN_M and m >= gemm_min_m(n, sm_count(x.device.index))))
+        path is None and m >= GEMM_WIDE_MIN_M and m >= gemm_min_m(n, k, sm_count(x.device.index))))
     runs_gemm = wants_gemm and torch.cuda.get_device_capability(x.device) == (9, 0)
     if path == "gemm" and not runs_gemm:
         raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "

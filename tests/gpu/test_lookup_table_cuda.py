@@ -170,7 +170,7 @@ def test_nf4_model_is_taken_over_on_cuda(dtype, gemm, monkeypatch):
         report = qcompile.explain(model, x)
         assert len(report.matched) == 2, str(report)
         on = HOPPER and gemm  # prefill by the lookup-table GEMM
-        decode_max = lut_gemm.gemm_min_m(512) - 1 if on else lut_gemm.DECODE_MAX_M  # both layers narrow
+        decode_max = lut_gemm.gemm_min_m(512, 256) - 1 if on else lut_gemm.DECODE_MAX_M  # small layers
         assert all(f"lookup-table decode kernel up to {decode_max} tokens" in r.kernel
                    for r in report.matched), str(report)
         assert all(("sm90 lookup-table GEMM (nf4" in r.kernel) == on for r in report.matched)
@@ -266,17 +266,17 @@ def test_lut_decode_kernel_fusions(dtype, pair_table, m, n, k, monkeypatch):
 @pytest.mark.skipif(not HOPPER, reason="the lookup-table GEMM is built for sm_90a")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [16, 17, 32])
-def test_lut_gemm_takes_over_from_17_tokens_on_wide_layers(dtype, m):
-    """On a layer of more than 32 rows an SM, with a GEMM build named, the op runs the decode
-    kernel up to 16 tokens and the lookup-table GEMM from 17 (gemm_min_m): the result of
-    forcing that path bit for bit, within tolerance of float64; the fused forms (norm and
+def test_lut_gemm_takes_over_from_17_tokens_on_large_weights(dtype, m):
+    """On a weight of more than 2^18 values an SM, with a GEMM build named, the op runs the
+    decode kernel up to 16 tokens and the lookup-table GEMM from 17 (gemm_min_m): the result
+    of forcing that path bit for bit, within tolerance of float64; the fused forms (norm and
     residual, gated, next norm out) run around the GEMM and match their references."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n, k, block = 12672, 256, 64  # 96 rows an SM on an H100
-    if n <= 32 * sms:
-        pytest.skip(f"{n} rows are not a wide layer on {sms} SMs")
+    n, k, block = 4096, 8704, 64  # 270 K weights an SM on an H100
+    if n * k <= lut_gemm.LARGE_WEIGHTS_PER_SM * sms:
+        pytest.skip(f"{n}x{k} is not a large weight on {sms} SMs")
     path = "gemm" if m >= 17 else "decode"
-    assert lut_gemm.gemm_min_m(n, sms) == 17
+    assert lut_gemm.gemm_min_m(n, k, sms) == 17
     codes, table, scales, w64 = _problem(n, k, block, "nf4", dtype, seed=m)
     prepared = [t.cuda() for t in lut_gemm.prepare(codes, table, scales)]
     config = lut_gemm.gemm_config(table, dtype)
