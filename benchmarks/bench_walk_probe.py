@@ -8,7 +8,8 @@ memory request -- but only xors the words it loads. Rows (impls): ``qcompile`` (
 kernel's pick), ``read_floor`` (bench_common's), ``probe[sm90 loads4]`` (the walk),
 ``probe[tile-major loads4]`` (each row tile's chunks contiguous), ``probe[sm90 loads8]`` (two
 rounds of loads in flight), ``probe[ring2 loads4]`` / ``probe[ring3 loads4]`` (the walk through
-a per-warp ring of 2 / 3 rounds filled by cp.async). One process, clean flush, CUDA-graph
+a per-warp ring of 2 / 3 rounds filled by cp.async), ``probe[bulk2 loads4]`` / ``[bulk3 ...]``
+(the same ring filled by the Hopper bulk copy, one 128-byte line an instruction). One process, clean flush, CUDA-graph
 replays (bench_common.time_graph); appends to benchmarks/results/walk_probe.jsonl (or --out).
 
   python benchmarks/bench_walk_probe.py [--shapes 4096x4096,14336x4096,4096x14336,28672x4096]
@@ -36,7 +37,17 @@ DECODE_LAUNCH = {(4096, 4096): (16, 1), (14336, 4096): (8, 4), (4096, 14336): (1
                  (28672, 4096): (4, 8)}
 SMEM_PER_SM, SMEM_RESERVED = 233472, 1024  # H100: 228 KB an SM, 1 KB reserved a CTA
 VARIANTS = (("sm90 loads4", 4, 0), ("tile-major loads4", 4, 1), ("sm90 loads8", 8, 0),
-            ("ring2 loads4", 4, 2), ("ring3 loads4", 4, 3))
+            ("ring2 loads4", 4, 2), ("ring3 loads4", 4, 3), ("bulk2 loads4", 4, 4),
+            ("bulk3 loads4", 4, 5))
+
+
+def ring_bytes(warps: int, loads: int, variant: int) -> int:
+    """Shared memory of a variant's rings (walk_probe.cu's qc_walk_probe adds it to the request)."""
+    if variant in (2, 3):  # cp.async: rounds of 512-byte chunk-tiles
+        return warps * variant * loads * 512
+    if variant in (4, 5):  # bulk copies: 640-byte chunk-tiles (padded lines) and an mbarrier a round
+        return warps * (variant - 2) * (loads * 640 + 16)
+    return 0
 
 
 def build() -> ctypes.CDLL:
@@ -76,7 +87,7 @@ def main() -> None:
                "read_floor": time_graph(lambda: made["read_floor"](x))}
         sink = torch.zeros(64, dtype=torch.int32, device="cuda")
         for name, loads, variant in VARIANTS:
-            ring = warps * variant * loads * 512 if variant >= 2 else 0
+            ring = ring_bytes(warps, loads, variant)
             smem = max(0, SMEM_PER_SM // ctas - SMEM_RESERVED - ring)  # with the ring: ctas an SM
 
             def call(loads=loads, variant=variant, smem=smem):
