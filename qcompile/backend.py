@@ -1,8 +1,9 @@
 """The ``torch.compile`` backend: Inductor with the qcompile pass in front of freezing.
 
 ``torch.compile(model, backend="qcompile", mode=..., options=...)`` lands in
-``qcompile_backend``. It maps the graph inputs that Dynamo marked as parameters or
-buffers to their real tensors, installs the rewrite as Inductor's
+``qcompile_backend``. It maps the graph inputs that are parameters or buffers (marked so by
+Dynamo, or installed on the graph module, as Dynamo does under Inductor's freezing config)
+to their real tensors, installs the rewrite as Inductor's
 ``joint_custom_pre_pass`` (which, in inference, runs on the ATen graph before freezing and
 before Inductor's own quantization fusions) and hands over to ``compile_fx``.
 
@@ -99,8 +100,18 @@ class QcompilePass(_compat.CustomGraphPass):
         return out
 
 
-def _flat_inputs(example_inputs: Sequence) -> list[tuple[object, bool]]:
+def _flat_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> list[tuple[object, bool]]:
+    """The inputs of the graph AOTAutograd traces, in its order, each with whether it is a
+    parameter or buffer (a constant). Parameters and buffers that Dynamo installed on ``gm``
+    as attributes rather than passing them as inputs -- which it does under Inductor's
+    ``freezing`` config, Dynamo's ``prepare_freezing`` or for modules it does not inline --
+    come first, as AOTAutograd lifts them (``named_parameters`` then ``named_buffers``,
+    duplicates kept); Dynamo's example inputs follow."""
+    lifted = [*dict(gm.named_parameters(remove_duplicate=False)).values(),
+              *dict(gm.named_buffers(remove_duplicate=False)).values()]
     flat = []
+    for t in lifted:
+        flat.extend((inner, True) for inner in _compat.flatten_subclass(t))
     for t in example_inputs:
         const = isinstance(t, torch.Tensor) and _compat.static_input_marker(t)
         for inner in _compat.flatten_subclass(t):
@@ -179,7 +190,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     patches.update(_compat.mode_options(mode))
     patches.update(options)
     patches["freezing"] = freezing
-    flat = _flat_inputs(example_inputs)
+    flat = _flat_inputs(gm, example_inputs)
     qpass = QcompilePass(flat, report, fuse_linears)
     patches["joint_custom_pre_pass"] = qpass
     kept: list[list[int]] = []  # the graph inputs freezing keeps, as indices into flat

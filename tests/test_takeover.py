@@ -132,6 +132,55 @@ def test_every_setting_takes_over_a_batch_1_step(gpu_like_decomposition, setting
     assert rel_err(out, ref) <= TOL[torch.bfloat16]
 
 
+# Settings users make on the config modules themselves before compiling, not through
+# torch.compile's arguments. Under Inductor's freezing (and Dynamo's prepare_freezing) Dynamo
+# installs parameters and buffers on the graph module instead of passing them as inputs, and
+# AOTAutograd lifts them in front of the inputs: before the backend counted those, the pass
+# saw more graph inputs than example inputs, read no weight and took nothing over.
+AMBIENT = {  # (Inductor config, Dynamo config, torch.compile arguments)
+    "inductor-freezing": ({"freezing": True}, {}, {}),
+    "dynamo-prepare-freezing": ({}, {"prepare_freezing": True}, {}),
+    "dynamo-no-inlined-modules": ({}, {"inline_inbuilt_nn_modules": False}, {}),
+    "inductor-freezing-max-autotune": ({"freezing": True, "max_autotune": True}, {}, {}),
+    "inductor-freezing-option-off": ({"freezing": True}, {}, {"options": {"freezing": False}}),
+}
+
+
+@pytest.mark.parametrize("setting", list(AMBIENT))
+@pytest.mark.parametrize("target", ["module", "function"])
+@pytest.mark.parametrize("method", ["w4a16", "w8a8", "nf4"])
+def test_every_ambient_setting_takes_over(gpu_like_decomposition, setting, target, method):
+    inductor, dynamo, kwargs = AMBIENT[setting]
+    model = _mlp(method, **({"block_size": 64} if method == "nf4" else {}))
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    fn = model if target == "module" else (lambda t: model(t))
+    with torch.no_grad(), torch._inductor.config.patch(inductor), \
+            torch._dynamo.config.patch(dynamo), qcompile.collect() as report:
+        torch._dynamo.reset()
+        out = torch.compile(fn, backend="qcompile", **kwargs)(x)
+        ref = model(x)
+    assert len(report.matched) == len(report) == 2, str(report)
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
+def test_decode_steps_under_inductor_freezing(gpu_like_decomposition):
+    """A decode loop with its KV cache (buffers the graph writes) under the freezing config:
+    every linear taken over, two steps with eager's logits, the cache written by both."""
+    torch.manual_seed(0)
+    model = qcompile.quantize(Llama(CONFIGS["tiny"]).to(torch.bfloat16), "w4a16", group_size=64)
+    tokens = torch.randint(0, CONFIGS["tiny"].vocab_size, (2, 1))
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True), qcompile.collect() as report:
+        model.setup_caches(2, 16)
+        ref = [model(tokens, torch.tensor([p])) for p in (3, 4)]
+        model.setup_caches(2, 16)
+        torch._dynamo.reset()
+        step = torch.compile(model, backend="qcompile")
+        out = [step(tokens, torch.tensor([p])) for p in (3, 4)]
+    assert report.matched and len(report.matched) == len(report), str(report)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) <= 2e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8"])
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
