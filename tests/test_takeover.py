@@ -181,6 +181,35 @@ def test_decode_steps_under_inductor_freezing(gpu_like_decomposition):
         assert rel_err(o, r) <= 2e-2
 
 
+def test_a_function_reading_global_quantized_tensors():
+    """A compiled function whose int4 weight and scales are tensors global to it (not module
+    parameters): Dynamo passes them as ordinary inputs, so the pass cannot read them and the
+    report says how to make it; marked static, they are taken over with eager's numbers."""
+    torch.manual_seed(0)
+    q = torch.randint(-8, 8, (64, 128), dtype=torch.int8)
+    s = torch.rand(64, 2, dtype=torch.bfloat16) * 0.01 + 0.01
+
+    def f(x):
+        w = (q.to(torch.bfloat16).reshape(64, 2, 64) * s[..., None]).reshape(64, 128)
+        return x @ w.t()
+
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad(), qcompile.collect() as report:
+        out = torch.compile(f, backend="qcompile")(x)
+    assert len(report) == 1 and not report.records[0].matched
+    assert "not a parameter or buffer" in report.records[0].reason
+    assert "torch._dynamo.mark_static_address" in report.records[0].reason
+    assert rel_err(out, f(x)) == 0
+    torch._dynamo.mark_static_address(q)
+    torch._dynamo.mark_static_address(s)
+    torch._dynamo.reset()
+    with torch.no_grad(), qcompile.collect() as report:
+        out = torch.compile(f, backend="qcompile")(x)
+    assert len(report.matched) == len(report) == 1, str(report)
+    assert rel_err(out, f(x)) <= TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8"])
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])

@@ -177,6 +177,20 @@ def is_integer_tensor(val: Any) -> bool:
         and not val.dtype.is_complex and val.dtype != torch.bool
 
 
+def not_constant_reason(err: NotConstant, default: str) -> str:
+    """Why a matmul's weight could not be read, for the report: ``default``, unless the graph
+    input it reads is an integer tensor that is not a parameter or buffer -- a quantized
+    weight passed to a compiled function, or a tensor global to it -- where it says how to
+    make that weight one the pass reads."""
+    node = err.node
+    if node.op == "placeholder" and is_integer_tensor(node.meta.get("val")):
+        return (f"the weight reads the integer graph input {node.name}, which is not a parameter "
+                "or buffer (an argument of the compiled function, or a tensor global to it): "
+                "weights are read from constants at compile time; hold it in an nn.Module, or "
+                "mark it static with torch._dynamo.mark_static_address")
+    return default
+
+
 def integer_nodes(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     """Nodes whose value (per the graph's fake-tensor metadata) is an integer tensor."""
     return [n for n in nodes if is_integer_tensor(n.meta.get("val"))]

@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 
 from ..kernels.ops import OP_DTYPES
-from .evaluate import ConstantEvaluator, NotConstant, UnreadableOp, ancestors, integer_nodes
+from .evaluate import (ConstantEvaluator, NotConstant, UnreadableOp, ancestors, integer_nodes,
+                       not_constant_reason)
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 
@@ -184,8 +185,9 @@ def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
     """Recover the quantized form of the matmul operand ``b`` ([K, N]) or raise NoMatch."""
     try:
         w_kn = ev.value(b)
-    except NotConstant:
-        raise NoMatch("weight operand is not constant (activation x activation matmul)") from None
+    except NotConstant as e:
+        raise NoMatch(not_constant_reason(
+            e, "weight operand is not constant (activation x activation matmul)")) from None
     if not isinstance(w_kn, torch.Tensor) or w_kn.dim() != 2:
         raise NoMatch("weight operand is not a 2-D tensor")
     k, n = w_kn.shape
