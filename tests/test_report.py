@@ -61,6 +61,19 @@ class RawIntMM(nn.Module):
         return torch._int_mm(xq, self.w.t())
 
 
+class TokenGram(nn.Module):
+    """Embeddings of token ids times their transpose: an activation x activation matmul whose
+    operands are computed from an integer graph input (int64 ids, not quantized codes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 64)
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        return x @ x.t()
+
+
 @pytest.mark.parametrize("model,inputs,reason", [
     (GroupDequantLinear(), (torch.randn(4, 96),),
      "group size 24 not supported (kernels take 32, 64, 128, 256 or per-channel)"),
@@ -72,7 +85,9 @@ class RawIntMM(nn.Module):
     (RawIntMM(), (torch.randn(20, 64) * 20,), "_int_mm result is not rescaled in float32"),
     (qcompile.quantize(nn.Sequential(nn.Linear(64, 32)).double(), "w8a16"),
      (torch.randn(4, 64, dtype=torch.float64),), "activation dtype torch.float64 not supported"),
-], ids=["group24", "input-scale", "exp", "float", "int_mm-raw", "float64"])
+    (TokenGram(), (torch.randint(0, 100, (8,)),),
+     "weight operand is not constant (activation x activation matmul)"),
+], ids=["group24", "input-scale", "exp", "float", "int_mm-raw", "float64", "token-ids"])
 def test_near_misses_are_reported_and_left_correct(model, inputs, reason):
     report = qcompile.explain(model, *inputs)
     assert len(report) == 1

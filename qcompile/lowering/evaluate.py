@@ -177,17 +177,29 @@ def is_integer_tensor(val: Any) -> bool:
         and not val.dtype.is_complex and val.dtype != torch.bool
 
 
-def not_constant_reason(err: NotConstant, default: str) -> str:
-    """Why a matmul's weight could not be read, for the report: ``default``, unless the graph
-    input it reads is an integer tensor that is not a parameter or buffer -- a quantized
-    weight passed to a compiled function, or a tensor global to it -- where it says how to
-    make that weight one the pass reads."""
-    node = err.node
-    if node.op == "placeholder" and is_integer_tensor(node.meta.get("val")):
-        return (f"the weight reads the integer graph input {node.name}, which is not a parameter "
-                "or buffer (an argument of the compiled function, or a tensor global to it): "
-                "weights are read from constants at compile time; hold it in an nn.Module, or "
-                "mark it static with torch._dynamo.mark_static_address")
+# Integer types quantized weights are stored in (codes, packed nibbles); token ids and
+# positions, which also reach matmul operands through embeddings, are int64.
+_CODE_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
+
+
+def not_constant_reason(ev: ConstantEvaluator, operand: fx.Node, default: str) -> str:
+    """Why a matmul's weight operand could not be read, for the report: ``default``, unless it
+    is computed from a graph input that looks like quantized codes -- an 8-32-bit integer
+    tensor with 1, 2, 4 or 8 weight values an element -- but is not a parameter or buffer (a
+    quantized weight passed to a compiled function, or a tensor global to it): then what to
+    do so that the pass reads it."""
+    val = operand.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return default
+    for node in ancestors(operand):
+        code = node.meta.get("val")
+        if (node.op == "placeholder" and not ev.is_constant(node)
+                and isinstance(code, torch.Tensor) and code.dtype in _CODE_DTYPES
+                and any(code.numel() * r == val.numel() for r in (1, 2, 4, 8))):
+            return (f"the weight reads the integer graph input {node.name}, which is not a "
+                    "parameter or buffer (an argument of the compiled function, or a tensor "
+                    "global to it): weights are read from constants at compile time; hold it in "
+                    "an nn.Module, or mark it static with torch._dynamo.mark_static_address")
     return default
 
 

@@ -140,8 +140,8 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
     a, b = mm.args[:2]
     try:
         wq_kn = ev.value(b)
-    except NotConstant as e:
-        raise NoMatch(not_constant_reason(e, "int8 weight operand is not constant")) from None
+    except NotConstant:
+        raise NoMatch(not_constant_reason(ev, b, "int8 weight operand is not constant")) from None
     if ev.is_constant(a):
         raise NoMatch("int matmul operands are not (activation, constant int8 weight)")
     if mm.target is not aten._int_mm.default:

@@ -236,8 +236,8 @@ def recognize_lookup(ev: ConstantEvaluator, b: fx.Node, miss: NoMatch | None = N
     (``miss``, weight_only's reason, when no lookup of a constant table feeds b)."""
     try:
         w_kn = ev.value(b)
-    except NotConstant as e:
-        raise miss or NoMatch(not_constant_reason(e, "weight operand is not constant")) from None
+    except NotConstant:
+        raise miss or NoMatch(not_constant_reason(ev, b, "weight operand is not constant")) from None
     if not isinstance(w_kn, torch.Tensor) or w_kn.dim() != 2:
         raise miss or NoMatch("weight operand is not a 2-D tensor")
     found, misses = _lookups(ev, b, w_kn.numel())

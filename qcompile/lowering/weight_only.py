@@ -185,9 +185,9 @@ def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
     """Recover the quantized form of the matmul operand ``b`` ([K, N]) or raise NoMatch."""
     try:
         w_kn = ev.value(b)
-    except NotConstant as e:
+    except NotConstant:
         raise NoMatch(not_constant_reason(
-            e, "weight operand is not constant (activation x activation matmul)")) from None
+            ev, b, "weight operand is not constant (activation x activation matmul)")) from None
     if not isinstance(w_kn, torch.Tensor) or w_kn.dim() != 2:
         raise NoMatch("weight operand is not a 2-D tensor")
     k, n = w_kn.shape
