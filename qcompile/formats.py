@@ -87,11 +87,12 @@ def quantize_groupwise_int4(
     return q.reshape(n, k).to(torch.int16), scales, None
 
 
-def _check_group(k: int, group_size: int) -> None:
+def _check_group(k: int, group_size: int, name: str = "group_size") -> None:
+    """``name`` is the argument as the caller spelled it (block_size for lookup tables)."""
     if not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        raise ValueError(f"{name} must be a positive int, got {group_size!r}")
     if k % group_size:
-        raise ValueError(f"group_size={group_size} does not divide in_features={k}")
+        raise ValueError(f"{name}={group_size} does not divide in_features={k}")
 
 
 def _pack_nibbles_int32(q: torch.Tensor, dim: int, order: Iterable[int]) -> torch.Tensor:
@@ -266,7 +267,7 @@ class LookupTable4bitLinear(nn.Module):
                  block_size: int, bias: torch.Tensor | None = None, double_quant: bool = False):
         super().__init__()
         n, k = codes.shape
-        _check_group(k, block_size)
+        _check_group(k, block_size, "block_size")
         self.in_features, self.out_features, self.block_size = k, n, block_size
         self.double_quant = double_quant
         c = codes.reshape(-1).to(torch.uint8)
@@ -298,7 +299,7 @@ class LookupTable4bitLinear(nn.Module):
         t = (_lut_code(table) if isinstance(table, str) else table.detach().float().reshape(16))
         t = t.to(w.device)
         n, k = w.shape
-        _check_group(k, block_size)
+        _check_group(k, block_size, "block_size")
         blocks = w.reshape(-1, block_size)
         absmax = blocks.abs().amax(1).clamp(min=1e-8)
         normed = blocks / absmax[:, None]

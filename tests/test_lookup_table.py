@@ -47,6 +47,15 @@ def _float64_forward(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return F.linear(h, _w64(model)[1])
 
 
+def test_quantize_errors_name_the_argument_given():
+    """A lookup-table method's block that does not divide K is reported as block_size, the
+    argument the caller passed (the affine methods' as group_size)."""
+    with pytest.raises(ValueError, match=r"^block_size=64 does not divide in_features=96$"):
+        qcompile.quantize(nn.Sequential(nn.Linear(96, 64)), "nf4", block_size=64)
+    with pytest.raises(ValueError, match=r"^group_size=64 does not divide in_features=96$"):
+        qcompile.quantize(nn.Sequential(nn.Linear(96, 64)), "w4a16", group_size=64)
+
+
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("block_size", [64, 128])
