@@ -406,6 +406,9 @@ class SmoothQuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+_QUANTIZED = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, LookupTable4bitLinear, SmoothQuantLinear)
+
+
 def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
     skip = tuple(skip)
     found = []
@@ -512,7 +515,16 @@ def quantize(
     if act_order and (method != "w4a16" or packing != "gptq" or calibration is None):
         raise ValueError("act_order needs method='w4a16', packing='gptq' and calibration "
                          "inputs (calibration=[...])")
+    skip = tuple(skip)
     linears = _linears(model, skip)
+    if not linears:
+        done = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _QUANTIZED)})
+        if done:
+            raise ValueError(f"quantize: the model has no nn.Linear left to quantize, and is "
+                             f"already quantized ({', '.join(done)}); quantize the float model "
+                             f"to change its format")
+        raise ValueError("quantize: the model has no nn.Linear layers to quantize"
+                         + (f" outside skip={skip!r}" if skip else ""))
     absmax = (_calibrate_absmax(model, linears, calibration)
               if method == "w8a8" and act == "static" else {})
     energy = _calibrate_energy(model, linears, calibration) if act_order else {}

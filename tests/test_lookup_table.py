@@ -49,11 +49,18 @@ def _float64_forward(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
 def test_quantize_errors_name_the_argument_given():
     """A lookup-table method's block that does not divide K is reported as block_size, the
-    argument the caller passed (the affine methods' as group_size)."""
+    argument the caller passed (the affine methods' as group_size); a model with nothing left
+    to quantize is refused with why."""
     with pytest.raises(ValueError, match=r"^block_size=64 does not divide in_features=96$"):
         qcompile.quantize(nn.Sequential(nn.Linear(96, 64)), "nf4", block_size=64)
     with pytest.raises(ValueError, match=r"^group_size=64 does not divide in_features=96$"):
         qcompile.quantize(nn.Sequential(nn.Linear(96, 64)), "w4a16", group_size=64)
+    # nothing to quantize is an error, not a model returned unchanged
+    done = qcompile.quantize(nn.Sequential(nn.Linear(128, 64)), "nf4", block_size=64)
+    with pytest.raises(ValueError, match=r"already quantized \(LookupTable4bitLinear\)"):
+        qcompile.quantize(done, "w8a16")
+    with pytest.raises(ValueError, match="no nn.Linear layers to quantize outside skip=\\('0',\\)"):
+        qcompile.quantize(nn.Sequential(nn.Linear(8, 8)), "w8a16", skip=["0"])
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
