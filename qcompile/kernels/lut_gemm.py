@@ -372,8 +372,8 @@ def _run_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     # the kernel scales in the activation type (the main loop's multiply); the op keeps
     # float32 scales for the decode kernel, and the activation type's copy where the rewrite
     # made one; without it, one small conversion kernel a call (N x K / block values)
-    s = act_scales if act_scales is not None and act_scales.dtype == x2.dtype else scales
-    s = s.to(x2.dtype).contiguous()
+    s = (act_scales.contiguous() if act_scales is not None and act_scales.dtype == x2.dtype
+         else gemm_scales_of(scales, x2.dtype))
     out = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     with torch.cuda.device(dev):
         ws_bytes = _gemm_workspace(choice, bits, m, n, k, block, dev)
@@ -455,15 +455,14 @@ def run(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, scales: tor
     stream = torch.cuda.current_stream(x.device).cuda_stream
     lib = _lib(act)
     bits = _gemm_bits(config, act, block, k)
-    # the device is asked only where the GEMM would take the call, not on decode steps
-    wants_gemm = bits is not None and (path == "gemm" or (
-        path is None and m >= GEMM_WIDE_MIN_M and m >= gemm_min_m(n, k, sm_count(x.device.index))))
+    sms = sm_count(x.device.index)
+    # the device's capability is asked only where the GEMM would take the call, not on decode steps
+    wants_gemm = bits is not None and (path == "gemm" or (path is None and m >= gemm_min_m(n, k, sms)))
     runs_gemm = wants_gemm and torch.cuda.get_device_capability(x.device) == (9, 0)
     if path == "gemm" and not runs_gemm:
         raise ValueError(f"lut_gemm path 'gemm': config {config!r} names no GEMM build for "
                          f"{x.dtype} on this device (gemm_config; sm_90, blocks of 64 x 2^i)")
     if path == "decode" or (path is None and m <= DECODE_MAX_M and not runs_gemm):
-        sms = sm_count(x.device.index)
         choice = decode_choice(m, n, k, sms, gated, x2.element_size(), staged=norm is not None,
                                given=norm_ssq is not None, norm_out=next_norm is not None)
         if choice is None:  # no launch with the shared memory the fusions need
