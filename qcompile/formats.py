@@ -406,7 +406,9 @@ class SmoothQuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-_QUANTIZED = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, LookupTable4bitLinear, SmoothQuantLinear)
+# The layers quantize() puts in place of nn.Linear (tensor parallel shards these too).
+QUANTIZED_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, SmoothQuantLinear,
+                     LookupTable4bitLinear)
 
 
 def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -518,7 +520,7 @@ def quantize(
     skip = tuple(skip)
     linears = _linears(model, skip)
     if not linears:
-        done = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _QUANTIZED)})
+        done = sorted({type(m).__name__ for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)})
         if done:
             raise ValueError(f"quantize: the model has no nn.Linear left to quantize, and is "
                              f"already quantized ({', '.join(done)}); quantize the float model "

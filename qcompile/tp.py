@@ -39,8 +39,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .formats import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, LookupTable4bitLinear,
-                      SmoothQuantLinear)
+from .formats import (QUANTIZED_LINEARS, Int4WeightOnlyLinear, Int8WeightOnlyLinear,
+                      LookupTable4bitLinear, SmoothQuantLinear)
 
 __all__ = ["shard", "shard_linear", "AllReduce", "ColwiseParallel", "RowwiseParallel",
            "DEFAULT_PLAN", "STYLES"]
@@ -55,8 +55,7 @@ DEFAULT_PLAN: dict[str, str] = {
     "*gate_proj": "colwise", "*up_proj": "colwise", "*down_proj": "rowwise",
 }
 
-SHARDABLE = (nn.Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear, SmoothQuantLinear,
-             LookupTable4bitLinear)
+SHARDABLE = (nn.Linear, *QUANTIZED_LINEARS)
 
 
 class AllReduce(nn.Module):
