@@ -54,7 +54,8 @@ def build() -> ctypes.CDLL:
     from qcompile.kernels.build import find_nvcc
     so = Path(tempfile.mkdtemp()) / "walk_probe.so"
     subprocess.run([find_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart",
-                    "shared", "-gencode=arch=compute_90,code=sm_90", str(HERE / "walk_probe.cu"),
+                    "shared", "-gencode=arch=compute_90,code=sm_90",
+                    "-I", str(HERE.parent / "qcompile" / "kernels" / "csrc"), str(HERE / "walk_probe.cu"),
                     "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
     lib.qc_walk_probe.restype = ctypes.c_int

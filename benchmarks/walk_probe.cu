@@ -7,12 +7,10 @@
 // access pattern and of the load mechanism from the cost of the work done on the bytes.
 #include <cuda_runtime.h>
 #include <cstdint>
-__device__ __forceinline__ uint4 ld_stream128(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+
+#include "decode_common.cuh"  // the decode kernels' own weight load (bench_walk_probe.py adds its folder)
+
+using qc_decode::ld_stream128;
 template <int kR, int kLoads, bool kContig>
 __global__ void __launch_bounds__(512) walk(const uint8_t* w, int N, int K, unsigned* out) {
   constexpr int kUnroll = kLoads / kR;
