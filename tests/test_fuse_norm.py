@@ -174,6 +174,40 @@ def test_norm_read_elsewhere_and_broadcast_add_are_left_alone():
     assert rel_err(y, y_ref) <= 2e-2 and rel_err(n, n_ref) <= 1e-2
 
 
+class GroupedNormLinear(nn.Module):
+    """An RMSNorm over groups of the activation (Mamba2's gated norm with several groups, a
+    per-head norm): the norm's rows are K / groups wide, the linear's K wide."""
+
+    def __init__(self, k=256, groups=4):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.rand(k // groups) + 0.5)
+        self.proj = nn.Linear(k, 128, bias=False)
+
+    def forward(self, x):
+        b, t, k = x.shape
+        h = x.view(b, t, self.groups, k // self.groups).float()
+        n = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.weight
+        return self.proj(n.view(b, t, k))
+
+
+@pytest.mark.parametrize("method", ["w4a16", "w8a16", "nf4"])
+def test_a_norm_over_groups_of_the_rows_stays_with_inductor(method):
+    """The op's in-kernel norm is over the whole row: a norm over groups of it (views between
+    it and the matmul) is left to Inductor, the matmul still taken over, eager's numbers (it
+    was handed to the op with its [K / groups] weight, which raised at the first call)."""
+    torch.manual_seed(0)
+    kw = {"block_size": 64} if method == "nf4" else {"group_size": 64}
+    model = qcompile.quantize(GroupedNormLinear().to(torch.bfloat16), method, **kw)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with qcompile.collect() as report:
+        out, ref, spy = compiled_with_spy(model, x)
+    assert len(report.matched) == len(report) == 1, str(report)
+    assert "RMSNorm" not in report.records[0].kernel
+    assert spy.rsqrt == 1
+    assert rel_err(out, ref) <= 2e-2
+
+
 def test_op_reference_with_norm_and_residual():
     """The op's meaning: linear(rms_norm(x)) + residual, computed in float32, rounded once;
     bad norm / residual shapes are ValueErrors."""

@@ -336,10 +336,12 @@ def _rms_norm_of(x: fx.Node, ev: ConstantEvaluator, sites: list[_MixedSite]
                     or (sq.target is aten.mul.Tensor and sq.args == (x32, x32)))):
         return None
     h = x32.args[0] if x32.op == "call_function" and x32.target in _CASTS else x32
-    vh, vout, vw = _val(h), _val(base), _val(w)
-    if (vh is None or vout is None or vw is None or vh.dtype != vout.dtype
+    vh, vout, vw, vx = _val(h), _val(base), _val(w), _val(x)
+    if (vh is None or vout is None or vw is None or vx is None or vh.dtype != vout.dtype
             or vw.dtype != vh.dtype or vh.shape != v32.shape or tuple(vw.shape) != (vh.shape[-1],)):
         return None
+    if vx.shape[-1] != vh.shape[-1]:
+        return None  # a norm over groups or heads of the matmul's rows (views between): not the op's
     if set(_terminal_users(base)) != {site.mm for site in sites}:
         return None  # the normalized activation is read elsewhere too: keep it
     return h, w, float(add.args[1])
