@@ -234,6 +234,40 @@ def test_cpp_wrapper(gpu_like_decomposition):
     assert rel_err(out, ref) <= TOL[torch.float32]
 
 
+class EinsumLinear(nn.Module):
+    """A quantized layer's dequantized weight applied with ``torch.einsum`` instead of
+    F.linear (einsum lowers to a bmm of batch 1 over the weight unsqueezed and permuted)."""
+
+    def __init__(self, layer: nn.Module, equation: str):
+        super().__init__()
+        self.layer, self.equation = layer, equation
+
+    def forward(self, x):
+        if hasattr(self.layer, "dequantized_weight"):
+            w = self.layer.dequantized_weight(x.dtype)
+        else:  # W8A16: q * s[:, None]
+            w = self.layer.qweight.to(x.dtype) * self.layer.scales[:, None]
+        return torch.einsum(self.equation, x, w)
+
+
+@pytest.mark.parametrize("method", ["w8a16", "w4a16", "nf4"])
+@pytest.mark.parametrize("equation,shape", [("mk,nk->mn", (5, 128)), ("btk,nk->btn", (2, 3, 128)),
+                                            ("...k,nk->...n", (1, 1, 128))])
+def test_einsum_spellings_of_a_linear_are_taken_over(method, equation, shape):
+    torch.manual_seed(0)
+    kw = {"block_size": 64} if method == "nf4" else {"group_size": 64} if method == "w4a16" else {}
+    layer = qcompile.quantize(nn.Sequential(nn.Linear(128, 64, bias=False)).to(torch.bfloat16),
+                              method, **kw)[0]
+    model = EinsumLinear(layer, equation)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad(), qcompile.collect() as report:
+        out = torch.compile(model, backend="qcompile")(x)
+        ref = model(x)
+    assert len(report.matched) == len(report) == 1, str(report)
+    assert out.shape == ref.shape and rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
 class LookupTableLinear(nn.Module):
     """A 4-bit lookup-table weight (NF4-like): ``table[codes] * absmax`` per 64-block; with
     ``entries=32`` a 5-bit table, which the pass does not read (at most 16 values)."""

@@ -949,6 +949,12 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     elif op == "bmm":
         x, w3 = node.args[:2]
         w = _broadcast_source(w3)
+        w3v = _val(w3)
+        if w is None and w3v is not None and w3v.dim() == 3 and w3v.shape[0] == 1 and ev.is_constant(w3):
+            # einsum's linears ("mk,nk->mn", "...k,nk->...n") lower to a bmm of batch 1 whose
+            # weight is the 2-D one unsqueezed and permuted to [1, K, N]: read it as [K, N]
+            with builder.graph.inserting_after(w3):
+                w = builder.call(aten.view.default, (w3, list(w3v.shape[1:])))
         if w is None:
             raise NoMatch("bmm whose second operand is not one 2-D weight broadcast over "
                           "the batch (activation x activation, or a per-batch weight)")
