@@ -74,6 +74,29 @@ class TokenGram(nn.Module):
         return x @ x.t()
 
 
+class WeightLeft(nn.Module):
+    """W @ x.T: the dequantized weight as the first operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = qcompile.Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+
+    def forward(self, x):
+        return (self.inner.qweight.to(x.dtype) * self.inner.scales[:, None]) @ x.t()
+
+
+class SplitAfterDequant(nn.Module):
+    """A merged weight of two layers dequantized whole, then split for one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = qcompile.Int8WeightOnlyLinear.from_linear(nn.Linear(64, 64))
+
+    def forward(self, x):
+        w = self.inner.qweight.to(x.dtype) * self.inner.scales[:, None]
+        return F.linear(x, w[:32])
+
+
 @pytest.mark.parametrize("model,inputs,reason", [
     (GroupDequantLinear(), (torch.randn(4, 96),),
      "group size 24 not supported (kernels take 32, 64, 128, 256 or per-channel)"),
@@ -87,7 +110,15 @@ class TokenGram(nn.Module):
      (torch.randn(4, 64, dtype=torch.float64),), "activation dtype torch.float64 not supported"),
     (TokenGram(), (torch.randint(0, 100, (8,)),),
      "weight operand is not constant (activation x activation matmul)"),
-], ids=["group24", "input-scale", "exp", "float", "int_mm-raw", "float64", "token-ids"])
+    (WeightLeft(), (torch.randn(4, 64),),
+     "the quantized weight is the first operand (W @ x.T): qcompile reads x @ W.T (F.linear), "
+     "the same values transposed; write it that way"),
+    (SplitAfterDequant(), (torch.randn(4, 64),),
+     "only an integer tensor larger than the weight feeds it: a part of a larger dequantized "
+     "tensor (a merged q/k/v or padded weight split or sliced after dequantizing)? Slice the "
+     "integer weight and its scales before dequantizing"),
+], ids=["group24", "input-scale", "exp", "float", "int_mm-raw", "float64", "token-ids",
+        "weight-left", "split-after-dequant"])
 def test_near_misses_are_reported_and_left_correct(model, inputs, reason):
     report = qcompile.explain(model, *inputs)
     assert len(report) == 1

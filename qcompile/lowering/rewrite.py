@@ -894,6 +894,11 @@ def _first_line(e: Exception) -> str:
     return text[0][:200] if text else ""
 
 
+def _quantized_constant(ev: ConstantEvaluator, node) -> bool:
+    """node is a constant computed from an integer tensor (a dequantized weight, say)."""
+    return isinstance(node, fx.Node) and ev.is_constant(node) and bool(integer_nodes(ancestors(node)))
+
+
 def _warn_if_unread(graph: fx.Graph, ev: ConstantEvaluator, report: Report) -> None:
     """One WARNING (and a report note) when the pass rewrote nothing although a matmul (or
     the product a decomposed matmul left: a mul feeding a sum) reads a weight computed
@@ -904,13 +909,14 @@ def _warn_if_unread(graph: fx.Graph, ev: ConstantEvaluator, report: Report) -> N
             continue
         if node.target in MATMULS:  # the weight operand (the second for _int_mm, packed ops)
             operands = [node.args[WEIGHT_OPERAND.get(node.target, 1)]]
+            if node.target is aten.mm.default:  # or the first: W @ x.T
+                operands.append(node.args[0])
         elif node.target is aten.mul.Tensor and any(
                 u.target in (aten.sum.dim_IntList, aten.sum.default) for u in node.users):
             operands = [a for a in node.args if isinstance(a, fx.Node)]
         else:
             continue
-        if any(isinstance(a, fx.Node) and ev.is_constant(a) and integer_nodes(ancestors(a))
-               for a in operands):
+        if any(_quantized_constant(ev, a) for a in operands):
             readers.append(node)
     if not readers:
         return
@@ -970,6 +976,9 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     else:
         x, w = node.args[:2]
         bias = None
+        if _quantized_constant(ev, x) and not ev.is_constant(w):
+            raise NoMatch("the quantized weight is the first operand (W @ x.T): qcompile reads "
+                          "x @ W.T (F.linear), the same values transposed; write it that way")
     xv = _val(x)
     if xv is None or xv.dtype not in ACT_DTYPES:
         raise NoMatch(f"activation dtype {None if xv is None else xv.dtype} not supported")

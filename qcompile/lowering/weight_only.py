@@ -213,6 +213,12 @@ def recognize_weight(ev: ConstantEvaluator, b: fx.Node) -> WeightOnlyMatch:
         if fit is not None:
             candidates.append((fit[0], not is_int, -pos, c, v))
     if not candidates:
+        if any(isinstance(v := c.meta.get("val"), torch.Tensor) and v.numel() > k * n
+               for c in int_nodes):
+            raise NoMatch("only an integer tensor larger than the weight feeds it: a part of a "
+                          "larger dequantized tensor (a merged q/k/v or padded weight split or "
+                          "sliced after dequantizing)? Slice the integer weight and its scales "
+                          "before dequantizing")
         raise NoMatch("no integer tensor of at most 8 bits with one value per weight "
                       "element feeds the weight")
     candidates.sort(key=lambda t: t[:3])
