@@ -110,8 +110,9 @@ class HandNF4(nn.Module):
     optionally cast to the activation type first, and any table size."""
 
     def __init__(self, n=64, k=256, block=64, table=None, dtype=torch.float32,
-                 table_in_dtype=False, offset=0.0, per_element=False):
+                 table_in_dtype=False, offset=0.0, per_element=False, lookup="index"):
         super().__init__()
+        self.lookup = lookup
         g = torch.Generator().manual_seed(0)
         self.register_buffer("packed", torch.randint(0, 256, (n, k // 2), generator=g,
                                                      dtype=torch.uint8))
@@ -132,7 +133,15 @@ class HandNF4(nn.Module):
         t = self.table.to(self.dtype) if self.table_in_dtype else self.table
         scale = self.absmax if self.per_element else \
             self.absmax.repeat_interleave(self.block, dim=1)
-        w = t[codes.long()] * scale
+        c = codes.long()
+        if self.lookup == "embedding":  # F.embedding over a one-column table
+            w = F.embedding(c.reshape(-1), t[:, None]).reshape(c.shape) * scale
+        elif self.lookup == "index_select":
+            w = torch.index_select(t, 0, c.reshape(-1)).reshape(c.shape) * scale
+        elif self.lookup == "take":
+            w = torch.take(t, c) * scale
+        else:
+            w = t[c] * scale
         return (w + self.offset).to(self.dtype)
 
     def forward(self, x):
@@ -149,6 +158,17 @@ def test_hand_written_nf4_graph(dtype, table_in_dtype):
     assert report.records[0].format == "w4a16 nf4 b64"
     assert torch.equal(out, ref)
     assert rel_err(out, x.double() @ model.weight().double().t()) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("lookup", ["embedding", "index_select", "take"])
+def test_lookup_spellings(lookup):
+    """The table looked up by F.embedding (a one-column table), index_select or take."""
+    model = HandNF4(dtype=torch.bfloat16, lookup=lookup)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    report, out, ref = _run(model, x)
+    assert report.records[0].matched, str(report)
+    assert report.records[0].format == "w4a16 nf4 b64"
+    assert torch.equal(out, ref)
 
 
 def test_hand_written_fp4_and_codebook_graphs():

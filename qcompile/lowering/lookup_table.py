@@ -8,8 +8,8 @@ integer tensor is an index, not a value), so a weight it leaves with "the intege
 indexes a lookup table" comes here.
 
 By meaning, as ``weight_only`` does: the lookup (``aten.index.Tensor(T, [c])``,
-``index_select``, ``take``, or bitsandbytes' registered ``dequantize_4bit`` read by its
-documented layout) is a node L whose value is ``T[c]`` (times the op's absmax for
+``index_select``, ``take``, ``embedding`` of a one-column table, or bitsandbytes' registered
+``dequantize_4bit`` read by its documented layout) is a node L whose value is ``T[c]`` (times the op's absmax for
 bitsandbytes). The rest of the weight expression is probed in float64 with L replaced:
 by zeros (the result must be 0: no offset), by the per-element pre-scale (giving the
 scale s of every weight element) and by the codes themselves times it (giving each
@@ -210,12 +210,15 @@ def _lookups(ev: ConstantEvaluator, b: fx.Node, numel: int) -> tuple[list[_Looku
             table, index = n.args[0], n.args[2]
         elif n.target is aten.take.default:
             table, index = n.args
+        elif n.target is aten.embedding.default:  # F.embedding(codes, table[:, None])
+            table, index = n.args[:2]
         else:
             continue
         tv, iv = table.meta.get("val"), index.meta.get("val")
+        one_column = n.target is aten.embedding.default and tv.dim() == 2 and tv.shape[1] == 1
         if not (isinstance(tv, torch.Tensor) and tv.dtype.is_floating_point and
                 isinstance(iv, torch.Tensor) and not iv.dtype.is_floating_point and
-                iv.dtype != torch.bool and (tv.dim() == 1 or n.target is aten.take.default)):
+                iv.dtype != torch.bool and (tv.dim() == 1 or one_column or n.target is aten.take.default)):
             continue
         if not ev.is_constant(table):
             misses.append("the integer tensor indexes a table that is not constant")
