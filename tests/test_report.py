@@ -97,6 +97,24 @@ class SplitAfterDequant(nn.Module):
         return F.linear(x, w[:32])
 
 
+class GroupsAlongRows(nn.Module):
+    """int4 codes whose scales and zeros are shared by 16 consecutive rows of each column
+    (quantization groups along N, HQQ's axis=0)."""
+
+    def __init__(self, n=32, k=64, rows=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("q", torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+        self.register_buffer("s", torch.rand(n // rows, k, generator=g) + 0.5)
+        self.register_buffer("z", torch.randint(0, 16, (n // rows, k), generator=g).float())
+        self.rows = rows
+
+    def forward(self, x):
+        s = self.s.repeat_interleave(self.rows, 0)
+        z = self.z.repeat_interleave(self.rows, 0)
+        return F.linear(x, (self.q.float() - z) * s)
+
+
 @pytest.mark.parametrize("model,inputs,reason", [
     (GroupDequantLinear(), (torch.randn(4, 96),),
      "group size 24 not supported (kernels take 32, 64, 128, 256 or per-channel)"),
@@ -117,8 +135,11 @@ class SplitAfterDequant(nn.Module):
      "only an integer tensor larger than the weight feeds it: a part of a larger dequantized "
      "tensor (a merged q/k/v or padded weight split or sliced after dequantizing)? Slice the "
      "integer weight and its scales before dequantizing"),
+    (GroupsAlongRows(), (torch.randn(4, 64),),
+     "scales and zeros are shared by groups of rows (output channels) and vary along K: the "
+     "kernels take groups along K (HQQ: axis=1)"),
 ], ids=["group24", "input-scale", "exp", "float", "int_mm-raw", "float64", "token-ids",
-        "weight-left", "split-after-dequant"])
+        "weight-left", "split-after-dequant", "groups-along-rows"])
 def test_near_misses_are_reported_and_left_correct(model, inputs, reason):
     report = qcompile.explain(model, *inputs)
     assert len(report) == 1

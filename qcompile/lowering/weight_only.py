@@ -153,12 +153,31 @@ def _act_order_perm(s: torch.Tensor, o: torch.Tensor, g_true: int) -> torch.Tens
         more = ", ..." if len(shown) > 6 else ""
         if g_true > 1:
             raise _unsupported_group(g_true)
+        if _shared_along_rows(s, o):
+            raise _ActOrderMiss(
+                "scales and zeros are shared by groups of rows (output channels) and vary "
+                "along K: the kernels take groups along K (HQQ: axis=1)", len(sizes))
         raise _ActOrderMiss(
             f"scales vary along K without a supported group size, and grouping K's columns "
             f"by equal scales and zeros (act-order, g_idx) gives {len(sizes)} groups of sizes "
             f"{', '.join(map(str, shown[:6]))}{more}, not all multiples of one of "
             f"{', '.join(map(str, sorted(KERNEL_GROUP_SIZES)))}", len(sizes))
     return torch.argsort(inverse, stable=True)
+
+
+def _shared_along_rows(s: torch.Tensor, o: torch.Tensor) -> bool:
+    """Rows of s and o ([N, K]) share their (scale, zero) pairs within each column, at most
+    N / 2 distinct pairs a column: quantization groups along N (HQQ's axis=0)."""
+    n = s.shape[0]
+    if n < 2:
+        return False
+    # each column sorted by (scale, zero): sort by zero, then stably by scale
+    o1, i1 = torch.sort(o, dim=0, stable=True)
+    s1 = torch.gather(s, 0, i1)
+    s2, i2 = torch.sort(s1, dim=0, stable=True)
+    o2 = torch.gather(o1, 0, i2)
+    distinct = 1 + ((s2[1:] != s2[:-1]) | (o2[1:] != o2[:-1])).sum(dim=0)
+    return bool((distinct <= n // 2).all())
 
 
 def _exact_dtype(t: torch.Tensor, prefer: list[torch.dtype]) -> torch.dtype | None:
