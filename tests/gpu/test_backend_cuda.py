@@ -160,6 +160,46 @@ def test_kv_cache_decode_records_cuda_graphs(method):
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
+AMBIENT = {  # settings made on the config modules before compiling (tests/test_takeover.py)
+    "inductor-freezing": ({"freezing": True}, {}),
+    "dynamo-prepare-freezing": ({}, {"prepare_freezing": True}),
+}
+
+
+@pytest.mark.parametrize("setting", list(AMBIENT))
+@pytest.mark.parametrize("method", ["w4a16", "w8a8", "nf4"])
+def test_decode_step_under_ambient_freezing(setting, method):
+    """With freezing set on Inductor's config (or Dynamo's prepare_freezing), Dynamo installs the
+    weights on the graph module: every linear still taken over on the CUDA kernels, the KV cache
+    still a static input of the CUDA graphs (no skips), and the steps match the model compiled
+    without the setting."""
+    from torch._dynamo.utils import counters
+    inductor, dynamo = AMBIENT[setting]
+    torch.manual_seed(0)
+    kw = {"block_size": 64} if method == "nf4" else {"group_size": 128}
+    model = qcompile.quantize(Llama(CONFIG).to("cuda", torch.bfloat16), method, **kw)
+    model.setup_caches(1, 64)
+    n = 24
+    prompt = torch.randint(0, CONFIG.vocab_size, (1, n), device="cuda")
+    with torch.no_grad():
+        tok = model(prompt, torch.arange(n, device="cuda"))[:, -1:].argmax(-1)
+        plain = copy.deepcopy(model)
+        torch._dynamo.reset()
+        counters.clear()
+        with torch._inductor.config.patch(inductor), torch._dynamo.config.patch(dynamo), \
+                qcompile.collect() as report:
+            step = torch.compile(model, backend="qcompile", mode="reduce-overhead", fullgraph=True)
+            outs = [step(tok, torch.tensor([n + i], device="cuda")).clone() for i in range(4)]
+        skips = counters["inductor"]["cudagraph_skips"]
+        plain_step = torch.compile(plain, backend="qcompile", fullgraph=True)
+        refs = [plain_step(tok, torch.tensor([n + i], device="cuda")).clone() for i in range(4)]
+    assert len(report.matched) == len(report) == 15, str(report)
+    assert not any(r.kernel.startswith("reference") for r in report.records), str(report)
+    assert skips == 0
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        assert _rel(o, r) <= 2e-2, i
+
+
 @pytest.mark.parametrize("method", ["w4a16", "w8a16", "w8a8"])
 def test_fuse_linears_decode_step_matches_eager(method):
     """options={"fuse_linears": True}: q/k/v and gate/up as one launch each (on the GPU
