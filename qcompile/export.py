@@ -147,6 +147,23 @@ def _drop_dead_asserts(graph: fx.Graph) -> None:
         graph.eliminate_dead_code()
 
 
+def _drop_unread_state(gm: fx.GraphModule) -> list[str]:
+    """Delete the parameters and buffers that no node of ``gm`` reads any more -- the quantized
+    weights whose matmuls now read packed copies (fused q/k/v, gate/up: every one of them) --
+    so that the program exported from ``gm`` neither saves nor loads them (they doubled those
+    layers' bytes in the file and in the loaded module). Returns the names dropped."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    state = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    dropped = []
+    for name, _ in state:
+        if name in read:
+            continue
+        owner, _, attr = name.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, attr)
+        dropped.append(name)
+    return dropped
+
+
 def _decompositions(ep: torch.export.ExportedProgram) -> dict:
     """The table for ``ep.run_decompositions``: the backend's own (Inductor's, with matmuls
     that read a quantized weight kept whole; ``lowering.decompositions``), so that the program
@@ -181,6 +198,7 @@ def rewrite_exported(model: torch.nn.Module, example_inputs: tuple, dynamic_shap
         rewrite_graph(gm.graph, {}, report, fuse_linears)
         _drop_dead_asserts(gm.graph)
         gm.recompile()
+        _drop_unread_state(gm)
         report.graphs += 1
         return torch.export.export(gm, example_inputs, dynamic_shapes=dynamic_shapes)
 

@@ -192,6 +192,22 @@ def test_program_keeps_dynamic_batch_and_sequence_and_the_kv_cache(llama_program
             assert cache[:batch, :, :9].abs().sum() > 0 and not cache[:, :, 9:].any()
 
 
+def test_program_holds_only_the_tensors_its_graph_reads(llama_program):
+    """The quantized weights whose matmuls now read packed copies (every fused q/k/v and
+    gate/up) are not saved beside them: every tensor of the loaded module is read by its
+    graph, and the loaded module holds no more bytes than the quantized model."""
+    model, path = llama_program
+    loaded = qcompile.load(path, compile=False)
+    read = {n.target for n in loaded.graph.nodes if n.op == "get_attr"}
+    state = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert set(state) <= read, sorted(set(state) - read)
+
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    assert size(state.values()) <= size([*model.parameters(), *model.buffers()])
+
+
 def test_program_compiled_on_load_generates_what_the_model_does(llama_program):
     model, path = llama_program
     loaded = qcompile.load(path)  # compiled (Inductor) on the first call
