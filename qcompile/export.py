@@ -44,8 +44,8 @@ import torch
 import torch.fx as fx
 
 from . import _compat
-from .lowering.report import Report
-from .lowering.rewrite import rewrite_graph
+from .lowering.report import MatchRecord, Report
+from .lowering.rewrite import MATMULS, rewrite_graph
 
 log = logging.getLogger("qcompile")
 
@@ -414,7 +414,20 @@ def _register_ops() -> None:
 
 def _no_rewrite(graph, constants, report, fuse_linears=False):  # noqa: ARG001
     """The graph of a loaded program holds qcompile ops already: nothing to rewrite (and the
-    rewrite's "integer weights but no takeover" warning would be wrong there)."""
+    rewrite's "integer weights but no takeover" warning would be wrong there). The report
+    lists what the program runs: its qcompile ops as matched, the matmuls export left alone
+    as not (the export's own report, with its reasons, is in the file: ``read_metadata``)."""
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function":
+            continue
+        if getattr(target, "namespace", None) == "qcompile":
+            report.add(MatchRecord(node=node.name, op=str(target), matched=True,
+                                   format="from the exported program", kernel=str(target)))
+        elif target in MATMULS:
+            report.add(MatchRecord(node=node.name, op=MATMULS[target], matched=False,
+                                   reason="left to Inductor when the program was exported (the "
+                                          "export's report in the file says why: read_metadata)"))
 
 
 def _program_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str | None = None,

@@ -121,6 +121,18 @@ def test_program_runs_through_the_dispatcher_without_compiling(artifacts):
             assert rel_err(loaded(x), model(x)) < 1e-5
 
 
+def test_a_loaded_program_reports_the_ops_it_runs(artifacts):
+    """Compiled on load, the program's report lists its qcompile ops as matched (not the
+    "0 of 0" of a graph with nothing left to rewrite)."""
+    _, paths = artifacts
+    loaded = qcompile.load(paths["program"])
+    with torch.no_grad(), qcompile.collect() as report:
+        loaded(torch.randn(3, 256))
+    assert len(report.matched) == len(report) == 2, str(report)
+    assert {r.kernel for r in report.records} == {"qcompile.mixed_gemm.default",
+                                                   "qcompile.int8_gemm.default"}
+
+
 def test_artifact_holds_the_report_and_versions(artifact):
     _, path = artifact
     meta = read_metadata(path)
