@@ -1,6 +1,6 @@
 """Quantize a small Llama-style model, compile it with backend="qcompile", check the numbers.
 
-    python examples/demo.py [--method w4a16|w8a16|w8a8|all] [--device cpu|cuda]
+    python examples/demo.py [--method w4a16|w8a16|w8a8|nf4|fp4|all] [--device cpu|cuda]
 
 Prints the match report (which linears became qcompile ops, on which kernel) and the
 relative error of the compiled model against the same quantized model run eagerly.

@@ -227,7 +227,8 @@ def _release(tensors: Sequence[torch.Tensor]) -> None:
 
 
 def last_report() -> Report:
-    """The match report of the most recent ``backend="qcompile"`` compile (all its graphs)."""
+    """The match report of the graph the qcompile backend compiled last. A model with graph
+    breaks compiles several graphs: ``collect()`` or ``explain()`` gathers them all."""
     out = Report()
     if _last:
         out.extend(_last[-1])

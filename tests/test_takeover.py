@@ -200,6 +200,8 @@ def test_a_function_reading_global_quantized_tensors():
     assert len(report) == 1 and not report.records[0].matched
     assert "not a parameter or buffer" in report.records[0].reason
     assert "torch._dynamo.mark_static_address" in report.records[0].reason
+    # and the no-takeover warning says it, as for weights held in modules
+    assert len(report.notes) == 1 and "not a parameter or buffer" in report.notes[0]
     assert rel_err(out, f(x)) == 0
     torch._dynamo.mark_static_address(q)
     torch._dynamo.mark_static_address(s)

@@ -182,6 +182,11 @@ def is_integer_tensor(val: Any) -> bool:
 _CODE_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
 
 
+# How not_constant_reason's answer for a quantized weight held outside modules begins (the
+# no-takeover warning looks for it).
+INPUT_WEIGHT_REASON = "the weight reads the integer graph input"
+
+
 def not_constant_reason(ev: ConstantEvaluator, operand: fx.Node, default: str) -> str:
     """Why a matmul's weight operand could not be read, for the report: ``default``, unless it
     is computed from a graph input that looks like quantized codes -- an 8-32-bit integer
@@ -196,7 +201,7 @@ def not_constant_reason(ev: ConstantEvaluator, operand: fx.Node, default: str) -
         if (node.op == "placeholder" and not ev.is_constant(node)
                 and isinstance(code, torch.Tensor) and code.dtype in _CODE_DTYPES
                 and any(code.numel() * r == val.numel() for r in (1, 2, 4, 8))):
-            return (f"the weight reads the integer graph input {node.name}, which is not a "
+            return (f"{INPUT_WEIGHT_REASON} {node.name}, which is not a "
                     "parameter or buffer (an argument of the compiled function, or a tensor "
                     "global to it): weights are read from constants at compile time; hold it in "
                     "an nn.Module, or mark it static with torch._dynamo.mark_static_address")

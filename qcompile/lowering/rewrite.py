@@ -37,7 +37,8 @@ from .. import kernels
 from ..kernels.ops import dtype_name
 from .act_order import gather_activation
 from .decompositions import WEIGHT_OPERAND
-from .evaluate import ConstantEvaluator, ancestors, integer_nodes, users_chain, value_users
+from .evaluate import (INPUT_WEIGHT_REASON, ConstantEvaluator, ancestors, integer_nodes, users_chain,
+                       value_users)
 from .int8_rescale import Int8Match, recognize_int8
 from .lookup_table import LookupTableMatch, is_bnb_gemm, recognize_bnb_gemm, recognize_lookup
 from .packed_ops import OPS as PACKED_OPS
@@ -918,9 +919,14 @@ def _warn_if_unread(graph: fx.Graph, ev: ConstantEvaluator, report: Report) -> N
             continue
         if any(_quantized_constant(ev, a) for a in operands):
             readers.append(node)
+    unmatched = {r.node: r.reason for r in report.records if not r.matched}
+    # and the matmuls whose quantized weight is a graph input (a compiled function's argument
+    # or global), which no constant shows
+    names = {n.name for n in readers}
+    readers += [n for n in graph.nodes if n.name in unmatched and n.name not in names
+                and unmatched[n.name].startswith(INPUT_WEIGHT_REASON)]
     if not readers:
         return
-    unmatched = {r.node: r.reason for r in report.records if not r.matched}
     reasons = [f"{n.name}: {unmatched[n.name]}" for n in readers if n.name in unmatched]
     if reasons:
         why = "; ".join(dict.fromkeys(reasons[:3]))
