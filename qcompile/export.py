@@ -262,6 +262,10 @@ def export(model: torch.nn.Module, example_inputs: Sequence, path: str | Path,
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # a torch.compile'd model: export the module it wraps (the wrapper's forward takes
+    # *args, **kwargs, against which torch.export cannot match dynamic_shapes)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError("example_inputs must be a tuple of arguments, "
                         f"got {type(example_inputs).__name__}")

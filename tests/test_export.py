@@ -428,6 +428,19 @@ def test_program_calling_an_unregistered_op_names_it(artifacts, tmp_path):
         qcompile.load(bad)
 
 
+def test_a_compiled_model_exports_as_the_module_it_wraps(tmp_path):
+    """qcompile.export(torch.compile(model), ..., dynamic_shapes=...) exports the model itself
+    (torch.export could not match dynamic_shapes to the compiled wrapper's *args, **kwargs)."""
+    model = _model()
+    compiled = torch.compile(model, backend="qcompile")
+    path = qcompile.export(compiled, (torch.randn(4, 256),), tmp_path / "c.pt2",
+                           dynamic_shapes=({0: torch.export.Dim("m")},))
+    loaded = qcompile.load(path, compile=False)
+    x = torch.randn(7, 256)
+    with torch.no_grad():
+        assert rel_err(loaded(x), model(x)) < 1e-5
+
+
 def test_export_checks_arguments(tmp_path):
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         qcompile.export("m", (torch.randn(2, 4),), tmp_path / "a.pt2")
