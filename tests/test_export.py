@@ -428,6 +428,30 @@ def test_program_calling_an_unregistered_op_names_it(artifacts, tmp_path):
         qcompile.load(bad)
 
 
+class TwiceApplied(nn.Module):
+    """One quantized linear applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(128, 128)
+
+    def forward(self, x):
+        return self.lin(torch.relu(self.lin(x)))
+
+
+@pytest.mark.parametrize("method", ["w4a16", "nf4"])
+def test_a_layer_applied_twice_holds_one_packed_copy(tmp_path, method):
+    torch.manual_seed(0)
+    model = qcompile.quantize(TwiceApplied(), method, group_size=64)
+    path = qcompile.export(model, (torch.randn(3, 128),), tmp_path / "t.pt2")
+    loaded = qcompile.load(path, compile=False)
+    added = [name for name, _ in loaded.named_buffers() if name.startswith("_qcompile_")]
+    assert len(added) == len(set(added)) and len(added) <= 3, added  # one packed copy each
+    x = torch.randn(3, 128)  # the static example's shape
+    with torch.no_grad():
+        assert rel_err(loaded(x), model(x)) < 1e-5
+
+
 def test_a_compiled_model_exports_as_the_module_it_wraps(tmp_path):
     """qcompile.export(torch.compile(model), ..., dynamic_shapes=...) exports the model itself
     (torch.export could not match dynamic_shapes to the compiled wrapper's *args, **kwargs)."""

@@ -88,10 +88,20 @@ class _Builder:
         self.graph, self.gm = graph, graph.owning_module
         vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
         self.fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        self._added: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
 
     def constant(self, tensor: torch.Tensor, hint: str) -> fx.Node:
-        name = f"_qcompile_{hint}_{next(_uid)}"
-        self.gm.register_buffer(name, tensor.contiguous())
+        """A get_attr of a new buffer holding tensor, or of the one this builder added
+        before with equal contents (a layer applied twice reads one packed copy)."""
+        tensor = tensor.contiguous()
+        flat = tensor.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].cpu().contiguous().view(torch.uint8)
+        key = (tensor.dtype, tuple(tensor.shape), tensor.device, sample.numpy().tobytes())
+        same = next((n for n, t in self._added.get(key, []) if torch.equal(t, tensor)), None)
+        name = same or f"_qcompile_{hint}_{next(_uid)}"
+        if same is None:
+            self.gm.register_buffer(name, tensor)
+            self._added.setdefault(key, []).append((name, tensor))
         node = self.graph.get_attr(name)
         if self.fake_mode is not None:
             node.meta["val"] = self.fake_mode.from_tensor(tensor, static_shapes=True)
