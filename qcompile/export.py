@@ -489,8 +489,70 @@ def load(path: str | Path, device_index: int = -1, *, compile: bool = True,
     module = ep.module()
     if not compile:
         return module
-    return torch.compile(module, backend=_program_backend, mode=mode, options=options,
-                         dynamic=dynamic, fullgraph=True)
+    compiled = torch.compile(module, backend=_program_backend, mode=mode, options=options,
+                             dynamic=dynamic, fullgraph=True)
+    check = _argument_check(ep)
+    if check is not None:  # before Dynamo traces the call, whose messages are about tracing
+        compiled.register_forward_pre_hook(check, with_kwargs=True)
+    return compiled
+
+
+def _finite(bound) -> int | None:
+    """A dynamic dimension's bound as an int, None where unbounded (int_oo)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+def _argument_check(ep: torch.export.ExportedProgram):
+    """A forward pre-hook checking a call's arguments against the program's signature where
+    it is positional tensors only (the usual one): their count, dtypes, ranks and sizes
+    (static, or a dynamic dimension's upper bound). Called wrong, the compiled program raised from
+    inside Dynamo's tracing ("Attempt to trace generator", a fake tensor error) instead of
+    saying which argument is wrong. None for other signatures."""
+    from torch.export.graph_signature import InputKind
+    from torch.utils import _pytree as pytree
+
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    if ep.call_spec.in_spec != pytree.tree_structure((tuple(range(len(names))), {})) or \
+            not all(isinstance(vals.get(n), torch.Tensor) for n in names):
+        return None
+    wanted = []  # (dtype, [(low, high or None) a dimension, None where not a plain symbol])
+    for name in names:
+        dims = []
+        for size in vals[name].shape:
+            if isinstance(size, int):
+                dims.append((size, size))
+            else:
+                # only the upper bound: export records a lower bound of 2 for dimensions it
+                # did not specialize to 0 or 1, yet the program runs them at 1
+                bound = ep.range_constraints.get(size.node.expr)
+                dims.append(None if bound is None else (0, _finite(bound.upper)))
+        wanted.append((vals[name].dtype, dims))
+
+    def describe(i):
+        dtype, dims = wanted[i]
+        shown = ["any" if d is None or d[1] is None else str(d[0]) if d[0] == d[1] else f"<={d[1]}"
+                 for d in dims]
+        return f"argument {i} must be a {str(dtype).removeprefix('torch.')} tensor [{', '.join(shown)}]"
+
+    def check(module, args, kwargs):  # noqa: ARG001
+        if kwargs or len(args) != len(wanted):
+            given = f"{len(args)}" + (f" and keywords {sorted(kwargs)}" if kwargs else "")
+            raise TypeError(f"the loaded program takes {len(wanted)} positional tensor "
+                            f"argument(s), got {given}")
+        for i, (a, (dtype, dims)) in enumerate(zip(args, wanted)):
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"{describe(i)}, got {type(a).__name__}")
+            if a.dtype != dtype or a.dim() != len(dims) or any(
+                    d is not None and not (d[0] <= n and (d[1] is None or n <= d[1]))
+                    for n, d in zip(a.shape, dims)):
+                raise ValueError(f"{describe(i)}, got {str(a.dtype).removeprefix('torch.')} "
+                                 f"{list(a.shape)}")
+
+    return check
 
 
 _OP_NAME = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)")

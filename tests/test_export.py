@@ -133,6 +133,28 @@ def test_a_loaded_program_reports_the_ops_it_runs(artifacts):
                                                    "qcompile.int8_gemm.default"}
 
 
+def test_a_loaded_program_says_which_argument_is_wrong(artifacts):
+    """Compiled on load, a call with arguments the program does not take raises, before any
+    tracing, an error naming the argument and what the program takes (Dynamo's own were
+    "Attempt to trace generator" and fake-tensor errors)."""
+    _, paths = artifacts
+    loaded = qcompile.load(paths["program"])
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"argument 0 must be a float32 tensor \[<=1024, 256\], "
+                                             r"got bfloat16 \[3, 256\]"):
+            loaded(x.bfloat16())
+        with pytest.raises(ValueError, match=r"got float32 \[1100, 256\]"):
+            loaded(torch.randn(1100, 256))
+        with pytest.raises(ValueError, match=r"got float32 \[256\]"):
+            loaded(torch.randn(256))
+        with pytest.raises(TypeError, match=r"takes 1 positional tensor argument\(s\), got 2"):
+            loaded(x, x)
+        with pytest.raises(TypeError, match=r"got 0 and keywords \['x'\]"):
+            loaded(x=x)
+        assert rel_err(loaded(x), qcompile.load(paths["program"], compile=False)(x)) < 1e-6
+
+
 def test_artifact_holds_the_report_and_versions(artifact):
     _, path = artifact
     meta = read_metadata(path)
