@@ -252,9 +252,9 @@ class EinsumLinear(nn.Module):
         return torch.einsum(self.equation, x, w)
 
 
-@pytest.mark.parametrize("method", ["w8a16", "w4a16", "nf4"])
-@pytest.mark.parametrize("equation,shape", [("mk,nk->mn", (5, 128)), ("btk,nk->btn", (2, 3, 128)),
-                                            ("...k,nk->...n", (1, 1, 128))])
+@pytest.mark.parametrize("method,equation,shape", [("w8a16", "mk,nk->mn", (5, 128)),
+                                                   ("w4a16", "btk,nk->btn", (2, 3, 128)),
+                                                   ("nf4", "...k,nk->...n", (1, 1, 128))])
 def test_einsum_spellings_of_a_linear_are_taken_over(method, equation, shape):
     torch.manual_seed(0)
     kw = {"block_size": 64} if method == "nf4" else {"group_size": 64} if method == "w4a16" else {}
