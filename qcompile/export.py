@@ -153,7 +153,7 @@ def _drop_unread_state(gm: fx.GraphModule) -> list[str]:
     so that the program exported from ``gm`` neither saves nor loads them (they doubled those
     layers' bytes in the file and in the loaded module). Returns the names dropped."""
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    state = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    state = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
     dropped = []
     for name, _ in state:
         if name in read:
@@ -508,8 +508,8 @@ def _finite(bound) -> int | None:
 def _argument_check(ep: torch.export.ExportedProgram):
     """A forward pre-hook checking a call's arguments against the program's signature where
     it is positional tensors only (the usual one): their count, dtypes, ranks and sizes
-    (static, or a dynamic dimension's upper bound). Called wrong, the compiled program raised from
-    inside Dynamo's tracing ("Attempt to trace generator", a fake tensor error) instead of
+    (static, or a dynamic dimension's upper bound). Called wrong, the compiled program raised
+    from inside Dynamo's tracing ("Attempt to trace generator", a fake tensor error) instead of
     saying which argument is wrong. None for other signatures."""
     from torch.export.graph_signature import InputKind
     from torch.utils import _pytree as pytree
@@ -519,23 +519,23 @@ def _argument_check(ep: torch.export.ExportedProgram):
     if ep.call_spec.in_spec != pytree.tree_structure((tuple(range(len(names))), {})) or \
             not all(isinstance(vals.get(n), torch.Tensor) for n in names):
         return None
-    wanted = []  # (dtype, [(low, high or None) a dimension, None where not a plain symbol])
+    # (dtype, [(low, high) a dimension]): a static size is (size, size), a dynamic one
+    # (0, upper bound or None) -- only the upper: export records a lower bound of 2 for the
+    # dimensions it did not specialize to 0 or 1, yet the program runs them at 1
+    wanted = []
     for name in names:
         dims = []
         for size in vals[name].shape:
             if isinstance(size, int):
                 dims.append((size, size))
             else:
-                # only the upper bound: export records a lower bound of 2 for dimensions it
-                # did not specialize to 0 or 1, yet the program runs them at 1
                 bound = ep.range_constraints.get(size.node.expr)
-                dims.append(None if bound is None else (0, _finite(bound.upper)))
+                dims.append((0, None if bound is None else _finite(bound.upper)))
         wanted.append((vals[name].dtype, dims))
 
     def describe(i):
         dtype, dims = wanted[i]
-        shown = ["any" if d is None or d[1] is None else str(d[0]) if d[0] == d[1] else f"<={d[1]}"
-                 for d in dims]
+        shown = [str(lo) if lo == hi else "any" if hi is None else f"<={hi}" for lo, hi in dims]
         return f"argument {i} must be a {str(dtype).removeprefix('torch.')} tensor [{', '.join(shown)}]"
 
     def check(module, args, kwargs):  # noqa: ARG001
@@ -547,8 +547,7 @@ def _argument_check(ep: torch.export.ExportedProgram):
             if not isinstance(a, torch.Tensor):
                 raise TypeError(f"{describe(i)}, got {type(a).__name__}")
             if a.dtype != dtype or a.dim() != len(dims) or any(
-                    d is not None and not (d[0] <= n and (d[1] is None or n <= d[1]))
-                    for n, d in zip(a.shape, dims)):
+                    n < lo or (hi is not None and n > hi) for n, (lo, hi) in zip(a.shape, dims)):
                 raise ValueError(f"{describe(i)}, got {str(a.dtype).removeprefix('torch.')} "
                                  f"{list(a.shape)}")
 

@@ -9,8 +9,8 @@ indexes a lookup table" comes here.
 
 By meaning, as ``weight_only`` does: the lookup (``aten.index.Tensor(T, [c])``,
 ``index_select``, ``take``, ``embedding`` of a one-column table, or bitsandbytes' registered
-``dequantize_4bit`` read by its documented layout) is a node L whose value is ``T[c]`` (times the op's absmax for
-bitsandbytes). The rest of the weight expression is probed in float64 with L replaced:
+``dequantize_4bit`` read by its documented layout) is a node L whose value is ``T[c]``
+(times the op's absmax for bitsandbytes). The rest of the weight expression is probed in float64 with L replaced:
 by zeros (the result must be 0: no offset), by the per-element pre-scale (giving the
 scale s of every weight element) and by the codes themselves times it (giving each
 weight element's code). Scales constant over groups along K give the block size. Nested
@@ -215,10 +215,12 @@ def _lookups(ev: ConstantEvaluator, b: fx.Node, numel: int) -> tuple[list[_Looku
         else:
             continue
         tv, iv = table.meta.get("val"), index.meta.get("val")
-        one_column = n.target is aten.embedding.default and tv.dim() == 2 and tv.shape[1] == 1
         if not (isinstance(tv, torch.Tensor) and tv.dtype.is_floating_point and
                 isinstance(iv, torch.Tensor) and not iv.dtype.is_floating_point and
-                iv.dtype != torch.bool and (tv.dim() == 1 or one_column or n.target is aten.take.default)):
+                iv.dtype != torch.bool):
+            continue
+        one_column = n.target is aten.embedding.default and tv.dim() == 2 and tv.shape[1] == 1
+        if not (tv.dim() == 1 or one_column or n.target is aten.take.default):
             continue
         if not ev.is_constant(table):
             misses.append("the integer tensor indexes a table that is not constant")

@@ -992,7 +992,9 @@ def _match_one(builder: _Builder, ev: ConstantEvaluator, node: fx.Node, op: str,
     else:
         x, w = node.args[:2]
         bias = None
-        if _quantized_constant(ev, x) and not ev.is_constant(w):
+        # the weight's check first: it is constant in the usual case, and the activation's
+        # walks everything above it
+        if not ev.is_constant(w) and _quantized_constant(ev, x):
             raise NoMatch("the quantized weight is the first operand (W @ x.T): qcompile reads "
                           "x @ W.T (F.linear), the same values transposed; write it that way")
     xv = _val(x)
