@@ -318,3 +318,28 @@ def test_bench_tp_two_cpu_ranks(tmp_path):
         assert r["bench"] == "tp_decode" and r["world_size"] == 2 and r["tokens_per_s"] > 0
         assert r["all_taken_over"] and max(r["check_rel_err"]) < 2e-2, r
     assert rows[1]["matched"] == ["15/15", "15/15"] and rows[0]["impl"] == "inductor"
+
+
+def test_ab_decode_swaps_libraries_and_refuses_a_missing_one():
+    """The decode A/B installs exactly one variant's libraries, and a cell that loaded one
+    the variant lacks (it would time this tree's under another name) fails."""
+    import pytest
+
+    import ab_decode
+    from qcompile.kernels import lut_gemm
+    from qcompile.kernels import mixed_gemm_decode as decode
+    build = decode.DecodeBuild("bf16", 4, decode.LAYOUT_SM90, decode.MODE_GROUPZERO)
+    saved = dict(decode._libs), dict(lut_gemm._libs)
+    try:
+        a, b = {"decode": {build: "lib-a"}, "lut": {}}, {"decode": {build: "lib-b"}, "lut": {}}
+        ab_decode._install(a)
+        assert decode._libs == {build: "lib-a"} and lut_gemm._libs == {}
+        ab_decode._install(b)
+        assert decode._libs[build] == "lib-b"
+        ab_decode._check_installed(b)
+        lut_gemm._libs["bf16"] = "loaded during the cell"
+        with pytest.raises(RuntimeError, match="not loaded with"):
+            ab_decode._check_installed(b)
+    finally:
+        decode._libs.clear(), decode._libs.update(saved[0])
+        lut_gemm._libs.clear(), lut_gemm._libs.update(saved[1])

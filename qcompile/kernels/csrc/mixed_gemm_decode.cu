@@ -18,7 +18,8 @@
 // Work split: a CTA owns kR 16-row tiles of W and 8 * kNT tokens; its warps stride over the
 // 64-deep K chunks (warp w takes chunks w, w + warps, ...), so a CTA reads a contiguous run of
 // the weight. Each warp issues the loads of a round (kRoundLoads chunk-tiles) before
-// converting any of them. The warps' fp32 partial tiles are summed through shared memory in
+// converting any of them (4-bit sm90 builds: each tile's next load as soon as it is
+// converted, kRolling). The warps' fp32 partial tiles are summed through shared memory in
 // warp order (deterministic, no atomics, no workspace), then scaled, biased and stored.
 //
 // Layouts (QC_LAYOUT), lane l = 4g + t of a warp, a 16-row tile nt, a 16-deep K step j:
@@ -131,6 +132,18 @@ constexpr int kLutPairWords = 256 * 32;  // lut pairs: 256 pairs x 32 copies
 // bench_stream: int8 per-channel 22.6 vs 23.9 us a GEMM with 2 instead of 4, int4 17.1 vs
 // 18.5 with 4; holding two rounds in registers to overlap them was slower for both).
 constexpr int kRoundLoads = kBits == 8 ? 2 : 4;
+// Rolling rounds (4-bit weights in the sm90 layout: int4 and lookup-table codes): a warp
+// issues the next round's load of a chunk-tile as soon as it has converted this round's,
+// before that tile's MMAs and scaling, so a round's loads are in flight while the rest of
+// the round is worked (its scales, needed only after the MMAs, are loaded once the tile is
+// scaled). In one process on the H100 (decode_rolling_ab.jsonl, outputs equal bit for bit):
+// int4 3-10% faster on the 4096-row layers and at 16 tokens, within 1-3.5% either way at one
+// token on the wide layers; NF4 1-5% faster but for one cell (+1.7%); int8, whose rounds are
+// two chunk-tiles of twice the bytes, 8-11% slower at 16 tokens, so it keeps whole rounds.
+// Group-wise and lookup-table weights only (the builds measured); launch shapes of more than 4
+// tile pairs (kNT x kR) or of 32 tokens keep whole rounds: there the registers it takes made
+// ptxas spill, where the whole rounds did not or less.
+constexpr bool kRolling = kBits == 4 && QC_LAYOUT == 0 && QC_MODE != 0;
 
 static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
 static_assert(QC_LAYOUT == 0 || QC_LAYOUT == 1, "QC_LAYOUT must be 0 (sm90) or 1 (sm80 v2)");
@@ -466,6 +479,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   static_assert(!kTable || QC_MODE >= 2, "only group scales and zeros or lookup pairs are staged");
   constexpr bool kSzSmem = QC_MODE == 2 && kTable, kPairs = QC_MODE == 3 && kTable;
   constexpr int kUnroll = kRoundLoads > kR ? kRoundLoads / kR : 1;  // chunks a warp a round
+  constexpr bool kRoll = kRolling && kNT <= 2 && kNT * kR <= 4;
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
   __shared__ unsigned short lut[QC_MODE == 3 ? 16 : 1];  // lut: T[u ^ 8] at raw nibble u
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -544,6 +558,32 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #elif QC_MODE == 3
   float ls[kUnroll][kR][2];   // [.][.][rows g, g + 8] block scales
 #endif
+  // chunk c's weights of row tile r into slot u, then its scales (the rolling loop issues the
+  // two apart)
+  const auto load_weights = [&](int u, int r, int c) {
+    load_chunk(raw[u][r], p.w + (walk[r].lane + c * walk[r].stride), walk[r].second);
+  };
+  const auto load_scales = [&](int u, int r, int c) {
+#if QC_MODE == 2
+    if (kSzSmem) return;
+    // chunk c's group is c >> group_shift (a shift: a division here was ~25 instructions
+    // a chunk-tile). (One 2-byte load a lane for the tile's 16 scales and 16 zeros, handed
+    // out by shuffles, was faster at 28672x4096 but slower over a decode step's shapes.)
+    // one 64-bit address per tensor, rows g + 8 at an immediate offset from rows g
+    const uint32_t off = (c >> p.group_shift) * N + sz_col[r];
+    const Act* sc = p.scales + off;
+    const Act* zr = p.zeros + off;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sz[u][r][0][h] = sc[8 * h];
+      sz[u][r][1][h] = zr[8 * h];
+    }
+#elif QC_MODE == 3
+    const float* sc = p.lut_scales + ((c >> p.group_shift) * N + sz_col[r]);
+    ls[u][r][0] = __ldg(sc);
+    ls[u][r][1] = __ldg(sc + 8);
+#endif
+  };
   const auto load_round = [&](int c0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -551,26 +591,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       if (c >= chunks) continue;
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        load_chunk(raw[u][r], p.w + (walk[r].lane + c * walk[r].stride), walk[r].second);
-#if QC_MODE == 2
-        if (kSzSmem) continue;
-        // chunk c's group is c >> group_shift (a shift: a division here was ~25 instructions
-        // a chunk-tile). (One 2-byte load a lane for the tile's 16 scales and 16 zeros, handed
-        // out by shuffles, was faster at 28672x4096 but slower over a decode step's shapes.)
-        // one 64-bit address per tensor, rows g + 8 at an immediate offset from rows g
-        const uint32_t off = (c >> p.group_shift) * N + sz_col[r];
-        const Act* sc = p.scales + off;
-        const Act* zr = p.zeros + off;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          sz[u][r][0][h] = sc[8 * h];
-          sz[u][r][1][h] = zr[8 * h];
-        }
-#elif QC_MODE == 3
-        const float* sc = p.lut_scales + ((c >> p.group_shift) * N + sz_col[r]);
-        ls[u][r][0] = __ldg(sc);
-        ls[u][r][1] = __ldg(sc + 8);
-#endif
+        load_weights(u, r, c);
+        load_scales(u, r, c);
       }
     }
   };
@@ -601,8 +623,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
         asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p.norm_ssq + (size_t)(m0 + i) * p.ssq_parts + q));
   }
 
+  // rolling: every round after the first is loaded by the round before it
+  if (kRoll && !kStaging && warp < chunks) load_round(warp);
   for (int c0 = warp; c0 < chunks; c0 += kUnroll * warps) {
-    if (!kStaging || c0 != warp) load_round(c0);
+    if (!kRoll && (!kStaging || c0 != warp)) load_round(c0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * warps;
@@ -624,27 +648,51 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
       uint32_t b[kNT][4][2];
 #pragma unroll
       for (int j = 0; j < kNT; ++j) load_x<kNorm == kNormStaged>(b[j], xrow[j] + c * kChunkK, t, xok[j]);
+      const int next = c + kUnroll * warps;  // the chunk this slot holds next round
+      if constexpr (kRoll) {
+        // a tile's slot is reloaded once its last step is converted, before that step's MMAs
+        // (every accumulator sums its steps in the same order as below: the same results)
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
+        for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-        for (int j = 0; j < kNT; ++j)
-          if (QC_MODE == 2 || kRowBias) mma16816(sx[j], ones, b[j][ks][0], b[j][ks][1]);
+          for (int j = 0; j < kNT; ++j)
+            if (QC_MODE == 2 || kRowBias) mma16816(sx[j], ones, b[j][ks][0], b[j][ks][1]);
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
-          uint32_t a[4];
-          fragment<kPairs>(a, raw[u][r][ks], lut, pairs);
 #pragma unroll
-          for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
+          for (int ks = 0; ks < 4; ++ks) {
+            uint32_t a[4];
+            fragment<kPairs>(a, raw[u][r][ks], lut, pairs);
+            if (ks == 3 && next < chunks) load_weights(u, r, next);
+#pragma unroll
+            for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+          for (int j = 0; j < kNT; ++j)
+            if (QC_MODE == 2 || kRowBias) mma16816(sx[j], ones, b[j][ks][0], b[j][ks][1]);
+#pragma unroll
+          for (int r = 0; r < kR; ++r) {
+            uint32_t a[4];
+            fragment<kPairs>(a, raw[u][r][ks], lut, pairs);
+#pragma unroll
+            for (int j = 0; j < kNT; ++j) mma16816(part[r][j], a, b[j][ks][0], b[j][ks][1]);
+          }
         }
       }
 #if QC_MODE == 3
       // W = T[c] s over the chunk's one block: s sum(x T[c])
 #pragma unroll
-      for (int r = 0; r < kR; ++r)
+      for (int r = 0; r < kR; ++r) {
 #pragma unroll
         for (int j = 0; j < kNT; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[r][j][e] = fmaf(ls[u][r][e >> 1], part[r][j][e], acc[r][j][e]);
+        if (kRoll && next < chunks) load_scales(u, r, next);
+      }
 #elif QC_MODE == 2
       // W = (h - kBiasH) s + z' over the chunk's one group: s sum(x h) + (z' - kBiasH s) sum(x)
 #pragma unroll
@@ -670,6 +718,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
 #pragma unroll
           for (int e = 0; e < 4; ++e)
             acc[r][j][e] = fmaf(s[e >> 1], part[r][j][e], fmaf(zz[e >> 1], sx[j][e], acc[r][j][e]));
+        if (kRoll && next < chunks) load_scales(u, r, next);
       }
 #endif
     }
