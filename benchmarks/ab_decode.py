@@ -76,6 +76,26 @@ def _check_installed(libs: dict) -> None:
         raise RuntimeError("a cell used a decode library its variant was not loaded with")
 
 
+def _impls(pattern, n, k, fmt, w, mod, act) -> dict:
+    """``qcompile`` (x, launch) -> out and ``read_floor``: the weight prepared in the decode
+    kernel's layout directly (the families' own setup builds their GEMM libraries, which the
+    decode kernel does not need: the affine sm90 layout, the lookup-table pairs layout)."""
+    from qcompile.kernels import lut_gemm
+    from qcompile.kernels import mixed_gemm as mg
+    made = build_impls(pattern, n, k, fmt, w, mod, ["read_floor"], act)
+    if fmt.get("lut"):
+        prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
+        made["qcompile"] = lambda x, path: lut_gemm.run(x, *prepared, None, fmt["group"],
+                                                        "float32", path)
+        return made
+    layout = mg.LAYOUT_ROWSCALE if fmt["bits"] == 8 else mg.LAYOUT_GROUPZERO
+    prepared = mg.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"], fmt["signed"],
+                                 fmt["group"], fmt["zero_mode"], layout, act)
+    args = (*prepared, None, fmt["bits"], fmt["signed"], fmt["group"], fmt["zero_mode"], layout)
+    made["qcompile"] = lambda x, launch: mg.mixed_gemm_cuda(x, *args, config=launch)
+    return made
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +114,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from qcompile.kernels import build
-    from qcompile.kernels import mixed_gemm as mg
     from qcompile.kernels import mixed_gemm_decode as decode
     patterns = args.patterns.split(",")
     variants = {"base": _load_variant(Path(args.base).resolve(), patterns),
@@ -115,9 +134,7 @@ def main(argv=None) -> int:
                 act = ACTS[act_name]
                 for n, k in shapes:
                     fmt, w, mod = make_weights(pattern, n, k, act)
-                    made = build_impls(pattern, n, k, fmt, w, mod, ["qcompile", "read_floor"], act)
-                    layout = made.pop("_layout_qcompile", None)
-                    made.pop("_mode", None)
+                    made = _impls(pattern, n, k, fmt, w, mod, act)
                     for m in (int(v) for v in args.ms.split(",")):
                         x = torch.randn(m, k, device="cuda").to(act)
                         if fmt.get("lut"):  # the lookup-table decode kernel, its own pick
@@ -126,12 +143,12 @@ def main(argv=None) -> int:
                             pick = decode.heuristic(m, n, k, group=fmt["group"]).name
                             cells = [(f"qcompile[{pick}]", pick)]
                             if args.shapes_all and act_name == "bf16":
-                                cells += [(f"qcompile[{c}]", c) for c in mg.candidates(
-                                    m, n, k, act_name, fmt["bits"], fmt["group"], layout, 132)
+                                cells += [(f"qcompile[{c}]", c) for c in decode.candidates(
+                                    m, n, k, group=fmt["group"])
                                     if c.startswith("decode.") and c != pick]
                         for name, choice in cells:
                             fn = made["qcompile"]
-                            call = (lambda fn=fn, c=choice: fn(x, c)) if choice else (lambda fn=fn: fn(x))
+                            call = lambda fn=fn, c=choice: fn(x, c)  # noqa: E731
                             outs = {}
                             for v, libs in variants.items():
                                 _install(libs)

@@ -140,9 +140,11 @@ constexpr int kRoundLoads = kBits == 8 ? 2 : 4;
 // int4 3-10% faster on the 4096-row layers and at 16 tokens, within 1-3.5% either way at one
 // token on the wide layers; NF4 1-5% faster but for one cell (+1.7%); int8, whose rounds are
 // two chunk-tiles of twice the bytes, 8-11% slower at 16 tokens, so it keeps whole rounds.
-// Group-wise and lookup-table weights only (the builds measured); launch shapes of more than 4
-// tile pairs (kNT x kR) or of 32 tokens keep whole rounds: there the registers it takes made
-// ptxas spill, where the whole rounds did not or less.
+// Group-wise and lookup-table weights only, and 16-token launches of up to 32 rows (kNT 2, kR
+// <= 2): there it was 3-12% faster (decode_ab.jsonl: int4 g128 at 16 tokens, every launch
+// shape of 16 or 32 rows), while at one token it lost 2-5% on the launches of 8 and 4 warps
+// (wide layers; 3% faster with 16 warps) and 64-row launches spilled registers and ran
+// 1.4-1.7x slower.
 constexpr bool kRolling = kBits == 4 && QC_LAYOUT == 0 && QC_MODE != 0;
 
 static_assert(kBits == 4 || kBits == 8, "QC_WBITS must be 4 or 8");
@@ -479,7 +481,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps) mixed_gemm_decode_kernel(const
   static_assert(!kTable || QC_MODE >= 2, "only group scales and zeros or lookup pairs are staged");
   constexpr bool kSzSmem = QC_MODE == 2 && kTable, kPairs = QC_MODE == 3 && kTable;
   constexpr int kUnroll = kRoundLoads > kR ? kRoundLoads / kR : 1;  // chunks a warp a round
-  constexpr bool kRoll = kRolling && kNT <= 2 && kNT * kR <= 4;
+  constexpr bool kRoll = kRolling && kNT == 2 && kR <= 2;
   extern __shared__ float red[];   // [warps][kR][kNT][4][32]
   __shared__ unsigned short lut[QC_MODE == 3 ? 16 : 1];  // lut: T[u ^ 8] at raw nibble u
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
