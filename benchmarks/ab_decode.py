@@ -37,8 +37,9 @@ from bench_w4a16 import ACTS, build_impls, make_weights  # noqa: E402
 SHAPES = ((4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 4096))
 
 
-def _load_variant(csrc: Path, patterns: list[str]) -> dict:
-    """The decode libraries the patterns' cells use, built from the source in ``csrc``:
+def _load_variant(csrc: Path, patterns: list[str], acts: list[str]) -> dict:
+    """The decode libraries the cells of these patterns and activation types use, built from
+    the source in ``csrc``:
     {"decode": {build: lib}, "lut": {act: lib}}."""
     from qcompile.kernels import build, lut_gemm
     from qcompile.kernels import mixed_gemm_decode as decode
@@ -47,7 +48,7 @@ def _load_variant(csrc: Path, patterns: list[str]) -> dict:
     decode._libs.clear()
     lut_gemm._libs.clear()
     try:
-        for act in ("bf16", "fp16"):
+        for act in acts:
             if any(p.startswith("w4") for p in patterns):
                 decode._lib(decode.DecodeBuild(act, 4, decode.LAYOUT_SM90, decode.MODE_GROUPZERO))
             if "w8a16_pc" in patterns:
@@ -115,12 +116,12 @@ def main(argv=None) -> int:
 
     from qcompile.kernels import build
     from qcompile.kernels import mixed_gemm_decode as decode
-    patterns = args.patterns.split(",")
-    variants = {"base": _load_variant(Path(args.base).resolve(), patterns),
-                "tree": _load_variant(build.CSRC_DIR, patterns)}
+    patterns, acts = args.patterns.split(","), args.act.split(",")
+    variants = {"base": _load_variant(Path(args.base).resolve(), patterns, acts),
+                "tree": _load_variant(build.CSRC_DIR, patterns, acts)}
     for spec in args.variant:
         name, _, path = spec.partition("=")
-        variants[name] = _load_variant(Path(path).resolve(), patterns)
+        variants[name] = _load_variant(Path(path).resolve(), patterns, acts)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
               if args.shapes else SHAPES)
     meta = dict(bench="decode_ab", device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     mismatches = 0
     with open(args.out, "a") as f, torch.no_grad():
         for pattern in patterns:
-            for act_name in args.act.split(","):
+            for act_name in acts:
                 act = ACTS[act_name]
                 for n, k in shapes:
                     fmt, w, mod = make_weights(pattern, n, k, act)
