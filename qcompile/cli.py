@@ -121,6 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    elif args.command == "build":
+        # a build is minutes of nvcc: show each kernel as it is compiled (on stderr, for this
+        # command only: the logger is left as it was)
+        kernels_log = logging.getLogger("qcompile.kernels")
+        progress = logging.StreamHandler()
+        progress.setFormatter(logging.Formatter("%(message)s"))
+        saved = kernels_log.level, kernels_log.propagate
+        kernels_log.addHandler(progress)
+        kernels_log.setLevel(logging.INFO)
+        kernels_log.propagate = False
+        try:
+            return args.run(args)
+        finally:
+            kernels_log.removeHandler(progress)
+            kernels_log.setLevel(saved[0])
+            kernels_log.propagate = saved[1]
     return args.run(args)
 
 

@@ -168,3 +168,30 @@ def test_compile_error_is_reported(tiny_csrc):
     with pytest.raises(KernelBuildError, match="nvcc failed for broken.cu"):
         build.build_many([KernelSpec("broken.cu", {}, "sm_80")])
     assert not list(build.cache_dir().glob("*.so"))
+
+
+def test_a_build_says_it_is_compiling_and_logs_each_kernel(tiny_csrc, monkeypatch, caplog):
+    """Compiling takes minutes: build_many says so once at WARNING (shown by default) with how
+    many libraries and where, and logs each one's progress at INFO; a cache hit says nothing."""
+    specs = [KernelSpec("tiny.cu", {"QC_VALUE": v}, "sm_80") for v in (1, 2)]
+    monkeypatch.setattr(build, "_toolchain", lambda: ("nvcc", "release 13.0", "4.2.0.0"))
+
+    def fake_compile(spec, nvcc, out, index, total):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"")
+        build.log.info("compiled %d/%d in 0 s: %s -> %s", index, total, spec.source, out.name)
+
+    monkeypatch.setattr(build, "_compile", fake_compile)
+    with caplog.at_level("INFO", logger="qcompile.kernels"):
+        build.build_many(specs, max_workers=4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"compiling 2 CUDA kernel libraries into {build.cache_dir()} "
+                                  "with 2 nvcc processes")
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert any(m.startswith("compiled 2/2 in 0 s: tiny.cu") for m in infos)
+    assert infos[-1].startswith("compiled 2 kernel libraries in ")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qcompile.kernels"):
+        build.build_many(specs)  # all cached now
+    assert not caplog.records

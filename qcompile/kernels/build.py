@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -291,6 +292,7 @@ def _compile(spec: KernelSpec, nvcc: str, out: Path, index: int, total: int) -> 
     cmd = [nvcc, *NVCC_FLAGS, *_GENCODE[spec.arch], *includes, *spec.define_flags(),
            str(CSRC_DIR / spec.source), "-o", tmp]
     log.info("compiling %d/%d: %s", index, total, spec.describe())
+    start = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
@@ -301,7 +303,8 @@ def _compile(spec: KernelSpec, nvcc: str, out: Path, index: int, total: int) -> 
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-40:])
         raise KernelBuildError(f"nvcc failed for {spec.describe()}:\n{tail}")
     os.replace(tmp, out)  # atomic: concurrent builders of one key write the same bytes
-    log.info("compiled %d/%d: %s -> %s", index, total, spec.source, out.name)
+    log.info("compiled %d/%d in %.0f s: %s -> %s", index, total, time.monotonic() - start,
+             spec.source, out.name)
 
 
 def build_many(specs: Sequence[KernelSpec], max_workers: int | None = None) -> list[Path]:
@@ -329,6 +332,14 @@ def build_many(specs: Sequence[KernelSpec], max_workers: int | None = None) -> l
         max_workers = max(1, min(len(todo), os.cpu_count() or 1))
     errors: list[KernelBuildError] = []
     total = len(todo)
+    # A first compile of a format builds its whole family, minutes of nvcc in which the caller
+    # (torch.compile, the first call of a kernel) would otherwise say nothing: say it once, at
+    # a level shown by default; each kernel's progress is logged at INFO (TORCH_LOGS=+qcompile).
+    log.warning("compiling %d CUDA kernel librar%s into %s with %d nvcc process%s (about a "
+                "minute each, once per machine and version; `qcompile build` prebuilds them)",
+                total, "y" if total == 1 else "ies", root, min(max_workers, total),
+                "" if min(max_workers, total) == 1 else "es")
+    start = time.monotonic()
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         futures = [pool.submit(_compile, spec, nvcc, out, n + 1, total)
                    for n, (out, spec) in enumerate(todo.items())]
@@ -340,6 +351,8 @@ def build_many(specs: Sequence[KernelSpec], max_workers: int | None = None) -> l
     _record_versions(nvcc_v, cutlass_v)
     if errors:
         raise KernelBuildError("\n\n".join(str(e) for e in errors))
+    log.info("compiled %d kernel librar%s in %.0f s", total, "y" if total == 1 else "ies",
+             time.monotonic() - start)
     return [p for p in paths if p is not None]
 
 
