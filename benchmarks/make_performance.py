@@ -18,6 +18,8 @@ The rules (also printed on the page):
 - Kernel rows without ``flush`` were timed with do_bench's zero-fill flush and are labelled so.
 - Decode rows whose timed loop still waited for the GPU every token are a grid of their own
   (``loop host-synced``), never the latest value of a current cell.
+- An A/B's rows (with ``variant``) are columns ``<variant>: <impl>`` of one grid, with the
+  baseline variant's time over each other variant's (``base`` or ``main``).
 - A field this script does not know becomes a grid field (shown in the grid's heading), so a
   new file or field is shown, never dropped or merged with other cells.
 """
@@ -51,6 +53,9 @@ DESCRIPTIVE = {
     "not_taken_over", "weights",
 }
 COLUMN_FIELDS = ("format", "impl")
+# An A/B's builds of one kernel (rows with "variant"): a column each, "<variant>: <impl>", beside
+# the baseline's (the first of VARIANT_BASES present), with baseline time / variant time.
+VARIANT_BASES = ("base", "main")
 ROW_FIELDS = ("n", "k", "m", "seq", "mb", "batch")
 # Setting values that mean "the library's default": such a field is left out of the grid key.
 DEFAULT_VALUES = {"default", None}
@@ -114,7 +119,7 @@ def classify(r: dict) -> tuple[tuple, tuple, str] | None:
         if key == "config" and vf == "median_us":
             continue  # the kernel configuration a kernel bench's heuristic picked
         if (key.startswith("_") or key in PROVENANCE or key in DESCRIPTIVE or key in VALUE_FIELDS
-                or key in COLUMN_FIELDS or key in ROW_FIELDS or key == "bench"):
+                or key in COLUMN_FIELDS or key in ROW_FIELDS or key in ("bench", "variant")):
             continue
         if isinstance(v, float) and key not in ("act",):
             continue  # a float is a measurement, not a choice
@@ -124,6 +129,8 @@ def classify(r: dict) -> tuple[tuple, tuple, str] | None:
         grid[key] = v
     row = tuple((f, _hashable(r.get(f))) for f in ROW_FIELDS if r.get(f) is not None)
     col = " ".join(str(r[f]) for f in COLUMN_FIELDS if r.get(f) is not None) or "value"
+    if r.get("variant") is not None:
+        col = f"{r['variant']}: {col}"
     return tuple(sorted(grid.items())), row, col
 
 
@@ -201,8 +208,16 @@ def kernel_table(grid: dict) -> list[str]:
     base = "qcompile" if "qcompile" in cols else next(
         (c for c in cols if c.startswith("qcompile") and "[" not in c), None)
     peers = [c for c in cols if c in PEERS and c != base]
+    # each variant's column against the same impl's baseline variant
+    variants = []
+    for c in cols:
+        v, sep, rest = c.partition(": ")
+        b = next((f"{b}: {rest}" for b in VARIANT_BASES if f"{b}: {rest}" in cols), None)
+        if sep and b and c != b:
+            variants.append((c, b))
     row_fields = [f for f, _ in next(iter(folded))] if folded else []
-    head = row_fields + [f"{c} us" for c in cols]
+    head = row_fields + [f"{c} us" for c in cols] + [
+        f"{b.partition(': ')[0]} / {c}" for c, b in variants]
     if base:
         head += [f"{p} / {base}" for p in peers]
         if FLOOR in cols:
@@ -217,6 +232,8 @@ def kernel_table(grid: dict) -> list[str]:
                 line.append(_num(v) + (f" `{name}`" if name else ""))
             else:
                 line.append("")
+        line += [_ratio(cells[b][0], cells[c][0]) if b in cells and c in cells else ""
+                 for c, b in variants]
         if base:
             b = cells.get(base, (None,))[0]
             line += [_ratio(cells[p][0], b) if p in cells and b else "" for p in peers]
