@@ -139,6 +139,49 @@ def test_zero_point_correction_outside_int32_is_not_matched():
     assert torch.allclose(out, model(x))
 
 
+class Uint8ShiftedW8A8(nn.Module):
+    """W8A8 spelled for CPU int8 GEMMs (uint8 x int8), as torchao 0.18's Int8Tensor does on
+    CPU: _int_mm((xq + 128) as uint8, wq.T) - 128 x the weight's column sums, then the
+    rescale. ``shift`` / ``correction`` other than 128 make near misses."""
+
+    def __init__(self, shift=128, correction=128):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shift, self.correction = shift, correction
+        self.register_buffer("wq", torch.randint(-127, 128, (64, 256), dtype=torch.int8))
+        self.register_buffer("s", torch.rand(64) * 0.01 + 0.001)
+
+    def forward(self, x):
+        sx = x.abs().amax(-1, keepdim=True).clamp(min=1e-6) / 127
+        xq = torch.round(x / sx).clamp(-128, 127).to(torch.int8)
+        xu = (xq.to(torch.int32) + self.shift).to(torch.uint8)
+        wt = self.wq.t()
+        acc = torch._int_mm(xu, wt) - wt.sum(0, keepdim=True, dtype=torch.int32) * self.correction
+        return (acc.to(torch.float32) * sx * self.s).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_uint8_shifted_activation_is_int8_w8a8(dtype):
+    """The +128 shift and its correction cancel: one int8_gemm of the int8 activation, with
+    the model's numbers; another shift, or a correction that does not undo it, stays
+    unmatched, with why."""
+    model = Uint8ShiftedW8A8()
+    x = torch.randn(9, 256, dtype=dtype)
+    with torch.no_grad(), qcompile.collect() as report:
+        out = torch.compile(model, backend="qcompile")(x)
+    assert [r.matched for r in report.records] == [True], str(report)
+    assert report.records[0].format == "w8a8 int8 per-token x per-channel"
+    assert rel_err(out, model(x)) <= TOL[dtype]
+    for shift, correction, why in ((128, 127, "minus something other than 128 x the weight's"),
+                                   (127, 127, "uint8 activation that is not an int8 one plus 128")):
+        torch._dynamo.reset()
+        near = Uint8ShiftedW8A8(shift, correction)
+        with torch.no_grad(), qcompile.collect() as report:
+            torch.compile(near, backend="qcompile")(x)  # left to Inductor as it is
+        assert [r.matched for r in report.records] == [False]
+        assert why in report.records[0].reason, report.records[0].reason
+
+
 class BroadcastMatmul(nn.Module):
     """matmul of a non-contiguous 3-D activation with a dequantized [K, N] weight: Inductor
     sees bmm(x, expand(W)), not mm."""

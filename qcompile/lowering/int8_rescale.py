@@ -2,7 +2,8 @@
 when spelled as an int32 matmul of int8 values (``matmul(xq.to(int32), wq.to(int32))``).
 
 Reads the single-user chain below the int matmul: for asymmetric activations first the
-int32 zero-point correction ``acc - zp * c`` (``zp`` a run-time [M, 1] or scalar int32, ``c``
+int32 zero-point correction (or, where the activation is fed as ``xq + 128`` in uint8, the
+unsigned operand of CPU int8 GEMMs, the constant ``128 * colsum(wq)`` that undoes it) ``acc - zp * c`` (``zp`` a run-time [M, 1] or scalar int32, ``c``
 a constant int32 [N], the weight's column sums), then the int32 -> float32 cast, multiplies
 by per-row (per-token, a run-time [M, 1] tensor, or a run-time scalar) and per-column
 (per-channel, a constant [N] / [1, N], or a constant scalar) scales in any order, an
@@ -117,6 +118,18 @@ def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torc
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
+def _is_shift_correction(ev: ConstantEvaluator, node, wq_kn: torch.Tensor) -> bool:
+    """Whether ``node`` is a constant equal to 128 x the int8 weight's column sums ([N] or
+    [1, N], int32): what a uint8-shifted activation adds to each output."""
+    if not (isinstance(node, fx.Node) and ev.is_constant(node)):
+        return False
+    v = ev.value(node)
+    n = wq_kn.shape[1]
+    want = wq_kn.to(torch.int32).sum(0) * _UINT8_SHIFT
+    return (v.dtype == torch.int32 and tuple(v.shape) in ((n,), (1, n))
+            and torch.equal(v.reshape(n).to(want.device), want))
+
+
 def int8_activation(a: fx.Node) -> fx.Node | None:
     """For an int32 matmul's activation: the int8 tensor it is a widening cast of (through
     views), so that casting it back to int8 loses nothing; else None."""
@@ -134,10 +147,41 @@ def int8_activation(a: fx.Node) -> fx.Node | None:
     return cur if isinstance(val, torch.Tensor) and val.dtype == torch.int8 else None
 
 
+# The unsigned spelling of an int8 activation: CPU int8 GEMMs multiply uint8 by int8, so
+# torchao (from 0.18, Int8Tensor on CPU) feeds ``_int_mm`` with ``(xq + 128)`` as uint8 and
+# subtracts ``128 * colsum(wq)`` from the int32 result: the same product as ``xq @ wq``.
+_UINT8_SHIFT = 128
+
+
+def shifted_int8_activation(a: fx.Node) -> fx.Node | None:
+    """For an ``_int_mm`` of a uint8 activation: the int8 tensor it is ``+ 128`` of (a cast to
+    uint8 of an add of 128 to that tensor widened, through views), else None."""
+    cur = a
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _VIEWS:
+        cur = cur.args[0]
+    if not (isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _CASTS
+            and _cast_dtype(cur) == torch.uint8):
+        return None
+    add = cur.args[0]
+    while isinstance(add, fx.Node) and add.op == "call_function" and add.target in _VIEWS:
+        add = add.args[0]
+    if not (isinstance(add, fx.Node) and add.op == "call_function"
+            and add.target in (aten.add.Tensor, aten.add.Scalar) and len(add.args) == 2
+            and add.args[1] == _UINT8_SHIFT and add.kwargs.get("alpha", 1) == 1
+            and isinstance(add.args[0], fx.Node)):
+        return None
+    return int8_activation(add.args[0])
+
+
 def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
     """Read the rescale chain below ``mm`` or raise NoMatch: ``aten._int_mm(xq, wq)``, or the
     same product spelled as an int32 ``mm`` of int8 values widened to int32 (CPU code)."""
     a, b = mm.args[:2]
+    shifted = mm.target is aten._int_mm.default and _dtype(a) == torch.uint8
+    if shifted:  # (xq + 128) as uint8, its shift taken off the result below
+        a = shifted_int8_activation(a)
+        if a is None:
+            raise NoMatch("_int_mm of a uint8 activation that is not an int8 one plus 128")
     try:
         wq_kn = ev.value(b)
     except NotConstant:
@@ -166,7 +210,13 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
             if u.meta["val"].dtype != torch.int32:
                 raise NoMatch(f"zero-point correction computed in {u.meta['val'].dtype} "
                               "(qcompile corrects in int32)")
-            match.azp, match.azp_adj = _zero_point_term(ev, u.args[1], n)
+            if shifted:  # the uint8 shift's correction: 128 x the weight's column sums
+                if not _is_shift_correction(ev, u.args[1], wq_kn):
+                    raise NoMatch("_int_mm of int8 + 128 minus something other than 128 x the "
+                                  "weight's column sums")
+                shifted = False
+            else:
+                match.azp, match.azp_adj = _zero_point_term(ev, u.args[1], n)
             cur = u
             continue
         if u.target in _VIEWS and u.args[0] is cur:
@@ -214,6 +264,8 @@ def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
             cur = u
             continue
         break
+    if shifted:
+        raise NoMatch("_int_mm of int8 + 128 without 128 x the weight's column sums taken off")
     if not converted:
         raise NoMatch("_int_mm result is not rescaled in float32")
     match.end = cur
