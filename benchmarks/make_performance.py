@@ -211,7 +211,7 @@ def kernel_table(grid: dict) -> list[str]:
     # each variant's column against the same impl's baseline variant
     variants = []
     for c in cols:
-        v, sep, rest = c.partition(": ")
+        _, sep, rest = c.partition(": ")
         b = next((f"{b}: {rest}" for b in VARIANT_BASES if f"{b}: {rest}" in cols), None)
         if sep and b and c != b:
             variants.append((c, b))

@@ -2,12 +2,13 @@
 when spelled as an int32 matmul of int8 values (``matmul(xq.to(int32), wq.to(int32))``).
 
 Reads the single-user chain below the int matmul: for asymmetric activations first the
-int32 zero-point correction (or, where the activation is fed as ``xq + 128`` in uint8, the
-unsigned operand of CPU int8 GEMMs, the constant ``128 * colsum(wq)`` that undoes it) ``acc - zp * c`` (``zp`` a run-time [M, 1] or scalar int32, ``c``
-a constant int32 [N], the weight's column sums), then the int32 -> float32 cast, multiplies
-by per-row (per-token, a run-time [M, 1] tensor, or a run-time scalar) and per-column
-(per-channel, a constant [N] / [1, N], or a constant scalar) scales in any order, an
-optional constant bias, and the cast to the output dtype. The activation quantization
+int32 zero-point correction ``acc - zp * c`` (``zp`` a run-time [M, 1] or scalar int32, ``c``
+a constant int32 [N], the weight's column sums; where the activation is fed as ``xq + 128``
+in uint8, the unsigned operand of CPU int8 GEMMs, the constant ``128 * c`` that undoes the
+shift instead), then the int32 -> float32 cast, multiplies by per-row (per-token, a
+run-time [M, 1] tensor, or a run-time scalar) and per-column (per-channel, a constant [N] /
+[1, N], or a constant scalar) scales in any order, an optional constant bias, and the cast to
+the output dtype. The activation quantization
 that produces ``xq`` is left in the graph for Inductor to fuse.
 """
 
@@ -153,18 +154,21 @@ def int8_activation(a: fx.Node) -> fx.Node | None:
 _UINT8_SHIFT = 128
 
 
+def _through_views(node):
+    """The tensor ``node`` is a view of (itself if it is no view)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+    return node
+
+
 def shifted_int8_activation(a: fx.Node) -> fx.Node | None:
     """For an ``_int_mm`` of a uint8 activation: the int8 tensor it is ``+ 128`` of (a cast to
     uint8 of an add of 128 to that tensor widened, through views), else None."""
-    cur = a
-    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _VIEWS:
-        cur = cur.args[0]
+    cur = _through_views(a)
     if not (isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _CASTS
             and _cast_dtype(cur) == torch.uint8):
         return None
-    add = cur.args[0]
-    while isinstance(add, fx.Node) and add.op == "call_function" and add.target in _VIEWS:
-        add = add.args[0]
+    add = _through_views(cur.args[0])
     if not (isinstance(add, fx.Node) and add.op == "call_function"
             and add.target in (aten.add.Tensor, aten.add.Scalar) and len(add.args) == 2
             and add.args[1] == _UINT8_SHIFT and add.kwargs.get("alpha", 1) == 1
@@ -174,8 +178,9 @@ def shifted_int8_activation(a: fx.Node) -> fx.Node | None:
 
 
 def recognize_int8(ev: ConstantEvaluator, mm: fx.Node) -> Int8Match:
-    """Read the rescale chain below ``mm`` or raise NoMatch: ``aten._int_mm(xq, wq)``, or the
-    same product spelled as an int32 ``mm`` of int8 values widened to int32 (CPU code)."""
+    """Read the rescale chain below ``mm`` or raise NoMatch: ``aten._int_mm(xq, wq)`` (also of
+    ``xq + 128`` in uint8, less its correction), or the same product spelled as an int32 ``mm``
+    of int8 values widened to int32 (CPU code)."""
     a, b = mm.args[:2]
     shifted = mm.target is aten._int_mm.default and _dtype(a) == torch.uint8
     if shifted:  # (xq + 128) as uint8, its shift taken off the result below
