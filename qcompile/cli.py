@@ -5,8 +5,10 @@
   print the match report (``--json`` for data).
 - ``qcompile export pkg.module:function out.pt2 [--dynamic] [--package program|aoti]``: export the model with
   its quantized linears rewritten (see ``qcompile.export``).
-- ``qcompile build --arch sm_90a``: compile every CUDA kernel configuration into the
-  cache ahead of time, so deployment machines do not compile.
+- ``qcompile build --arch sm_90a [--archive kernels.tar.gz]``: compile every CUDA kernel
+  configuration into the cache ahead of time (on any machine with nvcc; no GPU needed), so
+  deployment machines do not compile; ``--archive`` also packs them into one file, which
+  ``qcompile build --unpack kernels.tar.gz`` adds to a machine's cache without nvcc.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import importlib
 import json
 import logging
 import sys
+import tarfile
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _load_factory(spec: str):
@@ -62,6 +66,14 @@ def _export(args) -> int:
 def _build(args) -> int:
     from qcompile.kernels import (build, int8_gemm, lut_gemm, mixed_gemm, mixed_gemm_decode,
                                   mixed_gemm_sm80)
+    if args.unpack:
+        try:
+            paths = build.unpack_archive(Path(args.unpack))
+        except (build.KernelBuildError, OSError, tarfile.TarError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{len(paths)} kernels from {args.unpack} in {build.cache_dir()}")
+        return 0
     specs = [int8_gemm.kernel_spec(c, d) for c in int8_gemm.available_configs(args.arch)
              for d in int8_gemm._OUT_DTYPES]
     specs += [int8_gemm.decode_spec(d) for d in int8_gemm._OUT_DTYPES]
@@ -92,6 +104,8 @@ def _build(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{len(paths)} kernels for {args.arch} in {build.cache_dir()}")
+    if args.archive:
+        print(f"archived in {build.write_archive(paths, Path(args.archive))}")
     return 0
 
 
@@ -117,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bd.add_argument("--arch", default="sm_90a", choices=["sm_90a", "sm_80"],
                     help="sm_90a (Hopper) or sm_80 (Ampere and later)")
     bd.add_argument("-j", "--jobs", type=int, default=None, help="parallel nvcc processes")
+    bd.add_argument("--archive", metavar="FILE",
+                    help="also write the arch's kernels to FILE (.tar.gz) for another machine")
+    bd.add_argument("--unpack", metavar="FILE",
+                    help="add the kernels of an --archive FILE to this machine's cache (no build)")
     bd.set_defaults(run=_build)
     args = parser.parse_args(argv)
     if args.verbose:

@@ -195,3 +195,108 @@ def test_a_build_says_it_is_compiling_and_logs_each_kernel(tiny_csrc, monkeypatc
     with caplog.at_level("INFO", logger="qcompile.kernels"):
         build.build_many(specs)  # all cached now
     assert not caplog.records
+
+
+def _fake_toolchain_build(monkeypatch, specs):
+    """build_many with a toolchain and nvcc faked: each library a file of its own name's bytes."""
+    monkeypatch.setattr(build, "_toolchain", lambda: ("nvcc", "release 13.0", "4.2.0.0"))
+
+    def fake_compile(spec, nvcc, out, index, total):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(out.name.encode())
+
+    monkeypatch.setattr(build, "_compile", fake_compile)
+    return build.build_many(specs)
+
+
+def test_archive_carries_libraries_to_a_cache_without_a_toolchain(tiny_csrc, tmp_path, monkeypatch):
+    """write_archive packs built libraries with the toolchain index; unpack_archive on another
+    cache (no nvcc, no CUTLASS there) makes cached_path find each of them, keeps what that
+    cache already had (its libraries and index entries), and says how many it added."""
+    specs = [KernelSpec("tiny.cu", {"QC_VALUE": v}, "sm_80") for v in (1, 2)]
+    paths = _fake_toolchain_build(monkeypatch, specs)
+    archive = build.write_archive(paths, tmp_path / "out" / "kernels.tar.gz")
+    assert archive.is_file() and not list(archive.parent.glob("*.tmp"))
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "versions.json").write_text('[{"nvcc": "release 12.8", "cutlass": "3.9.0"}]')
+    (other / paths[0].name).write_bytes(b"already here")
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(other))
+
+    def no_toolchain():
+        raise KernelBuildError("no nvcc here")
+
+    monkeypatch.setattr(build, "_toolchain", no_toolchain)
+    assert build.cached_path(specs[1]) is None
+    got = build.unpack_archive(archive)
+    assert [p.name for p in got] == [p.name for p in paths]
+    assert [build.cached_path(s) for s in specs] == [other / p.name for p in paths]
+    assert (other / paths[0].name).read_bytes() == b"already here"   # kept, not overwritten
+    assert (other / paths[1].name).read_bytes() == paths[1].name.encode()
+    assert build._recorded_versions() == [("release 12.8", "3.9.0"), ("release 13.0", "4.2.0.0")]
+    assert sorted(q.name for q in other.iterdir()) == sorted(
+        ["versions.json", *(p.name for p in paths)])          # no temporary files left
+
+
+def test_archive_refuses_other_files_and_bad_archives(tiny_csrc, tmp_path, monkeypatch):
+    """write_archive takes only the cache's libraries; unpack_archive refuses an archive with
+    a path, a folder, a stray file or no index, and writes nothing then."""
+    import io
+    import tarfile
+
+    paths = _fake_toolchain_build(monkeypatch, [KernelSpec("tiny.cu", {"QC_VALUE": 1}, "sm_80")])
+    stray = tmp_path / "stray.so"
+    stray.write_bytes(b"x")
+    with pytest.raises(KernelBuildError, match="is not a library of the cache"):
+        build.write_archive([stray], tmp_path / "k.tar.gz")
+    assert not list(tmp_path.glob("k.tar.gz*"))
+
+    def archive_with(name, entries):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for entry, data in entries:
+                info = tarfile.TarInfo(entry)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return path
+
+    index = ("versions.json", b"[]")
+    target = tmp_path / "target"
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(target))
+    for name, entries, message in [
+        ("path.tar.gz", [index, ("../evil.so", b"x")], "unexpected entries: ../evil.so"),
+        ("dir.tar.gz", [index, ("sub", None)], "unexpected entries: sub"),
+        ("stray.tar.gz", [index, ("run.sh", b"x")], "unexpected entries: run.sh"),
+        ("noindex.tar.gz", [(paths[0].name, b"x")], "no versions.json"),
+        ("badindex.tar.gz", [("versions.json", b"{")], "unreadable versions.json"),
+    ]:
+        with pytest.raises(KernelBuildError, match=message.replace(".", r"\.")):
+            build.unpack_archive(archive_with(name, entries))
+    assert not target.exists() or not list(target.glob("*.so"))
+
+
+def test_cli_build_archive_then_unpack(tmp_path, monkeypatch, capsys):
+    """``qcompile build --arch sm_80 --archive FILE`` packs every sm_80 kernel it built (nvcc
+    faked here); ``qcompile build --unpack FILE`` adds them to another cache and says how
+    many; a file that is not an archive is an error (exit 1), not a traceback."""
+    from qcompile import cli
+
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "build"))
+    _fake_toolchain_build(monkeypatch, [])
+    archive = tmp_path / "k.tar.gz"
+    assert cli.main(["build", "--arch", "sm_80", "--archive", str(archive)]) == 0
+    built = sorted(q.name for q in (tmp_path / "build").glob("*.so"))
+    assert len(built) > 10 and f"archived in {archive}" in capsys.readouterr().out
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "deploy"))
+    assert cli.main(["build", "--unpack", str(archive)]) == 0
+    assert f"{len(built)} kernels from {archive} in {tmp_path / 'deploy'}" in capsys.readouterr().out
+    assert sorted(q.name for q in (tmp_path / "deploy").glob("*.so")) == built
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"not a tar")
+    assert cli.main(["build", "--unpack", str(bad)]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

@@ -11,7 +11,10 @@ at once.
 
 A cached library is found without nvcc or the CUTLASS headers: the nvcc and CUTLASS
 versions that went into its key are recorded in a small index next to it (``versions.json``),
-so a cache built on one machine can be carried to another that only runs the kernels.
+so a cache built on one machine can be carried to another that only runs the kernels:
+:func:`write_archive` packs chosen libraries with that index into one file and
+:func:`unpack_archive` adds them to another machine's cache (``qcompile build --archive`` /
+``--unpack``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -44,6 +49,8 @@ __all__ = [
     "find_nvcc",
     "load",
     "load_checked",
+    "unpack_archive",
+    "write_archive",
 ]
 
 log = logging.getLogger("qcompile.kernels")
@@ -215,8 +222,11 @@ def _lib_name(spec: KernelSpec, key: str) -> str:
     return f"{Path(spec.source).stem}_{spec.arch}_{key}.so"
 
 
+_VERSIONS_NAME = "versions.json"  # the toolchain index, in a cache and in an archive
+
+
 def _versions_file() -> Path:
-    return cache_dir() / "versions.json"
+    return cache_dir() / _VERSIONS_NAME
 
 
 def _recorded_versions() -> list[tuple[str, str]]:
@@ -394,3 +404,70 @@ def load_checked(spec: KernelSpec, signatures: Mapping[str, Signature],
             raise KernelBuildError(f"library {spec.describe()} reports {list(got)} from {name}, "
                                    f"expected {list(expected)}")
     return lib
+
+
+# --- carrying built libraries to another machine ------------------------------------------
+
+
+def write_archive(paths: Sequence[Path], dest: Path) -> Path:
+    """Write the cached libraries ``paths`` and the cache's toolchain index into the gzip tar
+    ``dest`` (atomically: a reader never sees half a file), flat, for :func:`unpack_archive`
+    on a machine that runs the kernels without building them."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    index = json.dumps([{"nvcc": a, "cutlass": b} for a, b in _recorded_versions()], indent=1)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in dict.fromkeys(Path(p) for p in paths):
+                if path.parent != cache_dir() or path.suffix != ".so":
+                    raise KernelBuildError(f"{path} is not a library of the cache {cache_dir()}")
+                tar.add(path, arcname=path.name)
+            info = tarfile.TarInfo(_VERSIONS_NAME)
+            data = index.encode()
+            info.size = len(data)
+            tar.addfile(info, fileobj=io.BytesIO(data))
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return dest
+
+
+def unpack_archive(src: Path) -> list[Path]:
+    """Add the libraries of a :func:`write_archive` file to this machine's cache (each written
+    atomically; one already there is kept) and its toolchains to the cache's index; return
+    the libraries' paths. Anything else in the file -- a folder, a link, a name with a path,
+    a file other than a library or the index -- raises KernelBuildError before anything is
+    written."""
+    root = cache_dir()
+    with tarfile.open(src, "r:gz") as tar:
+        members = tar.getmembers()
+        bad = [m.name for m in members
+               if not m.isfile() or "/" in m.name or m.name.startswith(".")
+               or not (m.name.endswith(".so") or m.name == _VERSIONS_NAME)]
+        if bad or _VERSIONS_NAME not in {m.name for m in members}:
+            raise KernelBuildError(f"{src} is not a kernel archive of `qcompile build --archive`"
+                                   + (f" (unexpected entries: {', '.join(bad[:3])})" if bad else
+                                      f" (no {_VERSIONS_NAME})"))
+        try:
+            index = [(d["nvcc"], d["cutlass"]) for d in json.loads(tar.extractfile(_VERSIONS_NAME).read())]
+        except (ValueError, KeyError, TypeError) as e:
+            raise KernelBuildError(f"{src}: unreadable {_VERSIONS_NAME}: {e}") from e
+        root.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for m in members:
+            if m.name == _VERSIONS_NAME:
+                continue
+            out = root / m.name
+            if not out.is_file():
+                fd, tmp = tempfile.mkstemp(dir=root, prefix=m.name + ".", suffix=".tmp.so")
+                with os.fdopen(fd, "wb") as f:
+                    shutil.copyfileobj(tar.extractfile(m), f)
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, out)
+            paths.append(out)
+    for nvcc_version, cutlass_version in index:
+        _record_versions(nvcc_version, cutlass_version)
+    return paths
