@@ -217,6 +217,7 @@ def test_archive_carries_libraries_to_a_cache_without_a_toolchain(tiny_csrc, tmp
     paths = _fake_toolchain_build(monkeypatch, specs)
     archive = build.write_archive(paths, tmp_path / "out" / "kernels.tar.gz")
     assert archive.is_file() and not list(archive.parent.glob("*.tmp"))
+    assert archive.stat().st_mode & 0o777 == 0o644
 
     other = tmp_path / "other"
     other.mkdir()

@@ -428,6 +428,7 @@ def write_archive(paths: Sequence[Path], dest: Path) -> Path:
             data = index.encode()
             info.size = len(data)
             tar.addfile(info, fileobj=io.BytesIO(data))
+        os.chmod(tmp, 0o644)  # a file to hand on, not mkstemp's owner-only one
         os.replace(tmp, dest)
     except BaseException:
         os.unlink(tmp)
