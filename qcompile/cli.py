@@ -131,10 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bd.add_argument("--arch", default="sm_90a", choices=["sm_90a", "sm_80"],
                     help="sm_90a (Hopper) or sm_80 (Ampere and later)")
     bd.add_argument("-j", "--jobs", type=int, default=None, help="parallel nvcc processes")
-    bd.add_argument("--archive", metavar="FILE",
-                    help="also write the arch's kernels to FILE (.tar.gz) for another machine")
-    bd.add_argument("--unpack", metavar="FILE",
-                    help="add the kernels of an --archive FILE to this machine's cache (no build)")
+    carry = bd.add_mutually_exclusive_group()
+    carry.add_argument("--archive", metavar="FILE",
+                       help="also write the arch's kernels to FILE (.tar.gz) for another machine")
+    carry.add_argument("--unpack", metavar="FILE",
+                       help="add the kernels of an --archive FILE to this machine's cache (no build)")
     bd.set_defaults(run=_build)
     args = parser.parse_args(argv)
     if args.verbose:

@@ -297,6 +297,9 @@ def test_cli_build_archive_then_unpack(tmp_path, monkeypatch, capsys):
     assert cli.main(["build", "--unpack", str(archive)]) == 0
     assert f"{len(built)} kernels from {archive} in {tmp_path / 'deploy'}" in capsys.readouterr().out
     assert sorted(q.name for q in (tmp_path / "deploy").glob("*.so")) == built
+    with pytest.raises(SystemExit):  # one or the other, never both
+        cli.main(["build", "--archive", str(archive), "--unpack", str(archive)])
+    assert "not allowed with argument" in capsys.readouterr().err
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(b"not a tar")
     assert cli.main(["build", "--unpack", str(bad)]) == 1

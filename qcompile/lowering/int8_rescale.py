@@ -119,6 +119,12 @@ def _zero_point_term(ev: ConstantEvaluator, node, n: int) -> tuple[fx.Node, torc
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
+# The unsigned spelling of an int8 activation: CPU int8 GEMMs multiply uint8 by int8, so
+# torchao (from 0.18, Int8Tensor on CPU) feeds ``_int_mm`` with ``(xq + 128)`` as uint8 and
+# subtracts ``128 * colsum(wq)`` from the int32 result: the same product as ``xq @ wq``.
+_UINT8_SHIFT = 128
+
+
 def _is_shift_correction(ev: ConstantEvaluator, node, wq_kn: torch.Tensor) -> bool:
     """Whether ``node`` is a constant equal to 128 x the int8 weight's column sums ([N] or
     [1, N], int32): what a uint8-shifted activation adds to each output."""
@@ -146,12 +152,6 @@ def int8_activation(a: fx.Node) -> fx.Node | None:
         return None
     val = cur.meta.get("val") if isinstance(cur, fx.Node) else None
     return cur if isinstance(val, torch.Tensor) and val.dtype == torch.int8 else None
-
-
-# The unsigned spelling of an int8 activation: CPU int8 GEMMs multiply uint8 by int8, so
-# torchao (from 0.18, Int8Tensor on CPU) feeds ``_int_mm`` with ``(xq + 128)`` as uint8 and
-# subtracts ``128 * colsum(wq)`` from the int32 result: the same product as ``xq @ wq``.
-_UINT8_SHIFT = 128
 
 
 def _through_views(node):
