@@ -357,9 +357,15 @@ SUMMARY_M = (1, 16, 256, 2048)
 # The decode table's columns after bf16: (header, the cells' format and impl).
 DECODE_COLUMNS = (("W4A16", "w4a16 qcompile"), ("W8A16", "w8a16 qcompile"),
                   ("W8A8", "w8a8 qcompile"), ("NF4", "nf4 qcompile"))
-SUMMARY_PATTERNS = (("bench_w4a16", "w4a16_g128_zp", "W4A16 g128"),
-                    ("bench_w4a16", "w8a16_pc", "W8A16"),
-                    ("w8a8", "w8a8_dynamic", "W8A8 dynamic"))
+# The layer table's rows: (the grid's fields, the format's label).
+SUMMARY_PATTERNS = (({"bench": "bench_w4a16", "pattern": "w4a16_g128_zp"}, "W4A16 g128"),
+                    ({"bench": "bench_w4a16", "pattern": "w4a16_g128_zp", "act": "fp16"},
+                     "W4A16 g128, fp16 (AWQ)"),
+                    ({"bench": "bench_w4a16", "pattern": "nf4_b64"}, "NF4 b64"),
+                    ({"bench": "bench_w4a16", "pattern": "w8a16_pc"}, "W8A16"),
+                    ({"bench": "w8a8", "pattern": "w8a8_dynamic"}, "W8A8 dynamic"))
+# Its last columns, at these token counts: qcompile / read floor, and Marlin / qcompile.
+SUMMARY_FLOOR_M = (1, 16)
 
 
 def summary(rows, grids) -> list[str]:
@@ -394,30 +400,36 @@ def summary(rows, grids) -> list[str]:
                 "| model | batch | bf16 | " + " | ".join(h for h, _ in DECODE_COLUMNS) + " |",
                 "|---|---|---|" + "---|" * len(DECODE_COLUMNS)] + dec + [""]
     lay = []
-    for bench, pattern, label in SUMMARY_PATTERNS:
-        g = _pick(grids, bench=bench, pattern=pattern)
+    for want, label in SUMMARY_PATTERNS:
+        g = _pick(grids, **want)
         if g is None:
             continue
         grid = grids[g]
         for n, k in SUMMARY_SHAPES:
+            at = {m: grid.get((("n", n), ("k", k), ("m", m)), {}) for m in SUMMARY_M + SUMMARY_FLOOR_M}
             cells = []
             for m in SUMMARY_M:
-                c = grid.get((("n", n), ("k", k), ("m", m)), {})
+                c = at[m]
                 if "qcompile" in c and "cublas_bf16" in c:
                     cells.append(_ratio(c["cublas_bf16"][0], c["qcompile"][0]))
                     dates.add(_date(c["qcompile"][1]))
                 else:
                     cells.append("")
-            c1 = grid.get((("n", n), ("k", k), ("m", 1)), {})
-            peer = ", ".join(f"{p} {_ratio(c1[p][0], c1['qcompile'][0])}" for p in
-                             ("tinygemm", "inductor_max_autotune", "inductor") if p in c1 and "qcompile" in c1)
-            lay.append(f"| {label} | {n}x{k} | " + " | ".join(cells) + f" | {peer} |")
+            floor = " / ".join(_ratio(at[m]["qcompile"][0], at[m]["read_floor"][0])
+                               for m in SUMMARY_FLOOR_M if {"qcompile", "read_floor"} <= set(at[m]))
+            marlin = " / ".join(_ratio(at[m]["marlin"][0], at[m]["qcompile"][0])
+                                for m in SUMMARY_FLOOR_M if {"qcompile", "marlin"} <= set(at[m]))
+            lay.append(f"| {label} | {n}x{k} | " + " | ".join(cells) + f" | {floor} | {marlin} |")
             devices.add(dict(g)["device"])
     if lay:
+        at_m = "/".join(str(m) for m in SUMMARY_FLOOR_M)
         out += ["One linear layer, cuBLAS bf16 time / qcompile time (> 1: qcompile faster), "
-                "L2 flushed:", "",
-                "| format | N x K | " + " | ".join(f"M={m}" for m in SUMMARY_M) + " | peers at M=1 |",
-                "|---|---|" + "---|" * (len(SUMMARY_M) + 1)] + lay + [""]
+                "L2 flushed (clean), bf16 activations unless named; then qcompile's time over "
+                "a pure read of the weight's bytes (1.00x: at memory speed), and Marlin's time "
+                "over qcompile's (fp16 only):", "",
+                "| format | N x K | " + " | ".join(f"M={m}" for m in SUMMARY_M)
+                + f" | x read floor, M={at_m} | Marlin / qcompile, M={at_m} |",
+                "|---|---|" + "---|" * (len(SUMMARY_M) + 2)] + lay + [""]
     dates.discard("")
     if out:
         when = (f", {min(dates)}" + (f" to {max(dates)}" if max(dates) != min(dates) else "")

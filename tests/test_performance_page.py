@@ -75,3 +75,16 @@ def test_rounds_of_one_run_give_their_median(tmp_path):
          "median_us": v, "round": i, **prov} for i, v in enumerate((3.0, 1.0, 2.0))])
     grid = next(iter(mp.latest(mp.load(tmp_path)).values()))
     assert grid[(("n", 8), ("k", 8), ("m", 1))]["qcompile"][0] == 2.0
+
+
+def test_layer_table_shows_the_read_floor_and_marlin(tmp_path):
+    prov = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "commit": "c", "date": "d",
+            "command": "grid", "bench": "bench_w4a16", "pattern": "w4a16_g128_zp", "flush": "clean"}
+    times = {"qcompile": 20.0, "cublas_bf16": 40.0, "read_floor": 16.0, "marlin": 25.0}
+    rows = [{"n": 4096, "k": 4096, "m": m, "impl": i, "median_us": v * m, **prov, **act}
+            for act in ({}, {"act": "fp16"}) for m in (1, 16) for i, v in times.items()
+            if i != "marlin" or act]  # Marlin runs fp16 only
+    _write(tmp_path / "bench_w4a16.jsonl", rows)
+    summary = mp.summary(rows := mp.load(tmp_path), mp.latest(rows))
+    assert "| W4A16 g128 | 4096x4096 | 2.00x | 2.00x |  |  | 1.25x / 1.25x |  |" in summary
+    assert "| W4A16 g128, fp16 (AWQ) | 4096x4096 | 2.00x | 2.00x |  |  | 1.25x / 1.25x | 1.25x / 1.25x |" in summary
