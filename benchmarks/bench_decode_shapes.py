@@ -4,8 +4,10 @@ b64 (bf16, the lookup-table decode kernel), at 1 / 16 / 32 / 64 tokens, includin
 heuristic never offers (token tiles over the grid's y beyond 32 tokens). What it is for: the
 evidence behind the decode kernel's launch rules (docs/design.md).
 
-    python benchmarks/bench_decode_shapes.py [--out FILE] [--plan default|w8a16]
-    (FILE defaults to decode_shapes.jsonl in $OUT or /tmp; the w8a16 plan: int8 per-channel)
+    python benchmarks/bench_decode_shapes.py [--out FILE] [--plan default|w8a16|sz16]
+    (FILE defaults to decode_shapes.jsonl in $OUT or /tmp; the w8a16 plan: int8 per-channel;
+    sz16: int4 at 16 tokens, the 16-token tile's 32- and 64-row launches with and without
+    staged scales)
 
 Rows: bench "decode_shapes", one per (pattern, n, k, m, impl), to decode_shapes.jsonl;
 SWEEP_BUDGET_S (default 400) stops it early, the most telling cells first."""
@@ -52,8 +54,14 @@ def cell(pattern, act, n, k, m, impl, fn, ref=None, **extra):
 _weights = {}
 
 
+STAGED_16 = False  # the sz16 plan: the 16-token tile's 32- and 64-row shapes, scales staged or not
+
+
 def launch_shapes(m):
     """Every valid launch shape of the two token tiles nearest m (the grid's y covers the rest)."""
+    if STAGED_16:
+        return [c for r in (64, 32) for wp in (8, 4, 16) for sz in (True, False)
+                if (c := d.DecodeChoice(16, r, wp, sz)).valid()]
     return [c for t in [t for t in (8, 16, 32) if t >= min(m, 16)][:2]
             for r in (16, 32, 64) for wp in (4, 8, 16)
             if (c := d.DecodeChoice(t, r, wp)).valid()]
@@ -121,11 +129,15 @@ def nf4(ms):
 PLANS = {
     "default": [(affine, (16,)), (nf4, (64, 16)), (affine, (64,)), (nf4, (1, 32)), (affine, (1, 32))],
     "w8a16": [(lambda ms: affine(ms, "w8a16_pc"), (16, 1, 32))],
+    # staged scales at 16 tokens (the heuristic stages them up to 8 tokens only)
+    "sz16": [(affine, (16,))],
 }
 
 
 def main():
+    global STAGED_16
     plan = sys.argv[sys.argv.index("--plan") + 1] if "--plan" in sys.argv else "default"
+    STAGED_16 = plan == "sz16"
     for step, ms in PLANS[plan]:
         step(ms)
     print("sweep done", flush=True)
