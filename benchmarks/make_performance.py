@@ -368,6 +368,12 @@ SUMMARY_PATTERNS = (({"bench": "bench_w4a16", "pattern": "w4a16_g128_zp"}, "W4A1
 SUMMARY_FLOOR_M = (1, 16)
 
 
+def _ratios(at, num, den) -> str:
+    """num's time over den's in the cells ``at`` (by M) of each of SUMMARY_FLOOR_M that has both."""
+    return " / ".join(_ratio(at[m][num][0], at[m][den][0])
+                      for m in SUMMARY_FLOOR_M if {num, den} <= set(at[m]))
+
+
 def summary(rows, grids) -> list[str]:
     """The README's table: decode tokens/s against bf16, then per-layer ratios to cuBLAS bf16."""
     out, dates, devices = [], set(), set()
@@ -415,11 +421,8 @@ def summary(rows, grids) -> list[str]:
                     dates.add(_date(c["qcompile"][1]))
                 else:
                     cells.append("")
-            floor = " / ".join(_ratio(at[m]["qcompile"][0], at[m]["read_floor"][0])
-                               for m in SUMMARY_FLOOR_M if {"qcompile", "read_floor"} <= set(at[m]))
-            marlin = " / ".join(_ratio(at[m]["marlin"][0], at[m]["qcompile"][0])
-                                for m in SUMMARY_FLOOR_M if {"qcompile", "marlin"} <= set(at[m]))
-            lay.append(f"| {label} | {n}x{k} | " + " | ".join(cells) + f" | {floor} | {marlin} |")
+            lay.append(f"| {label} | {n}x{k} | " + " | ".join(cells) + f" | {_ratios(at, 'qcompile', 'read_floor')}"
+                       f" | {_ratios(at, 'marlin', 'qcompile')} |")
             devices.add(dict(g)["device"])
     if lay:
         at_m = "/".join(str(m) for m in SUMMARY_FLOOR_M)
