@@ -591,8 +591,9 @@ def _nvcc() -> str | None:
 
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (host code only, no GPU)")
 def test_lut_gemm_lookup_by_byte_permutes(tmp_path):
-    """The GEMM's register conversion (csrc/lut_lookup.cuh) compiled for the host, prmt
-    emulated (its sign-replicate mode too): every code in every nibble of a word, and
+    """The GEMM's lookups (csrc/lut_lookup.cuh) compiled for the host, prmt emulated (its
+    sign-replicate mode too): by byte permutes, and through the 256-pair table with a lane's
+    own copy only (every other word poisoned): every code in every nibble of a word, and
     random words, give table[code] for stored nibbles code ^ 8, value j of the word in half
     j % 2 of register j // 2."""
     import ctypes
@@ -608,7 +609,15 @@ def test_lut_gemm_lookup_by_byte_permutes(tmp_path):
     src.write_text('#include "lut_lookup.cuh"\n'
                    f"using T = qc_lut::Lookup<{', '.join(f'{w:#x}ULL' for w in words)}>;\n"
                    'extern "C" void lookup8(uint32_t q, uint32_t* out) {\n'
-                   "  uint32_t r[4]; T::lookup8(q, r); for (int i = 0; i < 4; ++i) out[i] = r[i];\n}\n")
+                   "  uint32_t r[4]; T::lookup8(q, r); for (int i = 0; i < 4; ++i) out[i] = r[i];\n}\n"
+                   # the pair table as the GEMM's prologue lays it out: word 32 b + l = pair(b),
+                   # the shared load a read of it that fails on a word of another lane's copy
+                   "static uint32_t pairs[256 * 32];\n"
+                   'extern "C" void lookup8_pairs(uint32_t q, uint32_t lane, uint32_t* out) {\n'
+                   "  for (uint32_t w = 0; w < 256 * 32; ++w) pairs[w] = (w % 32 == lane) ? T::pair(w / 32) : 0xDEADu;\n"
+                   "  uint32_t r[4];\n"
+                   "  T::lookup8_pairs(q, 4 * lane, [](uint32_t a) { return pairs[a / 4]; }, r);\n"
+                   "  for (int i = 0; i < 4; ++i) out[i] = r[i];\n}\n")
     lib_path = tmp_path / "lookup.so"
     subprocess.run([_nvcc(), "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",
                     f"-I{build.csrc_dir()}", str(src), "-o", str(lib_path)], check=True,
@@ -616,11 +625,15 @@ def test_lut_gemm_lookup_by_byte_permutes(tmp_path):
     lib = ctypes.CDLL(str(lib_path))
     lib.lookup8.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     out = (ctypes.c_uint32 * 4)()
+    lib.lookup8_pairs.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     words_of_codes = [[c] * 8 for c in range(16)] + [[(c + j) % 16 for j in range(8)] for c in range(16)]
     words_of_codes += [[rng.randrange(16) for _ in range(8)] for _ in range(500)]
-    for codes in words_of_codes:
+    for i, codes in enumerate(words_of_codes):
         lib.lookup8(sum((c ^ 8) << (4 * j) for j, c in enumerate(codes)), out)
         assert [v for w in out for v in (w & 0xFFFF, w >> 16)] == [table[c] for c in codes], codes
+        lane = i % 32  # each lane reads its own copy of the pair table only
+        lib.lookup8_pairs(sum((c ^ 8) << (4 * j) for j, c in enumerate(codes)), lane, out)
+        assert [v for w in out for v in (w & 0xFFFF, w >> 16)] == [table[c] for c in codes], (lane, codes)
 
 
 def test_lut_gemm_tiles_follow_the_int4_heuristic():

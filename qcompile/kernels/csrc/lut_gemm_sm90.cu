@@ -7,7 +7,15 @@
 // ConvertAndScale mode (block scale, no zero). The one new piece is the 4-bit element type
 // `Code` and its converter: CUTLASS converts the narrow operand in registers through
 // LayoutAwareConvertImpl<Src, Dst, ...>, which this file specialises for Code so that the
-// conversion is a table lookup done with byte permutes (lut_lookup.cuh).
+// conversion is a table lookup (lut_lookup.cuh).
+//
+// The lookup (QC_LUT_SMEM): 1, from a table of all 256 value pairs in shared memory, in 32
+// bank-private copies (32 KB), as the decode kernel reads it: per 8 values 4 prmt, 4 lea and
+// 4 conflict-free shared loads. The kernel is CUTLASS's with a prologue (PairTableKernel):
+// every thread stores its share of the table into the first 32 KB of the dynamic shared
+// memory, one barrier, then CUTLASS's kernel runs on the rest (its stage count computed with
+// the table carved out). 0, by byte permutes from registers: 16 prmt and 4 bit operations per
+// 8 values on the integer pipe, no shared memory.
 //
 // Weight layout: qcompile's lookup-table layout (lut_gemm.py, "sm90_lut_pairs"): the sm90
 // mixed GEMM's reorder with each thread's 8 values in K order (nibble j of a 32-bit word =
@@ -21,6 +29,7 @@
 //                    (nvcc splits a -D value at commas, so not one list)
 //   QC_WBITS, QC_MODE  must be 4 and 1 (the config's format: 4-bit, block scale in the loop)
 //   QC_TILE_M/N/K, QC_CLUSTER_M/N, QC_COOP, QC_STREAMK  as in mixed_gemm_sm90.cu
+//   QC_LUT_SMEM      1: the pair table in shared memory (default), 0: byte permutes
 //
 // Exports (extern "C", 0 = success, otherwise a cudaError_t value):
 //   qc_lut_gemm_sm90_info           the compiled configuration and table
@@ -79,6 +88,9 @@
 #ifndef QC_STREAMK
 #define QC_STREAMK 0
 #endif
+#ifndef QC_LUT_SMEM
+#define QC_LUT_SMEM 1
+#endif
 
 static_assert(QC_WBITS == 4 && QC_MODE == 1, "the lookup-table GEMM takes 4-bit codes with block scales");
 static_assert(!(QC_STREAMK && !QC_COOP), "stream-K needs the cooperative schedule");
@@ -99,6 +111,26 @@ struct Code {
 
 // The compiled-in table and its lookup (lut_lookup.cuh).
 using Table = Lookup<QC_LUT_T0, QC_LUT_T1, QC_LUT_T2, QC_LUT_T3>;
+
+// The pair table: 256 pairs x 32 copies of a 32-bit word, at the start of the dynamic shared
+// memory (a multiple of 1024 bytes, so CUTLASS's storage after it keeps its TMA alignment).
+constexpr int kPairTableBytes = QC_LUT_SMEM ? 256 * 32 * 4 : 0;
+
+#if defined(__CUDACC__)
+// The lane's copy of the pair table: its shared-space byte address (CUTLASS's device_kernel
+// declares the same dynamic shared memory as `smem`; every unsized extern array starts there).
+__device__ __forceinline__ uint32_t pair_table_lane_base() {
+  extern __shared__ char qc_lut_dynamic_smem[];
+  return static_cast<uint32_t>(__cvta_generic_to_shared(qc_lut_dynamic_smem)) + 4 * (threadIdx.x & 31);
+}
+
+__device__ __forceinline__ uint32_t load_shared_u32(uint32_t addr) {
+  uint32_t v;
+  // not volatile: the table is written once, before the barrier every thread passes first
+  asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+#endif
 
 }  // namespace qc_lut
 
@@ -124,7 +156,11 @@ struct LayoutAwareConvertImpl<qc_lut::Code, Dst, LayoutIn, LayoutOut> {
     uint32_t q = cute::recast<uint32_t>(src)(0);
     auto&& out = cute::recast<cutlass::AlignedArray<uint32_t, 4, 16>>(dst)(0);
     uint32_t r[4];
+#if QC_LUT_SMEM
+    qc_lut::Table::lookup8_pairs(q, qc_lut::pair_table_lane_base(), qc_lut::load_shared_u32, r);
+#else
     qc_lut::Table::lookup8(q, r);
+#endif
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < 4; ++i) out[i] = r[i];
   }
@@ -189,11 +225,31 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
     Act, LayoutX, kAlignX,
     Acc, TileShape, ClusterShape,
     cutlass::gemm::collective::StageCountAutoCarveout<
-        static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+        static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage)) + kPairTableBytes>,
     MainloopSchedule>::CollectiveOp;
 
-using GemmKernel = cutlass::gemm::kernel::GemmUniversal<
+using CutlassKernel = cutlass::gemm::kernel::GemmUniversal<
     Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue, TileScheduler>;
+
+// CUTLASS's kernel behind a prologue that stages the pair table: the 8192 words in 16-byte
+// stores (4 copies of one pair each), consecutive threads to consecutive addresses, so each
+// warp's store is one conflict-free pass; then one barrier before any thread looks up.
+struct PairTableKernel : CutlassKernel {
+  static constexpr int SharedStorageSize = kPairTableBytes + CutlassKernel::SharedStorageSize;
+  static_assert(kPairTableBytes % 1024 == 0, "CUTLASS's shared storage must stay 1024-aligned");
+
+  CUTLASS_DEVICE void operator()(typename CutlassKernel::Params const& params, char* smem_buf) {
+    auto* table = reinterpret_cast<uint4*>(smem_buf);
+    for (int i = threadIdx.x; i < kPairTableBytes / 16; i += blockDim.x) {
+      uint32_t v = Table::pair(static_cast<uint32_t>(i) >> 3);  // 8 x 16 bytes a pair's 32 copies
+      table[i] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+    CutlassKernel::operator()(params, smem_buf + kPairTableBytes);
+  }
+};
+
+using GemmKernel = cute::conditional_t<QC_LUT_SMEM != 0, PairTableKernel, CutlassKernel>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
 using StrideXT = typename GemmKernel::StrideB;

@@ -4,8 +4,13 @@
 // 0-7 and 8-15 by a code's low three bits, a third picks between them by its fourth bit, and
 // two more interleave low and high bytes into the two 16-bit pairs the MMA reads.
 //
-// Compiles for the host too, with prmt emulated, so that a CPU test checks the selector
-// arithmetic against plain table indexing (tests/test_lookup_table.py).
+// Or (lookup8_pairs) from a table of all 256 value pairs in shared memory: a byte of two codes
+// is one 32-bit load, its address one prmt (the byte, zero-extended) and one lea; the table
+// holds 32 copies, word 32 b + l of copy l, so that lane l always reads bank l (no conflict).
+//
+// Compiles for the host too, with prmt emulated and the shared load a callable, so that a
+// CPU test checks the selector and address arithmetic against plain table indexing
+// (tests/test_lookup_table.py).
 #pragma once
 
 #include <cstdint>
@@ -56,6 +61,20 @@ struct Lookup {
     uint32_t w = 0;
     for (int e = 0; e < 4; ++e) w |= ((entry((4 * j + e) ^ 8) >> (8 * byte)) & 0xFF) << (8 * e);
     return w;
+  }
+
+  // The pair table's word for a byte b of two stored nibbles: the low nibble's value in the
+  // low half, as lookup8 packs values 2i and 2i + 1 into r[i].
+  QC_LUT_HD static constexpr uint32_t pair(uint32_t b) {
+    return entry(int(b & 15) ^ 8) | (entry(int(b >> 4) ^ 8) << 16);
+  }
+
+  // lookup8 through the pair table: r[i] = load(lane_base + 128 * byte i of q), lane_base the
+  // table's byte address plus 4 * lane (copy `lane`, bank `lane`).
+  template <class Load>
+  QC_LUT_FN static void lookup8_pairs(uint32_t q, uint32_t lane_base, Load const& load, uint32_t (&r)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = load(lane_base + (prmt(q, 0, 0x4440u | i) << 7));
   }
 
   // 8 stored nibbles (value j in nibble j) -> 8 table values, value 2i in the low half of r[i].
