@@ -1,4 +1,4 @@
-"""A/B of sources of the decode kernel (``csrc/mixed_gemm_decode.cu``) in one process.
+"""A/B of sources of the decode kernel (``csrc/mixed_gemm_decode.cu``) and the lookup-table GEMM in one process.
 
 The libraries of a baseline source (``--base DIR``: a copy of ``qcompile/kernels/csrc`` at
 the baseline, e.g. ``git archive <commit> qcompile/kernels/csrc``), of this tree's source
@@ -7,7 +7,9 @@ cache keys each by its source, so all sit in ``$QCOMPILE_CACHE_DIR``; missing on
 built), and each cell is timed for every variant in interleaved rounds: the decode kernel
 on the affine patterns (its heuristic's launch shape, and with ``--shapes-all`` every one,
 ``qcompile[<launch>]``; never a CUTLASS GEMM, whatever the token count) and the
-lookup-table decode kernel (``nf4_b64``, ``qcompile[decode]``), the read floor beside them.
+lookup-table decode kernel (``nf4_b64``, ``qcompile[decode]``; with ``--lut-paths
+decode,gemm`` also the lookup-table GEMM, ``qcompile[gemm]``, its heuristic's build for each
+cell loaded per variant), the read floor beside them.
 Every variant's output is compared with the baseline's bit for bit (the A/B of a change
 meant to keep the results) and the script fails if one differs.
 
@@ -17,7 +19,7 @@ docs/performance.md shows their medians per variant.
 
   python benchmarks/ab_decode.py --base .gpu/base_csrc --base-commit 5842117 \\
       [--variant NAME=DIR] [--patterns w4a16_g128_zp,nf4_b64] [--ms 1,16] [--act bf16,fp16]
-      [--shapes 14336x4096,...] [--shapes-all] [--rounds 3]
+      [--shapes 14336x4096,...] [--shapes-all] [--lut-paths decode,gemm] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -37,16 +39,19 @@ from bench_w4a16 import ACTS, build_impls, make_weights  # noqa: E402
 SHAPES = ((4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 4096))
 
 
-def _load_variant(csrc: Path, patterns: list[str], acts: list[str]) -> dict:
+def _load_variant(csrc: Path, patterns: list[str], acts: list[str], gemm_cells=()) -> dict:
     """The decode libraries the cells of these patterns and activation types use, built from
-    the source in ``csrc``:
-    {"decode": {build: lib}, "lut": {act: lib}}."""
+    the source in ``csrc``, and the lookup-table GEMM builds (NF4) the heuristic picks for
+    ``gemm_cells`` ((m, n, k) each):
+    {"decode": {build: lib}, "lut": {act: lib}, "lut_gemm": {(config, bits): lib}}."""
     from qcompile.kernels import build, lut_gemm
     from qcompile.kernels import mixed_gemm_decode as decode
+    from qcompile.lowering.lookup_table import NF4_VALUES
     old = build.CSRC_DIR
     build.CSRC_DIR = csrc
     decode._libs.clear()
     lut_gemm._libs.clear()
+    lut_gemm._gemm_libs.clear()
     try:
         for act in acts:
             if any(p.startswith("w4") for p in patterns):
@@ -55,7 +60,11 @@ def _load_variant(csrc: Path, patterns: list[str], acts: list[str]) -> dict:
                 decode._lib(decode.DecodeBuild(act, 8, decode.LAYOUT_SM90, decode.MODE_ROWSCALE))
             if "nf4_b64" in patterns:
                 lut_gemm._lib(act)
-        return {"decode": dict(decode._libs), "lut": dict(lut_gemm._libs)}
+                bits = lut_gemm.table_bits(torch.tensor(NF4_VALUES), ACTS[act])
+                for m, n, k in gemm_cells:
+                    lut_gemm._gemm_lib(lut_gemm.gemm_choice(m, n, k, act, 64).config, bits)
+        return {"decode": dict(decode._libs), "lut": dict(lut_gemm._libs),
+                "lut_gemm": dict(lut_gemm._gemm_libs)}
     finally:
         build.CSRC_DIR = old
 
@@ -67,14 +76,17 @@ def _install(libs: dict) -> None:
     decode._libs.update(libs["decode"])
     lut_gemm._libs.clear()
     lut_gemm._libs.update(libs["lut"])
+    lut_gemm._gemm_libs.clear()
+    lut_gemm._gemm_libs.update(libs["lut_gemm"])
 
 
 def _check_installed(libs: dict) -> None:
     """A call that loaded a library the variant lacks ran this tree's: fail rather than time it."""
     from qcompile.kernels import lut_gemm
     from qcompile.kernels import mixed_gemm_decode as decode
-    if set(decode._libs) != set(libs["decode"]) or set(lut_gemm._libs) != set(libs["lut"]):
-        raise RuntimeError("a cell used a decode library its variant was not loaded with")
+    if (set(decode._libs) != set(libs["decode"]) or set(lut_gemm._libs) != set(libs["lut"])
+            or set(lut_gemm._gemm_libs) != set(libs["lut_gemm"])):
+        raise RuntimeError("a cell used a library its variant was not loaded with")
 
 
 def _impls(pattern, n, k, fmt, w, mod, act) -> dict:
@@ -86,8 +98,11 @@ def _impls(pattern, n, k, fmt, w, mod, act) -> dict:
     made = build_impls(pattern, n, k, fmt, w, mod, ["read_floor"], act)
     if fmt.get("lut"):
         prepared = lut_gemm.prepare(fmt["codes"], fmt["table"], fmt["s"])
+        config = lut_gemm._config_of(lut_gemm._ACTS[act], lut_gemm.table_bits(fmt["table"], act))
+        gemm_scales = lut_gemm.gemm_scales_of(prepared[2], act)
         made["qcompile"] = lambda x, path: lut_gemm.run(x, *prepared, None, fmt["group"],
-                                                        "float32", path)
+                                                        "float32", path, config=config,
+                                                        gemm_scales=gemm_scales)
         return made
     layout = mg.LAYOUT_ROWSCALE if fmt["bits"] == 8 else mg.LAYOUT_GROUPZERO
     prepared = mg.prepare_weight(fmt["q"], fmt["s"], fmt["z"], fmt["bits"], fmt["signed"],
@@ -110,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="N x K list, default the five Llama shapes")
     ap.add_argument("--shapes-all", action="store_true",
                     help="also every decode launch shape (affine int4 bf16)")
+    ap.add_argument("--lut-paths", default="decode",
+                    help="nf4_b64 cells: 'decode', 'gemm' (the lookup-table GEMM) or both")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_ab.jsonl"))
     args = ap.parse_args(argv)
@@ -117,13 +134,18 @@ def main(argv=None) -> int:
     from qcompile.kernels import build
     from qcompile.kernels import mixed_gemm_decode as decode
     patterns, acts = args.patterns.split(","), args.act.split(",")
-    variants = {"base": _load_variant(Path(args.base).resolve(), patterns, acts),
-                "tree": _load_variant(build.CSRC_DIR, patterns, acts)}
-    for spec in args.variant:
-        name, _, path = spec.partition("=")
-        variants[name] = _load_variant(Path(path).resolve(), patterns, acts)
+    lut_paths = args.lut_paths.split(",")
+    if not set(lut_paths) <= {"decode", "gemm"}:
+        ap.error(f"--lut-paths takes decode and gemm, got {args.lut_paths!r}")
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
               if args.shapes else SHAPES)
+    ms = [int(v) for v in args.ms.split(",")]
+    gemm_cells = [(m, n, k) for n, k in shapes for m in ms] if "gemm" in lut_paths else []
+    variants = {"base": _load_variant(Path(args.base).resolve(), patterns, acts, gemm_cells),
+                "tree": _load_variant(build.CSRC_DIR, patterns, acts, gemm_cells)}
+    for spec in args.variant:
+        name, _, path = spec.partition("=")
+        variants[name] = _load_variant(Path(path).resolve(), patterns, acts, gemm_cells)
     meta = dict(bench="decode_ab", device=torch.cuda.get_device_name(), torch=torch.__version__,
                 commit=commit(), base_commit=args.base_commit, flush="clean",
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -136,10 +158,10 @@ def main(argv=None) -> int:
                 for n, k in shapes:
                     fmt, w, mod = make_weights(pattern, n, k, act)
                     made = _impls(pattern, n, k, fmt, w, mod, act)
-                    for m in (int(v) for v in args.ms.split(",")):
+                    for m in ms:
                         x = torch.randn(m, k, device="cuda").to(act)
-                        if fmt.get("lut"):  # the lookup-table decode kernel, its own pick
-                            cells = [("qcompile[decode]", "decode")]
+                        if fmt.get("lut"):  # the lookup-table decode kernel / GEMM, own picks
+                            cells = [(f"qcompile[{p}]", p) for p in lut_paths]
                         else:  # the decode kernel's heuristic launch (never a CUTLASS GEMM)
                             pick = decode.heuristic(m, n, k, group=fmt["group"]).name
                             cells = [(f"qcompile[{pick}]", pick)]

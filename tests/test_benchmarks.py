@@ -321,25 +321,33 @@ def test_bench_tp_two_cpu_ranks(tmp_path):
 
 
 def test_ab_decode_swaps_libraries_and_refuses_a_missing_one():
-    """The decode A/B installs exactly one variant's libraries, and a cell that loaded one
-    the variant lacks (it would time this tree's under another name) fails."""
+    """The decode A/B installs exactly one variant's libraries (decode kernel, lookup-table
+    decode kernel and GEMM builds), and a cell that loaded one the variant lacks (it would time
+    this tree's under another name) fails."""
     import pytest
 
     import ab_decode
     from qcompile.kernels import lut_gemm
     from qcompile.kernels import mixed_gemm_decode as decode
     build = decode.DecodeBuild("bf16", 4, decode.LAYOUT_SM90, decode.MODE_GROUPZERO)
-    saved = dict(decode._libs), dict(lut_gemm._libs)
+    saved = dict(decode._libs), dict(lut_gemm._libs), dict(lut_gemm._gemm_libs)
     try:
-        a, b = {"decode": {build: "lib-a"}, "lut": {}}, {"decode": {build: "lib-b"}, "lut": {}}
+        a = {"decode": {build: "lib-a"}, "lut": {}, "lut_gemm": {("cfg", (1,)): "gemm-a"}}
+        b = {"decode": {build: "lib-b"}, "lut": {}, "lut_gemm": {("cfg", (1,)): "gemm-b"}}
         ab_decode._install(a)
         assert decode._libs == {build: "lib-a"} and lut_gemm._libs == {}
+        assert lut_gemm._gemm_libs == {("cfg", (1,)): "gemm-a"}
         ab_decode._install(b)
-        assert decode._libs[build] == "lib-b"
+        assert decode._libs[build] == "lib-b" and lut_gemm._gemm_libs[("cfg", (1,))] == "gemm-b"
         ab_decode._check_installed(b)
+        lut_gemm._gemm_libs[("other", (1,))] = "a GEMM build loaded during the cell"
+        with pytest.raises(RuntimeError, match="not loaded with"):
+            ab_decode._check_installed(b)
+        ab_decode._install(b)
         lut_gemm._libs["bf16"] = "loaded during the cell"
         with pytest.raises(RuntimeError, match="not loaded with"):
             ab_decode._check_installed(b)
     finally:
         decode._libs.clear(), decode._libs.update(saved[0])
+        lut_gemm._gemm_libs.clear(), lut_gemm._gemm_libs.update(saved[2])
         lut_gemm._libs.clear(), lut_gemm._libs.update(saved[1])
