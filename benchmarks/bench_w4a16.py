@@ -225,6 +225,10 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         act_scales = (lut_gemm.gemm_scales_of(prepared[2], act)
                       if fmt["gemm_config"] and LUT_GEMM_ACT_SCALES else None)
         def lut_call(x, path=None):
+            if isinstance(path, mg.Choice):  # one GEMM build and split, forced (--explore)
+                return lut_gemm._run_gemm(x, prepared[0], prepared[2], None, fmt["group"],
+                                          lut_gemm.table_bits(fmt["table"], act), path,
+                                          act_scales=act_scales)
             if path == "gemm.convert":
                 return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", "gemm",
                                     config=fmt["gemm_config"])
@@ -474,9 +478,11 @@ def _cells(args, mg, m80, made, layouts, mode, fmt, act, m, n, k):
             dp = dataclasses.replace(ch.config, streamk=False)
             cells.append(("qcompile_dp", made["qcompile"], mg.Choice(dp)))
     if "qcompile" in made and args.explore:
-        cells += [(f"qcompile[{mg.config_name(c.config)}/{_DECOMP[c.decomposition]}"
-                   f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)
-                  for c in _all_choices(mg, m, n, k, fmt["bits"], mode, args.experimental, act)]
+        bits, fam_mode = (4, mg.MODE_LUT) if fmt.get("lut") else (fmt["bits"], mode)
+        if not fmt.get("lut") or fmt.get("gemm_config"):  # the lookup-table GEMM's builds
+            cells += [(f"qcompile[{mg.config_name(c.config)}/{_DECOMP[c.decomposition]}"
+                       f"{c.splits if c.splits > 1 else ''}]", made["qcompile"], c)
+                      for c in _all_choices(mg, m, n, k, bits, fam_mode, args.experimental, act)]
         # the heuristic's kernel once more after them: how far the clock
         # drifted over the cell (the qcompile_again rows of results/bench_w4a16.jsonl)
         cells.append(("qcompile_again", made["qcompile"], None))
@@ -534,7 +540,8 @@ _DECOMP = {0: "heur", 1: "dp", 2: "splitk", 3: "streamk"}
 def _all_choices(mg, m, n, k, bits, mode, experimental=False, act="bf16"):
     """Every config of the family, with each decomposition worth timing at this size."""
     out = []
-    for cfg in mg.CONFIGS + (mg.EXPERIMENTAL_CONFIGS if experimental else ()):
+    family = mg.LUT_CONFIGS if mode == mg.MODE_LUT else mg.CONFIGS
+    for cfg in family + (mg.EXPERIMENTAL_CONFIGS if experimental else ()):
         if (cfg.act, cfg.bits, cfg.mode) != (act, bits, mode):
             continue
         if not ((cfg.tile_n <= 64 and m <= 256) or (cfg.tile_n >= 64 and m >= 64)):
