@@ -224,11 +224,12 @@ def build_impls(pattern, n, k, fmt, w, mod, impls, act=DT):
         from qcompile.kernels import LUT_GEMM_ACT_SCALES
         act_scales = (lut_gemm.gemm_scales_of(prepared[2], act)
                       if fmt["gemm_config"] and LUT_GEMM_ACT_SCALES else None)
+        bits = lut_gemm.table_bits(fmt["table"], act)  # here: it reads the table on the host
+
         def lut_call(x, path=None):
             if isinstance(path, mg.Choice):  # one GEMM build and split, forced (--explore)
-                return lut_gemm._run_gemm(x, prepared[0], prepared[2], None, fmt["group"],
-                                          lut_gemm.table_bits(fmt["table"], act), path,
-                                          act_scales=act_scales)
+                return lut_gemm._run_gemm(x, prepared[0], prepared[2], None, fmt["group"], bits,
+                                          path, act_scales=act_scales)
             if path == "gemm.convert":
                 return lut_gemm.run(x, *prepared, None, fmt["group"], "float32", "gemm",
                                     config=fmt["gemm_config"])
