@@ -54,17 +54,17 @@ def cell(pattern, act, n, k, m, impl, fn, ref=None, **extra):
 _weights = {}
 
 
-STAGED_16 = False  # the sz16 plan: the 16-token tile's 32- and 64-row shapes, scales staged or not
-
-
 def launch_shapes(m):
     """Every valid launch shape of the two token tiles nearest m (the grid's y covers the rest)."""
-    if STAGED_16:
-        return [c for r in (64, 32) for wp in (8, 4, 16) for sz in (True, False)
-                if (c := d.DecodeChoice(16, r, wp, sz)).valid()]
     return [c for t in [t for t in (8, 16, 32) if t >= min(m, 16)][:2]
             for r in (16, 32, 64) for wp in (4, 8, 16)
             if (c := d.DecodeChoice(t, r, wp)).valid()]
+
+
+def staged_16_shapes(m):
+    """The sz16 plan: the 16-token tile's 32- and 64-row shapes, scales staged or not."""
+    return [c for r in (64, 32) for wp in (8, 4, 16) for sz in (True, False)
+            if (c := d.DecodeChoice(16, r, wp, sz)).valid()]
 
 
 def affine_weights(pattern, n, k):
@@ -78,8 +78,9 @@ def affine_weights(pattern, n, k):
     return _weights[key]
 
 
-def affine(ms, pattern="w4a16_g128_zp"):
-    """Affine weights (int4 g128 + zeros, or int8 per-channel) in fp16 at each M."""
+def affine(ms, pattern="w4a16_g128_zp", shapes=launch_shapes):
+    """Affine weights (int4 g128 + zeros, or int8 per-channel) in fp16 at each M, the decode
+    kernel forced to each of ``shapes(m)``."""
     d.MAX_TOKENS = 64  # let forced names take 64 tokens (grid.y token tiles)
     act = torch.float16
     for m in ms:
@@ -93,7 +94,7 @@ def affine(ms, pattern="w4a16_g128_zp"):
                     fn = made[name]
                     cell(pattern, "fp16", n, k, m, name, lambda fn=fn: fn(x),
                          ref if name == "qcompile" else None)
-            for c in launch_shapes(m):
+            for c in shapes(m):
                 if d.fits(m, n, k, group or k, mode, c):
                     cell(pattern, "fp16", n, k, m, f"qcompile[{c.name}]",
                          lambda c=c: made["qcompile"](x, c.name), ref)
@@ -130,14 +131,12 @@ PLANS = {
     "default": [(affine, (16,)), (nf4, (64, 16)), (affine, (64,)), (nf4, (1, 32)), (affine, (1, 32))],
     "w8a16": [(lambda ms: affine(ms, "w8a16_pc"), (16, 1, 32))],
     # staged scales at 16 tokens (the heuristic stages them up to 8 tokens only)
-    "sz16": [(affine, (16,))],
+    "sz16": [(lambda ms: affine(ms, shapes=staged_16_shapes), (16,))],
 }
 
 
 def main():
-    global STAGED_16
     plan = sys.argv[sys.argv.index("--plan") + 1] if "--plan" in sys.argv else "default"
-    STAGED_16 = plan == "sz16"
     for step, ms in PLANS[plan]:
         step(ms)
     print("sweep done", flush=True)
