@@ -590,7 +590,7 @@ def _nvcc() -> str | None:
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (host code only, no GPU)")
-def test_lut_gemm_lookup_by_byte_permutes(tmp_path):
+def test_lut_gemm_lookups_match_table_indexing(tmp_path):
     """The GEMM's lookups (csrc/lut_lookup.cuh) compiled for the host, prmt emulated (its
     sign-replicate mode too): by byte permutes, and through the 256-pair table with a lane's
     own copy only (every other word poisoned): every code in every nibble of a word, and
