@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TOL, rel_err
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import qcompile
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 INDUCTOR_LINES = ("coordinate_descent_tuning", "triton.unique_kernel_names", "fx_graph_cache")
@@ -158,3 +161,36 @@ def test_bench_gptfast_cli_smoke(tmp_path):
     assert rows[0]["quantized_linears"] == 0 and rows[2]["quantized_linears"] == 6
     assert rows[1]["matched"] is None and rows[2]["matched"] is not None
     assert "x bf16" in res.stdout and "1.00x" in res.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fmt", ["w4a16_qc", "w8a8", "nf4"])
+def test_gptfast_compiled_prefill_taken_over(bench, fmt, device):
+    """gpt-fast's --compile_prefill: its prefill function compiled with fullgraph=True and
+    dynamic=True, so that one graph serves every prompt length. Every quantized linear is taken
+    over in that graph, and two prompt lengths through it (past the decode kernels' 32 tokens:
+    on an H100 the prefill GEMMs) give the eager model's logits."""
+    model = bench.build_model("tiny", None, fmt, device)
+    model.setup_caches(max_batch_size=1, max_seq_length=128)
+
+    def prefill_logits(model, x, input_pos):  # gpt-fast's prefill, the logits kept
+        return model(x, input_pos)
+
+    compiled = torch.compile(prefill_logits, fullgraph=True, dynamic=True, backend="qcompile")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        for i, prompt in enumerate((40, 72)):
+            x = torch.randint(0, 512, (1, prompt), generator=g).to(device)
+            pos = torch.arange(prompt, device=device)
+            with qcompile.collect() as report:
+                out = compiled(model, x, pos)
+            if i == 0:  # compiled once, at the first prompt, with the prompt length symbolic
+                assert len(report.matched) == bench.quantized_linears(model) == 11, str(report)
+                if device == "cuda" and torch.cuda.get_device_capability() == (9, 0) and fmt == "nf4":
+                    assert all("sm90 lookup-table GEMM (nf4" in r.kernel for r in report.matched), str(report)
+            else:
+                assert len(report) == 0, "a second prompt length must not recompile"
+            ref = prefill_logits(model, x, pos)
+            assert out.shape == ref.shape == (1, prompt, 512)
+            err = rel_err(out.float(), ref.float())
+            assert err < TOL[torch.bfloat16], f"{fmt} prompt {prompt}: rel err {err:.4f}"
