@@ -616,7 +616,7 @@ def test_lut_gemm_lookups_match_table_indexing(tmp_path):
                    'extern "C" void lookup8_pairs(uint32_t q, uint32_t lane, uint32_t* out) {\n'
                    "  for (uint32_t w = 0; w < 256 * 32; ++w) pairs[w] = (w % 32 == lane) ? T::pair(w / 32) : 0xDEADu;\n"
                    "  uint32_t r[4];\n"
-                   "  T::lookup8_pairs(q, 4 * lane, [](uint32_t a) { return pairs[a / 4]; }, r);\n"
+                   "  qc_lut::lookup8_pairs(q, 4 * lane, [](uint32_t a) { return pairs[a / 4]; }, r);\n"
                    "  for (int i = 0; i < 4; ++i) out[i] = r[i];\n}\n")
     lib_path = tmp_path / "lookup.so"
     subprocess.run([_nvcc(), "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",

@@ -157,7 +157,7 @@ struct LayoutAwareConvertImpl<qc_lut::Code, Dst, LayoutIn, LayoutOut> {
     auto&& out = cute::recast<cutlass::AlignedArray<uint32_t, 4, 16>>(dst)(0);
     uint32_t r[4];
 #if QC_LUT_SMEM
-    qc_lut::Table::lookup8_pairs(q, qc_lut::pair_table_lane_base(), qc_lut::load_shared_u32, r);
+    qc_lut::lookup8_pairs(q, qc_lut::pair_table_lane_base(), qc_lut::load_shared_u32, r);
 #else
     qc_lut::Table::lookup8(q, r);
 #endif

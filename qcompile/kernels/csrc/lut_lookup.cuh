@@ -7,6 +7,7 @@
 // Or (lookup8_pairs) from a table of all 256 value pairs in shared memory: a byte of two codes
 // is one 32-bit load, its address one prmt (the byte, zero-extended) and one lea; the table
 // holds 32 copies, word 32 b + l of copy l, so that lane l always reads bank l (no conflict).
+// The decode kernel's lookup-table build (mixed_gemm_decode.cu) looks up through it too.
 //
 // Compiles for the host too, with prmt emulated and the shared load a callable, so that a
 // CPU test checks the selector and address arithmetic against plain table indexing
@@ -46,6 +47,17 @@ QC_LUT_FN uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 #endif
 }
 
+// lookup8 through the pair table (Lookup::pair(b) at word 32 b + l of copy l): r[i] =
+// load(lane_base + 128 * byte i of q), lane_base the table's byte address plus 4 * lane (copy
+// `lane`, bank `lane`). The table's values do not enter: the decode kernel (a table given at
+// run time) and the GEMM (one fixed at compile time) both look up through it, each with its
+// own shared load (the decode kernel's must stay after the barrier that ends the staging).
+template <class Load>
+QC_LUT_FN void lookup8_pairs(uint32_t q, uint32_t lane_base, Load const& load, uint32_t (&r)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) r[i] = load(lane_base + (prmt(q, 0, 0x4440u | i) << 7));
+}
+
 // A table of 16 values' 16-bit patterns, four to a word: entry c at bits 16 * (c % 4) of
 // word c / 4. Stored codes are c ^ 8 (the codes as signed int4 c - 8, the layout the decode
 // kernel reads too).
@@ -67,14 +79,6 @@ struct Lookup {
   // low half, as lookup8 packs values 2i and 2i + 1 into r[i].
   QC_LUT_HD static constexpr uint32_t pair(uint32_t b) {
     return entry(int(b & 15) ^ 8) | (entry(int(b >> 4) ^ 8) << 16);
-  }
-
-  // lookup8 through the pair table: r[i] = load(lane_base + 128 * byte i of q), lane_base the
-  // table's byte address plus 4 * lane (copy `lane`, bank `lane`).
-  template <class Load>
-  QC_LUT_FN static void lookup8_pairs(uint32_t q, uint32_t lane_base, Load const& load, uint32_t (&r)[4]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) r[i] = load(lane_base + (prmt(q, 0, 0x4440u | i) << 7));
   }
 
   // 8 stored nibbles (value j in nibble j) -> 8 table values, value 2i in the low half of r[i].

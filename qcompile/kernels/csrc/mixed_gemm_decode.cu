@@ -107,6 +107,7 @@
 #endif
 
 #include "decode_common.cuh"
+#include "lut_lookup.cuh"
 #include "sm80_mixed.cuh"
 
 namespace {
@@ -367,6 +368,16 @@ __device__ __forceinline__ uint32_t signed_pair(uint32_t w) {
   return d;
 }
 
+#if QC_MODE == 3
+// The pair table's shared load. volatile: read after the barrier that ends the table's
+// staging, never moved above it (its address depends only on weights loaded before it).
+__device__ __forceinline__ uint32_t load_staged_pair(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+#endif
+
 // h of the A fragment {a0, a1, a2, a3} from one K step's raw words (lut: T[c] looked up in
 // the CTA's table, indexed by raw nibble; register I from byte I of the pair-byte layout).
 // kPairs (lut): the 256-pair table, a compile-time choice so that no branch stands between a
@@ -385,13 +396,7 @@ __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&r)[k
     uint32_t lane;
     asm("mov.u32 %0, %%laneid;" : "=r"(lane));
     const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(pairs)) + 4 * lane;
-    const uint32_t w = r[0];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t p = __byte_perm(w, 0u, 0x4440u + i);
-      // volatile: read after the barrier that ends the table's staging, never moved above it
-      asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[i]) : "r"(at + (p << 7)));
-    }
+    qc_lut::lookup8_pairs(r[0], at, load_staged_pair, a);
     return;
   }
 #pragma unroll
