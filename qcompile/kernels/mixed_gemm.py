@@ -283,11 +283,15 @@ PINGPONG_MIN_M = 17  # measured from 17 tokens (below, the decode kernel or 16-t
 # Several token tiles a row tile only on pingpong tiles this wide (80 / 96 / 128 tokens, each
 # measured so; narrower ones would convert every weight row many times over, not measured)
 PINGPONG_SEVERAL_MIN_N = 80
-# ... and the narrowest (32 tokens) in two token tiles up to this many tokens, where the tile
-# holding them makes too few tiles for half the SMs: at 4096x4096 and 64 tokens (int4 g128,
-# H100, clean flush) 64x32 in two token tiles (128 CTAs) took 18.3 us (fp16 17.8) against
-# 18.9 (18.4) for 64x64 (64 CTAs) and 20.1 (20.0) for split-K on 128x64 tiles, the pick before
+# ... and, for group-wise int4, the narrowest (32 tokens) in two token tiles up to this many
+# tokens where the tile holding them makes too few tiles for half the SMs and the two token
+# tiles a nearly full wave (PINGPONG_HALVES_MIN_FILL of the SMs): at 4096x4096 and 64 tokens
+# (int4 g128, H100, clean flush) 64x32 in two token tiles (128 CTAs) took 18.3 us (fp16 17.8)
+# against 18.9 (18.4) for 64x64 (64 CTAs) and 20.1 (20.0) for split-K on 128x64 tiles, the
+# pick before. 33-63 tokens run the same padded tiles as 64 in both. Not measured: int8, and
+# part-full waves (3072 rows: 96 CTAs), which keep split-K.
 PINGPONG_HALVES_MAX_M = 64
+PINGPONG_HALVES_MIN_FILL = 0.875
 
 # Built for measurement only (the benchmark's --explore --experimental), so neither the
 # heuristic nor autotuning uses them: none beat the configs above at the issue's token counts
@@ -386,9 +390,10 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
         # tiles' waves and padding qualify, of PINGPONG_SEVERAL_MIN_N tokens or more
         holds = [c for c in pingpongs if c.tile_n >= m]
         several = [c for c in pingpongs[::-1] if c.tile_n >= PINGPONG_SEVERAL_MIN_N]
-        # up to PINGPONG_HALVES_MAX_M tokens, the narrowest tile in two token tiles where the
-        # one holding them leaves more than half the SMs idle (4096 rows at 33-64 tokens)
-        halves = [c for c in pingpongs[:1] if m <= PINGPONG_HALVES_MAX_M and 2 * c.tile_n >= m]
+        # int4 up to PINGPONG_HALVES_MAX_M tokens: the narrowest tile in two token tiles where
+        # they make a nearly full wave (4096 rows at 33-64 tokens), after the one holding them
+        halves = [c for c in pingpongs[:1] if bits == 4 and m <= PINGPONG_HALVES_MAX_M
+                  and 2 * c.tile_n >= m and tiles(c) >= PINGPONG_HALVES_MIN_FILL * sm_count]
         for pingpong in (holds[:1] + halves) or several:
             if (-m) % pingpong.tile_n <= PINGPONG_MAX_PAD and sm_count // 2 <= tiles(pingpong) <= sm_count:
                 return Choice(pingpong)
