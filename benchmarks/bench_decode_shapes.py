@@ -11,7 +11,11 @@ evidence behind the decode kernel's launch rules (docs/design.md).
 
 Rows: bench "decode_shapes", one per (pattern, n, k, m, impl), to decode_shapes.jsonl;
 SWEEP_BUDGET_S (default 400) stops it early, the most telling cells first."""
-import datetime, json, os, sys, time
+import datetime
+import json
+import os
+import sys
+import time
 import torch
 import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +27,8 @@ out_path = (sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv
             else os.path.join(os.environ.get("OUT", "/tmp"), "decode_shapes.jsonl"))
 meta = dict(bench="decode_shapes", flush="clean", device=torch.cuda.get_device_name(),
             torch=torch.__version__, commit=os.environ.get("QCOMPILE_COMMIT", "unknown"),
-            date=datetime.date.today().isoformat(), command="python benchmarks/bench_decode_shapes.py " + " ".join(sys.argv[1:]))
+            date=datetime.date.today().isoformat(),
+            command="python benchmarks/bench_decode_shapes.py " + " ".join(sys.argv[1:]))
 
 t_end = time.time() + float(os.environ.get("SWEEP_BUDGET_S", "400"))
 

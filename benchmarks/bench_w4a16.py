@@ -25,12 +25,13 @@ and fp16, impls qcompile, cublas_bf16, read_floor, marlin (no qcompile_dp/_strea
 `--grid issue27` NF4 beside int4 g128+zeros on 4096x4096 and 14336x4096, bf16 (with `--decode`
 also each lookup-table path at every M, each lookup of the decode kernel up to 64 tokens,
 and `qcompile[gemm.convert]`: the GEMM converting its float32 scales at every call, as it did
-before the op took them in the activation type). Flags given beside a grid override its parts. `marlin` (fp16 cells only) is IST-DASLab's kernel built from
-source (importable as `marlin`): the symmetric cells exactly, the zeros cells a symmetric
-stand-in of the same bytes (its rows say "weights"). `bitsandbytes` (NF4 cells, in the
-issue27 grid) is bitsandbytes' own `matmul_4bit` where its wheel loads. Extra rows
-qcompile_dp / qcompile_streamk force the data-parallel / stream-K decomposition where the heuristic chose split-K, to
-show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
+before the op took them in the activation type). Flags given beside a grid override its parts.
+`marlin` (fp16 cells only) is IST-DASLab's kernel built from source (importable as
+`marlin`): the symmetric cells exactly, the zeros cells a symmetric stand-in of the same
+bytes (its rows say "weights"). `bitsandbytes` (NF4 cells, in the issue27 grid) is
+bitsandbytes' own `matmul_4bit` where its wheel loads. Extra rows qcompile_dp /
+qcompile_streamk force the data-parallel / stream-K decomposition where the heuristic chose
+split-K, to show what splitting K buys at decode sizes; --decode adds a row per launch shape of the
 decode kernel (M <= 32) on each family's layout. `read_floor` is no GEMM: a kernel that only
 reads the quantized weight's bytes (int4: the packed nibbles; scales and zeros, 1/16 more,
 not counted), timed the same way: what streaming the weight costs under this timing.

@@ -614,7 +614,8 @@ def test_lut_gemm_lookups_match_table_indexing(tmp_path):
                    # the shared load a read of it that fails on a word of another lane's copy
                    "static uint32_t pairs[256 * 32];\n"
                    'extern "C" void lookup8_pairs(uint32_t q, uint32_t lane, uint32_t* out) {\n'
-                   "  for (uint32_t w = 0; w < 256 * 32; ++w) pairs[w] = (w % 32 == lane) ? T::pair(w / 32) : 0xDEADu;\n"
+                   "  for (uint32_t w = 0; w < 256 * 32; ++w)\n"
+                   "    pairs[w] = (w % 32 == lane) ? T::pair(w / 32) : 0xDEADu;\n"
                    "  uint32_t r[4];\n"
                    "  qc_lut::lookup8_pairs(q, 4 * lane, [](uint32_t a) { return pairs[a / 4]; }, r);\n"
                    "  for (int i = 0; i < 4; ++i) out[i] = r[i];\n}\n")

@@ -14,7 +14,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TOL, rel_err
 from test_backend import ATEN_MMS, QC_OPS, GraphSpy
 from torch import nn
