@@ -345,7 +345,9 @@ def choose_config(m: int, n: int, k: int, act: str, bits: int, mode: int,
     splits K over about sm_count / tiles CTAs (split-K), keeping at least 512 of K per
     split. Of two builds of one tile, the deeper K tile where the group size allows it.
     With K up to PINGPONG_MAX_K, a 64-row pingpong tile whose tiles make one wave of at least
-    half the SMs (and whose last token tile pads few tokens) comes first.
+    half the SMs (and whose last token tile pads few tokens) comes first; for group-wise int4
+    at 33-64 tokens also the 32-token one in two token tiles, where they make a nearly full
+    wave (PINGPONG_HALVES_MIN_FILL).
 
     Where K is split, the tokens may sit in one token tile (more splits) or two (fewer):
     two token tiles convert each weight twice, more splits chain more partial sums through
