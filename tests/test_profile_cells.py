@@ -75,7 +75,7 @@ def test_presets_name_what_the_bench_builds():
     assert cmd[-2:] == ["--child", "w4a16_g128_zp:bf16:14336x4096:1:qcompile"]
 
 
-def test_driver_writes_a_row_per_kernel(tmp_path, capsys):
+def test_driver_writes_a_row_per_kernel(tmp_path):
     page = tmp_path / "page.csv"
     page.write_text(_page())
     fake = tmp_path / "ncu"
